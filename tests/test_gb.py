@@ -1,0 +1,339 @@
+"""Granular-ball engine: oracle equality, properties, bad input, compilation."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import gbjax
+from gbjax import gb as gbmod
+from gb_oracle import gb_oracle, same_partition
+
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def blobs(seed, n=4, h=16, w=16, c=3, noise=6):
+    """Structured test images: a few flat colour regions plus mild noise."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, h, w, c), np.uint8)
+    for i in range(n):
+        img = np.zeros((h, w, c))
+        img[:] = rng.integers(0, 256, c)
+        for _ in range(rng.integers(2, 6)):
+            r0, c0 = rng.integers(0, h - 2), rng.integers(0, w - 2)
+            img[r0:r0 + rng.integers(2, h), c0:c0 + rng.integers(2, w)] = rng.integers(0, 256, c)
+        img += rng.normal(0, noise, img.shape)
+        out[i] = np.clip(np.round(img), 0, 255)
+    return out
+
+
+def features_np(img, features=gbjax.Features()):
+    return np.asarray(gbmod.image_features(jnp.asarray(img, jnp.float32), features))
+
+
+@pytest.fixture(scope="module")
+def cifar_images():
+    data_dir = os.environ.get("GBJAX_DATA_DIR")
+    if not data_dir:
+        pytest.skip("GBJAX_DATA_DIR not set")
+    try:
+        from gbjax import data
+        x, _ = data.load("cifar10", "test", data_dir=data_dir)
+    except Exception as e:  # data absent or loader unavailable
+        pytest.skip(f"CIFAR-10 not available: {e}")
+    return np.asarray(x[::997][:10])
+
+
+def assert_matches_oracle(images, threshold, purity, capacity=256, **kw):
+    res = gbjax.gb_cluster(images, threshold=threshold, purity=purity, capacity=capacity,
+                           min_ball_size=1, **kw)
+    for i, img in enumerate(images):
+        lab, n, sat = gb_oracle(features_np(img, kw.get("features") or gbjax.Features()),
+                                threshold, purity, capacity=capacity,
+                                kmeans_iters=kw.get("kmeans_iters", 20))
+        got = np.asarray(res.labels[i]).ravel()
+        assert int(res.n_balls[i]) == n
+        assert bool(res.saturated[i]) == sat
+        np.testing.assert_array_equal(got, lab)  # ids are deterministic, not just the grouping
+        assert same_partition(got, lab)
+
+
+# ----------------------------------------------------------------------------- oracle
+@pytest.mark.parametrize("threshold,purity", [(40.0, 0.9), (20.0, 0.9), (10.0, 0.8), (30.0, 1.0)])
+def test_matches_oracle_structured(threshold, purity):
+    assert_matches_oracle(blobs(0), threshold, purity)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), threshold=st.floats(5.0, 200.0),
+       purity=st.floats(0.05, 1.0))
+def test_matches_oracle_random_rgb(seed, threshold, purity):
+    x = np.random.default_rng(seed).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    assert_matches_oracle(x, threshold, purity, capacity=32)  # small K: saturation is exercised
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), threshold=st.floats(2.0, 100.0),
+       purity=st.floats(0.3, 1.0))
+def test_matches_oracle_random_grey(seed, threshold, purity):
+    x = np.random.default_rng(seed).integers(0, 256, (2, 6, 5, 1), dtype=np.uint8)
+    assert_matches_oracle(x, threshold, purity, capacity=30)
+
+
+def test_matches_oracle_spatial_features():
+    assert_matches_oracle(blobs(1, n=2), 25.0, 0.9, features=gbjax.Features(spatial=2.0))
+
+
+@pytest.mark.parametrize("threshold", [40.0, 20.0, 10.0])
+def test_matches_oracle_cifar(cifar_images, threshold):
+    assert_matches_oracle(cifar_images, threshold, 0.9)
+
+
+# ----------------------------------------------------------------------------- properties
+@pytest.fixture(scope="module")
+def result():
+    x = blobs(2, n=6)
+    rng = np.random.default_rng(2)
+    hit = rng.random(x.shape[:3]) < 0.03  # isolated impulses make tiny (noise) balls
+    x[hit] = rng.choice([0, 255], size=(hit.sum(), 1))
+    return x, gbjax.gb_cluster(x, threshold=20.0, purity=0.9, capacity=64, min_ball_size=3)
+
+
+def test_partition_properties(result):
+    x, r = result
+    B, H, W, _ = x.shape
+    labels = np.asarray(r.labels)
+    counts = np.asarray(r.counts)
+    assert labels.shape == (B, H, W) and labels.dtype == np.int32
+    assert r.centers.shape == (B, 64, 3) and r.radii.shape == (B, 64)
+    np.testing.assert_array_equal(counts.sum(1), H * W)
+    for i in range(B):
+        n = int(r.n_balls[i])
+        assert labels[i].max() < n
+        np.testing.assert_array_equal(np.bincount(labels[i].ravel(), minlength=64), counts[i])
+        assert (counts[i, :n] > 0).all() and (counts[i, n:] == 0).all()
+
+
+def test_centres_radii_within_are_member_statistics(result):
+    x, r = result
+    for i in range(x.shape[0]):
+        f = features_np(x[i])
+        lab = np.asarray(r.labels[i]).ravel()
+        for k in range(int(r.n_balls[i])):
+            m = f[lab == k].astype(np.float64)
+            c = m.mean(0)
+            d = np.sqrt(((m - c) ** 2).sum(1))
+            np.testing.assert_allclose(r.centers[i, k], c, rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(r.radii[i, k], d.mean(), rtol=1e-4, atol=1e-3)
+            np.testing.assert_allclose(r.within_fraction[i, k], (d < 20.0).mean(), atol=1e-6)
+
+
+def test_kept_balls_are_pure_or_unsplittable(result):
+    x, r = result
+    for i in range(x.shape[0]):
+        if bool(r.saturated[i]):
+            continue
+        n = int(r.n_balls[i])
+        wf, cnt = np.asarray(r.within_fraction[i, :n]), np.asarray(r.counts[i, :n])
+        assert np.all((wf >= 0.9 - 1e-6) | (cnt < 2))
+
+
+def test_noise_pixels_painted_with_nearest_kept_centre(result):
+    x, r = result
+    for i in range(x.shape[0]):
+        f = features_np(x[i])
+        lab = np.asarray(r.labels[i]).ravel()
+        cnt = np.asarray(r.counts[i])
+        kept = np.flatnonzero(cnt >= 3)
+        noise = np.asarray(r.noise[i]).ravel()
+        np.testing.assert_array_equal(noise, cnt[lab] < 3)
+        img = np.asarray(r.image[i]).reshape(-1, 3)
+        cen = np.asarray(r.centers[i])
+        for p in range(len(lab)):
+            if noise[p]:
+                d = ((cen[kept] - f[p]) ** 2).sum(1)
+                ok = kept[d <= d.min() * (1 + 1e-5) + 1e-3]  # ties within rounding
+                assert any(np.array_equal(img[p], np.clip(np.round(cen[k]), 0, 255)) for k in ok)
+            else:
+                np.testing.assert_array_equal(img[p], np.clip(np.round(cen[lab[p]]), 0, 255))
+    assert np.asarray(r.noise).any(), "fixture should contain noise pixels"
+
+
+def test_alone_equals_in_batch_and_deterministic():
+    x = blobs(3, n=5)
+    batch = gbjax.gb_cluster(x, threshold=15.0)
+    again = gbjax.gb_cluster(x, threshold=15.0)
+    for a, b in zip(jax.tree_util.tree_leaves(batch), jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    alone = gbjax.gb_cluster(x[3], threshold=15.0)
+    assert alone.labels.shape == x.shape[1:3] and alone.n_balls.shape == ()
+    for a, b in zip(jax.tree_util.tree_leaves(alone), jax.tree_util.tree_leaves(batch)):
+        np.testing.assert_array_equal(a, np.asarray(b)[3])
+
+
+def test_chunked_equals_whole():
+    x = blobs(4, n=7)
+    whole = gbjax.gb_cluster(x, threshold=20.0)
+    chunked = gbjax.gb_cluster(x, threshold=20.0, chunk_size=3, progress=True)
+    for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(chunked)):
+        if np.issubdtype(a.dtype, np.floating):  # reductions may reorder with the batch size
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_saturation_flag_and_capacity():
+    x = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    r = gbjax.gb_cluster(x, threshold=10.0, capacity=5)
+    assert np.asarray(r.saturated).all() and (np.asarray(r.n_balls) == 5).all()
+    r = gbjax.gb_cluster(np.full((4, 4, 3), 7, np.uint8), threshold=10.0, capacity=1)
+    assert not bool(r.saturated) and int(r.n_balls) == 1
+
+
+def test_max_rounds_caps_the_rounds():
+    x = blobs(5, n=2)
+    r = gbjax.gb_cluster(x, threshold=5.0, max_rounds=2)
+    assert (np.asarray(r.rounds) <= 2).all() and (np.asarray(r.n_balls) <= 4).all()
+
+
+def test_dtypes_and_scale():
+    x = blobs(6, n=2)
+    r8 = gbjax.gb_cluster(x, threshold=20.0)
+    assert r8.image.dtype == np.uint8 and r8.image.shape == x.shape
+    rf = gbjax.gb_cluster(x.astype(np.float32) / 255.0, threshold=20.0, scale=255.0)
+    assert rf.image.dtype == np.float32
+    assert same_partition(r8.labels, rf.labels)
+    np.testing.assert_allclose(rf.image * 255.0, np.asarray(r8.image, np.float32), atol=0.5 + 1e-3)
+    den = gbjax.gb_denoise(x, threshold=20.0)
+    np.testing.assert_array_equal(den, r8.image)
+    g = gbjax.gb_cluster(x[..., :1], threshold=20.0)
+    assert g.image.shape == x[..., :1].shape and g.centers.shape[-1] == 1
+
+
+def test_multiscale_coarse_to_fine():
+    x = blobs(7, n=3)
+    ms = gbjax.gb_multiscale(x, thresholds=(40, 20, 10))
+    assert ms.image.shape == (3,) + x.shape
+    n = np.asarray(ms.n_balls)
+    assert (n[0] <= n[1]).all() and (n[1] <= n[2]).all()
+    np.testing.assert_array_equal(ms.labels[1], gbjax.gb_cluster(x, threshold=20).labels)
+
+
+def test_texture_feature_shapes():
+    x = blobs(8, n=2)
+    f = gbjax.Features(spatial=0.5, texture=2.0, texture_window=3)
+    r = gbjax.gb_cluster(x, threshold=20.0, features=f)
+    assert r.centers.shape[-1] == 6 and r.image.shape == x.shape
+    tex = features_np(x[0], f)[:, 5].reshape(16, 16)
+    grey = x[0].astype(np.float64).mean(-1)
+    pad = np.pad(grey, 1, mode="edge")
+    ref = np.array([[pad[i:i + 3, j:j + 3].std() for j in range(16)] for i in range(16)])
+    np.testing.assert_allclose(tex, 2.0 * ref, rtol=1e-3, atol=1e-2)
+
+
+def test_painted_image_is_differentiable_with_fixed_partition():
+    x = blobs(9, n=2).astype(np.float32) / 255.0
+
+    def loss(z):
+        return jnp.sum(gbjax.gb_denoise(z, threshold=20.0, scale=255.0) ** 2)
+
+    g = jax.jit(jax.grad(loss))(jnp.asarray(x))
+    assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+    # d/dx of sum_p c[l_p]^2 = 2 c[l_p] (each member gets 2*centre, summed over members / count)
+    r = gbjax.gb_cluster(x, threshold=20.0, scale=255.0, min_ball_size=1)
+    g1 = jax.grad(lambda z: jnp.sum(gbjax.gb_denoise(z, threshold=20.0, scale=255.0,
+                                                     min_ball_size=1) ** 2))(jnp.asarray(x))
+    np.testing.assert_allclose(g1, 2 * np.asarray(r.image), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- compilation
+def test_compiles_once_per_shape_and_static_params():
+    x = blobs(10, n=3)
+    gbjax.gb_cluster(x, threshold=20.0)
+    n0 = gbmod._cluster_batch._cache_size()
+    for t, p in [(10.0, 0.8), (33.0, 0.95), (40.0, 1.0)]:
+        gbjax.gb_cluster(x, threshold=t, purity=p)
+    assert gbmod._cluster_batch._cache_size() == n0
+
+
+def test_jaxpr_has_no_per_image_or_per_ball_unrolling():
+    def n_eqns(B, K):
+        x = jnp.zeros((B, 8, 8, 3), jnp.uint8)
+        jaxpr = jax.make_jaxpr(lambda z: gbmod._cluster_batch(
+            z, 20.0, 0.9, 1.0, K=K, max_rounds=K, kmeans_iters=20, min_ball_size=2,
+            features=gbjax.Features(), out_dtype=np.dtype(np.uint8)))(x)
+        text = str(jaxpr)
+        assert "while" in text
+        return text.count("\n")
+
+    assert n_eqns(2, 16) == n_eqns(9, 64)
+
+
+def test_sharded_over_four_cpu_devices_matches_single_device(tmp_path):
+    x = blobs(11, n=6)
+    np.save(tmp_path / "x.npy", x)
+    ref = gbjax.gb_cluster(x, threshold=20.0)
+    np.save(tmp_path / "ref.npy", np.asarray(ref.labels))
+    script = textwrap.dedent(f"""
+        import jax, numpy as np, gbjax
+        assert jax.device_count() == 4, jax.devices()
+        x = np.load({str(tmp_path / 'x.npy')!r})
+        r = gbjax.gb_cluster(x, threshold=20.0)
+        assert len(r.labels.sharding.device_set) == 4, r.labels.sharding
+        np.testing.assert_array_equal(r.labels, np.load({str(tmp_path / 'ref.npy')!r}))
+        print("SHARDED_OK")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- bad input
+GOOD = np.zeros((4, 4, 3), np.uint8)
+
+
+@pytest.mark.parametrize("images,kwargs,match", [
+    (np.zeros((4, 4), np.uint8), {}, "images: expected shape"),
+    (np.zeros((1, 1, 4, 4, 3), np.uint8), {}, "images: expected shape"),
+    (np.zeros((4, 4, 2), np.uint8), {}, "1 or 3 channels"),
+    (np.zeros((0, 4, 3), np.uint8), {}, "empty"),
+    (np.zeros((0, 4, 4, 3), np.uint8), {}, "empty"),
+    (np.full((4, 4, 3), np.nan, np.float32), {}, "NaN or inf"),
+    (np.full((4, 4, 3), np.inf, np.float32), {}, "NaN or inf"),
+    (np.full((4, 4, 3), -1.0, np.float32), {}, ">= 0"),
+    (np.full((4, 4, 3), 300.0, np.float32), {}, "0..255"),
+    (np.full((4, 4, 3), 0.5, np.float32), {}, "scale=255"),
+    (np.zeros((4, 4, 3), bool), {}, "dtype"),
+    (GOOD, {"threshold": 0.0}, "threshold"),
+    (GOOD, {"threshold": -3.0}, "threshold"),
+    (GOOD, {"threshold": float("nan")}, "threshold"),
+    (GOOD, {"purity": 0.0}, "purity"),
+    (GOOD, {"purity": 1.5}, "purity"),
+    (GOOD, {"capacity": 0}, "capacity"),
+    (GOOD, {"capacity": 2.5}, "capacity"),
+    (GOOD, {"min_ball_size": 0}, "min_ball_size"),
+    (GOOD, {"max_rounds": 0}, "max_rounds"),
+    (GOOD, {"kmeans_iters": 0}, "kmeans_iters"),
+    (GOOD, {"features": "rgb"}, "features"),
+    (GOOD, {"scale": 255.0}, "scale"),
+])
+def test_bad_input_raises_value_error_naming_argument(images, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gbjax.gb_cluster(images, **kwargs)
+
+
+def test_bad_features():
+    with pytest.raises(ValueError, match="features.color"):
+        gbjax.Features(color=0.0)
+    with pytest.raises(ValueError, match="texture_window"):
+        gbjax.Features(texture=1.0, texture_window=2)
+    with pytest.raises(ValueError, match="thresholds"):
+        gbjax.gb_multiscale(GOOD, thresholds=())
