@@ -80,6 +80,14 @@ def pixel_indices(x, *, mean, std, scale: float = 1000.0,
   return z.astype(jnp.int32) + half
 
 
+def _batch_stats(p):
+  """One mean and std over the whole batch (the authors' statistics).
+
+  The std is floored at 1e-6 so that a constant batch maps to the centre index
+  instead of NaN."""
+  return jnp.mean(p), jnp.maximum(jnp.std(p), 1e-6)
+
+
 class PixelEmbedding(nnx.Module):
   """Replaces each scalar pixel by a trainable ``features``-vector.
 
@@ -112,7 +120,7 @@ class PixelEmbedding(nnx.Module):
   def indices(self, x: jax.Array) -> jax.Array:
     p_BHWC = to_pixels(x)
     if self.stats == "batch":
-      mean, std = jnp.mean(p_BHWC), jnp.std(p_BHWC)
+      mean, std = _batch_stats(p_BHWC)
     else:
       mean, std = self.mean[...], self.std[...]
     return pixel_indices(p_BHWC, mean=mean, std=std, scale=self.scale,
@@ -179,7 +187,7 @@ class PaperConvNet(nnx.Module):
       h = to_pixels(x)
       if self.kind == "normalized":
         if self.stats == "batch":
-          mean, std = jnp.mean(h), jnp.std(h)
+          mean, std = _batch_stats(h)
         else:
           mean, std = self.mean[...], self.std[...]
         h = (h - mean) / std
@@ -221,7 +229,8 @@ class ResNet(nnx.Module):
   """CIFAR-style ResNet (3x3 stem, no initial pool) of basic blocks.
 
   Normalises ``(pixels/255 - mean) / std`` per channel inside the model
-  (``mean``/``std`` in pixel units, one per channel or a scalar).  Works for
+  (``mean``/``std`` in pixel units, one per channel or a scalar; default: the
+  CIFAR-10 statistics for 3 channels, MNIST's otherwise).  Works for
   28x28x1 and 32x32x3 (any size) inputs; global average pool at the end.
   Uses BatchNorm: call ``model.train()`` / ``model.eval()`` (or split the two
   graph definitions as :mod:`gbjax.train` does).  ``dtype`` is the compute
@@ -230,10 +239,14 @@ class ResNet(nnx.Module):
 
   def __init__(self, stage_sizes: Sequence[int], widths: Sequence[int],
                num_classes: int = 10, *, in_channels: int = 3,
-               mean=CIFAR10_MEAN, std=CIFAR10_STD, dtype=None,
+               mean=None, std=None, dtype=None,
                rngs: nnx.Rngs):
     if len(stage_sizes) != len(widths):
       raise ValueError("stage_sizes and widths must have the same length")
+    if mean is None:
+      mean = CIFAR10_MEAN if in_channels == 3 else MNIST_MEAN
+    if std is None:
+      std = CIFAR10_STD if in_channels == 3 else MNIST_STD
     mean = np.broadcast_to(np.asarray(mean, np.float32), (in_channels,))
     std = np.broadcast_to(np.asarray(std, np.float32), (in_channels,))
     self.mean = Stat(jnp.asarray(mean))
@@ -264,7 +277,7 @@ class ResNet(nnx.Module):
 
 
 def ResNet18(num_classes: int = 10, *, in_channels: int = 3,
-             mean=CIFAR10_MEAN, std=CIFAR10_STD, dtype=None,
+             mean=None, std=None, dtype=None,
              rngs: nnx.Rngs) -> ResNet:
   """ResNet-18, CIFAR variant (11.2M parameters): [2,2,2,2] x (64..512)."""
   return ResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes,
@@ -273,7 +286,7 @@ def ResNet18(num_classes: int = 10, *, in_channels: int = 3,
 
 
 def ResNet20(num_classes: int = 10, *, in_channels: int = 3,
-             mean=CIFAR10_MEAN, std=CIFAR10_STD, dtype=None,
+             mean=None, std=None, dtype=None,
              rngs: nnx.Rngs) -> ResNet:
   """ResNet-20 (He et al. 2016 CIFAR, 0.27M parameters): [3,3,3] x (16,32,64).
 

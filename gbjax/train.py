@@ -65,7 +65,7 @@ __all__ = [
     "main",
 ]
 
-MODELS = ("paper_convnet", "resnet18", "resnet20")
+MODELS = ("paper_convnet", "resnet18", "resnet20", "resnet")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PREPROCESS = ("none", "gb")
@@ -90,7 +90,9 @@ class Config:
   augment: str = "none"                # "none" | "crop_flip"
   crop_pad: int = 4
   # --- model
-  model: str = "paper_convnet"         # "paper_convnet" | "resnet18" | "resnet20"
+  # "paper_convnet" | "resnet18" | "resnet20" | "resnet" (generic ResNet:
+  # model_kwargs stage_sizes=(...), widths=(...))
+  model: str = "paper_convnet"
   model_kwargs: dict = dataclasses.field(default_factory=dict)
   compute_dtype: str = "float32"       # ResNets: "bfloat16" on GPU
   # --- optimisation
@@ -343,9 +345,15 @@ def build_model(config: Config, *, input_shape, num_classes: int, mean, std,
     kw.setdefault("std", float(std.mean()))
     return models.PaperConvNet(num_classes=num_classes, in_channels=C,
                                image_size=H, rngs=rngs, **kw)
-  ctor = {"resnet18": models.ResNet18, "resnet20": models.ResNet20}[config.model]
   kw.setdefault("mean", mean)
   kw.setdefault("std", std)
+  if config.model == "resnet":
+    missing = {"stage_sizes", "widths"} - set(kw)
+    if missing:
+      raise ValueError(f"invalid config: model='resnet' needs model_kwargs {sorted(missing)}")
+    return models.ResNet(num_classes=num_classes, in_channels=C, dtype=dtype,
+                         rngs=rngs, **kw)
+  ctor = {"resnet18": models.ResNet18, "resnet20": models.ResNet20}[config.model]
   return ctor(num_classes, in_channels=C, dtype=dtype, rngs=rngs, **kw)
 
 
