@@ -26,9 +26,11 @@ Conventions
   ``n`` draws (Expectation over Transformation).  Logits functions are called
   with a key exactly when ``eot_samples`` is not ``None``.
 
-Every attack is one ``jax.jit`` per input shape; ``eps``, ``step_size`` and
-``steps`` are traced values, so sweeping them does not recompile.  The PGD loop
-is a ``lax.fori_loop`` inside that single ``jit``.
+Every attack is one ``jax.jit`` per input shape; ``eps`` and ``step_size`` are
+traced values, so sweeping them does not recompile.  The PGD loop is a
+``lax.fori_loop`` inside that single ``jit``, with ``steps`` traced too, except
+on CPU, where short loops are unrolled by default (``steps`` then static; see
+:func:`pgd`'s ``unroll``).
 
 Preprocessing defences are attacked three ways (:func:`make_attack_logits`):
 ``"oblivious"``, ``"end_to_end"`` and ``"bpda"`` (:func:`bpda`).
@@ -275,7 +277,8 @@ def _fgsm_impl(fn, x, y, key, eps, lo, hi, targeted, eot_samples):
     return jnp.where(eps == 0, x, x_adv)
 
 
-def _pgd_impl(fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples):
+def _pgd_impl(fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples,
+              unroll=1):
     eps = jnp.asarray(eps, x.dtype)
 
     def project(v):
@@ -293,12 +296,43 @@ def _pgd_impl(fn, x, y, key, eps, step_size, steps, lo, hi, random_start, target
         direction = -jnp.sign(g) if targeted else jnp.sign(g)
         return project(x_adv + step_size * direction).astype(x.dtype)
 
-    x_adv = jax.lax.fori_loop(0, steps, body, x_adv)
+    if unroll == 1:
+        x_adv = jax.lax.fori_loop(0, steps, body, x_adv)  # steps may be traced
+    else:
+        x_adv = jax.lax.fori_loop(0, steps, body, x_adv, unroll=unroll)  # static steps
     return jnp.where(eps == 0, x, x_adv)
 
 
 _fgsm_jit = jax.jit(_fgsm_impl, static_argnames=("targeted", "eot_samples"))
 _pgd_jit = jax.jit(_pgd_impl, static_argnames=("random_start", "targeted", "eot_samples"))
+_pgd_jit_unrolled = jax.jit(
+    _pgd_impl, static_argnames=("steps", "random_start", "targeted", "eot_samples", "unroll")
+)
+
+# XLA:CPU runs convolutions inside a while loop several times slower than the
+# same ops outside one (jax-ml/jax#12868; about 3.5x for a small CNN here, and
+# partial unrolling does not help), so on CPU short PGD loops are unrolled.
+_CPU_UNROLL_MAX_STEPS = 50
+
+
+def _resolve_unroll(unroll, steps) -> int:
+    """``fori_loop`` unroll factor: 1 means a while loop with ``steps`` traced;
+    anything larger needs a concrete ``steps`` (``steps`` itself = full unroll)."""
+    c = _concrete(steps)
+    if unroll is None:
+        on_cpu = jax.default_backend() == "cpu"
+        unroll = bool(on_cpu and c is not None and c <= _CPU_UNROLL_MAX_STEPS)
+    if isinstance(unroll, (bool, np.bool_)):
+        if not unroll:
+            return 1
+        if c is None:
+            raise ValueError("unroll=True needs a concrete integer steps, not a traced value")
+        return max(int(c), 1)
+    if not isinstance(unroll, numbers.Integral) or unroll < 1:
+        raise ValueError(f"unroll must be None, a bool or an integer >= 1, got {unroll!r}")
+    if unroll > 1 and c is None:
+        raise ValueError("unroll > 1 needs a concrete integer steps, not a traced value")
+    return int(unroll)
 
 
 def fgsm(
@@ -356,6 +390,7 @@ def pgd(
     clip: tuple[float, float] = (0.0, 1.0),
     targeted: bool = False,
     eot_samples: int | None = None,
+    unroll: int | bool | None = None,
 ):
     """Projected Gradient Descent, L-inf (Madry et al.), one ``jit`` per shape.
 
@@ -377,6 +412,11 @@ def pgd(
       targeted: descend the loss towards labels ``y``.
       eot_samples: average each step's gradient over this many random draws;
         step ``i`` uses ``fold_in(key', i)`` split into ``eot_samples`` keys.
+      unroll: ``fori_loop`` unrolling.  ``1``: a while loop, with ``steps``
+        traced (no recompile when it changes).  An int > 1 or ``True``: unrolled,
+        ``steps`` static (one compile per value).  ``None`` (default): ``True``
+        on CPU when ``steps <= 50`` (XLA:CPU runs convolutions in loop bodies
+        several times slower, jax-ml/jax#12868), else ``1``.
 
     Returns:
       Adversarial images, same shape and dtype as ``x``.
@@ -392,12 +432,16 @@ def pgd(
             "or random_start=False"
         )
     _check_xy(x, y)
+    unroll = _resolve_unroll(unroll, steps)
     if _is_zero(eps):
         return jnp.asarray(x)
-    return _pgd_jit(
-        as_logits_fn(logits_fn), x, y, key, eps, step_size, steps, lo, hi,
-        random_start=bool(random_start), targeted=bool(targeted), eot_samples=eot_samples,
-    )
+    common = dict(random_start=bool(random_start), targeted=bool(targeted),
+                  eot_samples=eot_samples)
+    fn = as_logits_fn(logits_fn)
+    if unroll == 1:
+        return _pgd_jit(fn, x, y, key, eps, step_size, steps, lo, hi, **common)
+    return _pgd_jit_unrolled(fn, x, y, key, eps, step_size, int(steps), lo, hi,
+                             unroll=unroll, **common)
 
 
 # ---------------------------------------------------------------------------
@@ -582,11 +626,12 @@ def make_attack_logits(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("attack", "random_start", "targeted", "eot_samples")
+    jax.jit,
+    static_argnames=("steps", "attack", "random_start", "targeted", "eot_samples", "unroll"),
 )
 def _correct_under_attack(
     attack_fn, eval_fn, x_B, y_B, mask_B, key, eps, rel_step, steps, lo, hi,
-    *, attack, random_start, targeted, eot_samples,
+    *, attack, random_start, targeted, eot_samples, unroll,
 ):
     if jnp.issubdtype(x_B.dtype, jnp.integer):
         x_B = x_B.astype(jnp.float32) / 255.0
@@ -597,7 +642,7 @@ def _correct_under_attack(
         step_size = rel_step * eps / steps
         x_adv = _pgd_impl(
             attack_fn, x_B, y_B, attack_key, eps, step_size, steps, lo, hi,
-            random_start, targeted, eot_samples,
+            random_start, targeted, eot_samples, unroll,
         )
     eval_key = None if eot_samples is None else eval_key
     pred_B = jnp.argmax(_call(eval_fn, x_adv, eval_key), axis=-1)
@@ -619,6 +664,7 @@ def accuracy_under_attack(
     random_start: bool = True,
     eot_samples: int | None = None,
     clip: tuple[float, float] = (0.0, 1.0),
+    unroll: int | bool | None = None,
     progress: bool = True,
     desc: str | None = None,
 ) -> np.ndarray:
@@ -641,7 +687,7 @@ def accuracy_under_attack(
       steps: PGD iterations.
       rel_step: PGD step size as a multiple of ``eps / steps`` (2.5 as in
         Madry et al.).
-      random_start, eot_samples, clip: as in :func:`pgd`.  With
+      random_start, eot_samples, clip, unroll: as in :func:`pgd`.  With
         ``eot_samples`` both logits functions are called as ``f(x, key)``.
       progress: show a tqdm progress bar.
 
@@ -660,6 +706,10 @@ def accuracy_under_attack(
         _check_positive("rel_step", rel_step)
         if random_start and key is None:
             raise ValueError("PGD with random_start=True needs an explicit PRNG key (key=...)")
+        steps = int(steps)
+        unroll = _resolve_unroll(unroll, steps)
+    else:
+        steps, unroll = 1, 1
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     n = int(np.shape(x)[0])
@@ -696,7 +746,7 @@ def accuracy_under_attack(
                 c = _correct_under_attack(
                     attack_fn, eval_fn, x_b, y_b, mask_b, k, e, rel_step, steps, lo, hi,
                     attack=attack, random_start=bool(random_start) and attack == "pgd",
-                    targeted=False, eot_samples=eot_samples,
+                    targeted=False, eot_samples=eot_samples, unroll=unroll,
                 )
                 correct[i] += int(c)
                 if bar is not None:
@@ -747,6 +797,7 @@ def attack_sanity_check(
     tol: float = 0.01,
     chance_tol: float = 0.05,
     eot_samples: int | None = None,
+    unroll: int | bool | None = None,
     progress: bool = False,
     raise_on_failure: bool = False,
 ) -> SanityReport:
@@ -758,7 +809,7 @@ def attack_sanity_check(
     accuracy at the largest eps is ``<= 1/num_classes + chance_tol`` (for an
     undefended model; a defended one failing this is the interesting case).
 
-    Raises ``AssertionError`` with the table when ``raise_on_failure`` and a
+    ``unroll`` is passed to PGD (see :func:`pgd`).  Raises ``AssertionError`` with the table when ``raise_on_failure`` and a
     check fails.
     """
     if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
@@ -772,7 +823,7 @@ def attack_sanity_check(
     k_fgsm, k_pgd = jax.random.split(key)
     acc_fgsm = accuracy_under_attack(logits_fn, x, y, attack="fgsm", key=k_fgsm, **common)
     acc_pgd = accuracy_under_attack(
-        logits_fn, x, y, attack="pgd", steps=steps, key=k_pgd, **common
+        logits_fn, x, y, attack="pgd", steps=steps, key=k_pgd, unroll=unroll, **common
     )
     chance = 1.0 / num_classes
     report = SanityReport(

@@ -128,7 +128,7 @@ def test_no_retrace_for_new_params_or_nnx_models():
         params, _ = make_linear(seed)
         A.fgsm(Partial(counted_apply, params), x, y, eps=0.1 * (seed + 1))
         A.pgd(Partial(counted_apply, params), x, y, eps=0.1, step_size=0.02,
-              steps=seed + 2, key=jax.random.key(seed))
+              steps=seed + 2, key=jax.random.key(seed), unroll=1)
     n_first = len(traces)
     assert n_first <= 4  # one trace of fgsm, one of pgd (forward + grad per trace)
     params, _ = make_linear(5)
@@ -172,8 +172,10 @@ def test_no_retrace_for_new_params_or_nnx_models():
 def test_pgd_stays_in_ball_and_box(seed, eps, rel_step, steps, random_start, targeted):
     _, fn = make_linear(seed % 5)
     x, y = random_batch(seed)
+    # unroll=1 keeps steps traced: one compile for every drawn step count
     x_adv = A.pgd(fn, x, y, eps=eps, step_size=max(rel_step * eps, 1e-3), steps=steps,
-                  key=jax.random.key(seed), random_start=random_start, targeted=targeted)
+                  key=jax.random.key(seed), random_start=random_start, targeted=targeted,
+                  unroll=1)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     x_adv = np.asarray(x_adv)
     assert np.all(np.abs(x_adv - np.asarray(x)) <= eps + 1e-6)
@@ -194,7 +196,8 @@ def test_pgd_at_least_as_strong_as_fgsm(trained):
     x, y = x[:64], y[:64]
     eps = 0.15
     x_f = A.fgsm(fn, x, y, eps=eps)
-    x_p = A.pgd(fn, x, y, eps=eps, step_size=2.5 * eps / 20, steps=20, key=jax.random.key(0))
+    x_p = A.pgd(fn, x, y, eps=eps, step_size=2.5 * eps / 20, steps=20, key=jax.random.key(0),
+                unroll=1)
     loss_clean = float(A.attack_loss(fn, x, y).mean())
     loss_f = float(A.attack_loss(fn, x_f, y).mean())
     loss_p = float(A.attack_loss(fn, x_p, y).mean())
@@ -211,7 +214,7 @@ def test_targeted_moves_toward_target(trained):
     p_clean = jax.nn.softmax(fn(x))[jnp.arange(32), target]
     x_f = A.fgsm(fn, x, target, eps=0.1, targeted=True)
     x_p = A.pgd(fn, x, target, eps=0.3, step_size=0.05, steps=20, key=jax.random.key(1),
-                targeted=True)
+                targeted=True, unroll=1)
     p_f = jax.nn.softmax(fn(x_f))[jnp.arange(32), target]
     p_p = jax.nn.softmax(fn(x_p))[jnp.arange(32), target]
     assert float(p_f.mean()) > float(p_clean.mean())
@@ -282,7 +285,7 @@ def test_three_protocols_on_quantiser_defence():
         attack_fn, eval_fn = A.make_attack_logits(fn, quantise, protocol)
         np.testing.assert_allclose(eval_fn(x), fn(quantise(x)), rtol=1e-6)
         x_adv = A.pgd(attack_fn, x, y, eps=0.25, step_size=0.05, steps=10, key=key,
-                      random_start=False)
+                      random_start=False, unroll=1)
         acc[protocol] = float(jnp.mean(jnp.argmax(eval_fn(x_adv), -1) == y))
     # the end-to-end gradient is zero (gradient masking): the attack cannot move
     assert acc["end_to_end"] == 1.0
@@ -321,7 +324,8 @@ def test_eot_averages_gradients_over_draws():
     x_f = A.fgsm(attack_fn, x, y, eps=0.1, key=key, eot_samples=n)
     np.testing.assert_allclose(x_f, jnp.clip(x + 0.1 * jnp.sign(manual), 0, 1), atol=1e-6)
     # PGD with EOT runs and stays in the ball
-    x_p = A.pgd(attack_fn, x, y, eps=0.1, step_size=0.03, steps=4, key=key, eot_samples=3)
+    x_p = A.pgd(attack_fn, x, y, eps=0.1, step_size=0.03, steps=4, key=key, eot_samples=3,
+                unroll=1)
     assert float(jnp.abs(x_p - x).max()) <= 0.1 + 1e-6
 
 
@@ -391,7 +395,7 @@ def test_sanity_check_pgd_le_fgsm_and_chance(trained):
     fn, x, y = trained
     report = A.attack_sanity_check(fn, x, y, eps_list=[0.0, 0.05, 0.15, 0.5], num_classes=K,
                                    key=jax.random.key(0), batch_size=64, steps=10,
-                                   raise_on_failure=True)
+                                   unroll=1, raise_on_failure=True)
     assert report.ok
     assert report.fgsm_accuracy[0] == report.pgd_accuracy[0] > 0.95
     assert report.pgd_accuracy[-1] <= 1 / K
@@ -404,7 +408,7 @@ def test_accuracy_under_attack_with_protocol_and_eot():
     attack_fn, eval_fn = A.make_attack_logits(fn, random_scale, "bpda", randomized=True)
     acc = A.accuracy_under_attack(attack_fn, x, y, eps_list=[0.0, 0.3], attack="pgd", steps=3,
                                   batch_size=8, eval_logits_fn=eval_fn, key=jax.random.key(0),
-                                  eot_samples=2, progress=False)
+                                  eot_samples=2, unroll=1, progress=False)
     assert acc.shape == (2,) and np.all((acc >= 0) & (acc <= 1))
 
 
@@ -472,3 +476,18 @@ def test_other_bad_args():
     A.pgd(fn, x, y, eps=0.1, step_size=0.01, steps=2, random_start=False)
     with pytest.raises(ValueError, match="key"):
         A.accuracy_under_attack(fn, x, y, eps_list=[0.1], attack="pgd")
+
+
+def test_pgd_unroll_modes_agree():
+    _, fn = make_linear(4)
+    x, y = random_batch(6)
+    kw = dict(eps=0.2, step_size=0.03, steps=5, key=jax.random.key(2))
+    looped = A.pgd(fn, x, y, unroll=1, **kw)
+    for unroll in (True, 2, None):
+        np.testing.assert_allclose(A.pgd(fn, x, y, unroll=unroll, **kw), looped, atol=1e-6)
+    with pytest.raises(ValueError, match="unroll"):
+        A.pgd(fn, x, y, unroll=0, **kw)
+    # under an outer jit, steps traced: the while-loop form is used
+    out = jax.jit(lambda s: A.pgd(fn, x, y, eps=0.2, step_size=0.03, steps=s,
+                                  key=jax.random.key(2)))(5)
+    np.testing.assert_allclose(out, looped, atol=1e-6)
