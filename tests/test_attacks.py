@@ -330,9 +330,8 @@ def test_eot_averages_gradients_over_draws():
 
 
 def test_eot_converges_to_expected_gradient():
-    # E[s] = 0.5 for s ~ U(0, 1), so the EOT gradient of CE(f(s * x)) for a
-    # linear f approaches grad at s=... only in expectation; check with many draws
-    # on the simplest case where the gradient is linear in s: logits = s * (x W).
+    # logits = s * (x W) with s ~ U(0, 1): at x = 0 the softmax is uniform for every s,
+    # so grad_x CE = s * W (1/K - onehot(y)) and its expectation uses E[s] = 0.5.
     W = jax.random.normal(jax.random.key(0), (D, K))
 
     def fn(x, key):
@@ -491,3 +490,30 @@ def test_pgd_unroll_modes_agree():
     out = jax.jit(lambda s: A.pgd(fn, x, y, eps=0.2, step_size=0.03, steps=s,
                                   key=jax.random.key(2)))(5)
     np.testing.assert_allclose(out, looped, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_gb_denoise_attackable_three_ways():
+    """The granular-ball preprocessor works with every protocol (about 20 s of compiles)."""
+    import functools
+
+    gb = pytest.importorskip("gbjax.gb")
+    if not hasattr(gb, "gb_denoise"):
+        pytest.skip("gbjax.gb.gb_denoise not available")
+    # static configuration goes in functools.partial (jax Partial would trace it)
+    pre = functools.partial(gb.gb_denoise, scale=255.0, capacity=16)
+    params, fn = make_linear(0)
+    x, y = random_batch(3, n=4)
+    x = jax.image.resize(x, (4, 8, 8, 1), "nearest")
+    W = jnp.tile(params[0], (4, 1))
+    fn = Partial(lambda W, v: v.reshape(v.shape[0], -1) @ W, W)
+    g = A.bpda(pre)
+    np.testing.assert_array_equal(g(x), pre(x))
+    np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(g(v)))(x), 1.0)
+    clean = float(A.attack_loss(fn, pre(x), y).mean())
+    for protocol in A.PROTOCOLS:
+        attack_fn, eval_fn = A.make_attack_logits(fn, pre, protocol)
+        x_adv = A.fgsm(attack_fn, x, y, eps=0.1)
+        assert float(jnp.abs(x_adv - x).max()) <= 0.1 + 1e-6
+        if protocol != "end_to_end":
+            assert float(A.attack_loss(eval_fn, x_adv, y).mean()) > clean, protocol
