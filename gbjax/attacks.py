@@ -13,7 +13,9 @@ Conventions
   - a callable ``f(x) -> logits``;
   - a :class:`jax.tree_util.Partial`, e.g. ``Partial(apply_fn, params)``:
     its arguments travel through ``jit`` as ordinary arrays, so new parameters
-    with the same shapes never trigger a recompile;
+    with the same shapes never trigger a recompile.  Its arguments are traced,
+    so static configuration (ints, strings, e.g. ``capacity=`` of
+    ``gb_denoise``) belongs in a ``functools.partial`` built once instead;
   - a ``flax.nnx.Module`` (put it in eval mode first): it is split into a
     static graph definition and array state, so two models with the same
     structure share one compiled attack.
