@@ -86,6 +86,11 @@ def test_matches_oracle_random_grey(seed, threshold, purity):
     assert_matches_oracle(x, threshold, purity, capacity=30)
 
 
+@pytest.mark.parametrize("iters", [1, 3])
+def test_matches_oracle_truncated_kmeans(iters):
+    assert_matches_oracle(blobs(12), 15.0, 0.9, kmeans_iters=iters)
+
+
 def test_matches_oracle_spatial_features():
     assert_matches_oracle(blobs(1, n=2), 25.0, 0.9, features=gbjax.Features(spatial=2.0))
 
