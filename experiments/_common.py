@@ -105,7 +105,7 @@ def synthetic_dataset(name: str, split: str, n: int, seed: int = 0):
 
 def load_split(name: str, split: str, n: int | None, *, data_dir: str | None,
                synthetic: bool, progress: bool = True):
-    """(images uint8 NHWC, labels int32): the first ``n`` of the split."""
+    """(images uint8 NHWC, labels int32): ``n`` images of the split (a fixed random subset)."""
     if synthetic:
         return synthetic_dataset(name, split, n or 256)
     from gbjax import data
@@ -113,8 +113,11 @@ def load_split(name: str, split: str, n: int | None, *, data_dir: str | None,
     x, y = np.asarray(x), np.asarray(y, np.int32)
     if x.ndim == 3:
         x = x[..., None]
-    if n is not None:
-        x, y = x[:n], y[:n]
+    if n is not None and n < len(x):
+        # A fixed random subset (seed 0), not the first n: some sources (the
+        # image-folder CIFAR-10) are stored sorted by class.
+        idx = np.sort(np.random.default_rng(0).permutation(len(x))[:n])
+        x, y = x[idx], y[idx]
     return x, y
 
 

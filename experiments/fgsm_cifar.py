@@ -50,7 +50,7 @@ MODES = {
     "smoke": dict(n_train=256, n_test=32, n_pgd=16, model="resnet", epochs=1, batch_size=64,
                   learning_rate=0.1, pgd_steps=2, compute_dtype="float32", attack_batch=32,
                   model_kwargs=dict(stage_sizes=(1, 1), widths=(8, 16))),
-    "quick": dict(n_train=5000, n_test=1000, n_pgd=200, model="resnet20", epochs=4,
+    "quick": dict(n_train=5000, n_test=1000, n_pgd=200, model="resnet20", epochs=3,
                   batch_size=128, learning_rate=0.2, pgd_steps=20, compute_dtype="float32",
                   attack_batch=200),
     "full": dict(n_train=None, n_test=None, n_pgd=None, model="resnet18", epochs=30,
@@ -224,7 +224,7 @@ def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
     n_pgd = mode["n_pgd_eff"]
     md = [f"# CIFAR-10 FGSM / PGD: granular-ball preprocessing vs none ({label})", "",
           "## Protocol", "",
-          f"- Data: CIFAR-10, first {mode['n_train_eff']} training images, first "
+          f"- Data: CIFAR-10, {mode['n_train_eff']} training images (fixed random subset, seed 0), "
           f"{mode['n_test_eff']} test images{' (synthetic stand-in)' if synthetic else ''}.",
           f"- Model: {mode['model']} ({mode['compute_dtype']}), recipe of gbjax/configs/"
           f"resnet18_cifar10.py with {mode['epochs']} epochs, batch {mode['batch_size']}, peak lr "

@@ -58,3 +58,44 @@ def test_fgsm_cifar_smoke(tmp_path):
     assert len(run["unprocessed"]["fgsm"]["none"]) == 7
     assert "95.18" in md and "73.60" in md  # the paper's Table 2 beside ours
     assert (out / "acc_vs_eps.png").is_file()
+
+
+def test_gaussian_mnist_gb_smoke(tmp_path):
+    mod = _load("gaussian_mnist_gb")
+    out = tmp_path / "gauss"
+    mod.run(["--smoke", "--out", str(out), "--no-progress", "--stds", "0,1,5,10,640"]
+            + _data_flags())
+    r, rows, md = _check_outputs(out, "gaussian_mnist_gb", None)
+    acc = r["runs"]["0"]["acc"]
+    for m in ("unprocessed", "gb"):
+        assert set(acc[m]) == {"clip", "wrap"} and len(acc[m]["clip"]) == 5
+    assert "90.39" in md and "63.08" in md  # paper Table 1 beside ours
+    assert len(rows) == 2 * 2 * 5
+
+
+def test_pe_mnist_noise_smoke(tmp_path):
+    mod = _load("pe_mnist_noise")
+    out = tmp_path / "pe"
+    mod.run(["--smoke", "--out", str(out), "--no-progress"] + _data_flags())
+    r, rows, md = _check_outputs(out, "pe_mnist_noise", None)
+    acc = r["runs"]["0"]["acc"]
+    n_cases = 1 + len(mod.GAUSS) + len(mod.IMPULSE)
+    for sem in ("authors", "standard"):
+        for net in ("raw", "normalized", "pe"):
+            assert len(acc[sem][net]) == n_cases
+    assert len(rows) == 2 * 3 * n_cases
+    for f in ("fig3_gaussian.png", "fig4_impulse.png", "fig5_normalized.png"):
+        assert (out / f).is_file()
+    assert "47.62" in md and "9.93" in md  # paper Tables 4 and 5
+
+
+def test_jpeg_roundtrip_and_synthetic_data():
+    pe = _load("pe_mnist_noise")
+    import numpy as np
+    import _common as C  # put on sys.path by the experiment module
+    x, y = C.synthetic_dataset("mnist", "test", 20)
+    assert x.shape == (20, 28, 28, 1) and x.dtype == np.uint8 and set(y) <= set(range(10))
+    x2, _ = C.synthetic_dataset("mnist", "test", 20)
+    np.testing.assert_array_equal(x, x2)  # deterministic across calls
+    j = pe.jpeg_roundtrip(x, 75)
+    assert j.shape == x.shape and j.dtype == np.uint8 and np.abs(j.astype(int) - x).mean() < 40
