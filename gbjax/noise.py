@@ -1,6 +1,7 @@
 """Pixel noise models on uint8 images (METHODS.md section 3).
 
-Every function is pure, takes an explicit PRNG ``key``, maps a uint8 array of
+Every function is pure, takes an explicit PRNG ``key`` (any implementation:
+threefry, ``rbg``, or a raw ``PRNGKey``), maps a uint8 array of
 any shape to a uint8 array of the same shape, and works under ``jax.jit`` and
 ``jax.vmap`` (vmap over ``x`` and ``key`` together for independent draws per
 image). Parameters are keyword-only. Checks on parameters are done when they
@@ -264,5 +265,12 @@ def _corrupt(x: jax.Array, key: jax.Array, c: Any, kind: str) -> jax.Array:
     if kind == "gaussian_noise":
         y01 = x01 + c * jax.random.normal(key, x.shape, jnp.float32)
     else:  # shot_noise
-        y01 = jax.random.poisson(key, x01 * c, x.shape).astype(jnp.float32) / c
+        y01 = jax.random.poisson(_threefry_key(key), x01 * c, x.shape).astype(jnp.float32) / c
     return jnp.floor(jnp.clip(y01, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+def _threefry_key(key: jax.Array) -> jax.Array:
+    """``jax.random.poisson`` needs a threefry key: derive one from any other kind."""
+    if str(jax.random.key_impl(key)) == "threefry2x32":
+        return key
+    return jax.random.wrap_key_data(jax.random.bits(key, (2,), jnp.uint32), impl="threefry2x32")

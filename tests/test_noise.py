@@ -69,6 +69,16 @@ def test_jit_of_vmap_matches_eager_calls():
             np.testing.assert_array_equal(out[name][i], fn(xs[i], keys[i]), err_msg=name)
 
 
+def test_rbg_keys():
+    # rbg keys (much faster to compile on CPU) work too; poisson derives a threefry key
+    x = _ramp()
+    key = jax.random.key(0, impl="rbg")
+    for name in ("gaussian_clip", "corrupt_shot_noise"):
+        y = ALL_FUNCS[name](x, key)
+        assert y.shape == x.shape and y.dtype == jnp.uint8 and not np.array_equal(y, x), name
+        np.testing.assert_array_equal(ALL_FUNCS[name](x, key), y, err_msg=name)
+
+
 def test_jit_with_traced_parameters():
     x = _ramp()
 
