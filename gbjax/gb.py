@@ -39,8 +39,13 @@ Choices the paper leaves open, each a parameter here:
   is kept).
 
 Exactness: with colour-only features and integer pixel values, per-ball sums
-are exact in float32 while they stay below 2**24 (any image up to 65,793
-pixels), so the partition matches a float32 reference implementation exactly.
+and counts are exact in float32 while they stay below 2**24 (any image up to
+65,793 pixels), so centres are the correctly rounded member means and the
+partition matches a float32 reference implementation of Algorithm 1 (the
+tests' numpy oracle), ball ids included. The one caveat: a squared distance
+that ties the threshold, or two centres, to within float32 rounding may
+resolve differently, because XLA fuses multiply-adds (FMA) where numpy does
+not.
 """
 from __future__ import annotations
 
