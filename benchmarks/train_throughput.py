@@ -14,8 +14,8 @@ For each model, on synthetic data of the model's input shape, it times
   host (numpy) batch per step;
 
 both with the same model, optimiser and batch size, compilation excluded
-(warm-up steps first, then ``--steps`` timed steps ended by
-``block_until_ready``).  Prints a table and (``--json``) writes the figures with
+(warm-up steps first, then ``--rounds`` alternating rounds of ``--steps``
+steps each, ended by ``block_until_ready``; median round reported).  Prints a table and (``--json``) writes the figures with
 the machine description.  The ratio column is gbjax / baseline.
 """
 
@@ -67,20 +67,22 @@ def _setup(name, n_train, steps):
 
 
 def bench_gbjax(cfg, model, x, y, steps, warmup):
-  tr = train._Trainer(cfg, model, 10, len(x), steps + warmup)
-  state = tr.init_state
+  """-> (run(n) -> seconds for n steps, warm-up seconds incl. compilation)."""
+  tr = train._Trainer(cfg, model, 10, len(x), 10**9)
+  box = {"state": tr.init_state}
   xs, ys = jax.device_put(x, tr.repl), jax.device_put(y, tr.repl)
   perm = tr.epoch_perm(0)
-  t0 = time.perf_counter()
-  for _ in range(warmup):
-    state = tr.train_step(state, xs, ys, perm)
-  jax.block_until_ready(state)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state = tr.train_step(state, xs, ys, perm)
-  jax.block_until_ready(state)
-  return cfg.batch_size * steps / (time.perf_counter() - t0), compile_s
+
+  def run(n):
+    t0 = time.perf_counter()
+    state = box["state"]
+    for _ in range(n):
+      state = tr.train_step(state, xs, ys, perm)
+    jax.block_until_ready(state)
+    box["state"] = state
+    return time.perf_counter() - t0
+
+  return run, run(warmup)
 
 
 def bench_baseline(cfg, model, x, y, steps, warmup):
@@ -108,24 +110,23 @@ def bench_baseline(cfg, model, x, y, steps, warmup):
   key = train.root_key(0)
 
   def run(n):
+    t0 = time.perf_counter()
     loss = None
     for i in range(n):
       idx = rng.integers(0, len(x), B)
       loss = step(model, opt, x[idx], y[idx], jax.random.fold_in(key, i))
     jax.block_until_ready(loss)
+    return time.perf_counter() - t0
 
-  t0 = time.perf_counter()
-  run(warmup)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  run(steps)
-  return B * steps / (time.perf_counter() - t0), compile_s
+  return run, run(warmup)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-  p.add_argument("--steps", type=int, default=20, help="timed steps per model")
+  p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+  p.add_argument("--rounds", type=int, default=3,
+                 help="alternating gbjax/baseline rounds; the median is reported")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--n-train", type=int, default=4096)
   p.add_argument("--json", default=None)
@@ -138,13 +139,20 @@ def main(argv=None):
   print(f"{'model':10s} {'batch':>5s} {'gbjax img/s':>12s} {'baseline img/s':>15s} {'ratio':>6s}")
   rows = []
   for name in args.models:
-    cfg, model, x, y = _setup(name, args.n_train, args.steps + args.warmup)
-    ours, c1 = bench_gbjax(cfg, model, x, y, args.steps, args.warmup)
-    cfg, model, x, y = _setup(name, args.n_train, args.steps + args.warmup)
-    base, c2 = bench_baseline(cfg, model, x, y, args.steps, args.warmup)
+    cfg, model, x, y = _setup(name, args.n_train, args.steps)
+    run_ours, c1 = bench_gbjax(cfg, model, x, y, args.steps, args.warmup)
+    cfg, model, x, y = _setup(name, args.n_train, args.steps)
+    run_base, c2 = bench_baseline(cfg, model, x, y, args.steps, args.warmup)
+    t_ours, t_base = [], []
+    for _ in range(args.rounds):   # interleaved, so load drift hits both alike
+      t_ours.append(run_ours(args.steps))
+      t_base.append(run_base(args.steps))
+    ours = cfg.batch_size * args.steps / float(np.median(t_ours))
+    base = cfg.batch_size * args.steps / float(np.median(t_base))
     rows.append(dict(model=name, batch_size=cfg.batch_size, gbjax_images_per_sec=ours,
                      baseline_images_per_sec=base, ratio=ours / base,
-                     gbjax_warmup_s=c1, baseline_warmup_s=c2, steps=args.steps))
+                     gbjax_warmup_s=c1, baseline_warmup_s=c2, steps=args.steps,
+                     rounds=args.rounds))
     print(f"{name:10s} {cfg.batch_size:5d} {ours:12.1f} {base:15.1f} {ours / base:6.2f}",
           flush=True)
   if args.json:
