@@ -82,8 +82,8 @@ class Config:
   # Override loading: {"train": (images, labels), "test": (images, labels)},
   # images uint8 (N, H, W[, C]).  Not written to config.json.
   data: Any = None
-  num_train: int | None = None         # use the first N training images
-  num_test: int | None = None
+  num_train: int | None = None         # a fixed random subset of N images
+  num_test: int | None = None          # (seed 0, whatever config.seed is)
   preprocess: str = "none"             # "none" | "gb"
   gb: dict = dataclasses.field(default_factory=dict)  # kwargs of gb_denoise
   cache_dir: str | None = None         # GB cache; else $GBJAX_CACHE_DIR, ~/.cache/gbjax
@@ -291,10 +291,15 @@ def load_datasets(config: Config):
     xte, yte = _load_split(config, "test")
   xtr, xte = _as_nhwc_uint8(xtr), _as_nhwc_uint8(xte)
   ytr, yte = np.asarray(ytr, np.int32), np.asarray(yte, np.int32)
-  if config.num_train is not None:
-    xtr, ytr = xtr[:config.num_train], ytr[:config.num_train]
-  if config.num_test is not None:
-    xte, yte = xte[:config.num_test], yte[:config.num_test]
+  # Subsets are a fixed random sample (seed 0, independent of config.seed, in
+  # the original order): some sources (the CIFAR-10 folders) are class-sorted.
+  def subset(x, y, n):
+    if n is None or n >= len(x):
+      return x, y
+    idx = np.sort(np.random.default_rng(0).permutation(len(x))[:n])
+    return x[idx], y[idx]
+  xtr, ytr = subset(xtr, ytr, config.num_train)
+  xte, yte = subset(xte, yte, config.num_test)
   if len(xtr) < config.batch_size:
     raise ValueError(f"invalid config: {len(xtr)} training images < batch_size "
                      f"{config.batch_size}")

@@ -207,3 +207,15 @@ def test_data_parallel_matches_single_device(tmp_path):
   assert abs(four["acc"] - one["acc"]) <= 0.01
   for a, b in zip(one["params"], four["params"]):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_subsets_are_random_not_first_n():
+  x, y = DATA["train"]
+  order = np.argsort(y, kind="stable")                 # class-sorted source
+  cfg = tiny(data={"train": (x[order], y[order]), "test": DATA["test"]},
+             num_train=64, num_test=50)
+  xtr, ytr, xte, yte = train.load_datasets(cfg)
+  assert len(xtr) == 64 and len(xte) == 50
+  assert len(np.unique(ytr)) >= 8
+  xtr2, ytr2, _, _ = train.load_datasets(dataclasses.replace(cfg, seed=5))
+  np.testing.assert_array_equal(ytr2, ytr)             # fixed, seed-independent
