@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import functools
 import gzip
 import hashlib
 import importlib
