@@ -89,6 +89,7 @@ def main(argv=None):
             # One BLAS/OpenMP thread: scikit-learn's default thread pool makes
             # these tiny 2-means calls ~10x slower, which would flatter gbjax.
             with threadpool_limits(1):
+                reference_cluster(ref[0], t, 0.9)  # warm-up: imports, thread pools
                 t0 = time.perf_counter()
                 rb = [reference_cluster(im, t, 0.9) for im in ref]
                 rsec = time.perf_counter() - t0
