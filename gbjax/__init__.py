@@ -20,8 +20,11 @@ _LAZY = {
     "PixelEmbedding": ("gbjax.models", "PixelEmbedding"),
     "ResNet18": ("gbjax.models", "ResNet18"),
     "ResNet20": ("gbjax.models", "ResNet20"),
+    "ResNet": ("gbjax.models", "ResNet"),
     "pixel_indices": ("gbjax.models", "pixel_indices"),
     "train_and_evaluate": ("gbjax.train", "train_and_evaluate"),
+    "restore_model": ("gbjax.train", "restore_model"),
+    "Config": ("gbjax.train", "Config"),
 }
 
 
