@@ -298,6 +298,40 @@ def plot_curves(path: pathlib.Path, panels: Sequence[dict], *, title: str = "") 
     plt.close(fig)
 
 
+class Setup:
+    """What every experiment's ``run`` starts from (see :func:`setup`)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def setup(experiment: str, args, modes: dict, dataset: str, overrides: Sequence[str]):
+    """Mode with command-line overrides applied, seeds, output folder, timer and data.
+
+    Loads ``mode["n_train"]`` training and ``mode["n_test"]`` test images of
+    ``dataset`` (random fixed subsets; synthetic data when asked) and records the
+    effective sizes in the mode.
+    """
+    import jax
+
+    mname = mode_name(args)
+    mode = dict(modes[mname])
+    for k in overrides:
+        v = getattr(args, k, None)
+        if v is not None:
+            mode[k] = v
+    s = Setup(mode_name=mname, mode=mode, seeds=parse_seeds(args), synthetic=use_synthetic(args),
+              progress=not args.no_progress, out=out_dir(experiment, args.out), timer=Timer())
+    print(f"[{experiment}] mode={mname} seeds={s.seeds} synthetic={s.synthetic} out={s.out} "
+          f"backend={jax.default_backend()}")
+    s.xtr, s.ytr = load_split(dataset, "train", mode["n_train"], data_dir=args.data_dir,
+                              synthetic=s.synthetic, progress=s.progress)
+    s.xte, s.yte = load_split(dataset, "test", mode["n_test"], data_dir=args.data_dir,
+                              synthetic=s.synthetic, progress=s.progress)
+    mode["n_train_eff"], mode["n_test_eff"] = len(s.xtr), len(s.xte)
+    return s
+
+
 class Timer:
     def __init__(self):
         self.t0 = time.perf_counter()

@@ -130,25 +130,10 @@ def run(argv=None) -> dict:
     from gbjax import gb
 
     args = parse_args(argv)
-    mname = C.mode_name(args)
-    mode = dict(MODES[mname])
-    for k in ("n_train", "n_test", "n_pgd", "pgd_steps", "model", "epochs"):
-        v = getattr(args, k, None)
-        if v is not None:
-            mode[k] = v
-    seeds = C.parse_seeds(args)
-    synthetic = C.use_synthetic(args)
-    progress = not args.no_progress
-    out = C.out_dir(EXPERIMENT, args.out)
-    timer = C.Timer()
-    print(f"[{EXPERIMENT}] mode={mname} seeds={seeds} synthetic={synthetic} out={out} "
-          f"backend={jax.default_backend()}")
-
-    xtr, ytr = C.load_split("cifar10", "train", mode["n_train"], data_dir=args.data_dir,
-                            synthetic=synthetic, progress=progress)
-    xte, yte = C.load_split("cifar10", "test", mode["n_test"], data_dir=args.data_dir,
-                            synthetic=synthetic, progress=progress)
-    mode["n_train_eff"], mode["n_test_eff"] = len(xtr), len(xte)
+    s = C.setup(EXPERIMENT, args, MODES, 'cifar10', ("n_train", "n_test", "n_pgd", "pgd_steps", "model", "epochs"))
+    mname, mode, seeds, synthetic, progress, out, timer = (
+        s.mode_name, s.mode, s.seeds, s.synthetic, s.progress, s.out, s.timer)
+    xtr, ytr, xte, yte = s.xtr, s.ytr, s.xte, s.yte
     mode["n_pgd_eff"] = min(mode["n_pgd"] or len(xte), len(xte))
     timer.mark("load")
 

@@ -79,24 +79,11 @@ def run(argv=None) -> dict:
     from gbjax import gb, noise
 
     args = parse_args(argv)
-    mname = C.mode_name(args)
-    mode = dict(MODES[mname])
-    for k in ("n_train", "n_test", "epochs"):
-        if getattr(args, k) is not None:
-            mode[k] = getattr(args, k)
+    s = C.setup(EXPERIMENT, args, MODES, 'mnist', ("n_train", "n_test", "epochs"))
+    mname, mode, seeds, synthetic, progress, out, timer = (
+        s.mode_name, s.mode, s.seeds, s.synthetic, s.progress, s.out, s.timer)
+    xtr, ytr, xte, yte = s.xtr, s.ytr, s.xte, s.yte
     stds = tuple(float(s) for s in args.stds.split(",")) if args.stds else STDS
-    seeds = C.parse_seeds(args)
-    synthetic = C.use_synthetic(args)
-    progress = not args.no_progress
-    out = C.out_dir(EXPERIMENT, args.out)
-    timer = C.Timer()
-    print(f"[{EXPERIMENT}] mode={mname} seeds={seeds} synthetic={synthetic} out={out}")
-
-    xtr, ytr = C.load_split("mnist", "train", mode["n_train"], data_dir=args.data_dir,
-                            synthetic=synthetic, progress=progress)
-    xte, yte = C.load_split("mnist", "test", mode["n_test"], data_dir=args.data_dir,
-                            synthetic=synthetic, progress=progress)
-    mode["n_train_eff"], mode["n_test_eff"] = len(xtr), len(xte)
     gbkw = dict(threshold=args.threshold, purity=args.purity)
     t0 = time.perf_counter()
     xtr_gb = np.asarray(gb.gb_denoise(xtr, progress=progress, **gbkw))
