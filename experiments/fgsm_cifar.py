@@ -15,8 +15,9 @@ Protocol (also written into results.md):
 * Test: the first ``n_test`` test images. The GB defence is ``f(g(x))``: the
   attacked image is clustered, then classified.
 * FGSM ``x' = clip(x + eps sign(grad), 0, 1)`` on [0,1] images (cross-entropy
-  on logits), eps in {1,2,4,8,16}/255, 0.1, 0.2; PGD-20 (L-inf, random start,
-  step 2.5 eps/20) at the same budgets on the first ``n_pgd`` test images.
+  on logits), eps in {1,2,4,8,16}/255, 0.1, 0.2; PGD-20 (PGD-10 in --quick;
+  L-inf, random start, step 2.5 eps/steps) at the same budgets on the first
+  ``n_pgd`` test images, beside FGSM and clean accuracy on those same images.
 * The GB model is attacked three ways: *oblivious* (gradient of the classifier
   alone, GB applied afterwards), *end-to-end* (``jax.grad`` through ``f(g(x))``
   with the partition held fixed: GB's painted image is piecewise linear in the
@@ -50,9 +51,9 @@ MODES = {
     "smoke": dict(n_train=256, n_test=32, n_pgd=16, model="resnet", epochs=1, batch_size=64,
                   learning_rate=0.1, pgd_steps=2, compute_dtype="float32", attack_batch=32,
                   model_kwargs=dict(stage_sizes=(1, 1), widths=(8, 16))),
-    "quick": dict(n_train=5000, n_test=1000, n_pgd=200, model="resnet20", epochs=3,
-                  batch_size=128, learning_rate=0.2, pgd_steps=20, compute_dtype="float32",
-                  attack_batch=200),
+    "quick": dict(n_train=5000, n_test=500, n_pgd=100, model="resnet20", epochs=3,
+                  batch_size=128, learning_rate=0.2, pgd_steps=10, compute_dtype="float32",
+                  attack_batch=100),
     "full": dict(n_train=None, n_test=None, n_pgd=None, model="resnet18", epochs=30,
                  batch_size=512, learning_rate=0.4, pgd_steps=20, compute_dtype="bfloat16",
                  attack_batch=500),
@@ -103,9 +104,14 @@ def make_config(mode: dict, seed: int, progress: bool):
 
 
 def attack_sweeps(clf, pre, x, y, mode, key, progress):
-    """{attack: {protocol: [acc per eps]}}; protocol 'none' = unprocessed model."""
+    """{attack: {protocol: [acc per eps]}}; protocol 'none' = unprocessed model.
+
+    "fgsm": FGSM on all test images, at EPS. "pgd" and "fgsm_sub": PGD and FGSM on
+    the first n_pgd test images, at (0,) + EPS, so that the clean row and the
+    PGD-vs-FGSM sanity check compare the same images.
+    """
     from gbjax import attacks
-    out: dict = {"fgsm": {}, "pgd": {}}
+    out: dict = {"fgsm": {}, "pgd": {}, "fgsm_sub": {}}
     n_pgd = mode["n_pgd_eff"]
     steps = mode["pgd_steps"]
     bs = mode["attack_batch"]
@@ -116,8 +122,12 @@ def attack_sweeps(clf, pre, x, y, mode, key, progress):
         out["fgsm"][prot] = attacks.accuracy_under_attack(
             attack_fn, x, y, eval_logits_fn=eval_fn, eps_list=EPS, attack="fgsm",
             batch_size=bs, progress=progress, desc=f"FGSM {prot}").tolist()
+        out["fgsm_sub"][prot] = attacks.accuracy_under_attack(
+            attack_fn, x[:n_pgd], y[:n_pgd], eval_logits_fn=eval_fn, eps_list=(0.0,) + EPS,
+            attack="fgsm", batch_size=min(bs, n_pgd), progress=progress,
+            desc=f"FGSM {prot} (PGD subset)").tolist()
         out["pgd"][prot] = attacks.accuracy_under_attack(
-            attack_fn, x[:n_pgd], y[:n_pgd], eval_logits_fn=eval_fn, eps_list=EPS,
+            attack_fn, x[:n_pgd], y[:n_pgd], eval_logits_fn=eval_fn, eps_list=(0.0,) + EPS,
             attack="pgd", steps=steps, key=key, batch_size=min(bs, n_pgd),
             # GB inside an unrolled 20-step loop compiles for minutes on CPU: keep a loop
             unroll=False if with_gb_in_loop else None,
@@ -174,16 +184,21 @@ def run(argv=None) -> dict:
 def _rows_for(runs, seeds, attack):
     cols = [("unprocessed", "none")] + [("gb", p) for p in PROTOCOLS]
     rows, stats = [], {}
-    clean = [[runs[s][m]["clean"] for s in seeds] for m, _ in cols]
+    # "fgsm" sweeps start at EPS[0]; the subset sweeps start at eps 0 (clean).
+    off = 0 if attack == "fgsm" else 1
+    if attack == "fgsm":
+        clean = [[runs[s][m]["clean"] for s in seeds] for m, _ in cols]
+    else:
+        clean = [[runs[s][m][attack][p][0] for s in seeds] for m, p in cols]
     rows.append(["0 (clean)"] + [C.pct(v) for v in clean]
                 + [f"{PAPER_TABLE2[0.0][1]:.2f}", f"{PAPER_TABLE2[0.0][0]:.2f}"])
     for i, (e, lab) in enumerate(zip(EPS, EPS_LABELS)):
-        vals = [[runs[s][m][attack][p][i] for s in seeds] for m, p in cols]
+        vals = [[runs[s][m][attack][p][i + off] for s in seeds] for m, p in cols]
         paper = PAPER_TABLE2.get(e) if attack == "fgsm" else None
         rows.append([lab] + [C.pct(v) for v in vals]
                     + ([f"{paper[1]:.2f}", f"{paper[0]:.2f}"] if paper else ["-", "-"]))
     for (m, p), cv in zip(cols, clean):
-        ms = [C.mean_std(cv)] + [C.mean_std([runs[s][m][attack][p][i] for s in seeds])
+        ms = [C.mean_std(cv)] + [C.mean_std([runs[s][m][attack][p][i + off] for s in seeds])
                                  for i in range(len(EPS))]
         stats[f"{m}/{p}"] = ([100 * a for a, _ in ms], [100 * b for _, b in ms])
     return rows, stats
@@ -194,11 +209,12 @@ def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
                "paper unprocessed", "paper GB"]
     fgsm_rows, fgsm_stats = _rows_for(runs, seeds, "fgsm")
     pgd_rows, pgd_stats = _rows_for(runs, seeds, "pgd")
+    _, sub_stats = _rows_for(runs, seeds, "fgsm_sub")
 
-    # sanity: PGD at least as strong as FGSM; chance at the largest eps
+    # sanity: PGD at least as strong as FGSM on the same images; chance at the largest eps
     checks = {}
     for key in fgsm_stats:
-        f, p = np.asarray(fgsm_stats[key][0][1:]), np.asarray(pgd_stats[key][0][1:])
+        f, p = np.asarray(sub_stats[key][0][1:]), np.asarray(pgd_stats[key][0][1:])
         checks[key] = dict(pgd_le_fgsm_max_gap=float(np.max(p - f)),
                            pgd_acc_at_max_eps=float(p[-1]))
 
@@ -228,12 +244,13 @@ def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
           "protocol; we read 0.2 as 0.2 on [0,1] images. Cells are accuracy % (mean ± std over "
           "seeds when several).", "",
           "## FGSM (paper Table 2 beside ours)", "", C.md_table(headers, fgsm_rows), "",
-          f"## PGD-{mode['pgd_steps']} (first {n_pgd} test images; eps-0 row is the clean "
-          "accuracy on all test images)", "",
+          f"## PGD-{mode['pgd_steps']} (first {n_pgd} test images; the eps-0 row is the clean "
+          "accuracy on those images)", "",
           C.md_table(headers[:5], [r[:5] for r in pgd_rows]), "",
           "## Sanity checks", "",
-          "PGD should be at least as strong as FGSM (max gap PGD - FGSM over eps, in points, "
-          "should be <= ~1) and accuracy should approach chance (10%) at eps 0.2.", "",
+          f"PGD should be at least as strong as FGSM on the same {n_pgd} images (max gap "
+          "PGD - FGSM over eps, in points, should be <= ~1) and accuracy should approach "
+          "chance (10%) at eps 0.2.", "",
           C.md_table(["model/protocol", "max(PGD - FGSM) pts", "PGD acc at eps 0.2 %"],
                      [[k, f"{v['pgd_le_fgsm_max_gap']:.2f}", f"{v['pgd_acc_at_max_eps']:.2f}"]
                       for k, v in checks.items()]), "",
@@ -262,8 +279,9 @@ def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
                 csv_rows.append(dict(seed=s, model=m, protocol=p, attack="clean", eps=0.0,
                                      eps_label="0", n=mode["n_test_eff"],
                                      accuracy=runs[s][m]["clean"]))
-                for a in ("fgsm", "pgd"):
-                    for e, lab, acc in zip(EPS, EPS_LABELS, runs[s][m][a][p]):
+                for a in ("fgsm", "pgd", "fgsm_sub"):
+                    accs = runs[s][m][a][p][1:] if a != "fgsm" else runs[s][m][a][p]
+                    for e, lab, acc in zip(EPS, EPS_LABELS, accs):
                         csv_rows.append(dict(seed=s, model=m, protocol=p, attack=a, eps=e,
                                              eps_label=lab,
                                              n=mode["n_test_eff"] if a == "fgsm" else n_pgd,

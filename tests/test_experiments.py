@@ -56,7 +56,10 @@ def test_fgsm_cifar_smoke(tmp_path):
     r, rows, md = _check_outputs(out, "fgsm_cifar", res)
     run = r["runs"]["0"]
     for p in ("oblivious", "end_to_end", "bpda"):
-        assert len(run["gb"]["fgsm"][p]) == 7 and len(run["gb"]["pgd"][p]) == 7
+        assert len(run["gb"]["fgsm"][p]) == 7 and len(run["gb"]["pgd"][p]) == 8
+        assert len(run["gb"]["fgsm_sub"][p]) == 8
+        # eps 0 of both subset sweeps is the clean accuracy on the same images
+        assert run["gb"]["pgd"][p][0] == run["gb"]["fgsm_sub"][p][0]
     assert len(run["unprocessed"]["fgsm"]["none"]) == 7
     assert "95.18" in md and "73.60" in md  # the paper's Table 2 beside ours
     assert (out / "acc_vs_eps.png").is_file()
