@@ -9,8 +9,8 @@ per-batch statistics), "smoke" (1,024 images, 16 steps, a few seconds).
 Data: ``$GBJAX_DATA_DIR`` (or ``--set data_dir='...'``) holding ``mnist/``.
 
 Expected: >= 97.5% clean test accuracy (paper: 97.83).  Measured with this
-config (stats="dataset", 2-core shared CPU VM): 96.42% / 97.63% / 98.05% after
-epochs 1 / 2 / 3 (25.7 min wall).  Runtime: ~0.33-0.49 s/step on 2 CPU cores
+config (stats="dataset", 2-core shared CPU VM, rbg keys): 96.62% / 97.91% /
+98.04% after epochs 1 / 2 / 3 (21.6 min wall).  Runtime: ~0.33-0.49 s/step on 2 CPU cores
 (~5-8 min/epoch); well under a minute per epoch on one GPU.
 """
 
