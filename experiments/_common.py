@@ -280,6 +280,7 @@ def plot_curves(path: pathlib.Path, panels: Sequence[dict], *, title: str = "") 
             ax.axhline(pan["chance"], color="grey", ls=":", lw=1, label="chance")
         if pan.get("xscale") == "symlog":
             ax.set_xscale("symlog", linthresh=pan.get("linthresh", 1e-2))
+            ax.set_xlim(left=min(x))  # no empty negative half-axis
         elif pan.get("xscale"):
             ax.set_xscale(pan["xscale"])
         if pan.get("xticklabels") is not None:
