@@ -299,6 +299,29 @@ def plot_curves(path: pathlib.Path, panels: Sequence[dict], *, title: str = "") 
     plt.close(fig)
 
 
+def resnet_config(mode: dict, seed: int, progress: bool, **overrides):
+    """The CIFAR ResNet recipe (``gbjax/configs/resnet18_cifar10.py``) sized by ``mode``.
+
+    Only the final checkpoint is written; ``overrides`` set further Config fields.
+    """
+    from gbjax.configs import resnet18_cifar10
+    cfg = resnet18_cifar10.get_config()
+    cfg.model = mode["model"]
+    cfg.model_kwargs = dict(mode.get("model_kwargs") or {})
+    cfg.compute_dtype = mode["compute_dtype"]
+    cfg.batch_size = mode["batch_size"]
+    cfg.learning_rate = mode["learning_rate"]
+    cfg.num_epochs = mode["epochs"]
+    cfg.eval_batch_size = min(1000, mode["n_test_eff"])
+    cfg.seed = seed
+    cfg.progress = progress
+    cfg.checkpoint_every_steps = 10 ** 9
+    cfg.log_every_steps = 25
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
 class Setup:
     """What every experiment's ``run`` starts from (see :func:`setup`)."""
 

@@ -86,23 +86,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_config(mode: dict, seed: int, progress: bool):
-    from gbjax.configs import resnet18_cifar10
-    cfg = resnet18_cifar10.get_config()
-    cfg.model = mode["model"]
-    cfg.model_kwargs = dict(mode.get("model_kwargs") or {})
-    cfg.compute_dtype = mode["compute_dtype"]
-    cfg.batch_size = mode["batch_size"]
-    cfg.learning_rate = mode["learning_rate"]
-    cfg.num_epochs = mode["epochs"]
-    cfg.eval_batch_size = min(1000, mode["n_test_eff"])
-    cfg.seed = seed
-    cfg.progress = progress
-    cfg.checkpoint_every_steps = 10 ** 9  # only the final checkpoint
-    cfg.log_every_steps = 25
-    return cfg
-
-
 def attack_sweeps(clf, pre, x, y, mode, key, progress):
     """{attack: {protocol: [acc per eps]}}; protocol 'none' = unprocessed model.
 
@@ -160,7 +143,7 @@ def run(argv=None) -> dict:
         rec: dict = {}
         for name, (train_x, test_x) in {"unprocessed": (xtr, xte), "gb": (xtr_gb, xte_gb)}.items():
             t0 = time.perf_counter()
-            cfg = make_config(mode, seed, progress)
+            cfg = C.resnet_config(mode, seed, progress)
             cfg.preprocess = "none"  # GB (if any) already applied above, train and test
             model, metrics = C.train_model(cfg, out / "checkpoints" / f"{name}_seed{seed}",
                                            (train_x, ytr), (test_x, yte))

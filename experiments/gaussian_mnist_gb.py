@@ -55,25 +55,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_config(mode, seed, progress):
-    from gbjax.configs import resnet18_cifar10
-    cfg = resnet18_cifar10.get_config()
-    cfg.dataset = "mnist"
-    cfg.model = mode["model"]
-    cfg.model_kwargs = dict(mode.get("model_kwargs") or {})
-    cfg.compute_dtype = mode["compute_dtype"]
-    cfg.augment = "none"
-    cfg.batch_size = mode["batch_size"]
-    cfg.learning_rate = mode["learning_rate"]
-    cfg.num_epochs = mode["epochs"]
-    cfg.eval_batch_size = min(1000, mode["n_test_eff"])
-    cfg.seed = seed
-    cfg.progress = progress
-    cfg.checkpoint_every_steps = 10 ** 9
-    cfg.log_every_steps = 25
-    return cfg
-
-
 def run(argv=None) -> dict:
     import jax
     from gbjax import gb, noise
@@ -83,7 +64,7 @@ def run(argv=None) -> dict:
     mname, mode, seeds, synthetic, progress, out, timer = (
         s.mode_name, s.mode, s.seeds, s.synthetic, s.progress, s.out, s.timer)
     xtr, ytr, xte, yte = s.xtr, s.ytr, s.xte, s.yte
-    stds = tuple(float(s) for s in args.stds.split(",")) if args.stds else STDS
+    stds = tuple(float(v) for v in args.stds.split(",")) if args.stds else STDS
     gbkw = dict(threshold=args.threshold, purity=args.purity)
     t0 = time.perf_counter()
     xtr_gb = np.asarray(gb.gb_denoise(xtr, progress=progress, **gbkw))
@@ -97,7 +78,8 @@ def run(argv=None) -> dict:
         for name, (a, b) in {"unprocessed": (xtr, xte), "gb": (xtr_gb, xte_gb)}.items():
             t0 = time.perf_counter()
             models[name], metrics = C.train_model(
-                make_config(mode, seed, progress), out / "checkpoints" / f"{name}_seed{seed}",
+                C.resnet_config(mode, seed, progress, dataset="mnist", augment="none"),
+                out / "checkpoints" / f"{name}_seed{seed}",
                 (a, ytr), (b, yte))
             timer.mark(f"train_{name}", t0)
             models[name + "_metrics"] = metrics

@@ -8,7 +8,6 @@ colour quantisation with k = 2, 10, 50, and GB at thresholds 40, 20, 10.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
