@@ -137,8 +137,10 @@ class PaperConvNet(nnx.Module):
   """The pixel-embedding paper's Table 1 network, three variants.
 
   input -> [embedding] -> conv3x3 64 + ReLU -> max-pool 2 -> conv3x3 64 + ReLU
-  -> max-pool 2 -> flatten -> dense ``num_classes``.  (The 3x3 'SAME' kernels
-  follow the authors' public code; Table 1 gives only the output shapes.)
+  -> max-pool 2 -> flatten -> dense ``num_classes``.  Table 1 gives only the
+  output shapes, which need 'SAME' padding; the kernel size, activation and
+  initialisation are not stated, so the 3x3 kernels, ReLU and Flax's default
+  (LeCun-normal) initialisation are our choices.
 
   ``kind``:
     * ``"raw"``: raw 0..255 pixel values fed to the first conv (paper's

@@ -20,7 +20,11 @@ Design
 * Data parallel: a 1-D ``jax.sharding.Mesh`` over the devices; the batch is
   sharded over ``"data"``, parameters and the dataset are replicated.
   (BatchNorm statistics are then global-batch statistics, as on one device.)
-* Metrics (JSON lines) go to ``workdir/metrics.jsonl``; Orbax checkpoints to
+* Metrics (JSON lines) go to ``workdir/metrics.jsonl``; each line has
+  ``train_time_s`` (summed step time, compile and evaluation excluded) and
+  ``elapsed_s`` (wall time since the start of this process), so the time to a
+  target accuracy is read off the first eval line that reaches it (see
+  ``benchmarks/time_to_target.py``).  Orbax checkpoints go to
   ``workdir/checkpoints`` every ``checkpoint_every_steps`` steps and at the end;
   ``workdir/config.json`` records the configuration.
 * A non-finite loss stops the run with :class:`NonFiniteLossError`; checkpoints
@@ -650,6 +654,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *,
       if steps_since_mark:
         dt = (now - t_mark) / steps_since_mark
         rec.update(images_per_sec=B / dt, step_time_ms=1e3 * dt)
+      # Time to a target: the summed time of this process's train steps (the
+      # first, compiling step and all evaluations excluded), and all wall time.
+      rec.update(train_time_s=train_time, elapsed_s=now - t_start)
       state = dict(state, **{k: jax.device_put(jnp.zeros((), jnp.float32), trainer.repl)
                              for k in ("loss_sum", "correct_sum", "count")})
       if do_eval:
@@ -682,6 +689,36 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *,
                  wall_time_s=time.perf_counter() - t_start)
   _write_jsonl(metrics_path, {"event": "summary", **summary})
   return summary
+
+
+def time_to_target(workdir: str | os.PathLike, target: float) -> dict | None:
+  """The first evaluation in ``workdir/metrics.jsonl`` with test accuracy >= target.
+
+  Returns that line (``step``, ``epoch``, ``test_accuracy``, ...) with
+  ``train_time_s`` and ``elapsed_s`` counted from the start of the run, or None
+  if no evaluation reached ``target``.  For a run that was resumed, the time of
+  the earlier processes (up to their last logged line, including steps that
+  were then redone) is added and ``"resumed": True`` is set.
+  """
+  offset = {"train_time_s": 0.0, "elapsed_s": 0.0}
+  last = dict(offset)
+  resumed = False
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if rec.get("event") == "resumed":
+      offset = {k: offset[k] + last[k] for k in offset}
+      last = {k: 0.0 for k in offset}
+      resumed = True
+      continue
+    if "event" in rec or "train_time_s" not in rec:
+      continue
+    last = {k: rec[k] for k in offset}
+    if rec.get("test_accuracy", -1.0) >= target:
+      out = dict(rec, **{k: offset[k] + rec[k] for k in offset})
+      if resumed:
+        out["resumed"] = True
+      return out
+  return None
 
 
 def restore_model(workdir: str | os.PathLike, step: int | None = None) -> nnx.Module:

@@ -105,6 +105,13 @@ def test_tiny_training_learns_and_logs(tmp_path):
   assert m["step"] == 3 * (384 // 32)
   assert m["images_per_sec"] > 0 and m["compile_time_s"] > 0
   assert sum("test_accuracy" in r for r in recs) == 3            # every epoch
+  times = [r["train_time_s"] for r in recs]
+  assert times == sorted(times) and times[-1] > 0
+  assert all(r["train_time_s"] < r["elapsed_s"] for r in recs)
+  hit = train.time_to_target(tmp_path, 0.5)
+  first = next(r for r in recs if r.get("test_accuracy", 0) >= 0.5)
+  assert hit["step"] == first["step"] and hit["train_time_s"] == first["train_time_s"]
+  assert train.time_to_target(tmp_path, 1.01) is None
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["model"] == "paper_convnet" and "data" not in saved
   # the restored model reproduces the final test accuracy
@@ -130,6 +137,14 @@ def test_resume_is_exact(tmp_path):
   resumed = train.train_and_evaluate(cfg, tmp_path / "b")
   events = [r for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if r.get("event") == "resumed"]
   assert events == [{"event": "resumed", "step": 4}]
+  recs_b = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+  hit = train.time_to_target(tmp_path / "b", 0.0)   # first eval: end of epoch 1
+  own = next(r for r in recs_b if r.get("step") == 12 and "test_accuracy" in r)
+  before = [r for r in recs_b[:recs_b.index(events[0])] if "train_time_s" in r]
+  assert hit["resumed"] and hit["step"] == 12
+  assert hit["train_time_s"] == pytest.approx(
+      own["train_time_s"] + before[-1]["train_time_s"])
+  assert "resumed" not in train.time_to_target(tmp_path / "a", 0.0)
   assert resumed["test_accuracy"] == full["test_accuracy"]
   assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-6)
   a, b = params_of(tmp_path / "a"), params_of(tmp_path / "b")

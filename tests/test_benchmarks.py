@@ -1,0 +1,62 @@
+"""Smoke tests of the benchmark scripts that have logic beyond timing."""
+
+import importlib.util
+import json
+import pathlib
+import textwrap
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+TINY_CONFIG = textwrap.dedent("""
+    import numpy as np
+    from gbjax.train import Config
+
+    def get_config(arg=None):
+      rng = np.random.default_rng(0)
+      y = rng.integers(0, 10, 256).astype(np.int32)
+      x = rng.integers(0, 40, (256, 8, 8, 1)).astype(np.uint8)
+      x[np.arange(256), np.minimum(y, 7), :, 0] = 250   # class = bright row
+      return Config(data={"train": (x, y), "test": (x[:64], y[:64])},
+                    model="paper_convnet", model_kwargs=dict(kind="raw", features=8),
+                    learning_rate=1e-2,
+                    batch_size=32, num_epochs=3, progress=False)
+""")
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+  path = tmp_path / "tiny_cfg.py"
+  path.write_text(TINY_CONFIG)
+  return str(path)
+
+
+def test_time_to_target_reports_first_hit(tiny_config, tmp_path):
+  ttt = _load("time_to_target")
+  out = tmp_path / "r.json"
+  rc = ttt.main(["--config", tiny_config, "--target", "0.0", "--budget-s", "10",
+                 "--workdir", str(tmp_path / "w"), "--json", str(out)])
+  row = json.loads(out.read_text())
+  assert rc == 0 and row["reached"] and row["epoch"] == 1.0   # first eval counts
+  assert 0 < row["train_time_s"] < row["elapsed_s"] <= row["total_wall_s"]
+  assert row["ratio"] == pytest.approx(row["train_time_s"] / 10)
+
+
+def test_time_to_target_unreached_and_bad_target(tiny_config, tmp_path):
+  ttt = _load("time_to_target")
+  out = tmp_path / "r.json"
+  rc = ttt.main(["--config", tiny_config, "--target", "1.0", "--set", "num_epochs=1",
+                 "--set", "learning_rate=1e-9", "--workdir", str(tmp_path / "w"),
+                 "--json", str(out)])
+  assert rc == 1 and not json.loads(out.read_text())["reached"]
+  with pytest.raises(SystemExit):
+    ttt.main(["--config", tiny_config, "--target", "93"])
