@@ -305,11 +305,60 @@ def _pgd_impl(fn, x, y, key, eps, step_size, steps, lo, hi, random_start, target
     return jnp.where(eps == 0, x, x_adv)
 
 
+def _restart_key(key, r):
+    # Restart 0 uses the caller's key unchanged, so restarts=1 is plain PGD and
+    # restart r's iterate does not depend on how many restarts follow it.
+    return key if r == 0 else jax.random.fold_in(key, r)
+
+
+def _pgd_restarts_impl(fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted,
+                       eot_samples, unroll=1, restarts=1):
+    """Best of ``restarts`` PGD runs per example: one that succeeds (misclassified,
+    or classified as the target) first, then the highest loss (lowest if targeted)."""
+    best = _pgd_impl(fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted,
+                     eot_samples, unroll)
+    if restarts == 1:
+        return best
+
+    def score(x_adv, k):
+        # With EOT the candidates are scored on one draw of the randomised model.
+        k = None if eot_samples is None else jax.random.fold_in(k, 0x7FFFFFFF)
+        logits = _call(fn, x_adv, k)
+        hit = (jnp.argmax(logits, -1) == y) if targeted else (jnp.argmax(logits, -1) != y)
+        loss = _ce_per_example(logits, y)
+        return hit, (-loss if targeted else loss)
+
+    best_hit, best_score = score(best, key)
+    # A static loop: restarts are few, and on CPU a while loop around the
+    # (unrolled) PGD body would run its convolutions several times slower.
+    for r in range(1, restarts):
+        k = _restart_key(key, r)
+        cand = _pgd_impl(fn, x, y, k, eps, step_size, steps, lo, hi, random_start, targeted,
+                         eot_samples, unroll)
+        hit, sc = score(cand, k)
+        better = (hit & ~best_hit) | ((hit == best_hit) & (sc > best_score))
+        best = jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), cand, best)
+        best_hit, best_score = best_hit | hit, jnp.where(better, sc, best_score)
+    return best
+
+
 _fgsm_jit = jax.jit(_fgsm_impl, static_argnames=("targeted", "eot_samples"))
-_pgd_jit = jax.jit(_pgd_impl, static_argnames=("random_start", "targeted", "eot_samples"))
+_pgd_jit = jax.jit(_pgd_restarts_impl,
+                   static_argnames=("random_start", "targeted", "eot_samples", "restarts"))
 _pgd_jit_unrolled = jax.jit(
-    _pgd_impl, static_argnames=("steps", "random_start", "targeted", "eot_samples", "unroll")
+    _pgd_restarts_impl,
+    static_argnames=("steps", "random_start", "targeted", "eot_samples", "unroll", "restarts"),
 )
+
+
+def _check_restarts(restarts, random_start, eot_samples) -> int:
+    if (not isinstance(restarts, numbers.Integral) or isinstance(restarts, bool)
+            or restarts < 1):
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    if restarts > 1 and not random_start and eot_samples is None:
+        raise ValueError("restarts > 1 needs random_start=True (or a randomised model with "
+                         "eot_samples): otherwise every restart is the same run")
+    return int(restarts)
 
 # XLA:CPU runs convolutions inside a while loop several times slower than the
 # same ops outside one (jax-ml/jax#12868; about 3.5x for a small CNN here, and
@@ -393,6 +442,7 @@ def pgd(
     targeted: bool = False,
     eot_samples: int | None = None,
     unroll: int | bool | None = None,
+    restarts: int = 1,
 ):
     """Projected Gradient Descent, L-inf (Madry et al.), one ``jit`` per shape.
 
@@ -419,6 +469,11 @@ def pgd(
         ``steps`` static (one compile per value).  ``None`` (default): ``True``
         on CPU when ``steps <= 50`` (XLA:CPU runs convolutions in loop bodies
         several times slower, jax-ml/jax#12868), else ``1``.
+      restarts: independent random starts (restart 0 uses ``key``, restart
+        ``r`` uses ``fold_in(key, r)``); per example the result is the first
+        iterate that succeeds (misclassified, or the target class if
+        ``targeted``), else the one with the highest loss (lowest if targeted).
+        Needs ``random_start`` (or ``eot_samples``) when > 1.
 
     Returns:
       Adversarial images, same shape and dtype as ``x``.
@@ -434,11 +489,12 @@ def pgd(
             "or random_start=False"
         )
     _check_xy(x, y)
+    restarts = _check_restarts(restarts, random_start, eot_samples)
     unroll = _resolve_unroll(unroll, steps)
     if _is_zero(eps):
         return jnp.asarray(x)
     common = dict(random_start=bool(random_start), targeted=bool(targeted),
-                  eot_samples=eot_samples)
+                  eot_samples=eot_samples, restarts=restarts)
     fn = as_logits_fn(logits_fn)
     if unroll == 1:
         return _pgd_jit(fn, x, y, key, eps, step_size, steps, lo, hi, **common)
@@ -629,26 +685,33 @@ def make_attack_logits(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("steps", "attack", "random_start", "targeted", "eot_samples", "unroll"),
+    static_argnames=("steps", "attack", "random_start", "targeted", "eot_samples", "unroll",
+                     "restarts"),
 )
 def _correct_under_attack(
     attack_fn, eval_fn, x_B, y_B, mask_B, key, eps, rel_step, steps, lo, hi,
-    *, attack, random_start, targeted, eot_samples, unroll,
+    *, attack, random_start, targeted, eot_samples, unroll, restarts=1,
 ):
     if jnp.issubdtype(x_B.dtype, jnp.integer):
         x_B = x_B.astype(jnp.float32) / 255.0
     attack_key, eval_key = (None, None) if key is None else tuple(jax.random.split(key))
+    eval_key = None if eot_samples is None else eval_key
     if attack == "fgsm":
         x_adv = _fgsm_impl(attack_fn, x_B, y_B, attack_key, eps, lo, hi, targeted, eot_samples)
-    else:
-        step_size = rel_step * eps / steps
+        pred_B = jnp.argmax(_call(eval_fn, x_adv, eval_key), axis=-1)
+        return jnp.sum((pred_B == y_B) & mask_B)
+    step_size = rel_step * eps / steps
+    # An example counts as correct only if the scored model gets every
+    # restart's adversarial example right (a static loop; see _pgd_restarts_impl).
+    correct_B = mask_B
+    for r in range(restarts):
         x_adv = _pgd_impl(
-            attack_fn, x_B, y_B, attack_key, eps, step_size, steps, lo, hi,
-            random_start, targeted, eot_samples, unroll,
+            attack_fn, x_B, y_B, None if attack_key is None else _restart_key(attack_key, r),
+            eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll,
         )
-    eval_key = None if eot_samples is None else eval_key
-    pred_B = jnp.argmax(_call(eval_fn, x_adv, eval_key), axis=-1)
-    return jnp.sum((pred_B == y_B) & mask_B)
+        pred_B = jnp.argmax(_call(eval_fn, x_adv, eval_key), axis=-1)
+        correct_B = correct_B & (pred_B == y_B)
+    return jnp.sum(correct_B)
 
 
 def accuracy_under_attack(
@@ -667,6 +730,7 @@ def accuracy_under_attack(
     eot_samples: int | None = None,
     clip: tuple[float, float] = (0.0, 1.0),
     unroll: int | bool | None = None,
+    restarts: int = 1,
     progress: bool = True,
     desc: str | None = None,
 ) -> np.ndarray:
@@ -691,6 +755,10 @@ def accuracy_under_attack(
         Madry et al.).
       random_start, eot_samples, clip, unroll: as in :func:`pgd`.  With
         ``eot_samples`` both logits functions are called as ``f(x, key)``.
+      restarts: PGD random restarts; an example counts as correct only if
+        ``eval_logits_fn`` classifies the adversarial example of every restart
+        correctly (restart 0 is the ``restarts=1`` attack, so accuracy never
+        rises with more restarts).
       progress: show a tqdm progress bar.
 
     Returns:
@@ -710,7 +778,10 @@ def accuracy_under_attack(
             raise ValueError("PGD with random_start=True needs an explicit PRNG key (key=...)")
         steps = int(steps)
         unroll = _resolve_unroll(unroll, steps)
+        restarts = _check_restarts(restarts, random_start, eot_samples)
     else:
+        if restarts != 1:
+            raise ValueError("restarts applies to attack='pgd' only")
         steps, unroll = 1, 1
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -748,7 +819,7 @@ def accuracy_under_attack(
                 c = _correct_under_attack(
                     attack_fn, eval_fn, x_b, y_b, mask_b, k, e, rel_step, steps, lo, hi,
                     attack=attack, random_start=bool(random_start) and attack == "pgd",
-                    targeted=False, eot_samples=eot_samples, unroll=unroll,
+                    targeted=False, eot_samples=eot_samples, unroll=unroll, restarts=restarts,
                 )
                 correct[i] += int(c)
                 if bar is not None:

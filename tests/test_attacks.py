@@ -411,6 +411,73 @@ def test_accuracy_under_attack_with_protocol_and_eot():
     assert acc.shape == (2,) and np.all((acc >= 0) & (acc <= 1))
 
 
+@pytest.mark.parametrize("targeted", [False, True])
+def test_pgd_restarts_pick_per_example_best_of_the_runs(trained, targeted):
+    fn, x, y = trained
+    x, y = x[:64], (y[:64] + 1) % K if targeted else y[:64]
+    key = jax.random.key(7)
+    args = dict(eps=0.08, step_size=0.02, steps=4, targeted=targeted, unroll=1)
+    one = A.pgd(fn, x, y, key=key, **args)
+    np.testing.assert_array_equal(A.pgd(fn, x, y, key=key, restarts=1, **args), one)
+    # the candidates by hand: restart 0 is the plain run, restart r uses fold_in(key, r)
+    cands = [one] + [A.pgd(fn, x, y, key=jax.random.fold_in(key, r), **args) for r in (1, 2)]
+    best = np.asarray(A.pgd(fn, x, y, key=key, restarts=3, **args))
+    logits = [np.asarray(fn(c)) for c in cands]
+    hit = np.stack([(l.argmax(-1) == np.asarray(y)) == targeted for l in logits])   # (R, B)
+    loss = np.stack([np.asarray(A.attack_loss(fn, c, y)) for c in cands])
+    score = -loss if targeted else loss
+    for i in range(len(y)):
+        # the result is one of the three iterates, and the best one by (success, score)
+        match = [r for r in range(3) if np.array_equal(best[i], np.asarray(cands[r][i]))]
+        assert match, i
+        r = match[0]
+        assert hit[r, i] == hit[:, i].any()
+        assert score[r, i] >= score[hit[:, i] == hit[r, i], i].max() - 1e-6
+    # more restarts never make the attack weaker on these examples
+    succ = lambda xa: (np.asarray(fn(xa)).argmax(-1) == np.asarray(y)) == targeted
+    assert np.all(succ(best) >= succ(one))
+
+
+def test_accuracy_under_attack_restarts_is_worst_case_over_restarts(trained):
+    fn, x, y = trained
+    kw = dict(eps_list=[0.0, 0.1, 0.2], attack="pgd", steps=2, batch_size=50,
+              key=jax.random.key(3), unroll=1, progress=False)
+    a1 = A.accuracy_under_attack(fn, x, y, **kw)
+    a4 = A.accuracy_under_attack(fn, x, y, restarts=4, **kw)
+    assert a4[0] == a1[0]                     # eps 0: every restart is the clean image
+    assert np.all(a4 <= a1)                   # restart 0 is the restarts=1 attack
+    # by hand for one batch and eps: correct iff correct under each restart's PGD
+    k = jax.random.fold_in(jax.random.fold_in(kw["key"], 0), 0)   # batch 0, eps index 0
+    attack_key = jax.random.split(k)[0]
+    xb, yb = x[:50], y[:50]
+    eps = 0.2
+    ok = np.ones(50, bool)
+    per_restart = []
+    for r in range(4):
+        kr = attack_key if r == 0 else jax.random.fold_in(attack_key, r)
+        xa = A.pgd(fn, xb, yb, eps=eps, step_size=2.5 * eps / 2, steps=2, key=kr, unroll=1)
+        per_restart.append(np.asarray(fn(xa)).argmax(-1) == np.asarray(yb))
+        ok &= per_restart[-1]
+    # the restarts fool different examples, so the worst case differs from some single run
+    assert any((p != per_restart[0]).any() for p in per_restart[1:])
+    acc = A.accuracy_under_attack(fn, xb, yb, restarts=4, **dict(kw, eps_list=[eps]))
+    assert acc[0] == pytest.approx(ok.mean())
+
+
+def test_restarts_bad_args():
+    _, fn = make_linear()
+    x, y = random_batch(0)
+    args = dict(eps=0.1, step_size=0.01, steps=3, key=jax.random.key(0))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="restarts"):
+            A.pgd(fn, x, y, restarts=bad, **args)
+    with pytest.raises(ValueError, match="random_start"):
+        A.pgd(fn, x, y, restarts=2, random_start=False, **args)
+    with pytest.raises(ValueError, match="restarts"):
+        A.accuracy_under_attack(fn, x, y, eps_list=[0.1], attack="fgsm", restarts=2,
+                                progress=False)
+
+
 # ---------------------------------------------------------------------------
 # Argument validation
 # ---------------------------------------------------------------------------
