@@ -45,7 +45,7 @@ import functools
 import math
 import numbers
 import sys
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
