@@ -16,8 +16,9 @@ Protocol (also written into results.md):
   attacked image is clustered, then classified.
 * FGSM ``x' = clip(x + eps sign(grad), 0, 1)`` on [0,1] images (cross-entropy
   on logits), eps in {1,2,4,8,16}/255, 0.1, 0.2; PGD-20 (PGD-10 in --quick;
-  L-inf, random start, step 2.5 eps/steps) at the same budgets on the first
-  ``n_pgd`` test images, beside FGSM and clean accuracy on those same images.
+  L-inf, random start, step 2.5 eps/steps; ``--pgd-restarts R`` counts an image
+  as correct only if it survives all R random starts) at the same budgets on the
+  first ``n_pgd`` test images, beside FGSM and clean accuracy on those same images.
 * The GB model is attacked three ways: *oblivious* (gradient of the classifier
   alone, GB applied afterwards), *end-to-end* (``jax.grad`` through ``f(g(x))``
   with the partition held fixed: GB's painted image is piecewise linear in the
@@ -49,13 +50,13 @@ MODES = {
     # n_train, n_test (clean + FGSM), n_pgd, model, epochs, batch, lr, pgd_steps, dtype
     # smoke: a 2-block ResNet (compiles in seconds); quick: ResNet-20; full: ResNet-18
     "smoke": dict(n_train=256, n_test=32, n_pgd=16, model="resnet", epochs=1, batch_size=64,
-                  learning_rate=0.1, pgd_steps=2, compute_dtype="float32", attack_batch=32,
+                  learning_rate=0.1, pgd_steps=2, pgd_restarts=1, compute_dtype="float32", attack_batch=32,
                   model_kwargs=dict(stage_sizes=(1, 1), widths=(8, 16))),
     "quick": dict(n_train=5000, n_test=500, n_pgd=100, model="resnet20", epochs=3,
-                  batch_size=128, learning_rate=0.2, pgd_steps=10, compute_dtype="float32",
+                  batch_size=128, learning_rate=0.2, pgd_steps=10, pgd_restarts=1, compute_dtype="float32",
                   attack_batch=100),
     "full": dict(n_train=None, n_test=None, n_pgd=None, model="resnet18", epochs=30,
-                 batch_size=512, learning_rate=0.4, pgd_steps=20, compute_dtype="bfloat16",
+                 batch_size=512, learning_rate=0.4, pgd_steps=20, pgd_restarts=1, compute_dtype="bfloat16",
                  attack_batch=500),
 }
 
@@ -81,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--purity", type=float, default=0.9, help="GB purity")
     p.add_argument("--n-pgd", type=int, default=None, help="override: images attacked by PGD")
     p.add_argument("--pgd-steps", type=int, default=None, help="override: PGD iterations")
+    p.add_argument("--pgd-restarts", type=int, default=None,
+                   help="override: PGD random restarts (an image counts as correct only if "
+                        "it survives every restart; default 1)")
     p.add_argument("--model", choices=("resnet18", "resnet20", "resnet"), default=None,
                    help="override the architecture")
     return p.parse_args(argv)
@@ -111,7 +115,8 @@ def attack_sweeps(clf, pre, x, y, mode, key, progress):
             desc=f"FGSM {prot} (PGD subset)").tolist()
         out["pgd"][prot] = attacks.accuracy_under_attack(
             attack_fn, x[:n_pgd], y[:n_pgd], eval_logits_fn=eval_fn, eps_list=(0.0,) + EPS,
-            attack="pgd", steps=steps, key=key, batch_size=min(bs, n_pgd),
+            attack="pgd", steps=steps, restarts=mode["pgd_restarts"], key=key,
+            batch_size=min(bs, n_pgd),
             # GB inside an unrolled 20-step loop compiles for minutes on CPU: keep a loop
             unroll=False if with_gb_in_loop else None,
             progress=progress, desc=f"PGD-{steps} {prot}").tolist()
@@ -123,7 +128,7 @@ def run(argv=None) -> dict:
     from gbjax import gb
 
     args = parse_args(argv)
-    s = C.setup(EXPERIMENT, args, MODES, 'cifar10', ("n_train", "n_test", "n_pgd", "pgd_steps", "model", "epochs"))
+    s = C.setup(EXPERIMENT, args, MODES, 'cifar10', ("n_train", "n_test", "n_pgd", "pgd_steps", "pgd_restarts", "model", "epochs"))
     mname, mode, seeds, synthetic, progress, out, timer = (
         s.mode_name, s.mode, s.seeds, s.synthetic, s.progress, s.out, s.timer)
     xtr, ytr, xte, yte = s.xtr, s.ytr, s.xte, s.yte
@@ -220,7 +225,9 @@ def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
           f"{gb_time:.1f} s.",
           "- FGSM: x' = clip(x + eps sign(grad_x CE), 0, 1), eps in [0,1] pixel space, on all "
           f"{mode['n_test_eff']} test images. PGD-{mode['pgd_steps']}: L-inf, uniform random "
-          f"start, step 2.5 eps/{mode['pgd_steps']}, on the first {n_pgd} test images.",
+          f"start, step 2.5 eps/{mode['pgd_steps']}, on the first {n_pgd} test images"
+          + (f", {mode['pgd_restarts']} restarts (correct only if every restart fails)."
+             if mode["pgd_restarts"] > 1 else "."),
           "- GB protocols: oblivious (gradient of the classifier alone), end-to-end (jax.grad "
           "through classifier(GB(x)), partition fixed), BPDA (GB forward, identity backward).",
           "- Paper (Table 2) gives only eps 0 and 0.2, without the eps scale or attack "

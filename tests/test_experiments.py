@@ -52,8 +52,10 @@ def _check_outputs(out, experiment, results):
 def test_fgsm_cifar_smoke(tmp_path):
     mod = _load("fgsm_cifar")
     out = tmp_path / "fgsm"
-    res = mod.run(["--smoke", "--out", str(out), "--no-progress"] + _data_flags())
+    res = mod.run(["--smoke", "--out", str(out), "--no-progress", "--pgd-restarts", "2"]
+                  + _data_flags())
     r, rows, md = _check_outputs(out, "fgsm_cifar", res)
+    assert "2 restarts" in md
     run = r["runs"]["0"]
     for p in ("oblivious", "end_to_end", "bpda"):
         assert len(run["gb"]["fgsm"][p]) == 7 and len(run["gb"]["pgd"][p]) == 8
