@@ -106,3 +106,25 @@ def test_jpeg_roundtrip_and_synthetic_data():
     np.testing.assert_array_equal(x, x2)  # deterministic across calls
     j = pe.jpeg_roundtrip(x, 75)
     assert j.shape == x.shape and j.dtype == np.uint8 and np.abs(j.astype(int) - x).mean() < 40
+
+
+def test_plot_training_reads_evals_once_per_step(tmp_path, capsys):
+    mod = _load("plot_training")
+    wd = tmp_path / "run"
+    wd.mkdir()
+    lines = [{"step": 10, "epoch": 1.0, "test_accuracy": 0.9},
+             {"step": 15, "epoch": 1.5, "train_loss": 0.1},          # no eval: skipped
+             {"event": "resumed", "step": 10},
+             {"step": 10, "epoch": 1.0, "test_accuracy": 0.9},       # redone after resume
+             {"step": 20, "epoch": 2.0, "test_accuracy": 0.95},
+             {"step": 30, "epoch": 3.0, "test_accuracy": 0.94},
+             {"event": "summary", "step": 30, "test_accuracy": 0.94}]
+    (wd / "metrics.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    assert mod.read_evals(wd) == [(1.0, 90.0), (2.0, 95.0), (3.0, 94.0)]
+    out = tmp_path / "c.png"
+    assert mod.main(["--run", f"a={wd}", "--hline", "target=98.5", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    row = [l for l in capsys.readouterr().out.splitlines() if l.startswith("a ")][0].split()
+    assert row[1:] == ["3", "94.00", "95.00", "2"]          # epochs, last, best, best epoch
+    with pytest.raises(SystemExit):
+        mod.main(["--run", "no-equals-sign", "--out", str(out)])
