@@ -1,7 +1,7 @@
 """MNIST + noise: raw, normalisation-only and pixel-embedding networks (PE paper, Tables 3-5).
 
     python experiments/pe_mnist_noise.py --quick --data-dir ../shared/data   # CPU, minutes
-    python experiments/pe_mnist_noise.py --data-dir ../shared/data           # full, GPU
+    python experiments/pe_mnist_noise.py --data-dir ../shared/data           # full, ~1 h/seed on 2 CPU cores
     python experiments/pe_mnist_noise.py --smoke --synthetic --out /tmp/s    # seconds
 
 Protocol (also written into results.md):
