@@ -56,7 +56,8 @@ def assert_matches_oracle(images, threshold, purity, capacity=256, **kw):
     for i, img in enumerate(images):
         lab, n, sat = gb_oracle(features_np(img, kw.get("features") or gbjax.Features()),
                                 threshold, purity, capacity=capacity,
-                                kmeans_iters=kw.get("kmeans_iters", 20))
+                                kmeans_iters=kw.get("kmeans_iters", 20),
+                                max_rounds=kw.get("max_rounds"))
         got = np.asarray(res.labels[i]).ravel()
         assert int(res.n_balls[i]) == n
         assert bool(res.saturated[i]) == sat
@@ -84,6 +85,20 @@ def test_matches_oracle_random_rgb(seed, threshold, purity):
 def test_matches_oracle_random_grey(seed, threshold, purity):
     x = np.random.default_rng(seed).integers(0, 256, (2, 6, 5, 1), dtype=np.uint8)
     assert_matches_oracle(x, threshold, purity, capacity=30)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), threshold=st.floats(3.0, 120.0),
+       capacity=st.sampled_from([64, 72, 128]), max_rounds=st.sampled_from([None, 2, 4, 7]))
+def test_matches_oracle_through_capacity_stages(seed, threshold, capacity, max_rounds):
+    # K >= 64 runs the first rounds with K / 8 slots per image and then K
+    # (gb._early_capacity); 256 random pixels at small thresholds saturate K.
+    # One flat image in the batch stops early while the other goes on.
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    x[1] = rng.integers(0, 256, 3, dtype=np.uint8)
+    assert gbmod._early_capacity(capacity) is not None
+    assert_matches_oracle(x, threshold, 0.9, capacity=capacity, max_rounds=max_rounds)
 
 
 @pytest.mark.parametrize("iters", [1, 3])
@@ -137,6 +152,33 @@ def test_centres_radii_within_are_member_statistics(result):
             np.testing.assert_allclose(r.centers[i, k], c, rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(r.radii[i, k], d.mean(), rtol=1e-4, atol=1e-3)
             np.testing.assert_allclose(r.within_fraction[i, k], (d < 20.0).mean(), atol=1e-6)
+
+
+def test_centres_are_correctly_rounded_means(result):
+    # Integer features: member sums and counts are exact in float32, so each
+    # centre must be the float32 division sum / count exactly (no reciprocal).
+    x, r = result
+    for i in range(x.shape[0]):
+        f = features_np(x[i])
+        lab = np.asarray(r.labels[i]).ravel()
+        n = int(r.n_balls[i])
+        sums = np.stack([f[lab == k].sum(0, dtype=np.float64) for k in range(n)]).astype(np.float32)
+        cnt = np.bincount(lab, minlength=n)[:n].astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(r.centers[i, :n]), sums / cnt[:, None])
+
+
+def test_near_tie_seed_matches_oracle():
+    # Seven CIFAR-10 pixels (test image 64 of the benchmark subset) whose two
+    # farthest members from the mean tie to within 1e-6: 847 / 7 must be 121,
+    # not 121.00001, for the 2-means seed to be the oracle's.
+    px = np.array([[114, 120, 170], [117, 126, 165], [122, 131, 160], [122, 126, 163],
+                   [122, 121, 161], [124, 118, 156], [126, 113, 159]], np.uint8)
+    img = px.reshape(7, 1, 3)
+    for rounds in (1, None):
+        r = gbjax.gb_cluster(img, threshold=10.0, purity=0.9, min_ball_size=1, max_rounds=rounds)
+        lab, n, _ = gb_oracle(px.astype(np.float32), 10.0, 0.9, max_rounds=rounds)
+        np.testing.assert_array_equal(np.asarray(r.labels).ravel(), lab)
+        assert int(r.n_balls) == n
 
 
 def test_kept_balls_are_pure_or_unsplittable(result):
@@ -267,17 +309,35 @@ def test_compiles_once_per_shape_and_static_params():
     assert gbmod._cluster_batch._cache_size() == n0
 
 
+def _count_eqns(jaxpr):
+    """Equations in a jaxpr, sub-jaxprs (loop bodies, branches, pjit) included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):  # ClosedJaxpr
+                    n += _count_eqns(sub.jaxpr)
+                elif hasattr(sub, "eqns"):  # Jaxpr
+                    n += _count_eqns(sub)
+    return n
+
+
 def test_jaxpr_has_no_per_image_or_per_ball_unrolling():
     def n_eqns(B, K):
         x = jnp.zeros((B, 8, 8, 3), jnp.uint8)
         jaxpr = jax.make_jaxpr(lambda z: gbmod._cluster_batch(
             z, 20.0, 0.9, 1.0, K=K, max_rounds=K, kmeans_iters=20, min_ball_size=2,
             features=gbjax.Features(), out_dtype=np.dtype(np.uint8)))(x)
-        text = str(jaxpr)
-        assert "while" in text
-        return text.count("\n")
+        assert "while" in str(jaxpr)
+        return _count_eqns(jaxpr.jaxpr)
 
-    assert n_eqns(2, 16) == n_eqns(9, 64)
+    # The program has loops per working-set level (pixel buffers of M, M/8,
+    # ..., see gb._level_sizes): its size grows with log(pixels), never with
+    # the number of images or balls. 8 and 12 images of 64 pixels: two levels.
+    assert len(gbmod._level_sizes(8 * 64)) == len(gbmod._level_sizes(12 * 64)) == 2
+    assert n_eqns(8, 64) == n_eqns(12, 128)  # both with an early-capacity stage
+    assert len(gbmod._level_sizes(10_000 * 1024)) <= 12
 
 
 def test_sharded_over_four_cpu_devices_matches_single_device(tmp_path):
