@@ -324,8 +324,8 @@ def _count_eqns(jaxpr):
 
 
 def test_jaxpr_has_no_per_image_or_per_ball_unrolling():
-    def n_eqns(B, K):
-        x = jnp.zeros((B, 8, 8, 3), jnp.uint8)
+    def n_eqns(B, H, W, K):
+        x = jnp.zeros((B, H, W, 3), jnp.uint8)
         jaxpr = jax.make_jaxpr(lambda z: gbmod._cluster_batch(
             z, 20.0, 0.9, 1.0, K=K, max_rounds=K, kmeans_iters=20, min_ball_size=2,
             features=gbjax.Features(), out_dtype=np.dtype(np.uint8)))(x)
@@ -333,10 +333,11 @@ def test_jaxpr_has_no_per_image_or_per_ball_unrolling():
         return _count_eqns(jaxpr.jaxpr)
 
     # The program has loops per working-set level (pixel buffers of M, M/8,
-    # ..., see gb._level_sizes): its size grows with log(pixels), never with
-    # the number of images or balls. 8 and 12 images of 64 pixels: two levels.
-    assert len(gbmod._level_sizes(8 * 64)) == len(gbmod._level_sizes(12 * 64)) == 2
-    assert n_eqns(8, 64) == n_eqns(12, 128)  # both with an early-capacity stage
+    # ..., see gb._level_sizes) and log-depth prefix sums, so its size depends
+    # on the number of pixels M = B * H * W, but never on the number of images
+    # or balls: 8 images of 8x8 and 4 of 8x16 (M = 512), K = 64 and 128 (both
+    # with an early-capacity stage) give the same program size.
+    assert n_eqns(8, 8, 8, 64) == n_eqns(4, 8, 16, 128)
     assert len(gbmod._level_sizes(10_000 * 1024)) <= 12
 
 
