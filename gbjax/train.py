@@ -264,7 +264,9 @@ def _gb_cached(images: np.ndarray, params: dict, cache_dir: str | None) -> np.nd
   """gb_denoise(images, **params), cached on disk by (params, data hash)."""
   cache = pathlib.Path(cache_dir or os.environ.get("GBJAX_CACHE_DIR")
                        or pathlib.Path.home() / ".cache" / "gbjax")
+  from gbjax import gb  # lazy: heavy, and optional for preprocess="none"
   h = hashlib.sha256()
+  h.update(f"gb-output-v{gb.OUTPUT_VERSION}".encode())  # stale entries of older engines miss
   h.update(json.dumps(params, sort_keys=True, default=str).encode())
   h.update(str(images.shape).encode())
   h.update(np.ascontiguousarray(images).tobytes())
@@ -273,7 +275,6 @@ def _gb_cached(images: np.ndarray, params: dict, cache_dir: str | None) -> np.nd
     out = np.load(path)
     if out.shape == images.shape and out.dtype == np.uint8:
       return out
-  from gbjax import gb  # lazy: heavy, and optional for preprocess="none"
   out = np.asarray(gb.gb_denoise(images, **params))
   if out.shape != images.shape or out.dtype != images.dtype:
     raise RuntimeError(f"gb_denoise returned {out.shape} {out.dtype} for "

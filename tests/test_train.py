@@ -184,6 +184,9 @@ def test_gb_preprocess_is_applied_and_cached(tmp_path, monkeypatch):
   np.testing.assert_array_equal(xtr2, xtr)
   train.load_datasets(dataclasses.replace(cfg, gb=dict(threshold=30.0)))
   assert len(calls) == 4                               # new parameters: recompute
+  monkeypatch.setattr(gb, "OUTPUT_VERSION", gb.OUTPUT_VERSION + 1)
+  train.load_datasets(cfg)
+  assert len(calls) == 6                               # newer engine: recompute
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
