@@ -321,41 +321,34 @@ def _lloyd(x, x1, g, ab, chosen, cnt, *, S1, F, sizes, kmeans_iters):
         return jax.lax.while_loop(lambda s: jnp.any(s[1]) & (s[4] > nxt_size),
                                   body(xg, x1g, gg, C1), st)
 
-    # Level 0: the round's own working set and ball slots.
-    ab, active, cnt2, it, left, _ = run(
-        (ab, chosen, jnp.zeros((S1, 2), jnp.float32), jnp.int32(0),
-         jnp.sum(jnp.where(chosen, cnt, 0)), cnt),
-        x, x1, g, S1, sizes[1] if len(sizes) > 1 else -1)
-
-    def deeper(j, xg, x1g, gg, st):
-        # Level j: the pixels of still-moving balls, and those balls renumbered
-        # 0..C-1 (C <= size / 2: a chosen ball has >= 2 members). (Skipping
-        # levels under a lax.cond once no ball moves measured no faster and
-        # made compilation 3x slower.)
-        if j >= len(sizes):
-            return st
-
-        def go(st):
-            ab, active, cnt2, it, left = st
-            xg2, x1g2, gg2 = _compact(active[gg], sizes[j], [(xg, 0.0), (x1g, 0.0), (gg, S1 - 1)])
-            C = min(S1 - 1, sizes[j] // 2)
+    # Level j: the pixels of still-moving balls (level 0: the round's working
+    # set) and, where fewer than the slots, those balls renumbered 0..C-1
+    # (C <= size / 2: a chosen ball has >= 2 members).
+    st = (ab, chosen, jnp.zeros((S1, 2), jnp.float32), jnp.int32(0),
+          jnp.sum(jnp.where(chosen, cnt, 0)))
+    xg, x1g, gg = x, x1, g
+    for j, size in enumerate(sizes):
+        ab, active, cnt2, it, left = st
+        if j > 0:
+            xg, x1g, gg = _compact(active[gg], size, [(xg, 0.0), (x1g, 0.0), (gg, S1 - 1)])
+        nxt_size = sizes[j + 1] if j + 1 < len(sizes) else -1
+        C = min(S1 - 1, size // 2)
+        if C == S1 - 1:
+            ab, active, cnt2, it, left, _ = run((ab, active, cnt2, it, left, cnt),
+                                                xg, x1g, gg, S1, nxt_size)
+        else:
             bsel = jnp.minimum(_kept_indices(active, C), S1 - 1)
             local = jnp.full(S1, C, jnp.int32).at[bsel].set(jnp.arange(C, dtype=jnp.int32))
             local = local.at[S1 - 1].set(C)
             bsel1 = jnp.concatenate([bsel, jnp.array([S1 - 1], jnp.int32)])
-            nxt_size = sizes[j + 1] if j + 1 < len(sizes) else -1
             abl, actl, cnt2l, it, left, _ = run(
                 (ab[bsel1], active[bsel1], cnt2[bsel1], it, left, cnt[bsel1]),
-                xg2, x1g2, local[gg2], C + 1, nxt_size)
+                xg, x1g, local[gg], C + 1, nxt_size)
             ab = ab.at[bsel].set(abl[:C])
             active = active.at[bsel].set(actl[:C]).at[S1 - 1].set(False)
             cnt2 = cnt2.at[bsel].set(cnt2l[:C])
-            return deeper(j + 1, xg2, x1g2, gg2, (ab, active, cnt2, it, left))
-
-        return go(st)
-
-    ab, _, cnt2, _, _ = deeper(1, x, x1, g, (ab, active, cnt2, it, left))
-    return ab, cnt2
+        st = (ab, active, cnt2, it, left)
+    return st[0], st[2]
 
 
 def _early_capacity(K):

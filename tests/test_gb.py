@@ -89,11 +89,11 @@ def test_matches_oracle_random_grey(seed, threshold, purity):
 
 @SETTINGS
 @given(seed=st.integers(0, 2**31 - 1), threshold=st.floats(3.0, 120.0),
-       capacity=st.sampled_from([64, 72, 128]), max_rounds=st.sampled_from([None, 2, 4, 7]))
+       capacity=st.sampled_from([64, 72]), max_rounds=st.sampled_from([None, 3]))
 def test_matches_oracle_through_capacity_stages(seed, threshold, capacity, max_rounds):
     # K >= 64 runs the first rounds with K / 8 slots per image and then K
     # (gb._early_capacity); 256 random pixels at small thresholds saturate K.
-    # One flat image in the batch stops early while the other goes on.
+    # One flat image in the batch stops early while the two others go on.
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     x[1] = rng.integers(0, 256, 3, dtype=np.uint8)
