@@ -254,7 +254,7 @@ def _capacity_choice(cand_BK, frac_BK, cnt_BK, free_B):
 # instead of 8 was no faster, and every level adds compile time (4 levels:
 # 2x the compile time of 2).
 _LEVEL_FACTOR = 8
-_MIN_LEVEL = 64
+_MIN_LEVEL = 16
 _MAX_LEVELS = 2
 
 
@@ -351,16 +351,15 @@ def _lloyd(x, x1, g, ab, chosen, cnt, *, S1, F, sizes, kmeans_iters):
     return st[0], st[2]
 
 
-def _early_capacity(K):
-    """Ball slots per image for the first rounds (None: no early stage)."""
-    Ke = K // _EARLY_CAPACITY_DIVISOR
-    return Ke if Ke >= 8 else None
+def _early_capacities(K):
+    """Ball slots per image of the early stages (each at most K / 2)."""
+    return tuple(K // d for d in _EARLY_CAPACITY_DIVISORS if K // d >= 8)
 
 
-_EARLY_CAPACITY_DIVISOR = 8
+_EARLY_CAPACITY_DIVISORS = (8,)
 
 
-def _cluster_labels(x_BNF, threshold, purity, *, K, max_rounds, kmeans_iters):
+def _cluster_labels(x_BNF, threshold, purity, *, K, max_rounds, kmeans_iters, multilevel):
     """Runs the split rounds on a batch; returns (labels_BN, n_balls_B, saturated_B, rounds_B).
 
     Ball slot k of image b is segment b * Kc + k, Kc the capacity of the
@@ -375,7 +374,7 @@ def _cluster_labels(x_BNF, threshold, purity, *, K, max_rounds, kmeans_iters):
     off = jnp.arange(B, dtype=jnp.int32) * K
     t2 = jnp.asarray(threshold, jnp.float32) ** 2
     purity = jnp.asarray(purity, jnp.float32)
-    sizes = _level_sizes(M)
+    sizes = _level_sizes(M) if multilevel else (M,)
 
     def split_round(xs, x1s, lloyd_sizes, Kc):
         Sc = B * Kc
@@ -427,20 +426,20 @@ def _cluster_labels(x_BNF, threshold, purity, *, K, max_rounds, kmeans_iters):
 
     state = (None, None, jnp.ones(B, jnp.int32), jnp.zeros(B, bool), jnp.zeros(B, jnp.int32),
              jnp.ones(B, bool), jnp.int32(0), jnp.int32(M))
-    Ke = _early_capacity(K)
+    caps = (_early_capacities(K) if multilevel else ()) + (K,)
     n1 = sizes[1] if len(sizes) > 1 else -1
-    if Ke is not None:
-        offe = jnp.arange(B, dtype=jnp.int32) * Ke
-        state = (jnp.repeat(offe, N), jnp.zeros(B * Ke, bool).at[offe].set(True)) + state[2:]
+    Kc = caps[0]
+    offc = jnp.arange(B, dtype=jnp.int32) * Kc
+    state = (jnp.repeat(offc, N), jnp.zeros(B * Kc, bool).at[offc].set(True)) + state[2:]
+    for Kn in caps[1:]:
         state = jax.lax.while_loop(
-            lambda s: going(s, n1) & (jnp.max(s[2]) <= Ke // 2),
-            split_round(x, x1, sizes, Ke), state)
+            lambda s, Kc=Kc: going(s, n1) & (jnp.max(s[2]) <= Kc // 2),
+            split_round(x, x1, sizes, Kc), state)
         gs, open_ = state[0], state[1]
-        gs = (gs // Ke) * K + gs % Ke
-        open_ = jnp.pad(open_.reshape(B, Ke), ((0, 0), (0, K - Ke))).reshape(S)
+        gs = (gs // Kc) * Kn + gs % Kc
+        open_ = jnp.pad(open_.reshape(B, Kc), ((0, 0), (0, Kn - Kc))).reshape(B * Kn)
         state = (gs, open_) + state[2:]
-    else:
-        state = (jnp.repeat(off, N), jnp.zeros(S, bool).at[off].set(True)) + state[2:]
+        Kc = Kn
 
     g_full = state[0]
     pix, xs, x1s = jnp.arange(M, dtype=jnp.int32), x, x1
@@ -508,19 +507,32 @@ def _nearest_kept(x_BNF, c_BKF, kept_BK, noise_BN):
     return out(None)
 
 
+# Below this many pixels per compiled call, the working-set levels and the
+# early-capacity stage are left out: they save little on small batches and
+# each adds loops to compile (a chunk of 128 CIFAR-10 images compiles in about
+# 7 s with them, 2 s without).
+_MULTILEVEL_MIN_PIXELS = 16384
+
+
+def _multilevel(pixels: int) -> bool:
+    return pixels >= _MULTILEVEL_MIN_PIXELS
+
+
 @functools.partial(jax.jit, static_argnames=("K", "max_rounds", "kmeans_iters", "min_ball_size",
-                                              "features", "out_dtype"))
+                                              "features", "out_dtype", "multilevel"))
 def _cluster_batch(images_BHWC, threshold, purity, scale, *, K, max_rounds, kmeans_iters,
-                   min_ball_size, features, out_dtype):
+                   min_ball_size, features, out_dtype, multilevel=None):
     """The compiled program: a batch of images in input units -> GBResult."""
     B, H, W, C = images_BHWC.shape
     N = H * W
     x_BNF = jax.vmap(lambda im: image_features(im, features))(images_BHWC.astype(jnp.float32) * scale)
     F = x_BNF.shape[-1]
+    if multilevel is None:
+        multilevel = _multilevel(B * N)
     # The partition is piecewise constant in the input: no gradient through it.
     labels, n_balls, saturated, rounds = _cluster_labels(
         jax.lax.stop_gradient(x_BNF), threshold, purity, K=K, max_rounds=max_rounds,
-        kmeans_iters=kmeans_iters)
+        kmeans_iters=kmeans_iters, multilevel=multilevel)
 
     # Final statistics, differentiable in the pixel values (for end-to-end attacks).
     S = B * K
@@ -686,7 +698,7 @@ def gb_cluster(images, *, threshold: float = 20.0, purity: float = 0.9, capacity
     args = (jnp.float32(threshold), jnp.float32(purity), jnp.float32(1.0 if scale is None else scale))
 
     if _is_traced(x):
-        res = _cluster_batch(x, *args, **static)
+        res = _cluster_batch(x, *args, **static, multilevel=_multilevel(B * H * W))
     else:
         res = _run_chunked(x, args, static, chunk_size, memory_budget, progress)
     if unbatched:
@@ -727,7 +739,7 @@ def _run_chunked(x, args, static, chunk_size, memory_budget, progress):
             pad_idx = np.concatenate([np.arange(n), np.full(chunk - n, n - 1)])
             part = part[pad_idx] if isinstance(part, np.ndarray) else jnp.take(part, pad_idx, 0)
         part = jax.device_put(part, sharding) if sharding is not None else jnp.asarray(part)
-        r = _cluster_batch(part, *args, **static)
+        r = _cluster_batch(part, *args, **static, multilevel=_multilevel(chunk * H * W))
         outs.append(jax.tree_util.tree_map(lambda a: a[:n], r) if n < chunk else r)
     if len(outs) == 1:
         return outs[0]

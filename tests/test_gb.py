@@ -1,4 +1,5 @@
 """Granular-ball engine: oracle equality, properties, bad input, compilation."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,9 +51,22 @@ def cifar_images():
     return np.asarray(x[::997][:10])
 
 
-def assert_matches_oracle(images, threshold, purity, capacity=256, **kw):
-    res = gbjax.gb_cluster(images, threshold=threshold, purity=purity, capacity=capacity,
-                           min_ball_size=1, **kw)
+@contextlib.contextmanager
+def plan(multilevel):
+    """Forces gb's multilevel plan (working-set levels, early-capacity stage) on or off."""
+    old = gbmod._MULTILEVEL_MIN_PIXELS
+    if multilevel is not None:
+        gbmod._MULTILEVEL_MIN_PIXELS = 0 if multilevel else 1 << 62
+    try:
+        yield
+    finally:
+        gbmod._MULTILEVEL_MIN_PIXELS = old
+
+
+def assert_matches_oracle(images, threshold, purity, capacity=256, multilevel=None, **kw):
+    with plan(multilevel):
+        res = gbjax.gb_cluster(images, threshold=threshold, purity=purity, capacity=capacity,
+                               min_ball_size=1, **kw)
     for i, img in enumerate(images):
         lab, n, sat = gb_oracle(features_np(img, kw.get("features") or gbjax.Features()),
                                 threshold, purity, capacity=capacity,
@@ -73,18 +87,19 @@ def test_matches_oracle_structured(threshold, purity):
 
 @SETTINGS
 @given(seed=st.integers(0, 2**31 - 1), threshold=st.floats(5.0, 200.0),
-       purity=st.floats(0.05, 1.0))
-def test_matches_oracle_random_rgb(seed, threshold, purity):
+       purity=st.floats(0.05, 1.0), multilevel=st.booleans())
+def test_matches_oracle_random_rgb(seed, threshold, purity, multilevel):
     x = np.random.default_rng(seed).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    assert_matches_oracle(x, threshold, purity, capacity=32)  # small K: saturation is exercised
+    # small K: saturation is exercised
+    assert_matches_oracle(x, threshold, purity, capacity=32, multilevel=multilevel)
 
 
 @SETTINGS
 @given(seed=st.integers(0, 2**31 - 1), threshold=st.floats(2.0, 100.0),
-       purity=st.floats(0.3, 1.0))
-def test_matches_oracle_random_grey(seed, threshold, purity):
+       purity=st.floats(0.3, 1.0), multilevel=st.booleans())
+def test_matches_oracle_random_grey(seed, threshold, purity, multilevel):
     x = np.random.default_rng(seed).integers(0, 256, (2, 6, 5, 1), dtype=np.uint8)
-    assert_matches_oracle(x, threshold, purity, capacity=30)
+    assert_matches_oracle(x, threshold, purity, capacity=30, multilevel=multilevel)
 
 
 @SETTINGS
@@ -92,18 +107,20 @@ def test_matches_oracle_random_grey(seed, threshold, purity):
        capacity=st.sampled_from([64, 72]), max_rounds=st.sampled_from([None, 3]))
 def test_matches_oracle_through_capacity_stages(seed, threshold, capacity, max_rounds):
     # K >= 64 runs the first rounds with K / 8 slots per image and then K
-    # (gb._early_capacity); 256 random pixels at small thresholds saturate K.
+    # (gb._early_capacities); 256 random pixels at small thresholds saturate K.
     # One flat image in the batch stops early while the two others go on.
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     x[1] = rng.integers(0, 256, 3, dtype=np.uint8)
-    assert gbmod._early_capacity(capacity) is not None
-    assert_matches_oracle(x, threshold, 0.9, capacity=capacity, max_rounds=max_rounds)
+    assert gbmod._early_capacities(capacity)
+    assert_matches_oracle(x, threshold, 0.9, capacity=capacity, max_rounds=max_rounds,
+                          multilevel=True)
 
 
 @pytest.mark.parametrize("iters", [1, 3])
-def test_matches_oracle_truncated_kmeans(iters):
-    assert_matches_oracle(blobs(12), 15.0, 0.9, kmeans_iters=iters)
+@pytest.mark.parametrize("multilevel", [False, True])
+def test_matches_oracle_truncated_kmeans(iters, multilevel):
+    assert_matches_oracle(blobs(12), 15.0, 0.9, kmeans_iters=iters, multilevel=multilevel)
 
 
 def test_matches_oracle_spatial_features():
@@ -112,7 +129,23 @@ def test_matches_oracle_spatial_features():
 
 @pytest.mark.parametrize("threshold", [40.0, 20.0, 10.0])
 def test_matches_oracle_cifar(cifar_images, threshold):
-    assert_matches_oracle(cifar_images, threshold, 0.9)
+    assert_matches_oracle(cifar_images, threshold, 0.9, multilevel=True)
+
+
+@pytest.mark.parametrize("threshold", [40.0, 12.0])
+def test_multilevel_plan_equals_flat(threshold):
+    # The working-set levels and the early-capacity stage only move work
+    # around: every output is bit-identical to the flat plan's.
+    x = blobs(5, n=8, h=20, w=20)
+    rng = np.random.default_rng(5)
+    x[:, 5:9, 5:9] = rng.integers(0, 256, (8, 4, 4, 3))  # busy patches: many small balls
+    with plan(False):
+        a = gbjax.gb_cluster(x, threshold=threshold, capacity=64)
+    with plan(True):
+        b = gbjax.gb_cluster(x, threshold=threshold, capacity=64)
+    assert int(np.max(b.n_balls)) > 8  # beyond the early stage's 8 slots per image
+    for name, u, v in zip(a._fields, a, b):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=name)
 
 
 # ----------------------------------------------------------------------------- properties
@@ -324,11 +357,11 @@ def _count_eqns(jaxpr):
 
 
 def test_jaxpr_has_no_per_image_or_per_ball_unrolling():
-    def n_eqns(B, H, W, K):
+    def n_eqns(B, H, W, K, multilevel=True):
         x = jnp.zeros((B, H, W, 3), jnp.uint8)
         jaxpr = jax.make_jaxpr(lambda z: gbmod._cluster_batch(
             z, 20.0, 0.9, 1.0, K=K, max_rounds=K, kmeans_iters=20, min_ball_size=2,
-            features=gbjax.Features(), out_dtype=np.dtype(np.uint8)))(x)
+            features=gbjax.Features(), out_dtype=np.dtype(np.uint8), multilevel=multilevel))(x)
         assert "while" in str(jaxpr)
         return _count_eqns(jaxpr.jaxpr)
 
@@ -338,6 +371,8 @@ def test_jaxpr_has_no_per_image_or_per_ball_unrolling():
     # or balls: 8 images of 8x8 and 4 of 8x16 (M = 512), K = 64 and 128 (both
     # with an early-capacity stage) give the same program size.
     assert n_eqns(8, 8, 8, 64) == n_eqns(4, 8, 16, 128)
+    assert n_eqns(8, 8, 8, 64, False) == n_eqns(4, 8, 16, 128, False)
+    assert n_eqns(8, 8, 8, 64, False) < n_eqns(8, 8, 8, 64)
     assert len(gbmod._level_sizes(10_000 * 1024)) <= 12
 
 
