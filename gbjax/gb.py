@@ -507,11 +507,13 @@ def _nearest_kept(x_BNF, c_BKF, kept_BK, noise_BN):
     return out(None)
 
 
-# Below this many pixels per compiled call, the working-set levels and the
-# early-capacity stage are left out: they save little on small batches and
-# each adds loops to compile (a chunk of 128 CIFAR-10 images compiles in about
-# 7 s with them, 2 s without).
-_MULTILEVEL_MIN_PIXELS = 16384
+# Below this many pixels per compiled call (64 CIFAR-10 images), the
+# working-set levels and the early-capacity stage are left out: they save
+# little on small batches, where the batch waits less for its slowest image,
+# and their loops quadruple the compile time (a chunk of 128 CIFAR-10 images:
+# about 7 s with them, 2 s without), which attacks on small batches pay for
+# every attack program they compile.
+_MULTILEVEL_MIN_PIXELS = 65536
 
 
 def _multilevel(pixels: int) -> bool:
