@@ -245,6 +245,29 @@ def test_noise_pixels_painted_with_nearest_kept_centre(result):
     assert np.asarray(r.noise).any(), "fixture should contain noise pixels"
 
 
+@pytest.mark.parametrize("n_noise", [1, 20, 200, 2000])
+def test_nearest_kept_every_compaction_path(n_noise):
+    # 1 and 20 noise pixels fit the batch-wide buffers (M/1024 = 4, M/64 = 64),
+    # 200 the per-image ones (N/8 = 128 per image), 2000 none: all four paths
+    # must agree with a brute-force search.
+    B, N, K, F = 4, 1024, 16, 3
+    rng = np.random.default_rng(n_noise)
+    x = rng.integers(0, 256, (B, N, F)).astype(np.float32)
+    c = rng.integers(0, 256, (B, K, F)).astype(np.float32)
+    kept = rng.random((B, K)) < 0.6
+    kept[:, 0] = True
+    noise = np.zeros(B * N, bool)
+    noise[rng.choice(B * N, n_noise, replace=False)] = True
+    noise = noise.reshape(B, N)
+    got = np.asarray(jax.jit(gbmod._nearest_kept)(x, c, kept, noise))
+    d = ((x[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)
+    d = np.where(kept[:, None, :], d, np.inf)
+    for b, i in zip(*np.nonzero(noise)):
+        # ties within rounding may go either way
+        assert d[b, i, got[b, i]] <= d[b, i].min() * (1 + 1e-5) + 1e-3
+        assert kept[b, got[b, i]]
+
+
 def test_alone_equals_in_batch_and_deterministic():
     x = blobs(3, n=5)
     batch = gbjax.gb_cluster(x, threshold=15.0)
