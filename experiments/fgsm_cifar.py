@@ -48,8 +48,10 @@ PAPER_TABLE2 = {0.0: (95.03, 95.18), 0.2: (73.60, 68.53)}
 
 MODES = {
     # n_train, n_test (clean + FGSM), n_pgd, model, epochs, batch, lr, pgd_steps, dtype
-    # smoke: a 2-block ResNet (compiles in seconds); quick: ResNet-20; full: ResNet-18
-    "smoke": dict(n_train=256, n_test=32, n_pgd=16, model="resnet", epochs=1, batch_size=64,
+    # smoke: a 2-block ResNet (compiles in seconds); quick: ResNet-20; full: ResNet-18.
+    # smoke attacks all its test images with PGD too, so the FGSM sweeps on the
+    # PGD subset reuse the compiled FGSM programs (4 fewer compilations, -16 s).
+    "smoke": dict(n_train=256, n_test=32, n_pgd=32, model="resnet", epochs=1, batch_size=64,
                   learning_rate=0.1, pgd_steps=2, pgd_restarts=1, compute_dtype="float32", attack_batch=32,
                   model_kwargs=dict(stage_sizes=(1, 1), widths=(8, 16))),
     "quick": dict(n_train=5000, n_test=500, n_pgd=100, model="resnet20", epochs=3,

@@ -62,6 +62,8 @@ def test_fgsm_cifar_smoke(tmp_path):
         assert len(run["gb"]["fgsm_sub"][p]) == 8
         # eps 0 of both subset sweeps is the clean accuracy on the same images
         assert run["gb"]["pgd"][p][0] == run["gb"]["fgsm_sub"][p][0]
+        # smoke's PGD subset is the whole test set: FGSM is deterministic, so both sweeps agree
+        assert run["gb"]["fgsm_sub"][p][1:] == run["gb"]["fgsm"][p]
     assert len(run["unprocessed"]["fgsm"]["none"]) == 7
     assert "95.18" in md and "73.60" in md  # the paper's Table 2 beside ours
     assert (out / "acc_vs_eps.png").is_file()
