@@ -67,8 +67,9 @@ def _time(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def bench_attacks(batch_size: int, image_shape: tuple[int, int, int], repeats: int,
-                  pgd_steps: int = 10) -> list[dict]:
+def bench_attacks(
+    batch_size: int, image_shape: tuple[int, int, int], repeats: int, pgd_steps: int = 10
+) -> list[dict]:
     h, w, c = image_shape
     model = TinyCNN(c, 10, rngs=nnx.Rngs(0))
     model.eval()
@@ -83,20 +84,40 @@ def bench_attacks(batch_size: int, image_shape: tuple[int, int, int], repeats: i
     cases = [
         ("clean forward (baseline)", lambda: clean(logits_fn, x)),
         ("FGSM", lambda: attacks.fgsm(logits_fn, x, y, eps=eps)),
-        (f"PGD-{pgd_steps}", lambda: attacks.pgd(
-            logits_fn, x, y, eps=eps, step_size=2.5 * eps / pgd_steps, steps=pgd_steps,
-            key=kp)),
+        (
+            f"PGD-{pgd_steps}",
+            lambda: attacks.pgd(
+                logits_fn, x, y, eps=eps, step_size=2.5 * eps / pgd_steps, steps=pgd_steps, key=kp
+            ),
+        ),
         # the same attack as a rolled while loop: on CPU XLA runs convolutions in loop
         # bodies several times slower (jax-ml/jax#12868), hence pgd's default unroll
-        (f"PGD-{pgd_steps} (while loop)", lambda: attacks.pgd(
-            logits_fn, x, y, eps=eps, step_size=2.5 * eps / pgd_steps, steps=pgd_steps,
-            key=kp, unroll=1)),
+        (
+            f"PGD-{pgd_steps} (while loop)",
+            lambda: attacks.pgd(
+                logits_fn,
+                x,
+                y,
+                eps=eps,
+                step_size=2.5 * eps / pgd_steps,
+                steps=pgd_steps,
+                key=kp,
+                unroll=1,
+            ),
+        ),
     ]
     rows = []
     for name, fn in cases:
         first, steady = _time(fn, repeats)
-        rows.append(dict(name=name, batch_size=batch_size, compile_s=max(first - steady, 0.0),
-                         steady_s=steady, images_per_s=batch_size / steady))
+        rows.append(
+            dict(
+                name=name,
+                batch_size=batch_size,
+                compile_s=max(first - steady, 0.0),
+                steady_s=steady,
+                images_per_s=batch_size / steady,
+            )
+        )
     base = rows[0]["steady_s"]
     for r in rows:
         r["cost_vs_clean"] = r["steady_s"] / base
@@ -120,26 +141,33 @@ def bench_data(data_dir: str | None) -> list[dict] | None:
         result = measure(data_dir)
     except Exception as e:  # noqa: BLE001 - e.g. data not found
         msg = str(e).splitlines()[0] if str(e) else ""
-        print(f"[data] skipped: {type(e).__name__}: {msg} "
-              "(pass --data-dir or set GBJAX_DATA_DIR)")
+        print(f"[data] skipped: {type(e).__name__}: {msg} (pass --data-dir or set GBJAX_DATA_DIR)")
         return None
     if isinstance(result, dict):
-        result = [dict(name=k, **v) if isinstance(v, dict) else dict(name=k, value=v)
-                  for k, v in result.items()]
+        result = [
+            dict(name=k, **v) if isinstance(v, dict) else dict(name=k, value=v)
+            for k, v in result.items()
+        ]
     return list(result) if result is not None else None
 
 
 def print_attack_table(rows: list[dict]) -> None:
-    print(f"\nAttack throughput on {jax.devices()[0].platform.upper()} "
-          f"({jax.device_count()} device(s)), TinyCNN, batch {rows[0]['batch_size']}")
+    print(
+        f"\nAttack throughput on {jax.devices()[0].platform.upper()} "
+        f"({jax.device_count()} device(s)), TinyCNN, batch {rows[0]['batch_size']}"
+    )
     print(f"{'case':<26} {'compile s':>10} {'ms/batch':>10} {'images/s':>11} {'x clean':>8}")
     for r in rows:
-        print(f"{r['name']:<26} {r['compile_s']:10.2f} {1e3 * r['steady_s']:10.2f} "
-              f"{r['images_per_s']:11.0f} {r['cost_vs_clean']:8.1f}")
+        print(
+            f"{r['name']:<26} {r['compile_s']:10.2f} {1e3 * r['steady_s']:10.2f} "
+            f"{r['images_per_s']:11.0f} {r['cost_vs_clean']:8.1f}"
+        )
     fgsm = next(r for r in rows if r["name"] == "FGSM")
     pgd = next(r for r in rows if r["name"].startswith("PGD"))  # the default (unroll=None)
-    print(f"{pgd['name']} / FGSM cost ratio: {pgd['steady_s'] / fgsm['steady_s']:.1f}x "
-          f"(expected about {pgd['name'].split('-')[1]}x)")
+    print(
+        f"{pgd['name']} / FGSM cost ratio: {pgd['steady_s'] / fgsm['steady_s']:.1f}x "
+        f"(expected about {pgd['name'].split('-')[1]}x)"
+    )
 
 
 def print_data_table(rows: list[dict]) -> None:
@@ -174,8 +202,12 @@ def main(argv=None) -> int:
             print_data_table(data_rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=str(jax.devices()[0]), attacks=rows, data=data_rows), f,
-                      indent=2, default=str)
+            json.dump(
+                dict(device=str(jax.devices()[0]), attacks=rows, data=data_rows),
+                f,
+                indent=2,
+                default=str,
+            )
     return 0
 
 

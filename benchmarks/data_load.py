@@ -47,22 +47,30 @@ def measure_load_times(
         for name in datasets:
             for split in splits:
                 t = time.perf_counter()
-                x, _ = data.load(name, split, data_dir, cache_dir=cache_dir, download=False, progress=False)
+                x, _ = data.load(
+                    name, split, data_dir, cache_dir=cache_dir, download=False, progress=False
+                )
                 first = time.perf_counter() - t
                 cached = []
                 for _ in range(max(1, repeats)):
                     t = time.perf_counter()
-                    data.load(name, split, data_dir, cache_dir=cache_dir, download=False, progress=False)
+                    data.load(
+                        name, split, data_dir, cache_dir=cache_dir, download=False, progress=False
+                    )
                     cached.append(time.perf_counter() - t)
                 c = statistics.median(cached)
-                results[f"{name}/{split}"] = dict(n=int(len(x)), first_s=first, cached_s=c, speedup=first / c)
+                results[f"{name}/{split}"] = dict(
+                    n=int(len(x)), first_s=first, cached_s=c, speedup=first / c
+                )
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=os.environ.get("GBJAX_DATA_DIR"))
-    p.add_argument("--datasets", nargs="+", default=["mnist", "cifar10"], choices=list(data.DATASETS))
+    p.add_argument(
+        "--datasets", nargs="+", default=["mnist", "cifar10"], choices=list(data.DATASETS)
+    )
     p.add_argument("--splits", nargs="+", default=["train", "test"], choices=list(data.SPLITS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -70,12 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data_dir:
         print("no data directory: pass --data-dir or set GBJAX_DATA_DIR", file=sys.stderr)
         return 2
-    res = measure_load_times(args.data_dir, datasets=tuple(args.datasets), splits=tuple(args.splits),
-                             repeats=args.repeats)
+    res = measure_load_times(
+        args.data_dir,
+        datasets=tuple(args.datasets),
+        splits=tuple(args.splits),
+        repeats=args.repeats,
+    )
     print(f"Data-load times from {args.data_dir} ({os.cpu_count()} CPUs)")
-    print(f"{'dataset/split':<16} {'images':>8} {'first load s':>13} {'cached s':>10} {'speedup':>8}")
+    print(
+        f"{'dataset/split':<16} {'images':>8} {'first load s':>13} {'cached s':>10} {'speedup':>8}"
+    )
     for k, r in res.items():
-        print(f"{k:<16} {r['n']:>8} {r['first_s']:>13.2f} {r['cached_s']:>10.3f} {r['speedup']:>7.0f}x")
+        print(
+            f"{k:<16} {r['n']:>8} {r['first_s']:>13.2f} {r['cached_s']:>10.3f} {r['speedup']:>7.0f}x"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

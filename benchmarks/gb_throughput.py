@@ -14,6 +14,7 @@ GPU (``--n 10000``) it also prints images/s and peak device memory.
 
 Expected runtime on a 2-core CPU: about 2 minutes with the defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,13 +68,19 @@ def time_gbjax(x, threshold, chunk_size=None, repeats=2):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data-dir", default=os.environ.get("GBJAX_DATA_DIR"))
     p.add_argument("--n", type=int, default=512, help="images for gbjax")
     p.add_argument("--n-ref", type=int, default=48, help="images for the reference (0: skip)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[40.0, 20.0, 10.0])
-    p.add_argument("--chunk-size", type=int, default=None,
-                   help="images per compiled call (default: gb_cluster's choice)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="images per compiled call (default: gb_cluster's choice)",
+    )
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
 
@@ -84,19 +91,28 @@ def main(argv=None):
     # and the first N images would all be airplanes.
     x = np.asarray(x[np.sort(np.random.default_rng(0).permutation(len(x))[: args.n])])
     dev = jax.devices()[0]
-    print(f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, "
-          f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"jax {jax.__version__}")
+    print(
+        f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, "
+        f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        f"jax {jax.__version__}"
+    )
     print(f"gbjax on {len(x)} CIFAR-10 test images, reference on {min(args.n_ref, len(x))}\n")
     rows = []
     for t in args.thresholds:
         sec, comp, nb, sat = time_gbjax(x, t, args.chunk_size)
-        row = dict(threshold=t, gbjax_ms_per_image=1e3 * sec / len(x), gbjax_images_per_s=len(x) / sec,
-                   compile_s=comp, gbjax_balls_mean=float(nb.mean()), gbjax_balls_max=int(nb.max()),
-                   saturated=int(sat.sum()))
+        row = dict(
+            threshold=t,
+            gbjax_ms_per_image=1e3 * sec / len(x),
+            gbjax_images_per_s=len(x) / sec,
+            compile_s=comp,
+            gbjax_balls_mean=float(nb.mean()),
+            gbjax_balls_max=int(nb.max()),
+            saturated=int(sat.sum()),
+        )
         if args.n_ref > 0:
             ref = x[: args.n_ref]
             from threadpoolctl import threadpool_limits
+
             # One BLAS/OpenMP thread: scikit-learn's default thread pool makes
             # these tiny 2-means calls ~10x slower, which would flatter gbjax.
             with threadpool_limits(1):
@@ -104,9 +120,12 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 rb = [reference_cluster(im, t, 0.9) for im in ref]
                 rsec = time.perf_counter() - t0
-            row.update(reference_ms_per_image=1e3 * rsec / len(ref),
-                       reference_balls_mean=float(np.mean(rb)), reference_balls_max=int(np.max(rb)),
-                       speedup=(rsec / len(ref)) / (sec / len(x)))
+            row.update(
+                reference_ms_per_image=1e3 * rsec / len(ref),
+                reference_balls_mean=float(np.mean(rb)),
+                reference_balls_max=int(np.max(rb)),
+                speedup=(rsec / len(ref)) / (sec / len(x)),
+            )
         if dev.platform != "cpu":
             stats = dev.memory_stats() or {}
             row["peak_device_bytes"] = stats.get("peak_bytes_in_use")
@@ -116,14 +135,21 @@ def main(argv=None):
     hdr += f" {'ref ms/img':>10} {'ref balls':>11} {'speedup':>8}" if args.n_ref > 0 else ""
     print(hdr)
     for r in rows:
-        line = (f"{r['threshold']:5.0f} {r['gbjax_ms_per_image']:12.3f} {r['gbjax_images_per_s']:9.0f}"
-                f" {r['compile_s']:9.2f} {r['gbjax_balls_mean']:6.1f}/{r['gbjax_balls_max']:<4d}")
+        line = (
+            f"{r['threshold']:5.0f} {r['gbjax_ms_per_image']:12.3f} {r['gbjax_images_per_s']:9.0f}"
+            f" {r['compile_s']:9.2f} {r['gbjax_balls_mean']:6.1f}/{r['gbjax_balls_max']:<4d}"
+        )
         if args.n_ref > 0:
-            line += (f" {r['reference_ms_per_image']:10.2f} {r['reference_balls_mean']:6.1f}/"
-                     f"{r['reference_balls_max']:<4d} {r['speedup']:7.1f}x")
+            line += (
+                f" {r['reference_ms_per_image']:10.2f} {r['reference_balls_mean']:6.1f}/"
+                f"{r['reference_balls_max']:<4d} {r['speedup']:7.1f}x"
+            )
         print(line)
     if any(r.get("peak_device_bytes") for r in rows):
-        print("peak device memory: %.2f GiB" % (max(r["peak_device_bytes"] or 0 for r in rows) / 2**30))
+        print(
+            "peak device memory: %.2f GiB"
+            % (max(r["peak_device_bytes"] or 0 for r in rows) / 2**30)
+        )
     print("(balls: mean/max per image; speedup = reference ms/img / gbjax ms/img, same run)")
     if args.json:
         with open(args.json, "w") as f:

@@ -20,7 +20,8 @@ import subprocess
 import sys
 import time
 import zlib
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
@@ -37,21 +38,38 @@ SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true",
-                      help="a CPU run of a few minutes on a subset (numbers labelled 'quick')")
-    mode.add_argument("--smoke", action="store_true",
-                      help="tiny end-to-end check (seconds); numbers are meaningless")
-    p.add_argument("--data-dir", default=None,
-                   help="directory holding mnist/ and cifar10/ (default: $GBJAX_DATA_DIR)")
-    p.add_argument("--synthetic", action="store_true",
-                   help=f"use tiny synthetic data instead of real data (also ${SYNTHETIC_ENV}=1)")
-    p.add_argument("--seeds", default=None,
-                   help="comma-separated seeds, e.g. 0,1,2 (default: 0 for quick/smoke, 0,1,2 full)")
-    p.add_argument("--out", default=None,
-                   help="output directory (default: results/<experiment>/<timestamp>/)")
+    mode.add_argument(
+        "--quick",
+        action="store_true",
+        help="a CPU run of a few minutes on a subset (numbers labelled 'quick')",
+    )
+    mode.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny end-to-end check (seconds); numbers are meaningless",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory holding mnist/ and cifar10/ (default: $GBJAX_DATA_DIR)",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help=f"use tiny synthetic data instead of real data (also ${SYNTHETIC_ENV}=1)",
+    )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, e.g. 0,1,2 (default: 0 for quick/smoke, 0,1,2 full)",
+    )
+    p.add_argument(
+        "--out", default=None, help="output directory (default: results/<experiment>/<timestamp>/)"
+    )
     p.add_argument("--n-train", type=int, default=None, help="override: training images used")
     p.add_argument("--n-test", type=int, default=None, help="override: test images evaluated")
     p.add_argument("--epochs", type=int, default=None, help="override: training epochs")
@@ -103,12 +121,20 @@ def synthetic_dataset(name: str, split: str, n: int, seed: int = 0):
     return np.clip(np.round(x), 0, 255).astype(np.uint8), y
 
 
-def load_split(name: str, split: str, n: int | None, *, data_dir: str | None,
-               synthetic: bool, progress: bool = True):
+def load_split(
+    name: str,
+    split: str,
+    n: int | None,
+    *,
+    data_dir: str | None,
+    synthetic: bool,
+    progress: bool = True,
+):
     """(images uint8 NHWC, labels int32): ``n`` images of the split (a fixed random subset)."""
     if synthetic:
         return synthetic_dataset(name, split, n or 256)
     from gbjax import data
+
     x, y = data.load(name, split, data_dir=data_dir, progress=progress)
     x, y = np.asarray(x), np.asarray(y, np.int32)
     if x.ndim == 3:
@@ -128,7 +154,9 @@ def load_split(name: str, split: str, n: int | None, *, data_dir: str | None,
 def train_model(config, workdir: pathlib.Path, train: tuple, test: tuple):
     """Trains ``config`` on the given uint8 arrays; returns (eval-mode model, metrics)."""
     import shutil
+
     from gbjax import train as gtrain
+
     if workdir.exists():  # never resume a stale run with another config
         shutil.rmtree(workdir)
     config.data = {"train": train, "test": test}
@@ -156,7 +184,7 @@ def predict(model, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
     bs = min(batch_size, n)
     out = []
     for s in range(0, n, bs):
-        xb = np.asarray(x[s:s + bs])
+        xb = np.asarray(x[s : s + bs])
         m = len(xb)
         if m < bs:
             xb = np.concatenate([xb, np.repeat(xb[-1:], bs - m, 0)])
@@ -178,6 +206,7 @@ def chance_level(num_classes: int = 10) -> float:
 
 def environment() -> dict:
     import jax
+
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -195,9 +224,15 @@ def environment() -> dict:
         except Exception:  # pragma: no cover
             info[f"{mod}_version"] = None
     try:
-        info["gbjax_commit"] = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
-            text=True, timeout=10).stdout.strip() or None
+        info["gbjax_commit"] = (
+            subprocess.run(
+                ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # pragma: no cover
         info["gbjax_commit"] = None
     return info
@@ -212,6 +247,7 @@ def write_json(path: pathlib.Path, obj) -> None:
         if isinstance(o, np.ndarray):
             return o.tolist()
         return str(o)
+
     path.write_text(json.dumps(obj, indent=2, default=default))
 
 
@@ -242,8 +278,10 @@ def pct(values: Iterable[float]) -> str:
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(map(str, headers)) + " |",
-             "|" + "|".join("---" for _ in headers) + "|"]
+    lines = [
+        "| " + " | ".join(map(str, headers)) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -263,6 +301,7 @@ def plot_curves(path: pathlib.Path, panels: Sequence[dict], *, title: str = "") 
     (optional), "chance" (optional)}``; accuracies in percent.
     """
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -271,7 +310,7 @@ def plot_curves(path: pathlib.Path, panels: Sequence[dict], *, title: str = "") 
         x = np.asarray(pan["x"], np.float64)
         for label, (m, s) in pan["curves"].items():
             m, s = np.asarray(m, np.float64), np.asarray(s, np.float64)
-            line, = ax.plot(x, m, marker="o", ms=3, label=label)
+            (line,) = ax.plot(x, m, marker="o", ms=3, label=label)
             if np.any(s > 0):
                 ax.fill_between(x, m - s, m + s, alpha=0.2, color=line.get_color())
         for label, (px, py) in (pan.get("paper") or {}).items():
@@ -305,6 +344,7 @@ def resnet_config(mode: dict, seed: int, progress: bool, **overrides):
     Only the final checkpoint is written; ``overrides`` set further Config fields.
     """
     from gbjax.configs import resnet18_cifar10
+
     cfg = resnet18_cifar10.get_config()
     cfg.model = mode["model"]
     cfg.model_kwargs = dict(mode.get("model_kwargs") or {})
@@ -315,7 +355,7 @@ def resnet_config(mode: dict, seed: int, progress: bool, **overrides):
     cfg.eval_batch_size = min(1000, mode["n_test_eff"])
     cfg.seed = seed
     cfg.progress = progress
-    cfg.checkpoint_every_steps = 10 ** 9
+    cfg.checkpoint_every_steps = 10**9
     cfg.log_every_steps = 25
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -344,14 +384,35 @@ def setup(experiment: str, args, modes: dict, dataset: str, overrides: Sequence[
         v = getattr(args, k, None)
         if v is not None:
             mode[k] = v
-    s = Setup(mode_name=mname, mode=mode, seeds=parse_seeds(args), synthetic=use_synthetic(args),
-              progress=not args.no_progress, out=out_dir(experiment, args.out), timer=Timer())
-    print(f"[{experiment}] mode={mname} seeds={s.seeds} synthetic={s.synthetic} out={s.out} "
-          f"backend={jax.default_backend()}")
-    s.xtr, s.ytr = load_split(dataset, "train", mode["n_train"], data_dir=args.data_dir,
-                              synthetic=s.synthetic, progress=s.progress)
-    s.xte, s.yte = load_split(dataset, "test", mode["n_test"], data_dir=args.data_dir,
-                              synthetic=s.synthetic, progress=s.progress)
+    s = Setup(
+        mode_name=mname,
+        mode=mode,
+        seeds=parse_seeds(args),
+        synthetic=use_synthetic(args),
+        progress=not args.no_progress,
+        out=out_dir(experiment, args.out),
+        timer=Timer(),
+    )
+    print(
+        f"[{experiment}] mode={mname} seeds={s.seeds} synthetic={s.synthetic} out={s.out} "
+        f"backend={jax.default_backend()}"
+    )
+    s.xtr, s.ytr = load_split(
+        dataset,
+        "train",
+        mode["n_train"],
+        data_dir=args.data_dir,
+        synthetic=s.synthetic,
+        progress=s.progress,
+    )
+    s.xte, s.yte = load_split(
+        dataset,
+        "test",
+        mode["n_test"],
+        data_dir=args.data_dir,
+        synthetic=s.synthetic,
+        progress=s.progress,
+    )
     mode["n_train_eff"], mode["n_test_eff"] = len(s.xtr), len(s.xte)
     return s
 
@@ -370,8 +431,9 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
-def write_outputs(out: pathlib.Path, *, results: dict, markdown: str, csv_rows: Sequence[dict],
-                  summary: str) -> None:
+def write_outputs(
+    out: pathlib.Path, *, results: dict, markdown: str, csv_rows: Sequence[dict], summary: str
+) -> None:
     write_json(out / "results.json", results)
     (out / "results.md").write_text(markdown)
     write_csv(out / "results.csv", csv_rows)

@@ -36,7 +36,6 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-
 import numpy as np  # noqa: E402
 
 EXPERIMENT = "fgsm_cifar"
@@ -51,15 +50,46 @@ MODES = {
     # smoke: a 2-block ResNet (compiles in seconds); quick: ResNet-20; full: ResNet-18.
     # smoke attacks all its test images with PGD too, so the FGSM sweeps on the
     # PGD subset reuse the compiled FGSM programs (4 fewer compilations, -16 s).
-    "smoke": dict(n_train=256, n_test=32, n_pgd=32, model="resnet", epochs=1, batch_size=64,
-                  learning_rate=0.1, pgd_steps=2, pgd_restarts=1, compute_dtype="float32", attack_batch=32,
-                  model_kwargs=dict(stage_sizes=(1, 1), widths=(8, 16))),
-    "quick": dict(n_train=5000, n_test=500, n_pgd=100, model="resnet20", epochs=3,
-                  batch_size=128, learning_rate=0.2, pgd_steps=10, pgd_restarts=1, compute_dtype="float32",
-                  attack_batch=100),
-    "full": dict(n_train=None, n_test=None, n_pgd=None, model="resnet18", epochs=30,
-                 batch_size=512, learning_rate=0.4, pgd_steps=20, pgd_restarts=1, compute_dtype="bfloat16",
-                 attack_batch=500),
+    "smoke": dict(
+        n_train=256,
+        n_test=32,
+        n_pgd=32,
+        model="resnet",
+        epochs=1,
+        batch_size=64,
+        learning_rate=0.1,
+        pgd_steps=2,
+        pgd_restarts=1,
+        compute_dtype="float32",
+        attack_batch=32,
+        model_kwargs=dict(stage_sizes=(1, 1), widths=(8, 16)),
+    ),
+    "quick": dict(
+        n_train=5000,
+        n_test=500,
+        n_pgd=100,
+        model="resnet20",
+        epochs=3,
+        batch_size=128,
+        learning_rate=0.2,
+        pgd_steps=10,
+        pgd_restarts=1,
+        compute_dtype="float32",
+        attack_batch=100,
+    ),
+    "full": dict(
+        n_train=None,
+        n_test=None,
+        n_pgd=None,
+        model="resnet18",
+        epochs=30,
+        batch_size=512,
+        learning_rate=0.4,
+        pgd_steps=20,
+        pgd_restarts=1,
+        compute_dtype="bfloat16",
+        attack_batch=500,
+    ),
 }
 
 
@@ -70,11 +100,13 @@ class GBPreprocess:
     Frozen dataclass, so it is hashable and equal by value: attacks compile once
     per parameter set.
     """
+
     threshold: float = 20.0
     purity: float = 0.9
 
     def __call__(self, x):
         from gbjax import gb
+
         return gb.gb_denoise(x, threshold=self.threshold, purity=self.purity, scale=255.0)
 
 
@@ -84,11 +116,19 @@ def parse_args(argv=None):
     p.add_argument("--purity", type=float, default=0.9, help="GB purity")
     p.add_argument("--n-pgd", type=int, default=None, help="override: images attacked by PGD")
     p.add_argument("--pgd-steps", type=int, default=None, help="override: PGD iterations")
-    p.add_argument("--pgd-restarts", type=int, default=None,
-                   help="override: PGD random restarts (an image counts as correct only if "
-                        "it survives every restart; default 1)")
-    p.add_argument("--model", choices=("resnet18", "resnet20", "resnet"), default=None,
-                   help="override the architecture")
+    p.add_argument(
+        "--pgd-restarts",
+        type=int,
+        default=None,
+        help="override: PGD random restarts (an image counts as correct only if "
+        "it survives every restart; default 1)",
+    )
+    p.add_argument(
+        "--model",
+        choices=("resnet18", "resnet20", "resnet"),
+        default=None,
+        help="override the architecture",
+    )
     return p.parse_args(argv)
 
 
@@ -100,39 +140,81 @@ def attack_sweeps(clf, pre, x, y, mode, key, progress):
     PGD-vs-FGSM sanity check compare the same images.
     """
     from gbjax import attacks
+
     out: dict = {"fgsm": {}, "pgd": {}, "fgsm_sub": {}}
     n_pgd = mode["n_pgd_eff"]
     steps = mode["pgd_steps"]
     bs = mode["attack_batch"]
-    setups = [("none", clf, None)] if pre is None else [
-        (p,) + attacks.make_attack_logits(clf, pre, p) for p in PROTOCOLS]
+    setups = (
+        [("none", clf, None)]
+        if pre is None
+        else [(p,) + attacks.make_attack_logits(clf, pre, p) for p in PROTOCOLS]
+    )
     for prot, attack_fn, eval_fn in setups:
         with_gb_in_loop = pre is not None and prot != "oblivious"
         out["fgsm"][prot] = attacks.accuracy_under_attack(
-            attack_fn, x, y, eval_logits_fn=eval_fn, eps_list=EPS, attack="fgsm",
-            batch_size=bs, progress=progress, desc=f"FGSM {prot}").tolist()
+            attack_fn,
+            x,
+            y,
+            eval_logits_fn=eval_fn,
+            eps_list=EPS,
+            attack="fgsm",
+            batch_size=bs,
+            progress=progress,
+            desc=f"FGSM {prot}",
+        ).tolist()
         out["fgsm_sub"][prot] = attacks.accuracy_under_attack(
-            attack_fn, x[:n_pgd], y[:n_pgd], eval_logits_fn=eval_fn, eps_list=(0.0,) + EPS,
-            attack="fgsm", batch_size=min(bs, n_pgd), progress=progress,
-            desc=f"FGSM {prot} (PGD subset)").tolist()
+            attack_fn,
+            x[:n_pgd],
+            y[:n_pgd],
+            eval_logits_fn=eval_fn,
+            eps_list=(0.0,) + EPS,
+            attack="fgsm",
+            batch_size=min(bs, n_pgd),
+            progress=progress,
+            desc=f"FGSM {prot} (PGD subset)",
+        ).tolist()
         out["pgd"][prot] = attacks.accuracy_under_attack(
-            attack_fn, x[:n_pgd], y[:n_pgd], eval_logits_fn=eval_fn, eps_list=(0.0,) + EPS,
-            attack="pgd", steps=steps, restarts=mode["pgd_restarts"], key=key,
+            attack_fn,
+            x[:n_pgd],
+            y[:n_pgd],
+            eval_logits_fn=eval_fn,
+            eps_list=(0.0,) + EPS,
+            attack="pgd",
+            steps=steps,
+            restarts=mode["pgd_restarts"],
+            key=key,
             batch_size=min(bs, n_pgd),
             # GB inside an unrolled 20-step loop compiles for minutes on CPU: keep a loop
             unroll=False if with_gb_in_loop else None,
-            progress=progress, desc=f"PGD-{steps} {prot}").tolist()
+            progress=progress,
+            desc=f"PGD-{steps} {prot}",
+        ).tolist()
     return out
 
 
 def run(argv=None) -> dict:
     import jax
+
     from gbjax import gb
 
     args = parse_args(argv)
-    s = C.setup(EXPERIMENT, args, MODES, 'cifar10', ("n_train", "n_test", "n_pgd", "pgd_steps", "pgd_restarts", "model", "epochs"))
+    s = C.setup(
+        EXPERIMENT,
+        args,
+        MODES,
+        "cifar10",
+        ("n_train", "n_test", "n_pgd", "pgd_steps", "pgd_restarts", "model", "epochs"),
+    )
     mname, mode, seeds, synthetic, progress, out, timer = (
-        s.mode_name, s.mode, s.seeds, s.synthetic, s.progress, s.out, s.timer)
+        s.mode_name,
+        s.mode,
+        s.seeds,
+        s.synthetic,
+        s.progress,
+        s.out,
+        s.timer,
+    )
     xtr, ytr, xte, yte = s.xtr, s.ytr, s.xte, s.yte
     mode["n_pgd_eff"] = min(mode["n_pgd"] or len(xte), len(xte))
     timer.mark("load")
@@ -152,19 +234,26 @@ def run(argv=None) -> dict:
             t0 = time.perf_counter()
             cfg = C.resnet_config(mode, seed, progress)
             cfg.preprocess = "none"  # GB (if any) already applied above, train and test
-            model, metrics = C.train_model(cfg, out / "checkpoints" / f"{name}_seed{seed}",
-                                           (train_x, ytr), (test_x, yte))
+            model, metrics = C.train_model(
+                cfg, out / "checkpoints" / f"{name}_seed{seed}", (train_x, ytr), (test_x, yte)
+            )
             train_s = time.perf_counter() - t0
             timer.mark(f"train_{name}", t0)
             t0 = time.perf_counter()
             key = jax.random.key(1000 + seed)
-            x01 = xte.astype(np.float32) / 255.0   # attacks see raw test images
+            x01 = xte.astype(np.float32) / 255.0  # attacks see raw test images
             clean = C.accuracy(model, test_x, yte)  # GB model: on clustered test images
-            sweeps = attack_sweeps(model, None if name == "unprocessed" else pre,
-                                   x01, yte, mode, key, progress)
+            sweeps = attack_sweeps(
+                model, None if name == "unprocessed" else pre, x01, yte, mode, key, progress
+            )
             timer.mark(f"attack_{name}", t0)
-            rec[name] = dict(clean=clean, train_metrics=metrics, train_seconds=train_s,
-                             attack_seconds=time.perf_counter() - t0, **sweeps)
+            rec[name] = dict(
+                clean=clean,
+                train_metrics=metrics,
+                train_seconds=train_s,
+                attack_seconds=time.perf_counter() - t0,
+                **sweeps,
+            )
         runs[seed] = rec
 
     results = assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out)
@@ -180,23 +269,37 @@ def _rows_for(runs, seeds, attack):
         clean = [[runs[s][m]["clean"] for s in seeds] for m, _ in cols]
     else:
         clean = [[runs[s][m][attack][p][0] for s in seeds] for m, p in cols]
-    rows.append(["0 (clean)"] + [C.pct(v) for v in clean]
-                + [f"{PAPER_TABLE2[0.0][1]:.2f}", f"{PAPER_TABLE2[0.0][0]:.2f}"])
+    rows.append(
+        ["0 (clean)"]
+        + [C.pct(v) for v in clean]
+        + [f"{PAPER_TABLE2[0.0][1]:.2f}", f"{PAPER_TABLE2[0.0][0]:.2f}"]
+    )
     for i, (e, lab) in enumerate(zip(EPS, EPS_LABELS)):
         vals = [[runs[s][m][attack][p][i + off] for s in seeds] for m, p in cols]
         paper = PAPER_TABLE2.get(e) if attack == "fgsm" else None
-        rows.append([lab] + [C.pct(v) for v in vals]
-                    + ([f"{paper[1]:.2f}", f"{paper[0]:.2f}"] if paper else ["-", "-"]))
+        rows.append(
+            [lab]
+            + [C.pct(v) for v in vals]
+            + ([f"{paper[1]:.2f}", f"{paper[0]:.2f}"] if paper else ["-", "-"])
+        )
     for (m, p), cv in zip(cols, clean):
-        ms = [C.mean_std(cv)] + [C.mean_std([runs[s][m][attack][p][i + off] for s in seeds])
-                                 for i in range(len(EPS))]
+        ms = [C.mean_std(cv)] + [
+            C.mean_std([runs[s][m][attack][p][i + off] for s in seeds]) for i in range(len(EPS))
+        ]
         stats[f"{m}/{p}"] = ([100 * a for a, _ in ms], [100 * b for _, b in ms])
     return rows, stats
 
 
 def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
-    headers = ["eps", "unprocessed", "GB oblivious", "GB end-to-end", "GB BPDA",
-               "paper unprocessed", "paper GB"]
+    headers = [
+        "eps",
+        "unprocessed",
+        "GB oblivious",
+        "GB end-to-end",
+        "GB BPDA",
+        "paper unprocessed",
+        "paper GB",
+    ]
     fgsm_rows, fgsm_stats = _rows_for(runs, seeds, "fgsm")
     pgd_rows, pgd_stats = _rows_for(runs, seeds, "pgd")
     _, sub_stats = _rows_for(runs, seeds, "fgsm_sub")
@@ -205,94 +308,176 @@ def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
     checks = {}
     for key in fgsm_stats:
         f, p = np.asarray(sub_stats[key][0][1:]), np.asarray(pgd_stats[key][0][1:])
-        checks[key] = dict(pgd_le_fgsm_max_gap=float(np.max(p - f)),
-                           pgd_acc_at_max_eps=float(p[-1]))
+        checks[key] = dict(
+            pgd_le_fgsm_max_gap=float(np.max(p - f)), pgd_acc_at_max_eps=float(p[-1])
+        )
 
-    label = {"smoke": "SMOKE (meaningless, tiny)", "quick": "QUICK (CPU subset; not the paper's protocol size)",
-             "full": "FULL"}[mname]
+    label = {
+        "smoke": "SMOKE (meaningless, tiny)",
+        "quick": "QUICK (CPU subset; not the paper's protocol size)",
+        "full": "FULL",
+    }[mname]
     if synthetic:
         label += ", SYNTHETIC DATA"
     n_pgd = mode["n_pgd_eff"]
-    md = [f"# CIFAR-10 FGSM / PGD: granular-ball preprocessing vs none ({label})", "",
-          "## Protocol", "",
-          f"- Data: CIFAR-10, {mode['n_train_eff']} training images (fixed random subset, seed 0), "
-          f"{mode['n_test_eff']} test images{' (synthetic stand-in)' if synthetic else ''}.",
-          f"- Model: {mode['model']} ({mode['compute_dtype']}), recipe of gbjax/configs/"
-          f"resnet18_cifar10.py with {mode['epochs']} epochs, batch {mode['batch_size']}, peak lr "
-          f"{mode['learning_rate']}; seeds {seeds}.",
-          f"- GB: `gb_denoise(threshold={args.threshold}, purity={args.purity})` (colour features, "
-          "capacity 256, min ball size 2) on training and test images; the GB model is trained "
-          "on clustered images; at test time an image is attacked, then clustered, then "
-          f"classified. Clustering {mode['n_train_eff'] + mode['n_test_eff']} images took "
-          f"{gb_time:.1f} s.",
-          "- FGSM: x' = clip(x + eps sign(grad_x CE), 0, 1), eps in [0,1] pixel space, on all "
-          f"{mode['n_test_eff']} test images. PGD-{mode['pgd_steps']}: L-inf, uniform random "
-          f"start, step 2.5 eps/{mode['pgd_steps']}, on the first {n_pgd} test images"
-          + (f", {mode['pgd_restarts']} restarts (correct only if every restart fails)."
-             if mode["pgd_restarts"] > 1 else "."),
-          "- GB protocols: oblivious (gradient of the classifier alone), end-to-end (jax.grad "
-          "through classifier(GB(x)), partition fixed), BPDA (GB forward, identity backward).",
-          "- Paper (Table 2) gives only eps 0 and 0.2, without the eps scale or attack "
-          "protocol; we read 0.2 as 0.2 on [0,1] images. Cells are accuracy % (mean ± std over "
-          "seeds when several).", "",
-          "## FGSM (paper Table 2 beside ours)", "", C.md_table(headers, fgsm_rows), "",
-          f"## PGD-{mode['pgd_steps']} (first {n_pgd} test images; the eps-0 row is the clean "
-          "accuracy on those images)", "",
-          C.md_table(headers[:5], [r[:5] for r in pgd_rows]), "",
-          "## Sanity checks", "",
-          f"PGD should be at least as strong as FGSM on the same {n_pgd} images (max gap "
-          "PGD - FGSM over eps, in points, should be <= ~1) and accuracy should approach "
-          "chance (10%) at eps 0.2.", "",
-          C.md_table(["model/protocol", "max(PGD - FGSM) pts", "PGD acc at eps 0.2 %"],
-                     [[k, f"{v['pgd_le_fgsm_max_gap']:.2f}", f"{v['pgd_acc_at_max_eps']:.2f}"]
-                      for k, v in checks.items()]), "",
-          "![accuracy vs eps](acc_vs_eps.png)", "",
-          f"Runtime: {timer.total():.0f} s on {C.environment()['device_kind']}.", ""]
+    md = [
+        f"# CIFAR-10 FGSM / PGD: granular-ball preprocessing vs none ({label})",
+        "",
+        "## Protocol",
+        "",
+        f"- Data: CIFAR-10, {mode['n_train_eff']} training images (fixed random subset, seed 0), "
+        f"{mode['n_test_eff']} test images{' (synthetic stand-in)' if synthetic else ''}.",
+        f"- Model: {mode['model']} ({mode['compute_dtype']}), recipe of gbjax/configs/"
+        f"resnet18_cifar10.py with {mode['epochs']} epochs, batch {mode['batch_size']}, peak lr "
+        f"{mode['learning_rate']}; seeds {seeds}.",
+        f"- GB: `gb_denoise(threshold={args.threshold}, purity={args.purity})` (colour features, "
+        "capacity 256, min ball size 2) on training and test images; the GB model is trained "
+        "on clustered images; at test time an image is attacked, then clustered, then "
+        f"classified. Clustering {mode['n_train_eff'] + mode['n_test_eff']} images took "
+        f"{gb_time:.1f} s.",
+        "- FGSM: x' = clip(x + eps sign(grad_x CE), 0, 1), eps in [0,1] pixel space, on all "
+        f"{mode['n_test_eff']} test images. PGD-{mode['pgd_steps']}: L-inf, uniform random "
+        f"start, step 2.5 eps/{mode['pgd_steps']}, on the first {n_pgd} test images"
+        + (
+            f", {mode['pgd_restarts']} restarts (correct only if every restart fails)."
+            if mode["pgd_restarts"] > 1
+            else "."
+        ),
+        "- GB protocols: oblivious (gradient of the classifier alone), end-to-end (jax.grad "
+        "through classifier(GB(x)), partition fixed), BPDA (GB forward, identity backward).",
+        "- Paper (Table 2) gives only eps 0 and 0.2, without the eps scale or attack "
+        "protocol; we read 0.2 as 0.2 on [0,1] images. Cells are accuracy % (mean ± std over "
+        "seeds when several).",
+        "",
+        "## FGSM (paper Table 2 beside ours)",
+        "",
+        C.md_table(headers, fgsm_rows),
+        "",
+        f"## PGD-{mode['pgd_steps']} (first {n_pgd} test images; the eps-0 row is the clean "
+        "accuracy on those images)",
+        "",
+        C.md_table(headers[:5], [r[:5] for r in pgd_rows]),
+        "",
+        "## Sanity checks",
+        "",
+        f"PGD should be at least as strong as FGSM on the same {n_pgd} images (max gap "
+        "PGD - FGSM over eps, in points, should be <= ~1) and accuracy should approach "
+        "chance (10%) at eps 0.2.",
+        "",
+        C.md_table(
+            ["model/protocol", "max(PGD - FGSM) pts", "PGD acc at eps 0.2 %"],
+            [
+                [k, f"{v['pgd_le_fgsm_max_gap']:.2f}", f"{v['pgd_acc_at_max_eps']:.2f}"]
+                for k, v in checks.items()
+            ],
+        ),
+        "",
+        "![accuracy vs eps](acc_vs_eps.png)",
+        "",
+        f"Runtime: {timer.total():.0f} s on {C.environment()['device_kind']}.",
+        "",
+    ]
 
     x = [0.0] + list(EPS)
-    names = {"unprocessed/none": "unprocessed", "gb/oblivious": "GB oblivious",
-             "gb/end_to_end": "GB end-to-end", "gb/bpda": "GB BPDA"}
-    C.plot_curves(out / "acc_vs_eps.png", [
-        dict(title="FGSM", xlabel="eps ([0,1] pixel space)", x=x, xscale="symlog",
-             linthresh=1 / 255, chance=10.0,
-             curves={names[k]: v for k, v in fgsm_stats.items()},
-             paper={"paper unprocessed": ([0, 0.2], [95.18, 68.53]),
-                    "paper GB": ([0, 0.2], [95.03, 73.60])}),
-        dict(title=f"PGD-{mode['pgd_steps']} (n={n_pgd})", xlabel="eps ([0,1] pixel space)", x=x,
-             xscale="symlog", linthresh=1 / 255, chance=10.0,
-             curves={names[k]: v for k, v in pgd_stats.items()}),
-    ], title=f"CIFAR-10, {mode['model']}, {label}")
+    names = {
+        "unprocessed/none": "unprocessed",
+        "gb/oblivious": "GB oblivious",
+        "gb/end_to_end": "GB end-to-end",
+        "gb/bpda": "GB BPDA",
+    }
+    C.plot_curves(
+        out / "acc_vs_eps.png",
+        [
+            dict(
+                title="FGSM",
+                xlabel="eps ([0,1] pixel space)",
+                x=x,
+                xscale="symlog",
+                linthresh=1 / 255,
+                chance=10.0,
+                curves={names[k]: v for k, v in fgsm_stats.items()},
+                paper={
+                    "paper unprocessed": ([0, 0.2], [95.18, 68.53]),
+                    "paper GB": ([0, 0.2], [95.03, 73.60]),
+                },
+            ),
+            dict(
+                title=f"PGD-{mode['pgd_steps']} (n={n_pgd})",
+                xlabel="eps ([0,1] pixel space)",
+                x=x,
+                xscale="symlog",
+                linthresh=1 / 255,
+                chance=10.0,
+                curves={names[k]: v for k, v in pgd_stats.items()},
+            ),
+        ],
+        title=f"CIFAR-10, {mode['model']}, {label}",
+    )
 
     csv_rows = []
     for s in seeds:
         for m in ("unprocessed", "gb"):
             prots = ("none",) if m == "unprocessed" else PROTOCOLS
             for p in prots:
-                csv_rows.append(dict(seed=s, model=m, protocol=p, attack="clean", eps=0.0,
-                                     eps_label="0", n=mode["n_test_eff"],
-                                     accuracy=runs[s][m]["clean"]))
+                csv_rows.append(
+                    dict(
+                        seed=s,
+                        model=m,
+                        protocol=p,
+                        attack="clean",
+                        eps=0.0,
+                        eps_label="0",
+                        n=mode["n_test_eff"],
+                        accuracy=runs[s][m]["clean"],
+                    )
+                )
                 for a in ("fgsm", "pgd", "fgsm_sub"):
                     accs = runs[s][m][a][p][1:] if a != "fgsm" else runs[s][m][a][p]
                     for e, lab, acc in zip(EPS, EPS_LABELS, accs):
-                        csv_rows.append(dict(seed=s, model=m, protocol=p, attack=a, eps=e,
-                                             eps_label=lab,
-                                             n=mode["n_test_eff"] if a == "fgsm" else n_pgd,
-                                             accuracy=acc))
-    results = dict(experiment=EXPERIMENT, mode=mname, synthetic=synthetic, seeds=seeds,
-                   config=dict(mode, threshold=args.threshold, purity=args.purity,
-                               eps=list(EPS), eps_labels=list(EPS_LABELS),
-                               protocols=list(PROTOCOLS), data_dir=args.data_dir),
-                   paper_table2={str(k): dict(gb=v[0], unprocessed=v[1])
-                                 for k, v in PAPER_TABLE2.items()},
-                   runs={str(s): r for s, r in runs.items()}, sanity=checks,
-                   gb_preprocess_seconds=gb_time, timings=timer.marks,
-                   runtime_seconds=timer.total(), environment=C.environment())
-    summary = (f"[{EXPERIMENT}] {label}: FGSM accuracy %\n" + C.text_table(headers, fgsm_rows)
-               + f"\n\nPGD-{mode['pgd_steps']} accuracy % (n={n_pgd})\n"
-               + C.text_table(headers[:5], [r[:5] for r in pgd_rows])
-               + f"\n\nruntime {timer.total():.0f} s")
-    C.write_outputs(out, results=results, markdown="\n".join(md), csv_rows=csv_rows,
-                    summary=summary)
+                        csv_rows.append(
+                            dict(
+                                seed=s,
+                                model=m,
+                                protocol=p,
+                                attack=a,
+                                eps=e,
+                                eps_label=lab,
+                                n=mode["n_test_eff"] if a == "fgsm" else n_pgd,
+                                accuracy=acc,
+                            )
+                        )
+    results = dict(
+        experiment=EXPERIMENT,
+        mode=mname,
+        synthetic=synthetic,
+        seeds=seeds,
+        config=dict(
+            mode,
+            threshold=args.threshold,
+            purity=args.purity,
+            eps=list(EPS),
+            eps_labels=list(EPS_LABELS),
+            protocols=list(PROTOCOLS),
+            data_dir=args.data_dir,
+        ),
+        paper_table2={str(k): dict(gb=v[0], unprocessed=v[1]) for k, v in PAPER_TABLE2.items()},
+        runs={str(s): r for s, r in runs.items()},
+        sanity=checks,
+        gb_preprocess_seconds=gb_time,
+        timings=timer.marks,
+        runtime_seconds=timer.total(),
+        environment=C.environment(),
+    )
+    summary = (
+        f"[{EXPERIMENT}] {label}: FGSM accuracy %\n"
+        + C.text_table(headers, fgsm_rows)
+        + f"\n\nPGD-{mode['pgd_steps']} accuracy % (n={n_pgd})\n"
+        + C.text_table(headers[:5], [r[:5] for r in pgd_rows])
+        + f"\n\nruntime {timer.total():.0f} s"
+    )
+    C.write_outputs(
+        out, results=results, markdown="\n".join(md), csv_rows=csv_rows, summary=summary
+    )
     return results
 
 

@@ -27,7 +27,6 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-
 import numpy as np  # noqa: E402
 
 EXPERIMENT = "gaussian_mnist_gb"
@@ -37,13 +36,34 @@ NOISE_MODES = ("clip", "wrap")
 PAPER_TABLE1 = {1: (89.75, 90.39), 5: (84.58, 77.43), 10: (63.08, 49.35)}
 
 MODES = {
-    "smoke": dict(n_train=256, n_test=64, model="resnet", epochs=1, batch_size=64,
-                  learning_rate=0.1, compute_dtype="float32",
-                  model_kwargs=dict(stage_sizes=(1, 1), widths=(8, 16))),
-    "quick": dict(n_train=5000, n_test=1000, model="resnet20", epochs=2, batch_size=128,
-                  learning_rate=0.2, compute_dtype="float32"),
-    "full": dict(n_train=None, n_test=None, model="resnet18", epochs=10, batch_size=512,
-                 learning_rate=0.4, compute_dtype="bfloat16"),
+    "smoke": dict(
+        n_train=256,
+        n_test=64,
+        model="resnet",
+        epochs=1,
+        batch_size=64,
+        learning_rate=0.1,
+        compute_dtype="float32",
+        model_kwargs=dict(stage_sizes=(1, 1), widths=(8, 16)),
+    ),
+    "quick": dict(
+        n_train=5000,
+        n_test=1000,
+        model="resnet20",
+        epochs=2,
+        batch_size=128,
+        learning_rate=0.2,
+        compute_dtype="float32",
+    ),
+    "full": dict(
+        n_train=None,
+        n_test=None,
+        model="resnet18",
+        epochs=10,
+        batch_size=512,
+        learning_rate=0.4,
+        compute_dtype="bfloat16",
+    ),
 }
 
 
@@ -57,12 +77,20 @@ def parse_args(argv=None):
 
 def run(argv=None) -> dict:
     import jax
+
     from gbjax import gb, noise
 
     args = parse_args(argv)
-    s = C.setup(EXPERIMENT, args, MODES, 'mnist', ("n_train", "n_test", "epochs"))
+    s = C.setup(EXPERIMENT, args, MODES, "mnist", ("n_train", "n_test", "epochs"))
     mname, mode, seeds, synthetic, progress, out, timer = (
-        s.mode_name, s.mode, s.seeds, s.synthetic, s.progress, s.out, s.timer)
+        s.mode_name,
+        s.mode,
+        s.seeds,
+        s.synthetic,
+        s.progress,
+        s.out,
+        s.timer,
+    )
     xtr, ytr, xte, yte = s.xtr, s.ytr, s.xte, s.yte
     stds = tuple(float(v) for v in args.stds.split(",")) if args.stds else STDS
     gbkw = dict(threshold=args.threshold, purity=args.purity)
@@ -72,6 +100,7 @@ def run(argv=None) -> dict:
     timer.mark("gb_preprocess_clean", t0)
 
     from tqdm.auto import tqdm
+
     runs = {}
     for seed in seeds:
         models = {}
@@ -80,13 +109,18 @@ def run(argv=None) -> dict:
             models[name], metrics = C.train_model(
                 C.resnet_config(mode, seed, progress, dataset="mnist", augment="none"),
                 out / "checkpoints" / f"{name}_seed{seed}",
-                (a, ytr), (b, yte))
+                (a, ytr),
+                (b, yte),
+            )
             timer.mark(f"train_{name}", t0)
             models[name + "_metrics"] = metrics
         t0 = time.perf_counter()
         acc = {m: {nm: [] for nm in NOISE_MODES} for m in ("unprocessed", "gb")}
-        bar = tqdm(total=len(stds) * len(NOISE_MODES), desc=f"noise sweep seed {seed}",
-                   disable=not progress)
+        bar = tqdm(
+            total=len(stds) * len(NOISE_MODES),
+            desc=f"noise sweep seed {seed}",
+            disable=not progress,
+        )
         for j, nm in enumerate(NOISE_MODES):
             for i, s in enumerate(stds):
                 key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), j), i)
@@ -97,18 +131,29 @@ def run(argv=None) -> dict:
                 bar.update(1)
         bar.close()
         timer.mark("noise_eval", t0)
-        runs[seed] = dict(acc=acc, train_metrics={m: models[m + "_metrics"]
-                                                  for m in ("unprocessed", "gb")})
+        runs[seed] = dict(
+            acc=acc, train_metrics={m: models[m + "_metrics"] for m in ("unprocessed", "gb")}
+        )
     return assemble(args, mname, mode, seeds, synthetic, stds, runs, timer, out)
 
 
 def assemble(args, mname, mode, seeds, synthetic, stds, runs, timer, out):
-    label = {"smoke": "SMOKE (meaningless, tiny)",
-             "quick": "QUICK (CPU subset; not the paper's protocol size)", "full": "FULL"}[mname]
+    label = {
+        "smoke": "SMOKE (meaningless, tiny)",
+        "quick": "QUICK (CPU subset; not the paper's protocol size)",
+        "full": "FULL",
+    }[mname]
     if synthetic:
         label += ", SYNTHETIC DATA"
-    headers = ["std (pixel units)", "clip: unprocessed", "clip: GB", "wrap: unprocessed",
-               "wrap: GB", "paper unprocessed", "paper GB"]
+    headers = [
+        "std (pixel units)",
+        "clip: unprocessed",
+        "clip: GB",
+        "wrap: unprocessed",
+        "wrap: GB",
+        "paper unprocessed",
+        "paper GB",
+    ]
     rows, stats = [], {}
     for i, s in enumerate(stds):
         cells = []
@@ -116,55 +161,105 @@ def assemble(args, mname, mode, seeds, synthetic, stds, runs, timer, out):
             for m in ("unprocessed", "gb"):
                 cells.append(C.pct(runs[sd]["acc"][m][nm][i] for sd in seeds))
         paper = PAPER_TABLE1.get(int(s)) if float(s).is_integer() else None
-        rows.append([f"{s:g}"] + cells
-                    + ([f"{paper[1]:.2f}", f"{paper[0]:.2f}"] if paper else ["-", "-"]))
+        rows.append(
+            [f"{s:g}"] + cells + ([f"{paper[1]:.2f}", f"{paper[0]:.2f}"] if paper else ["-", "-"])
+        )
     for nm in NOISE_MODES:
         for m in ("unprocessed", "gb"):
             ms = [C.mean_std(runs[sd]["acc"][m][nm][i] for sd in seeds) for i in range(len(stds))]
             stats[(nm, m)] = ([100 * a for a, _ in ms], [100 * b for _, b in ms])
     chance = {f"{nm}/{m}": bool(v[0][-1] <= 100 * (0.1 + 0.05)) for (nm, m), v in stats.items()}
 
-    md = [f"# MNIST + Gaussian noise: granular-ball preprocessing vs none ({label})", "",
-          "## Protocol", "",
-          f"- Data: MNIST, {mode['n_train_eff']} training and {mode['n_test_eff']} test "
-          f"images (fixed random subsets, seed 0){' (synthetic stand-in)' if synthetic else ''}.",
-          f"- Model: {mode['model']} ({mode['compute_dtype']}), SGD Nesterov one-cycle peak lr "
-          f"{mode['learning_rate']}, batch {mode['batch_size']}, {mode['epochs']} epochs, label "
-          f"smoothing 0.1, no augmentation; seeds {seeds}.",
-          f"- GB: `gb_denoise(threshold={args.threshold}, purity={args.purity})` on training "
-          "images (GB model trained on them) and on every noisy test image before the GB model.",
-          "- Noise: `gbjax.noise.gaussian(std=s)` in pixel units, `clip` = clip(round(x+n), 0, "
-          "255); `wrap` = (x + trunc(n) mod 256) mod 256 (PE authors' code). The paper's "
-          "'amplitude' scale is unstated; we read it as the std in pixel units.",
-          "- Cells: accuracy % (mean ± std over seeds when several).", "",
-          "## Table 1 (ours beside the paper's)", "", C.md_table(headers, rows), "",
-          f"Reaches chance (<= 15%) at the largest std: {chance}", "",
-          "![accuracy vs std](acc_vs_std.png)", "",
-          f"Runtime: {timer.total():.0f} s on {C.environment()['device_kind']}.", ""]
-    C.plot_curves(out / "acc_vs_std.png", [
-        dict(title=f"Gaussian noise, {nm}", xlabel="noise std (pixel units)", x=list(stds),
-             xscale="symlog", linthresh=1.0, chance=10.0,
-             curves={("GB" if m == "gb" else m): stats[(nm, m)] for m in ("unprocessed", "gb")},
-             paper={"paper unprocessed": ([1, 5, 10], [90.39, 77.43, 49.35]),
-                    "paper GB": ([1, 5, 10], [89.75, 84.58, 63.08])})
-        for nm in NOISE_MODES], title=f"MNIST, {mode['model']}, {label}")
-    csv_rows = [dict(seed=sd, model=m, noise_mode=nm, std=s, n=mode["n_test_eff"],
-                     accuracy=runs[sd]["acc"][m][nm][i])
-                for sd in seeds for m in ("unprocessed", "gb") for nm in NOISE_MODES
-                for i, s in enumerate(stds)]
-    results = dict(experiment=EXPERIMENT, mode=mname, synthetic=synthetic, seeds=seeds,
-                   config=dict(mode, threshold=args.threshold, purity=args.purity,
-                               stds=list(stds), noise_modes=list(NOISE_MODES),
-                               data_dir=args.data_dir),
-                   paper_table1={str(k): dict(gb=v[0], unprocessed=v[1])
-                                 for k, v in PAPER_TABLE1.items()},
-                   runs={str(s): r for s, r in runs.items()}, reaches_chance=chance,
-                   timings=timer.marks, runtime_seconds=timer.total(),
-                   environment=C.environment())
-    summary = (f"[{EXPERIMENT}] {label}: accuracy %\n" + C.text_table(headers, rows)
-               + f"\n\nruntime {timer.total():.0f} s")
-    C.write_outputs(out, results=results, markdown="\n".join(md), csv_rows=csv_rows,
-                    summary=summary)
+    md = [
+        f"# MNIST + Gaussian noise: granular-ball preprocessing vs none ({label})",
+        "",
+        "## Protocol",
+        "",
+        f"- Data: MNIST, {mode['n_train_eff']} training and {mode['n_test_eff']} test "
+        f"images (fixed random subsets, seed 0){' (synthetic stand-in)' if synthetic else ''}.",
+        f"- Model: {mode['model']} ({mode['compute_dtype']}), SGD Nesterov one-cycle peak lr "
+        f"{mode['learning_rate']}, batch {mode['batch_size']}, {mode['epochs']} epochs, label "
+        f"smoothing 0.1, no augmentation; seeds {seeds}.",
+        f"- GB: `gb_denoise(threshold={args.threshold}, purity={args.purity})` on training "
+        "images (GB model trained on them) and on every noisy test image before the GB model.",
+        "- Noise: `gbjax.noise.gaussian(std=s)` in pixel units, `clip` = clip(round(x+n), 0, "
+        "255); `wrap` = (x + trunc(n) mod 256) mod 256 (PE authors' code). The paper's "
+        "'amplitude' scale is unstated; we read it as the std in pixel units.",
+        "- Cells: accuracy % (mean ± std over seeds when several).",
+        "",
+        "## Table 1 (ours beside the paper's)",
+        "",
+        C.md_table(headers, rows),
+        "",
+        f"Reaches chance (<= 15%) at the largest std: {chance}",
+        "",
+        "![accuracy vs std](acc_vs_std.png)",
+        "",
+        f"Runtime: {timer.total():.0f} s on {C.environment()['device_kind']}.",
+        "",
+    ]
+    C.plot_curves(
+        out / "acc_vs_std.png",
+        [
+            dict(
+                title=f"Gaussian noise, {nm}",
+                xlabel="noise std (pixel units)",
+                x=list(stds),
+                xscale="symlog",
+                linthresh=1.0,
+                chance=10.0,
+                curves={("GB" if m == "gb" else m): stats[(nm, m)] for m in ("unprocessed", "gb")},
+                paper={
+                    "paper unprocessed": ([1, 5, 10], [90.39, 77.43, 49.35]),
+                    "paper GB": ([1, 5, 10], [89.75, 84.58, 63.08]),
+                },
+            )
+            for nm in NOISE_MODES
+        ],
+        title=f"MNIST, {mode['model']}, {label}",
+    )
+    csv_rows = [
+        dict(
+            seed=sd,
+            model=m,
+            noise_mode=nm,
+            std=s,
+            n=mode["n_test_eff"],
+            accuracy=runs[sd]["acc"][m][nm][i],
+        )
+        for sd in seeds
+        for m in ("unprocessed", "gb")
+        for nm in NOISE_MODES
+        for i, s in enumerate(stds)
+    ]
+    results = dict(
+        experiment=EXPERIMENT,
+        mode=mname,
+        synthetic=synthetic,
+        seeds=seeds,
+        config=dict(
+            mode,
+            threshold=args.threshold,
+            purity=args.purity,
+            stds=list(stds),
+            noise_modes=list(NOISE_MODES),
+            data_dir=args.data_dir,
+        ),
+        paper_table1={str(k): dict(gb=v[0], unprocessed=v[1]) for k, v in PAPER_TABLE1.items()},
+        runs={str(s): r for s, r in runs.items()},
+        reaches_chance=chance,
+        timings=timer.marks,
+        runtime_seconds=timer.total(),
+        environment=C.environment(),
+    )
+    summary = (
+        f"[{EXPERIMENT}] {label}: accuracy %\n"
+        + C.text_table(headers, rows)
+        + f"\n\nruntime {timer.total():.0f} s"
+    )
+    C.write_outputs(
+        out, results=results, markdown="\n".join(md), csv_rows=csv_rows, summary=summary
+    )
     return results
 
 

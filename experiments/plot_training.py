@@ -38,10 +38,20 @@ def _pair(text: str, what: str) -> tuple[str, str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", action="append", required=True, metavar="LABEL=WORKDIR",
-                   type=lambda t: _pair(t, "--run"))
-    p.add_argument("--hline", action="append", default=[], metavar="LABEL=PERCENT",
-                   type=lambda t: _pair(t, "--hline"))
+    p.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="LABEL=WORKDIR",
+        type=lambda t: _pair(t, "--run"),
+    )
+    p.add_argument(
+        "--hline",
+        action="append",
+        default=[],
+        metavar="LABEL=PERCENT",
+        type=lambda t: _pair(t, "--hline"),
+    )
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--title", default="test accuracy during training")
     args = p.parse_args(argv)
@@ -56,6 +66,7 @@ def main(argv=None) -> int:
         print(f"{label:12s} {evals[-1][0]:6g} {evals[-1][1]:7.2f} {best[1]:7.2f} {best[0]:10g}")
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -67,8 +78,13 @@ def main(argv=None) -> int:
         lo = min(lo, min(acc))
     for i, (label, value) in enumerate(args.hline):
         v = float(value)
-        ax.axhline(v, ls="--" if i % 2 == 0 else ":", lw=1, color=f"C{len(runs) + i}",
-                   label=f"{label} ({v:g}%)")
+        ax.axhline(
+            v,
+            ls="--" if i % 2 == 0 else ":",
+            lw=1,
+            color=f"C{len(runs) + i}",
+            label=f"{label} ({v:g}%)",
+        )
         lo = min(lo, v)
     ax.set_ylim(max(0.0, lo - 0.5), 100.0)
     ax.set_xlabel("epoch")

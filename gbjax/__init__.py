@@ -4,11 +4,18 @@ Submodules: ``gbjax.gb`` (the clustering engine, re-exported here),
 ``gbjax.data``, ``gbjax.noise``, ``gbjax.attacks``, ``gbjax.models`` and
 ``gbjax.train`` (the last two import Flax and are loaded on first use).
 """
+
 import importlib
 
 from gbjax import attacks, data, noise
-from gbjax.attacks import (accuracy_under_attack, attack_sanity_check, bpda, fgsm,
-                           make_attack_logits, pgd)
+from gbjax.attacks import (
+    accuracy_under_attack,
+    attack_sanity_check,
+    bpda,
+    fgsm,
+    make_attack_logits,
+    pgd,
+)
 from gbjax.gb import Features, GBResult, gb_cluster, gb_denoise, gb_multiscale, memory_estimate
 
 __version__ = "0.1.0"
@@ -37,7 +44,20 @@ def __getattr__(name):
 
 
 __all__ = [
-    "Features", "GBResult", "gb_cluster", "gb_denoise", "gb_multiscale", "memory_estimate",
-    "attacks", "data", "noise", "fgsm", "pgd", "bpda", "make_attack_logits",
-    "accuracy_under_attack", "attack_sanity_check", *_LAZY,
+    "Features",
+    "GBResult",
+    "gb_cluster",
+    "gb_denoise",
+    "gb_multiscale",
+    "memory_estimate",
+    "attacks",
+    "data",
+    "noise",
+    "fgsm",
+    "pgd",
+    "bpda",
+    "make_attack_logits",
+    "accuracy_under_attack",
+    "attack_sanity_check",
+    *_LAZY,
 ]

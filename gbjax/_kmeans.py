@@ -1,4 +1,5 @@
 """k-means colour quantisation: the baseline the GB paper compares against (its Fig. 3)."""
+
 from __future__ import annotations
 
 import functools

@@ -45,7 +45,7 @@ import functools
 import math
 import numbers
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -279,8 +279,9 @@ def _fgsm_impl(fn, x, y, key, eps, lo, hi, targeted, eot_samples):
     return jnp.where(eps == 0, x, x_adv)
 
 
-def _pgd_impl(fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples,
-              unroll=1):
+def _pgd_impl(
+    fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll=1
+):
     eps = jnp.asarray(eps, x.dtype)
 
     def project(v):
@@ -311,12 +312,27 @@ def _restart_key(key, r):
     return key if r == 0 else jax.random.fold_in(key, r)
 
 
-def _pgd_restarts_impl(fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted,
-                       eot_samples, unroll=1, restarts=1):
+def _pgd_restarts_impl(
+    fn,
+    x,
+    y,
+    key,
+    eps,
+    step_size,
+    steps,
+    lo,
+    hi,
+    random_start,
+    targeted,
+    eot_samples,
+    unroll=1,
+    restarts=1,
+):
     """Best of ``restarts`` PGD runs per example: one that succeeds (misclassified,
     or classified as the target) first, then the highest loss (lowest if targeted)."""
-    best = _pgd_impl(fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted,
-                     eot_samples, unroll)
+    best = _pgd_impl(
+        fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll
+    )
     if restarts == 1:
         return best
 
@@ -333,8 +349,9 @@ def _pgd_restarts_impl(fn, x, y, key, eps, step_size, steps, lo, hi, random_star
     # (unrolled) PGD body would run its convolutions several times slower.
     for r in range(1, restarts):
         k = _restart_key(key, r)
-        cand = _pgd_impl(fn, x, y, k, eps, step_size, steps, lo, hi, random_start, targeted,
-                         eot_samples, unroll)
+        cand = _pgd_impl(
+            fn, x, y, k, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll
+        )
         hit, sc = score(cand, k)
         better = (hit & ~best_hit) | ((hit == best_hit) & (sc > best_score))
         best = jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), cand, best)
@@ -343,8 +360,9 @@ def _pgd_restarts_impl(fn, x, y, key, eps, step_size, steps, lo, hi, random_star
 
 
 _fgsm_jit = jax.jit(_fgsm_impl, static_argnames=("targeted", "eot_samples"))
-_pgd_jit = jax.jit(_pgd_restarts_impl,
-                   static_argnames=("random_start", "targeted", "eot_samples", "restarts"))
+_pgd_jit = jax.jit(
+    _pgd_restarts_impl, static_argnames=("random_start", "targeted", "eot_samples", "restarts")
+)
 _pgd_jit_unrolled = jax.jit(
     _pgd_restarts_impl,
     static_argnames=("steps", "random_start", "targeted", "eot_samples", "unroll", "restarts"),
@@ -352,13 +370,15 @@ _pgd_jit_unrolled = jax.jit(
 
 
 def _check_restarts(restarts, random_start, eot_samples) -> int:
-    if (not isinstance(restarts, numbers.Integral) or isinstance(restarts, bool)
-            or restarts < 1):
+    if not isinstance(restarts, numbers.Integral) or isinstance(restarts, bool) or restarts < 1:
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
     if restarts > 1 and not random_start and eot_samples is None:
-        raise ValueError("restarts > 1 needs random_start=True (or a randomised model with "
-                         "eot_samples): otherwise every restart is the same run")
+        raise ValueError(
+            "restarts > 1 needs random_start=True (or a randomised model with "
+            "eot_samples): otherwise every restart is the same run"
+        )
     return int(restarts)
+
 
 # XLA:CPU runs convolutions inside a while loop several times slower than the
 # same ops outside one (jax-ml/jax#12868; about 3.5x for a small CNN here, and
@@ -423,8 +443,15 @@ def fgsm(
     if _is_zero(eps):
         return jnp.asarray(x)
     return _fgsm_jit(
-        as_logits_fn(logits_fn), x, y, key, eps, lo, hi,
-        targeted=bool(targeted), eot_samples=eot_samples,
+        as_logits_fn(logits_fn),
+        x,
+        y,
+        key,
+        eps,
+        lo,
+        hi,
+        targeted=bool(targeted),
+        eot_samples=eot_samples,
     )
 
 
@@ -493,13 +520,18 @@ def pgd(
     unroll = _resolve_unroll(unroll, steps)
     if _is_zero(eps):
         return jnp.asarray(x)
-    common = dict(random_start=bool(random_start), targeted=bool(targeted),
-                  eot_samples=eot_samples, restarts=restarts)
+    common = dict(
+        random_start=bool(random_start),
+        targeted=bool(targeted),
+        eot_samples=eot_samples,
+        restarts=restarts,
+    )
     fn = as_logits_fn(logits_fn)
     if unroll == 1:
         return _pgd_jit(fn, x, y, key, eps, step_size, steps, lo, hi, **common)
-    return _pgd_jit_unrolled(fn, x, y, key, eps, step_size, int(steps), lo, hi,
-                             unroll=unroll, **common)
+    return _pgd_jit_unrolled(
+        fn, x, y, key, eps, step_size, int(steps), lo, hi, unroll=unroll, **common
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -685,12 +717,35 @@ def make_attack_logits(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("steps", "attack", "random_start", "targeted", "eot_samples", "unroll",
-                     "restarts"),
+    static_argnames=(
+        "steps",
+        "attack",
+        "random_start",
+        "targeted",
+        "eot_samples",
+        "unroll",
+        "restarts",
+    ),
 )
 def _correct_under_attack(
-    attack_fn, eval_fn, x_B, y_B, mask_B, key, eps, rel_step, steps, lo, hi,
-    *, attack, random_start, targeted, eot_samples, unroll, restarts=1,
+    attack_fn,
+    eval_fn,
+    x_B,
+    y_B,
+    mask_B,
+    key,
+    eps,
+    rel_step,
+    steps,
+    lo,
+    hi,
+    *,
+    attack,
+    random_start,
+    targeted,
+    eot_samples,
+    unroll,
+    restarts=1,
 ):
     if jnp.issubdtype(x_B.dtype, jnp.integer):
         x_B = x_B.astype(jnp.float32) / 255.0
@@ -706,8 +761,19 @@ def _correct_under_attack(
     correct_B = mask_B
     for r in range(restarts):
         x_adv = _pgd_impl(
-            attack_fn, x_B, y_B, None if attack_key is None else _restart_key(attack_key, r),
-            eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll,
+            attack_fn,
+            x_B,
+            y_B,
+            None if attack_key is None else _restart_key(attack_key, r),
+            eps,
+            step_size,
+            steps,
+            lo,
+            hi,
+            random_start,
+            targeted,
+            eot_samples,
+            unroll,
         )
         pred_B = jnp.argmax(_call(eval_fn, x_adv, eval_key), axis=-1)
         correct_B = correct_B & (pred_B == y_B)
@@ -806,8 +872,8 @@ def accuracy_under_attack(
         bar = tqdm(total=num_batches * len(eps_list), desc=desc or f"{attack} sweep", leave=False)
     try:
         for b in range(num_batches):
-            x_b = np.asarray(x[b * bs:(b + 1) * bs])
-            y_b = np.asarray(y[b * bs:(b + 1) * bs]).astype(np.int32)
+            x_b = np.asarray(x[b * bs : (b + 1) * bs])
+            y_b = np.asarray(y[b * bs : (b + 1) * bs]).astype(np.int32)
             m = x_b.shape[0]
             mask_b = np.arange(bs) < m
             if m < bs:  # pad the ragged last batch; padded rows are masked out
@@ -817,9 +883,23 @@ def accuracy_under_attack(
             for i, e in enumerate(eps_list):
                 k = None if key is None else jax.random.fold_in(jax.random.fold_in(key, b), i)
                 c = _correct_under_attack(
-                    attack_fn, eval_fn, x_b, y_b, mask_b, k, e, rel_step, steps, lo, hi,
-                    attack=attack, random_start=bool(random_start) and attack == "pgd",
-                    targeted=False, eot_samples=eot_samples, unroll=unroll, restarts=restarts,
+                    attack_fn,
+                    eval_fn,
+                    x_b,
+                    y_b,
+                    mask_b,
+                    k,
+                    e,
+                    rel_step,
+                    steps,
+                    lo,
+                    hi,
+                    attack=attack,
+                    random_start=bool(random_start) and attack == "pgd",
+                    targeted=False,
+                    eot_samples=eot_samples,
+                    unroll=unroll,
+                    restarts=restarts,
                 )
                 correct[i] += int(c)
                 if bar is not None:
@@ -890,8 +970,11 @@ def attack_sanity_check(
     if len(eps_list) == 0:
         raise ValueError("eps_list must not be empty")
     common = dict(
-        eps_list=eps_list, batch_size=batch_size, eval_logits_fn=eval_logits_fn,
-        eot_samples=eot_samples, progress=progress,
+        eps_list=eps_list,
+        batch_size=batch_size,
+        eval_logits_fn=eval_logits_fn,
+        eot_samples=eot_samples,
+        progress=progress,
     )
     k_fgsm, k_pgd = jax.random.split(key)
     acc_fgsm = accuracy_under_attack(logits_fn, x, y, attack="fgsm", key=k_fgsm, **common)

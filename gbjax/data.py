@@ -83,8 +83,16 @@ SPLITS = ("train", "test")
 
 #: CIFAR-10's canonical class order: label ``i`` is ``CIFAR10_CLASSES[i]``.
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".gif")
@@ -232,7 +240,9 @@ def load(
         except Exception as e:  # network errors of every kind
             tried.append(f"download from {_download_urls(name, split)}: failed ({e})")
         else:
-            out = _load_from_root(name, split, dl_root, "download cache", cache_root, progress, tried)
+            out = _load_from_root(
+                name, split, dl_root, "download cache", cache_root, progress, tried
+            )
             if out is not None:
                 return out
     else:
@@ -290,8 +300,14 @@ def load_image_folder(
             raise ValueError(f"{path}: no images found at <class>/<image>")
         names = sorted({p[-2] for p, _ in entries})
         order = tuple(classes) if classes is not None else tuple(names)
-        return _decode_entries(entries, order, mode=None, source=path, progress=progress,
-                               desc=f"decoding {os.path.basename(path)}")
+        return _decode_entries(
+            entries,
+            order,
+            mode=None,
+            source=path,
+            progress=progress,
+            desc=f"decoding {os.path.basename(path)}",
+        )
 
     if cache_dir is None:
         return decode()
@@ -327,7 +343,9 @@ def _dataset_dirs(name: str, root: str) -> list[str]:
     for alias in _DIR_ALIASES[name]:
         d = os.path.join(root, alias)
         for sub in (d, os.path.join(d, "raw")):
-            if os.path.isdir(sub) and os.path.realpath(sub) not in {os.path.realpath(x) for x in dirs}:
+            if os.path.isdir(sub) and os.path.realpath(sub) not in {
+                os.path.realpath(x) for x in dirs
+            }:
                 dirs.append(sub)
     return dirs
 
@@ -372,8 +390,13 @@ def _idx_candidates(d: str, split: str, progress: bool) -> list[_Candidate]:
     labels = _first_existing(d, (f"{pre}-labels-idx1-ubyte", f"{pre}-labels.idx1-ubyte"))
     if images is None or labels is None:
         return []
-    return [_Candidate(f"{images} + {os.path.basename(labels)}", (images, labels),
-                       lambda: _decode_idx_pair(images, labels))]
+    return [
+        _Candidate(
+            f"{images} + {os.path.basename(labels)}",
+            (images, labels),
+            lambda: _decode_idx_pair(images, labels),
+        )
+    ]
 
 
 def _cifar_candidates(d: str, split: str, progress: bool) -> list[_Candidate]:
@@ -381,7 +404,9 @@ def _cifar_candidates(d: str, split: str, progress: bool) -> list[_Candidate]:
     # official python batches, extracted
     for bdir in (os.path.join(d, "cifar-10-batches-py"), d):
         if os.path.isfile(os.path.join(bdir, "test_batch")):
-            cands.append(_Candidate(bdir, (bdir,), lambda b=bdir: _decode_cifar_batches_dir(b, split)))
+            cands.append(
+                _Candidate(bdir, (bdir,), lambda b=bdir: _decode_cifar_batches_dir(b, split))
+            )
             break
     # official python batches, archived
     tgz = os.path.join(d, "cifar-10-python.tar.gz")
@@ -392,7 +417,9 @@ def _cifar_candidates(d: str, split: str, progress: bool) -> list[_Candidate]:
         os.path.join(d, e, split) for e in os.listdir(d) if os.path.isdir(os.path.join(d, e, split))
     ):
         if os.path.isdir(sd):
-            cands.append(_Candidate(sd, (sd,), lambda s=sd: _decode_cifar_image_folder(s, progress)))
+            cands.append(
+                _Candidate(sd, (sd,), lambda s=sd: _decode_cifar_image_folder(s, progress))
+            )
             break
     # image folder inside an archive
     for entry in sorted(os.listdir(d)):
@@ -400,7 +427,9 @@ def _cifar_candidates(d: str, split: str, progress: bool) -> list[_Candidate]:
         if entry == "cifar-10-python.tar.gz" or not os.path.isfile(p):
             continue
         if entry.endswith((".tar.gz", ".tgz", ".tar")):
-            cands.append(_Candidate(p, (p,), lambda p=p: _decode_cifar_image_tar(p, split, progress)))
+            cands.append(
+                _Candidate(p, (p,), lambda p=p: _decode_cifar_image_tar(p, split, progress))
+            )
     return cands
 
 
@@ -426,7 +455,9 @@ def _read_idx(path: str) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise CorruptDataError(f"{path}: not an IDX file (bad magic number)")
     if data[2] != 0x08:
-        raise CorruptDataError(f"{path}: unsupported IDX element type 0x{data[2]:02x} (want 0x08 uint8)")
+        raise CorruptDataError(
+            f"{path}: unsupported IDX element type 0x{data[2]:02x} (want 0x08 uint8)"
+        )
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -449,7 +480,9 @@ def _decode_idx_pair(images_path: str, labels_path: str) -> Arrays:
     if y.ndim != 1:
         raise CorruptDataError(f"{labels_path}: expected a 1-d IDX label file, got shape {y.shape}")
     if len(x) != len(y):
-        raise CorruptDataError(f"{images_path} has {len(x)} images but {labels_path} has {len(y)} labels")
+        raise CorruptDataError(
+            f"{images_path} has {len(x)} images but {labels_path} has {len(y)} labels"
+        )
     return x[..., None], y.astype(np.int32)
 
 
@@ -457,9 +490,12 @@ class _BatchUnpickler(pickle.Unpickler):
     """Unpickler for CIFAR batches that only builds numpy arrays (no arbitrary code)."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
         ("_codecs", "encode"),
     }
 
@@ -467,7 +503,7 @@ class _BatchUnpickler(pickle.Unpickler):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         if module.startswith("numpy.core.") and np.lib.NumpyVersion(np.__version__) >= "2.0.0":
-            module = "numpy._core." + module[len("numpy.core."):]
+            module = "numpy._core." + module[len("numpy.core.") :]
         return super().find_class(module, name)
 
 
@@ -478,8 +514,16 @@ def _parse_cifar_batch(data: bytes, where: str) -> Arrays:
         y = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:
         raise CorruptDataError(f"{where}: not a readable CIFAR-10 python batch ({e!r})") from e
-    if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y) or y.min(initial=0) < 0 or y.max(initial=0) > 9:
-        raise CorruptDataError(f"{where}: unexpected CIFAR-10 batch contents (data {x.shape}, labels {y.shape})")
+    if (
+        x.ndim != 2
+        or x.shape[1] != 3072
+        or len(x) != len(y)
+        or y.min(initial=0) < 0
+        or y.max(initial=0) > 9
+    ):
+        raise CorruptDataError(
+            f"{where}: unexpected CIFAR-10 batch contents (data {x.shape}, labels {y.shape})"
+        )
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y.astype(np.int32)
 
 
@@ -488,7 +532,9 @@ def _batch_names(split: str) -> list[str]:
 
 
 def _concat(parts: list[Arrays]) -> Arrays:
-    return np.ascontiguousarray(np.concatenate([p[0] for p in parts])), np.concatenate([p[1] for p in parts])
+    return np.ascontiguousarray(np.concatenate([p[0] for p in parts])), np.concatenate(
+        [p[1] for p in parts]
+    )
 
 
 def _decode_cifar_batches_dir(bdir: str, split: str) -> Arrays:
@@ -512,7 +558,7 @@ def _ustar_index(data: bytes) -> list[tuple[str, int, int]] | None:
     """
     out, off, n = [], 0, len(data)
     while off + 512 <= n:
-        h = data[off:off + 512]
+        h = data[off : off + 512]
         if h[0] == 0:  # end-of-archive block
             return out
         if h[257:262] != b"ustar" or h[124] & 0x80:
@@ -528,7 +574,7 @@ def _ustar_index(data: bytes) -> list[tuple[str, int, int]] | None:
         if typ in (b"0", b"\0"):
             out.append((f"{prefix}/{name}" if prefix else name, off, size))
         elif typ in (b"g", b"x"):  # pax headers: fine if they change no name or size
-            if _pax_keys(data[off:off + size]) - _HARMLESS_PAX_KEYS:
+            if _pax_keys(data[off : off + size]) - _HARMLESS_PAX_KEYS:
                 return None
         elif typ != b"5":
             return None
@@ -543,10 +589,10 @@ def _pax_keys(payload: bytes) -> set[str]:
     """Keys of pax extended-header records (``b"<len> <key>=<value>\\n"``); junk -> {"?"}."""
     keys, i = set(), 0
     try:
-        while i < len(payload) and payload[i:i + 1] != b"\0":
+        while i < len(payload) and payload[i : i + 1] != b"\0":
             space = payload.index(b" ", i)
             length = int(payload[i:space])
-            keys.add(payload[space + 1:i + length].split(b"=", 1)[0].decode("utf-8"))
+            keys.add(payload[space + 1 : i + length].split(b"=", 1)[0].decode("utf-8"))
             i += length
     except ValueError:
         return {"?"}
@@ -566,7 +612,9 @@ def _tar_members(path: str) -> tuple[list[tuple[str, int, int]], bytes]:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
                 members = [(m.name, m.offset_data, m.size) for m in tf.getmembers() if m.isfile()]
         except (tarfile.TarError, EOFError) as e:
-            raise CorruptDataError(f"{path}: not a readable tar archive, or corrupt or truncated ({e})") from e
+            raise CorruptDataError(
+                f"{path}: not a readable tar archive, or corrupt or truncated ({e})"
+            ) from e
     for name, offset, size in members:
         if offset + size > len(data):
             raise CorruptDataError(f"{path}: truncated tar archive (member {name} is cut short)")
@@ -581,7 +629,7 @@ def _decode_cifar_batches_tar(path: str, split: str) -> Arrays:
         if b not in by_base:
             raise CorruptDataError(f"{path}: missing CIFAR-10 batch file {b}")
         name, offset, size = by_base[b]
-        parts.append(_parse_cifar_batch(data[offset:offset + size], f"{path}:{name}"))
+        parts.append(_parse_cifar_batch(data[offset : offset + size], f"{path}:{name}"))
     return _concat(parts)
 
 
@@ -603,7 +651,8 @@ def _folder_entries(root: str, depth: int) -> list[_Entry]:
         for f in filenames:
             if _is_image_name(f):
                 (entries if len(parts) + 1 == depth else misplaced).append(
-                    (parts + (f,), os.path.join(dirpath, f)))
+                    (parts + (f,), os.path.join(dirpath, f))
+                )
     if misplaced and not entries:
         raise ValueError(
             f"{root}: images found at {os.path.join(*misplaced[0][0])} but expected <class>/<image>; "
@@ -618,7 +667,7 @@ def _archive_entries(path: str, keep: Callable[[tuple[str, ...]], bool]) -> list
     for name, offset, size in members:
         parts = tuple(p for p in name.split("/") if p not in ("", "."))
         if parts and _is_image_name(parts[-1]) and keep(parts):
-            out.append((parts, data[offset:offset + size]))
+            out.append((parts, data[offset : offset + size]))
     return out
 
 
@@ -626,21 +675,38 @@ def _decode_cifar_image_folder(split_dir: str, progress: bool) -> Arrays | None:
     entries = _folder_entries(split_dir, depth=2)
     if not entries:
         return None
-    return _decode_entries(entries, CIFAR10_CLASSES, mode="RGB", source=split_dir, progress=progress,
-                           desc=f"decoding {split_dir}")
+    return _decode_entries(
+        entries,
+        CIFAR10_CLASSES,
+        mode="RGB",
+        source=split_dir,
+        progress=progress,
+        desc=f"decoding {split_dir}",
+    )
 
 
 def _decode_cifar_image_tar(path: str, split: str, progress: bool) -> Arrays | None:
     entries = _archive_entries(path, lambda parts: len(parts) >= 3 and parts[-3] == split)
     if not entries:
         return None
-    return _decode_entries(entries, CIFAR10_CLASSES, mode="RGB", source=path, progress=progress,
-                           desc=f"decoding cifar10 {split}")
+    return _decode_entries(
+        entries,
+        CIFAR10_CLASSES,
+        mode="RGB",
+        source=path,
+        progress=progress,
+        desc=f"decoding cifar10 {split}",
+    )
 
 
 def _decode_entries(
-    entries: list[_Entry], classes: Sequence[str], *, mode: str | None, source: str,
-    progress: bool, desc: str,
+    entries: list[_Entry],
+    classes: Sequence[str],
+    *,
+    mode: str | None,
+    source: str,
+    progress: bool,
+    desc: str,
 ) -> Arrays:
     """Decode image entries into one uint8 NHWC array, labels by ``classes`` order."""
     from PIL import Image  # pillow is a core dependency; imported lazily for start-up time
@@ -649,7 +715,9 @@ def _decode_entries(
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({p[-2] for p, _ in entries} - set(index))
     if unknown:
-        raise CorruptDataError(f"{source}: unexpected class folder(s) {unknown[:5]}; expected some of {list(classes)}")
+        raise CorruptDataError(
+            f"{source}: unexpected class folder(s) {unknown[:5]}; expected some of {list(classes)}"
+        )
     entries = sorted(entries, key=lambda e: (index[e[0][-2]], e[0][-1], e[0]))
     labels = np.fromiter((index[p[-2]] for p, _ in entries), np.int32, len(entries))
 
@@ -697,12 +765,16 @@ def _decode_entries(
 # --------------------------------------------------------------------------- #
 
 
-def _load_tfds(name: str, split: str, cache_root: str, progress: bool, tried: list[str]) -> Arrays | None:
+def _load_tfds(
+    name: str, split: str, cache_root: str, progress: bool, tried: list[str]
+) -> Arrays | None:
     try:
         import tensorflow_datasets as tfds  # type: ignore[import-not-found]
     except Exception as e:  # ImportError, or a broken TensorFlow install
-        tried.append(f"tensorflow-datasets: not importable ({type(e).__name__}: {e}); "
-                     "pip install 'gbjax[tfds]' to enable")
+        tried.append(
+            f"tensorflow-datasets: not importable ({type(e).__name__}: {e}); "
+            "pip install 'gbjax[tfds]' to enable"
+        )
         return None
     version = getattr(tfds, "__version__", "?")
 
@@ -718,7 +790,9 @@ def _load_tfds(name: str, split: str, cache_root: str, progress: bool, tried: li
     try:
         return _cached(cache_root, name, split, (), f"tfds-{version}", decode)
     except Exception as e:
-        tried.append(f"tensorflow-datasets: tfds.load({name!r}, split={split!r}) failed ({type(e).__name__}: {e})")
+        tried.append(
+            f"tensorflow-datasets: tfds.load({name!r}, split={split!r}) failed ({type(e).__name__}: {e})"
+        )
         return None
 
 
@@ -754,8 +828,13 @@ def _fetch(url: str, dest: str, progress: bool) -> None:
 
     with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
         total = int(r.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {os.path.basename(url)}",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"download {os.path.basename(url)}",
+            disable=not progress,
+        ) as bar:
             while chunk := r.read(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -838,7 +917,7 @@ def _signature(paths: Sequence[str]) -> str:
                         stack.append(e.path)
                     else:
                         st = e.stat()
-                        h.update(f"{e.path[len(p):]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                        h.update(f"{e.path[len(p) :]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             parts.append(f"dir:{p}:{h.hexdigest()}")
         else:
             st = os.stat(p)
@@ -846,9 +925,13 @@ def _signature(paths: Sequence[str]) -> str:
     return "\n".join(parts)
 
 
-def _cache_file(cache_root: str, name: str, split: str, paths: Sequence[str], extra: str) -> tuple[str, str]:
+def _cache_file(
+    cache_root: str, name: str, split: str, paths: Sequence[str], extra: str
+) -> tuple[str, str]:
     """Return (entry path, glob-style stem shared by entries of the same source)."""
-    src = hashlib.sha256("\n".join([extra] + [os.path.abspath(p) for p in paths]).encode()).hexdigest()[:8]
+    src = hashlib.sha256(
+        "\n".join([extra] + [os.path.abspath(p) for p in paths]).encode()
+    ).hexdigest()[:8]
     key = hashlib.sha256(
         f"v{_CACHE_VERSION}\n{name}\n{split}\n{extra}\n{_signature(paths)}".encode()
     ).hexdigest()[:16]
@@ -886,13 +969,20 @@ def _write_cache(path: str, stem: str, arrays: Arrays) -> None:
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
-        warnings.warn(f"gbjax: could not write cache entry {path} ({e}); continuing without cache", stacklevel=3)
+        warnings.warn(
+            f"gbjax: could not write cache entry {path} ({e}); continuing without cache",
+            stacklevel=3,
+        )
         return
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     for entry in os.listdir(root):
-        if entry.startswith(os.path.basename(stem)) and entry.endswith(".npz") and entry != os.path.basename(path):
+        if (
+            entry.startswith(os.path.basename(stem))
+            and entry.endswith(".npz")
+            and entry != os.path.basename(path)
+        ):
             try:
                 os.unlink(os.path.join(root, entry))
             except OSError:
@@ -900,7 +990,11 @@ def _write_cache(path: str, stem: str, arrays: Arrays) -> None:
 
 
 def _cached(
-    cache_root: str, name: str, split: str, paths: Sequence[str], extra: str,
+    cache_root: str,
+    name: str,
+    split: str,
+    paths: Sequence[str],
+    extra: str,
     decode: Callable[[], Arrays | None],
 ) -> Arrays | None:
     """Serve ``decode()``'s result from the cache, decoding and storing it on a miss."""
@@ -959,7 +1053,9 @@ def epoch_batches(
     if b <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if drop_remainder and n < b:
-        raise ValueError(f"batch_size={b} exceeds num_examples={n} with drop_remainder=True: no batches")
+        raise ValueError(
+            f"batch_size={b} exceeds num_examples={n} with drop_remainder=True: no batches"
+        )
     order_N = jnp.arange(n, dtype=jnp.int32) if key is None else epoch_permutation(key, n)
     s = n // b if drop_remainder else -(-n // b)
     pos = jnp.arange(s * b, dtype=jnp.int32)
@@ -993,7 +1089,9 @@ def iterate_batches(
         raise ValueError("arrays must contain at least one array")
     n = int(leaves[0].shape[0])
     if any(int(a.shape[0]) != n for a in leaves):
-        raise ValueError(f"all arrays must share the leading axis; got {[a.shape[0] for a in leaves]}")
+        raise ValueError(
+            f"all arrays must share the leading axis; got {[a.shape[0] for a in leaves]}"
+        )
     idx_SB, mask_SB = epoch_batches(key, n, batch_size, drop_remainder=(ragged == "drop"))
     idx_host_SB, mask_host_SB = np.asarray(idx_SB), np.asarray(mask_SB)
 
@@ -1008,7 +1106,9 @@ def iterate_batches(
         yield jax.tree_util.tree_map(lambda a: take(a, idx_host, idx_dev), arrays), mask
 
 
-def random_crop_flip(key: jax.Array, x_BHWC: jax.Array, pad: int = 4, *, flip: bool = True) -> jax.Array:
+def random_crop_flip(
+    key: jax.Array, x_BHWC: jax.Array, pad: int = 4, *, flip: bool = True
+) -> jax.Array:
     """Per-image random crop after zero padding, and random horizontal flip.
 
     The standard CIFAR augmentation: pad each side of H and W by ``pad`` zeros,

@@ -54,12 +54,14 @@ slowest), and the first rounds use few balls. So the pixels still in play are
 compacted into smaller fixed buffers as they thin out, and the first rounds run
 with K / 8 ball slots per image (see ``_cluster_labels``).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,22 +150,26 @@ class GBResult(NamedTuple):
 # Features
 # --------------------------------------------------------------------------
 
+
 def image_features(image_HWC: jax.Array, features: Features = Features()) -> jax.Array:
     """Per-pixel feature vectors (H*W, F) of one float image in pixel units."""
     H, W, C = image_HWC.shape
     x = image_HWC.astype(jnp.float32)
     parts = [x.reshape(H * W, C) * jnp.float32(features.color)]
     if features.spatial > 0:
-        rr, cc = jnp.meshgrid(jnp.arange(H, dtype=jnp.float32), jnp.arange(W, dtype=jnp.float32),
-                              indexing="ij")
+        rr, cc = jnp.meshgrid(
+            jnp.arange(H, dtype=jnp.float32), jnp.arange(W, dtype=jnp.float32), indexing="ij"
+        )
         parts.append(jnp.stack([rr, cc], -1).reshape(H * W, 2) * jnp.float32(features.spatial))
     if features.texture > 0:
         grey = jnp.mean(x, axis=-1)
         r = features.texture_window // 2
         g = jnp.pad(grey, r, mode="edge")
         win = (features.texture_window, features.texture_window)
-        box = lambda a: jax.lax.reduce_window(a, 0.0, jax.lax.add, win, (1, 1), "VALID") / (
-            features.texture_window ** 2)
+        box = lambda a: (
+            jax.lax.reduce_window(a, 0.0, jax.lax.add, win, (1, 1), "VALID")
+            / (features.texture_window**2)
+        )
         mean = box(g)
         var = jnp.maximum(box(g * g) - mean * mean, 0.0)
         std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
@@ -181,6 +187,7 @@ def image_features(image_HWC: jax.Array, features: Features = Features()) -> jax
 # where an image holds only 1-8 balls, dense forms were measured too (one-hot
 # einsums: 9-31 ns per pixel per Lloyd step; masked reductions over pixels: 5-15
 # ns) and lost to this scatter (3-5 ns) on XLA:CPU.
+
 
 def _segsum(v, seg, k):
     return jax.ops.segment_sum(v, seg, num_segments=k)
@@ -279,8 +286,11 @@ def _kept_indices(keep_Q, size):
     """
     Q = keep_Q.shape[0]
     pos = jax.lax.associative_scan(jnp.add, keep_Q.astype(jnp.int32)) - 1
-    return jnp.full(size, Q, jnp.int32).at[jnp.where(keep_Q, pos, size)].set(
-        jnp.arange(Q, dtype=jnp.int32), mode="drop")
+    return (
+        jnp.full(size, Q, jnp.int32)
+        .at[jnp.where(keep_Q, pos, size)]
+        .set(jnp.arange(Q, dtype=jnp.int32), mode="drop")
+    )
 
 
 def _compact(keep_Q, size, arrays_fills):
@@ -301,6 +311,7 @@ def _lloyd(x, x1, g, ab, chosen, cnt, *, S1, F, sizes, kmeans_iters):
     ball keeps the centres that made its last assignment, so recomputing the
     assignment from them gives its final sides.
     """
+
     def body(xg, x1g, gg, C1):
         def step(st):
             ab, active, cnt2, it, _, cnt = st
@@ -315,17 +326,24 @@ def _lloyd(x, x1, g, ab, chosen, cnt, *, S1, F, sizes, kmeans_iters):
             nxt = active & nonempty & moved & (it < kmeans_iters)
             ab = jnp.where(nxt[:, None, None], means, ab)
             return ab, nxt, cnt2, it, jnp.sum(jnp.where(nxt, cnt, 0)), cnt
+
         return step
 
     def run(st, xg, x1g, gg, C1, nxt_size):
-        return jax.lax.while_loop(lambda s: jnp.any(s[1]) & (s[4] > nxt_size),
-                                  body(xg, x1g, gg, C1), st)
+        return jax.lax.while_loop(
+            lambda s: jnp.any(s[1]) & (s[4] > nxt_size), body(xg, x1g, gg, C1), st
+        )
 
     # Level j: the pixels of still-moving balls (level 0: the round's working
     # set) and, where fewer than the slots, those balls renumbered 0..C-1
     # (C <= size / 2: a chosen ball has >= 2 members).
-    st = (ab, chosen, jnp.zeros((S1, 2), jnp.float32), jnp.int32(0),
-          jnp.sum(jnp.where(chosen, cnt, 0)))
+    st = (
+        ab,
+        chosen,
+        jnp.zeros((S1, 2), jnp.float32),
+        jnp.int32(0),
+        jnp.sum(jnp.where(chosen, cnt, 0)),
+    )
     xg, x1g, gg = x, x1, g
     for j, size in enumerate(sizes):
         ab, active, cnt2, it, left = st
@@ -334,8 +352,9 @@ def _lloyd(x, x1, g, ab, chosen, cnt, *, S1, F, sizes, kmeans_iters):
         nxt_size = sizes[j + 1] if j + 1 < len(sizes) else -1
         C = min(S1 - 1, size // 2)
         if C == S1 - 1:
-            ab, active, cnt2, it, left, _ = run((ab, active, cnt2, it, left, cnt),
-                                                xg, x1g, gg, S1, nxt_size)
+            ab, active, cnt2, it, left, _ = run(
+                (ab, active, cnt2, it, left, cnt), xg, x1g, gg, S1, nxt_size
+            )
         else:
             bsel = jnp.minimum(_kept_indices(active, C), S1 - 1)
             local = jnp.full(S1, C, jnp.int32).at[bsel].set(jnp.arange(C, dtype=jnp.int32))
@@ -343,7 +362,12 @@ def _lloyd(x, x1, g, ab, chosen, cnt, *, S1, F, sizes, kmeans_iters):
             bsel1 = jnp.concatenate([bsel, jnp.array([S1 - 1], jnp.int32)])
             abl, actl, cnt2l, it, left, _ = run(
                 (ab[bsel1], active[bsel1], cnt2[bsel1], it, left, cnt[bsel1]),
-                xg, x1g, local[gg], C + 1, nxt_size)
+                xg,
+                x1g,
+                local[gg],
+                C + 1,
+                nxt_size,
+            )
             ab = ab.at[bsel].set(abl[:C])
             active = active.at[bsel].set(actl[:C]).at[S1 - 1].set(False)
             cnt2 = cnt2.at[bsel].set(cnt2l[:C])
@@ -392,24 +416,35 @@ def _cluster_labels(x_BNF, threshold, purity, *, K, max_rounds, kmeans_iters, mu
             if Kc < K:  # at most Kc / 2 balls per image: the capacity cannot bind
                 chosen = cand
             else:
-                chosen, over = _capacity_choice(cand.reshape(B, K), frac.reshape(B, K),
-                                                cnt.reshape(B, K), K - n_balls)
+                chosen, over = _capacity_choice(
+                    cand.reshape(B, K), frac.reshape(B, K), cnt.reshape(B, K), K - n_balls
+                )
                 chosen = chosen.reshape(S)
                 saturated = saturated | over
 
             # Deterministic 2-means seeds: farthest from the centre, then farthest from it.
             a = xs[_argmax_member(d2, gs, Sc + 1)]
             b = xs[_argmax_member(_sqdist(xs, a[gs]), gs, Sc + 1)]
-            ab, cnt2 = _lloyd(xs, x1s, gs, jnp.stack([a, b], 1), _ext(chosen, False),
-                              _ext(cnt, 0), S1=Sc + 1, F=F, sizes=lloyd_sizes,
-                              kmeans_iters=kmeans_iters)
+            ab, cnt2 = _lloyd(
+                xs,
+                x1s,
+                gs,
+                jnp.stack([a, b], 1),
+                _ext(chosen, False),
+                _ext(cnt, 0),
+                S1=Sc + 1,
+                F=F,
+                sizes=lloyd_sizes,
+                kmeans_iters=kmeans_iters,
+            )
             cg = ab[gs]
             side = _sqdist(xs, cg[:, 1]) < _sqdist(xs, cg[:, 0])
 
             ok = chosen & jnp.all(cnt2[:Sc] > 0, axis=1)
             okBK = ok.reshape(B, Kc)
-            new_slot = (offc[:, None] + n_balls[:, None] + jnp.cumsum(okBK.astype(jnp.int32), 1)
-                        - 1).reshape(Sc)
+            new_slot = (
+                offc[:, None] + n_balls[:, None] + jnp.cumsum(okBK.astype(jnp.int32), 1) - 1
+            ).reshape(Sc)
             moved = _ext(ok, False)[gs] & side
             gs = jnp.where(moved, _ext(new_slot, 0)[gs], gs)
             n_split = jnp.sum(okBK.astype(jnp.int32), axis=1)
@@ -417,15 +452,32 @@ def _cluster_labels(x_BNF, threshold, purity, *, K, max_rounds, kmeans_iters, mu
             opened = jnp.zeros(Sc, bool).at[jnp.where(ok, new_slot, Sc)].set(True, mode="drop")
             n_open = jnp.sum(jnp.where(still, cnt, 0))
             rounds = rounds + active.astype(jnp.int32)
-            return (gs, still | opened, n_balls + n_split, saturated, rounds, n_split > 0, rnd + 1,
-                    n_open)
+            return (
+                gs,
+                still | opened,
+                n_balls + n_split,
+                saturated,
+                rounds,
+                n_split > 0,
+                rnd + 1,
+                n_open,
+            )
+
         return step
 
     def going(s, n):
         return jnp.any(s[5]) & (s[6] < max_rounds) & (s[7] > n)
 
-    state = (None, None, jnp.ones(B, jnp.int32), jnp.zeros(B, bool), jnp.zeros(B, jnp.int32),
-             jnp.ones(B, bool), jnp.int32(0), jnp.int32(M))
+    state = (
+        None,
+        None,
+        jnp.ones(B, jnp.int32),
+        jnp.zeros(B, bool),
+        jnp.zeros(B, jnp.int32),
+        jnp.ones(B, bool),
+        jnp.int32(0),
+        jnp.int32(M),
+    )
     caps = (_early_capacities(K) if multilevel else ()) + (K,)
     n1 = sizes[1] if len(sizes) > 1 else -1
     Kc = caps[0]
@@ -434,7 +486,9 @@ def _cluster_labels(x_BNF, threshold, purity, *, K, max_rounds, kmeans_iters, mu
     for Kn in caps[1:]:
         state = jax.lax.while_loop(
             lambda s, Kc=Kc: going(s, n1) & (jnp.max(s[2]) <= Kc // 2),
-            split_round(x, x1, sizes, Kc), state)
+            split_round(x, x1, sizes, Kc),
+            state,
+        )
         gs, open_ = state[0], state[1]
         gs = (gs // Kc) * Kn + gs % Kc
         open_ = jnp.pad(open_.reshape(B, Kc), ((0, 0), (0, Kn - Kc))).reshape(B * Kn)
@@ -447,11 +501,14 @@ def _cluster_labels(x_BNF, threshold, purity, *, K, max_rounds, kmeans_iters, mu
         if r > 0:
             g_full = g_full.at[pix].set(state[0], mode="drop")
             keep = _ext(state[1], False)[state[0]]
-            pix, xs, x1s, gs = _compact(keep, size, [(pix, M), (xs, 0.0), (x1s, 0.0), (state[0], S)])
+            pix, xs, x1s, gs = _compact(
+                keep, size, [(pix, M), (xs, 0.0), (x1s, 0.0), (state[0], S)]
+            )
             state = (gs,) + state[1:]
         nxt_size = sizes[r + 1] if r + 1 < len(sizes) else -1
-        state = jax.lax.while_loop(lambda s, n=nxt_size: going(s, n),
-                                   split_round(xs, x1s, sizes[r:], K), state)
+        state = jax.lax.while_loop(
+            lambda s, n=nxt_size: going(s, n), split_round(xs, x1s, sizes[r:], K), state
+        )
     g_full = g_full.at[pix].set(state[0], mode="drop")
     _, _, n_balls, saturated, rounds, _, _, _ = state
     return (g_full - jnp.repeat(off, N)).reshape(B, N), n_balls, saturated, rounds
@@ -497,6 +554,7 @@ def _nearest_kept(x_BNF, c_BKF, kept_BK, noise_BN):
             dd = csq[b] - 2.0 * jnp.einsum("qf,qkf->qk", xq, c_BKF[b])
             near = jnp.argmin(jnp.where(kept_BK[b], dd, jnp.inf), axis=-1).astype(jnp.int32)
             return jnp.zeros(M + 1, jnp.int32).at[idx].set(near)[:M].reshape(B, N)
+
         return run
 
     n_noise = jnp.sum(noise_BN.astype(jnp.int32))
@@ -523,21 +581,51 @@ def _multilevel(pixels: int) -> bool:
     return pixels >= _MULTILEVEL_MIN_PIXELS
 
 
-@functools.partial(jax.jit, static_argnames=("K", "max_rounds", "kmeans_iters", "min_ball_size",
-                                              "features", "out_dtype", "multilevel"))
-def _cluster_batch(images_BHWC, threshold, purity, scale, *, K, max_rounds, kmeans_iters,
-                   min_ball_size, features, out_dtype, multilevel=None):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "K",
+        "max_rounds",
+        "kmeans_iters",
+        "min_ball_size",
+        "features",
+        "out_dtype",
+        "multilevel",
+    ),
+)
+def _cluster_batch(
+    images_BHWC,
+    threshold,
+    purity,
+    scale,
+    *,
+    K,
+    max_rounds,
+    kmeans_iters,
+    min_ball_size,
+    features,
+    out_dtype,
+    multilevel=None,
+):
     """The compiled program: a batch of images in input units -> GBResult."""
     B, H, W, C = images_BHWC.shape
     N = H * W
-    x_BNF = jax.vmap(lambda im: image_features(im, features))(images_BHWC.astype(jnp.float32) * scale)
+    x_BNF = jax.vmap(lambda im: image_features(im, features))(
+        images_BHWC.astype(jnp.float32) * scale
+    )
     F = x_BNF.shape[-1]
     if multilevel is None:
         multilevel = _multilevel(B * N)
     # The partition is piecewise constant in the input: no gradient through it.
     labels, n_balls, saturated, rounds = _cluster_labels(
-        jax.lax.stop_gradient(x_BNF), threshold, purity, K=K, max_rounds=max_rounds,
-        kmeans_iters=kmeans_iters, multilevel=multilevel)
+        jax.lax.stop_gradient(x_BNF),
+        threshold,
+        purity,
+        K=K,
+        max_rounds=max_rounds,
+        kmeans_iters=kmeans_iters,
+        multilevel=multilevel,
+    )
 
     # Final statistics, differentiable in the pixel values (for end-to-end attacks).
     S = B * K
@@ -549,14 +637,20 @@ def _cluster_batch(images_BHWC, threshold, purity, scale, *, K, max_rounds, kmea
     dist = jnp.where(safe, jnp.sqrt(jnp.where(safe, d2, 1.0)), 0.0)
     cntf = jnp.maximum(cnt, 1).astype(jnp.float32)
     radii = _segsum(dist, g, S) / cntf
-    within = _segsum((d2 < jnp.asarray(threshold, jnp.float32) ** 2).astype(jnp.float32), g, S) / cntf
+    within = (
+        _segsum((d2 < jnp.asarray(threshold, jnp.float32) ** 2).astype(jnp.float32), g, S) / cntf
+    )
 
     kept = (cnt >= min_ball_size).reshape(B, K)
     noise = ~kept.reshape(-1)[g]
     paint = g
     if min_ball_size > 1:
-        nearest = _nearest_kept(jax.lax.stop_gradient(x_BNF),
-                                jax.lax.stop_gradient(c).reshape(B, K, F), kept, noise.reshape(B, N))
+        nearest = _nearest_kept(
+            jax.lax.stop_gradient(x_BNF),
+            jax.lax.stop_gradient(c).reshape(B, K, F),
+            kept,
+            noise.reshape(B, N),
+        )
         nearest = (nearest + (jnp.arange(B, dtype=jnp.int32) * K)[:, None]).reshape(-1)
         any_kept = jnp.repeat(jnp.any(kept, axis=1), N)
         paint = jnp.where(noise & any_kept, nearest, g)
@@ -568,15 +662,23 @@ def _cluster_batch(images_BHWC, threshold, purity, scale, *, K, max_rounds, kmea
     else:
         img = (colour / scale).astype(out_dtype)
     return GBResult(
-        labels=labels.reshape(B, H, W), centers=(c * (cnt > 0)[:, None]).reshape(B, K, F),
-        radii=radii.reshape(B, K), counts=cnt.reshape(B, K),
-        within_fraction=within.reshape(B, K), n_balls=n_balls, noise=noise.reshape(B, H, W),
-        image=img.reshape(B, H, W, C), saturated=saturated, rounds=rounds)
+        labels=labels.reshape(B, H, W),
+        centers=(c * (cnt > 0)[:, None]).reshape(B, K, F),
+        radii=radii.reshape(B, K),
+        counts=cnt.reshape(B, K),
+        within_fraction=within.reshape(B, K),
+        n_balls=n_balls,
+        noise=noise.reshape(B, H, W),
+        image=img.reshape(B, H, W, C),
+        saturated=saturated,
+        rounds=rounds,
+    )
 
 
 # --------------------------------------------------------------------------
 # Validation and the public API
 # --------------------------------------------------------------------------
+
 
 def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
@@ -588,8 +690,9 @@ def _check_positive_int(name, v, minimum=1):
     return int(v)
 
 
-def _validate(images, threshold, purity, capacity, min_ball_size, max_rounds, kmeans_iters,
-              features, scale):
+def _validate(
+    images, threshold, purity, capacity, min_ball_size, max_rounds, kmeans_iters, features, scale
+):
     if not hasattr(images, "shape") or not hasattr(images, "dtype"):
         images = np.asarray(images)
     if images.ndim not in (3, 4):
@@ -601,9 +704,14 @@ def _validate(images, threshold, purity, capacity, min_ball_size, max_rounds, km
     dt = np.dtype(images.dtype)
     if dt == np.bool_ or not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)):
         raise ValueError(f"images: expected an integer (uint8) or float dtype, got {dt}")
-    if not (isinstance(threshold, (int, float, np.number)) and math.isfinite(threshold)
-            and threshold > 0):
-        raise ValueError(f"threshold: expected a finite number > 0 (pixel units), got {threshold!r}")
+    if not (
+        isinstance(threshold, (int, float, np.number))
+        and math.isfinite(threshold)
+        and threshold > 0
+    ):
+        raise ValueError(
+            f"threshold: expected a finite number > 0 (pixel units), got {threshold!r}"
+        )
     if not (isinstance(purity, (int, float, np.number)) and 0 < purity <= 1):
         raise ValueError(f"purity: expected a number in (0, 1], got {purity!r}")
     _check_positive_int("capacity", capacity)
@@ -621,7 +729,9 @@ def _validate(images, threshold, purity, capacity, min_ball_size, max_rounds, km
         if not (isinstance(scale, (int, float, np.number)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
         if np.issubdtype(dt, np.integer):
-            raise ValueError("scale: only for float images (integer images are in pixel units 0..255)")
+            raise ValueError(
+                "scale: only for float images (integer images are in pixel units 0..255)"
+            )
     if not _is_traced(images):
         a = np.asarray(images)
         if np.issubdtype(dt, np.floating):
@@ -634,16 +744,26 @@ def _validate(images, threshold, purity, capacity, min_ball_size, max_rounds, km
         if hi * s > 255.0 + 1e-3:
             raise ValueError(
                 f"images: expected values in pixel units 0..255, got max {hi}"
-                + ("" if scale is None else f" (x scale {scale} = {hi * s})"))
+                + ("" if scale is None else f" (x scale {scale} = {hi * s})")
+            )
         if scale is None and np.issubdtype(dt, np.floating) and 0 < hi <= 1.0:
             raise ValueError(
                 "images: float values all in [0, 1] look like images scaled to [0, 1], but "
-                "thresholds are in pixel units 0..255; pass scale=255.0 (or multiply by 255)")
+                "thresholds are in pixel units 0..255; pass scale=255.0 (or multiply by 255)"
+            )
     return images, features
 
 
-def memory_estimate(batch: int, height: int, width: int, channels: int = 3, *, capacity: int = 256,
-                    min_ball_size: int = 2, features: Features = Features()) -> int:
+def memory_estimate(
+    batch: int,
+    height: int,
+    width: int,
+    channels: int = 3,
+    *,
+    capacity: int = 256,
+    min_ball_size: int = 2,
+    features: Features = Features(),
+) -> int:
     """Rough peak bytes of the compiled program for a batch (float32 working set).
 
     Per pixel: the features and about a dozen per-pixel temporaries of the round
@@ -659,11 +779,21 @@ def memory_estimate(batch: int, height: int, width: int, channels: int = 3, *, c
     return batch * per_image
 
 
-def gb_cluster(images, *, threshold: float = 20.0, purity: float = 0.9, capacity: int = 256,
-               min_ball_size: int = 2, max_rounds: int | None = None,
-               features: Features | dict | None = None, kmeans_iters: int = 20,
-               scale: float | None = None, chunk_size: int | None = None,
-               memory_budget: int = 2 << 30, progress: bool = False) -> GBResult:
+def gb_cluster(
+    images,
+    *,
+    threshold: float = 20.0,
+    purity: float = 0.9,
+    capacity: int = 256,
+    min_ball_size: int = 2,
+    max_rounds: int | None = None,
+    features: Features | dict | None = None,
+    kmeans_iters: int = 20,
+    scale: float | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int = 2 << 30,
+    progress: bool = False,
+) -> GBResult:
     """Granular-ball clustering of one image (H, W, C) or a batch (B, H, W, C).
 
     Args:
@@ -691,16 +821,34 @@ def gb_cluster(images, *, threshold: float = 20.0, purity: float = 0.9, capacity
 
     With several devices, each chunk is sharded over them along the batch axis.
     """
-    images, features = _validate(images, threshold, purity, capacity, min_ball_size, max_rounds,
-                                 kmeans_iters, features, scale)
+    images, features = _validate(
+        images,
+        threshold,
+        purity,
+        capacity,
+        min_ball_size,
+        max_rounds,
+        kmeans_iters,
+        features,
+        scale,
+    )
     unbatched = images.ndim == 3
     x = images[None] if unbatched else images
     B, H, W, C = x.shape
     out_dtype = np.dtype(x.dtype)
-    static = dict(K=int(capacity), max_rounds=int(max_rounds or capacity),
-                  kmeans_iters=int(kmeans_iters), min_ball_size=int(min_ball_size),
-                  features=features, out_dtype=out_dtype)
-    args = (jnp.float32(threshold), jnp.float32(purity), jnp.float32(1.0 if scale is None else scale))
+    static = dict(
+        K=int(capacity),
+        max_rounds=int(max_rounds or capacity),
+        kmeans_iters=int(kmeans_iters),
+        min_ball_size=int(min_ball_size),
+        features=features,
+        out_dtype=out_dtype,
+    )
+    args = (
+        jnp.float32(threshold),
+        jnp.float32(purity),
+        jnp.float32(1.0 if scale is None else scale),
+    )
 
     if _is_traced(x):
         res = _cluster_batch(x, *args, **static, multilevel=_multilevel(B * H * W))
@@ -715,8 +863,15 @@ def _run_chunked(x, args, static, chunk_size, memory_budget, progress):
     B, H, W, C = x.shape
     ndev = jax.device_count()
     if chunk_size is None:
-        per = memory_estimate(1, H, W, C, capacity=static["K"], min_ball_size=static["min_ball_size"],
-                              features=static["features"])
+        per = memory_estimate(
+            1,
+            H,
+            W,
+            C,
+            capacity=static["K"],
+            min_ball_size=static["min_ball_size"],
+            features=static["features"],
+        )
         chunk_size = max(1, int(memory_budget // per))
         if jax.default_backend() == "cpu":
             # Batch-synchronous loops run as long as the slowest image: on CPU,
@@ -727,7 +882,9 @@ def _run_chunked(x, args, static, chunk_size, memory_budget, progress):
     chunk = min(int(chunk_size), B)
     if ndev > 1:
         chunk = -(-chunk // ndev) * ndev
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
         sharding = NamedSharding(Mesh(np.array(jax.devices()), ("batch",)), P("batch"))
     else:
         sharding = None
@@ -735,10 +892,11 @@ def _run_chunked(x, args, static, chunk_size, memory_budget, progress):
     starts = range(0, B, chunk)
     if progress:
         from tqdm.auto import tqdm
+
         starts = tqdm(starts, total=-(-B // chunk), desc="gb_cluster", unit="chunk")
     outs = []
     for s in starts:
-        part = x[s:s + chunk]
+        part = x[s : s + chunk]
         n = part.shape[0]
         if n < chunk:  # pad the ragged tail to reuse the compiled program
             pad_idx = np.concatenate([np.arange(n), np.full(chunk - n, n - 1)])

@@ -110,7 +110,9 @@ def _mask_shape(x: jax.Array, per_channel: bool) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- #
 
 
-def gaussian(x: jax.Array, key: jax.Array, *, mean: float = 0.0, std: float, mode: str = "clip") -> jax.Array:
+def gaussian(
+    x: jax.Array, key: jax.Array, *, mean: float = 0.0, std: float, mode: str = "clip"
+) -> jax.Array:
     """Additive Gaussian noise in pixel units (0..255) on a uint8 image.
 
     Both modes draw the same noise ``n = mean + std * z`` with
@@ -147,7 +149,9 @@ def gaussian(x: jax.Array, key: jax.Array, *, mean: float = 0.0, std: float, mod
 def _gaussian(x: jax.Array, key: jax.Array, mean: Any, std: Any, mode: str) -> jax.Array:
     z = jax.random.normal(key, x.shape, jnp.float32)
     # barrier: same float arithmetic whether mean/std are traced or folded constants
-    mean, std = jax.lax.optimization_barrier((jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)))
+    mean, std = jax.lax.optimization_barrier(
+        (jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
+    )
     n = mean + std * z
     if mode == "clip":
         return jnp.clip(jnp.round(x.astype(jnp.float32) + n), 0, 255).astype(jnp.uint8)
@@ -158,7 +162,12 @@ def _gaussian(x: jax.Array, key: jax.Array, mean: Any, std: Any, mode: str) -> j
 
 
 def salt_and_pepper(
-    x: jax.Array, key: jax.Array, *, amount: float, salt_vs_pepper: float = 0.5, per_channel: bool = True
+    x: jax.Array,
+    key: jax.Array,
+    *,
+    amount: float,
+    salt_vs_pepper: float = 0.5,
+    per_channel: bool = True,
 ) -> jax.Array:
     """Salt-and-pepper noise as in scikit-image's ``random_noise(mode="s&p")``.
 
@@ -183,7 +192,9 @@ def salt_and_pepper(
 
 
 @functools.partial(jax.jit, static_argnames=("per_channel",))
-def _salt_and_pepper(x: jax.Array, key: jax.Array, amount: Any, salt_vs_pepper: Any, per_channel: bool) -> jax.Array:
+def _salt_and_pepper(
+    x: jax.Array, key: jax.Array, amount: Any, salt_vs_pepper: Any, per_channel: bool
+) -> jax.Array:
     key_hit, key_salt = jax.random.split(key)
     shape = _mask_shape(x, per_channel)
     hit = jax.random.bernoulli(key_hit, amount, shape)
@@ -192,7 +203,9 @@ def _salt_and_pepper(x: jax.Array, key: jax.Array, amount: Any, salt_vs_pepper: 
     return jnp.where(hit, value, x)
 
 
-def additive_impulse(x: jax.Array, key: jax.Array, *, p: float, v: int, per_channel: bool = True) -> jax.Array:
+def additive_impulse(
+    x: jax.Array, key: jax.Array, *, p: float, v: int, per_channel: bool = True
+) -> jax.Array:
     """The pixel-embedding paper's "(p, v)" impulse noise.
 
     Each element independently, with probability ``p``, has ``v`` added to it
@@ -247,7 +260,11 @@ def corrupt(x: jax.Array, key: jax.Array, *, kind: str, severity: int) -> jax.Ar
     x = _check_image(x)
     if kind not in CIFAR10C_PARAMS:
         raise ValueError(f"kind must be one of {CORRUPTIONS}, got {kind!r}")
-    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
+    if (
+        isinstance(severity, bool)
+        or not isinstance(severity, (int, np.integer))
+        or not 1 <= severity <= 5
+    ):
         raise ValueError(f"severity must be an int in 1..5, got {severity!r}")
     c = CIFAR10C_PARAMS[kind][int(severity) - 1]
     if kind == "impulse_noise":

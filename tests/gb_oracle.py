@@ -8,6 +8,7 @@ farthest from that seed (lowest index on ties), Lloyd until the assignment
 repeats or ``kmeans_iters`` assignments, side B appended as a new ball id in
 parent order. Arithmetic is float32 like the library's.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.tree_util import Partial
 
 from gbjax import attacks as A
@@ -127,8 +128,16 @@ def test_no_retrace_for_new_params_or_nnx_models():
     for seed in range(3):
         params, _ = make_linear(seed)
         A.fgsm(Partial(counted_apply, params), x, y, eps=0.1 * (seed + 1))
-        A.pgd(Partial(counted_apply, params), x, y, eps=0.1, step_size=0.02,
-              steps=seed + 2, key=jax.random.key(seed), unroll=1)
+        A.pgd(
+            Partial(counted_apply, params),
+            x,
+            y,
+            eps=0.1,
+            step_size=0.02,
+            steps=seed + 2,
+            key=jax.random.key(seed),
+            unroll=1,
+        )
     n_first = len(traces)
     assert n_first <= 4  # one trace of fgsm, one of pgd (forward + grad per trace)
     params, _ = make_linear(5)
@@ -173,9 +182,18 @@ def test_pgd_stays_in_ball_and_box(seed, eps, rel_step, steps, random_start, tar
     _, fn = make_linear(seed % 5)
     x, y = random_batch(seed)
     # unroll=1 keeps steps traced: one compile for every drawn step count
-    x_adv = A.pgd(fn, x, y, eps=eps, step_size=max(rel_step * eps, 1e-3), steps=steps,
-                  key=jax.random.key(seed), random_start=random_start, targeted=targeted,
-                  unroll=1)
+    x_adv = A.pgd(
+        fn,
+        x,
+        y,
+        eps=eps,
+        step_size=max(rel_step * eps, 1e-3),
+        steps=steps,
+        key=jax.random.key(seed),
+        random_start=random_start,
+        targeted=targeted,
+        unroll=1,
+    )
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     x_adv = np.asarray(x_adv)
     assert np.all(np.abs(x_adv - np.asarray(x)) <= eps + 1e-6)
@@ -186,8 +204,7 @@ def test_pgd_custom_clip_range():
     _, fn = make_linear()
     x, y = random_batch(3)
     x = 0.2 + 0.6 * x
-    x_adv = A.pgd(fn, x, y, eps=0.3, step_size=0.1, steps=5, key=jax.random.key(0),
-                  clip=(0.1, 0.9))
+    x_adv = A.pgd(fn, x, y, eps=0.3, step_size=0.1, steps=5, key=jax.random.key(0), clip=(0.1, 0.9))
     assert float(x_adv.min()) >= 0.1 and float(x_adv.max()) <= 0.9
 
 
@@ -196,8 +213,9 @@ def test_pgd_at_least_as_strong_as_fgsm(trained):
     x, y = x[:64], y[:64]
     eps = 0.15
     x_f = A.fgsm(fn, x, y, eps=eps)
-    x_p = A.pgd(fn, x, y, eps=eps, step_size=2.5 * eps / 20, steps=20, key=jax.random.key(0),
-                unroll=1)
+    x_p = A.pgd(
+        fn, x, y, eps=eps, step_size=2.5 * eps / 20, steps=20, key=jax.random.key(0), unroll=1
+    )
     loss_clean = float(A.attack_loss(fn, x, y).mean())
     loss_f = float(A.attack_loss(fn, x_f, y).mean())
     loss_p = float(A.attack_loss(fn, x_p, y).mean())
@@ -213,8 +231,17 @@ def test_targeted_moves_toward_target(trained):
     target = (y + 1) % K
     p_clean = jax.nn.softmax(fn(x))[jnp.arange(32), target]
     x_f = A.fgsm(fn, x, target, eps=0.1, targeted=True)
-    x_p = A.pgd(fn, x, target, eps=0.3, step_size=0.05, steps=20, key=jax.random.key(1),
-                targeted=True, unroll=1)
+    x_p = A.pgd(
+        fn,
+        x,
+        target,
+        eps=0.3,
+        step_size=0.05,
+        steps=20,
+        key=jax.random.key(1),
+        targeted=True,
+        unroll=1,
+    )
     p_f = jax.nn.softmax(fn(x_f))[jnp.arange(32), target]
     p_p = jax.nn.softmax(fn(x_p))[jnp.arange(32), target]
     assert float(p_f.mean()) > float(p_clean.mean())
@@ -284,8 +311,17 @@ def test_three_protocols_on_quantiser_defence():
     for protocol in A.PROTOCOLS:
         attack_fn, eval_fn = A.make_attack_logits(fn, quantise, protocol)
         np.testing.assert_allclose(eval_fn(x), fn(quantise(x)), rtol=1e-6)
-        x_adv = A.pgd(attack_fn, x, y, eps=0.25, step_size=0.05, steps=10, key=key,
-                      random_start=False, unroll=1)
+        x_adv = A.pgd(
+            attack_fn,
+            x,
+            y,
+            eps=0.25,
+            step_size=0.05,
+            steps=10,
+            key=key,
+            random_start=False,
+            unroll=1,
+        )
         acc[protocol] = float(jnp.mean(jnp.argmax(eval_fn(x_adv), -1) == y))
     # the end-to-end gradient is zero (gradient masking): the attack cannot move
     assert acc["end_to_end"] == 1.0
@@ -324,8 +360,7 @@ def test_eot_averages_gradients_over_draws():
     x_f = A.fgsm(attack_fn, x, y, eps=0.1, key=key, eot_samples=n)
     np.testing.assert_allclose(x_f, jnp.clip(x + 0.1 * jnp.sign(manual), 0, 1), atol=1e-6)
     # PGD with EOT runs and stays in the ball
-    x_p = A.pgd(attack_fn, x, y, eps=0.1, step_size=0.03, steps=4, key=key, eot_samples=3,
-                unroll=1)
+    x_p = A.pgd(attack_fn, x, y, eps=0.1, step_size=0.03, steps=4, key=key, eot_samples=3, unroll=1)
     assert float(jnp.abs(x_p - x).max()) <= 0.1 + 1e-6
 
 
@@ -371,30 +406,58 @@ def test_accuracy_under_attack_ragged_batches_compile_once():
     fn = Partial(counted, params)
     x, y = random_batch(11, n=50)
     eps_list = [0.0, 0.05, 0.2]
-    acc = A.accuracy_under_attack(fn, np.asarray(x), np.asarray(y), eps_list=eps_list,
-                                  attack="fgsm", batch_size=16, progress=False)
-    want = [np.mean(np.argmax(linear_apply(params, np_fgsm_linear(params, x, y, e)), -1)
-                    == np.asarray(y)) for e in eps_list]
+    acc = A.accuracy_under_attack(
+        fn,
+        np.asarray(x),
+        np.asarray(y),
+        eps_list=eps_list,
+        attack="fgsm",
+        batch_size=16,
+        progress=False,
+    )
+    want = [
+        np.mean(
+            np.argmax(linear_apply(params, np_fgsm_linear(params, x, y, e)), -1) == np.asarray(y)
+        )
+        for e in eps_list
+    ]
     np.testing.assert_allclose(acc, want)
     assert acc[0] == pytest.approx(float(jnp.mean(jnp.argmax(fn(x), -1) == y)))
     n_traces = len(traces)
     # new eps values, same shapes: nothing is traced again
-    A.accuracy_under_attack(fn, np.asarray(x), np.asarray(y), eps_list=[0.1, 0.3],
-                            attack="fgsm", batch_size=16, progress=False)
+    A.accuracy_under_attack(
+        fn,
+        np.asarray(x),
+        np.asarray(y),
+        eps_list=[0.1, 0.3],
+        attack="fgsm",
+        batch_size=16,
+        progress=False,
+    )
     assert len(traces) == n_traces
     # uint8 input is scaled by 1/255 on device
     x8 = np.round(np.asarray(x) * 255).astype(np.uint8)
-    acc8 = A.accuracy_under_attack(fn, x8, np.asarray(y), eps_list=[0.0], attack="fgsm",
-                                   batch_size=16, progress=False)
+    acc8 = A.accuracy_under_attack(
+        fn, x8, np.asarray(y), eps_list=[0.0], attack="fgsm", batch_size=16, progress=False
+    )
     clean8 = np.mean(np.argmax(fn(jnp.asarray(x8, jnp.float32) / 255), -1) == np.asarray(y))
     assert acc8[0] == pytest.approx(clean8)
 
 
 def test_sanity_check_pgd_le_fgsm_and_chance(trained):
     fn, x, y = trained
-    report = A.attack_sanity_check(fn, x, y, eps_list=[0.0, 0.05, 0.15, 0.5], num_classes=K,
-                                   key=jax.random.key(0), batch_size=64, steps=10,
-                                   unroll=1, raise_on_failure=True)
+    report = A.attack_sanity_check(
+        fn,
+        x,
+        y,
+        eps_list=[0.0, 0.05, 0.15, 0.5],
+        num_classes=K,
+        key=jax.random.key(0),
+        batch_size=64,
+        steps=10,
+        unroll=1,
+        raise_on_failure=True,
+    )
     assert report.ok
     assert report.fgsm_accuracy[0] == report.pgd_accuracy[0] > 0.95
     assert report.pgd_accuracy[-1] <= 1 / K
@@ -405,9 +468,20 @@ def test_accuracy_under_attack_with_protocol_and_eot():
     _, fn = make_linear(3)
     x, y = random_batch(12, n=20)
     attack_fn, eval_fn = A.make_attack_logits(fn, random_scale, "bpda", randomized=True)
-    acc = A.accuracy_under_attack(attack_fn, x, y, eps_list=[0.0, 0.3], attack="pgd", steps=3,
-                                  batch_size=8, eval_logits_fn=eval_fn, key=jax.random.key(0),
-                                  eot_samples=2, unroll=1, progress=False)
+    acc = A.accuracy_under_attack(
+        attack_fn,
+        x,
+        y,
+        eps_list=[0.0, 0.3],
+        attack="pgd",
+        steps=3,
+        batch_size=8,
+        eval_logits_fn=eval_fn,
+        key=jax.random.key(0),
+        eot_samples=2,
+        unroll=1,
+        progress=False,
+    )
     assert acc.shape == (2,) and np.all((acc >= 0) & (acc <= 1))
 
 
@@ -423,7 +497,7 @@ def test_pgd_restarts_pick_per_example_best_of_the_runs(trained, targeted):
     cands = [one] + [A.pgd(fn, x, y, key=jax.random.fold_in(key, r), **args) for r in (1, 2)]
     best = np.asarray(A.pgd(fn, x, y, key=key, restarts=3, **args))
     logits = [np.asarray(fn(c)) for c in cands]
-    hit = np.stack([(l.argmax(-1) == np.asarray(y)) == targeted for l in logits])   # (R, B)
+    hit = np.stack([(l.argmax(-1) == np.asarray(y)) == targeted for l in logits])  # (R, B)
     loss = np.stack([np.asarray(A.attack_loss(fn, c, y)) for c in cands])
     score = -loss if targeted else loss
     for i in range(len(y)):
@@ -440,14 +514,21 @@ def test_pgd_restarts_pick_per_example_best_of_the_runs(trained, targeted):
 
 def test_accuracy_under_attack_restarts_is_worst_case_over_restarts(trained):
     fn, x, y = trained
-    kw = dict(eps_list=[0.0, 0.1, 0.2], attack="pgd", steps=2, batch_size=50,
-              key=jax.random.key(3), unroll=1, progress=False)
+    kw = dict(
+        eps_list=[0.0, 0.1, 0.2],
+        attack="pgd",
+        steps=2,
+        batch_size=50,
+        key=jax.random.key(3),
+        unroll=1,
+        progress=False,
+    )
     a1 = A.accuracy_under_attack(fn, x, y, **kw)
     a4 = A.accuracy_under_attack(fn, x, y, restarts=4, **kw)
-    assert a4[0] == a1[0]                     # eps 0: every restart is the clean image
-    assert np.all(a4 <= a1)                   # restart 0 is the restarts=1 attack
+    assert a4[0] == a1[0]  # eps 0: every restart is the clean image
+    assert np.all(a4 <= a1)  # restart 0 is the restarts=1 attack
     # by hand for one batch and eps: correct iff correct under each restart's PGD
-    k = jax.random.fold_in(jax.random.fold_in(kw["key"], 0), 0)   # batch 0, eps index 0
+    k = jax.random.fold_in(jax.random.fold_in(kw["key"], 0), 0)  # batch 0, eps index 0
     attack_key = jax.random.split(k)[0]
     xb, yb = x[:50], y[:50]
     eps = 0.2
@@ -474,8 +555,7 @@ def test_restarts_bad_args():
     with pytest.raises(ValueError, match="random_start"):
         A.pgd(fn, x, y, restarts=2, random_start=False, **args)
     with pytest.raises(ValueError, match="restarts"):
-        A.accuracy_under_attack(fn, x, y, eps_list=[0.1], attack="fgsm", restarts=2,
-                                progress=False)
+        A.accuracy_under_attack(fn, x, y, eps_list=[0.1], attack="fgsm", restarts=2, progress=False)
 
 
 # ---------------------------------------------------------------------------
@@ -554,8 +634,9 @@ def test_pgd_unroll_modes_agree():
     with pytest.raises(ValueError, match="unroll"):
         A.pgd(fn, x, y, unroll=0, **kw)
     # under an outer jit, steps traced: the while-loop form is used
-    out = jax.jit(lambda s: A.pgd(fn, x, y, eps=0.2, step_size=0.03, steps=s,
-                                  key=jax.random.key(2)))(5)
+    out = jax.jit(
+        lambda s: A.pgd(fn, x, y, eps=0.2, step_size=0.03, steps=s, key=jax.random.key(2))
+    )(5)
     np.testing.assert_allclose(out, looped, atol=1e-6)
 
 

@@ -11,10 +11,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 TINY_CONFIG = textwrap.dedent("""
@@ -35,28 +35,53 @@ TINY_CONFIG = textwrap.dedent("""
 
 @pytest.fixture
 def tiny_config(tmp_path):
-  path = tmp_path / "tiny_cfg.py"
-  path.write_text(TINY_CONFIG)
-  return str(path)
+    path = tmp_path / "tiny_cfg.py"
+    path.write_text(TINY_CONFIG)
+    return str(path)
 
 
 def test_time_to_target_reports_first_hit(tiny_config, tmp_path):
-  ttt = _load("time_to_target")
-  out = tmp_path / "r.json"
-  rc = ttt.main(["--config", tiny_config, "--target", "0.0", "--budget-s", "10",
-                 "--workdir", str(tmp_path / "w"), "--json", str(out)])
-  row = json.loads(out.read_text())
-  assert rc == 0 and row["reached"] and row["epoch"] == 1.0   # first eval counts
-  assert 0 < row["train_time_s"] < row["elapsed_s"] <= row["total_wall_s"]
-  assert row["ratio"] == pytest.approx(row["train_time_s"] / 10)
+    ttt = _load("time_to_target")
+    out = tmp_path / "r.json"
+    rc = ttt.main(
+        [
+            "--config",
+            tiny_config,
+            "--target",
+            "0.0",
+            "--budget-s",
+            "10",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--json",
+            str(out),
+        ]
+    )
+    row = json.loads(out.read_text())
+    assert rc == 0 and row["reached"] and row["epoch"] == 1.0  # first eval counts
+    assert 0 < row["train_time_s"] < row["elapsed_s"] <= row["total_wall_s"]
+    assert row["ratio"] == pytest.approx(row["train_time_s"] / 10)
 
 
 def test_time_to_target_unreached_and_bad_target(tiny_config, tmp_path):
-  ttt = _load("time_to_target")
-  out = tmp_path / "r.json"
-  rc = ttt.main(["--config", tiny_config, "--target", "1.0", "--set", "num_epochs=1",
-                 "--set", "learning_rate=1e-9", "--workdir", str(tmp_path / "w"),
-                 "--json", str(out)])
-  assert rc == 1 and not json.loads(out.read_text())["reached"]
-  with pytest.raises(SystemExit):
-    ttt.main(["--config", tiny_config, "--target", "93"])
+    ttt = _load("time_to_target")
+    out = tmp_path / "r.json"
+    rc = ttt.main(
+        [
+            "--config",
+            tiny_config,
+            "--target",
+            "1.0",
+            "--set",
+            "num_epochs=1",
+            "--set",
+            "learning_rate=1e-9",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 1 and not json.loads(out.read_text())["reached"]
+    with pytest.raises(SystemExit):
+        ttt.main(["--config", tiny_config, "--target", "93"])

@@ -1,4 +1,5 @@
 """The `python -m gbjax denoise` command line and the k-means baseline."""
+
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ def _img(seed, shape=(12, 12, 3)):
     rng = np.random.default_rng(seed)
     x = np.zeros(shape, np.uint8)
     x[:, : shape[1] // 2] = rng.integers(0, 256, shape[-1])
-    x[:, shape[1] // 2:] = rng.integers(0, 256, shape[-1])
+    x[:, shape[1] // 2 :] = rng.integers(0, 256, shape[-1])
     return x
 
 
@@ -26,8 +27,20 @@ def test_denoise_folder_and_files(tmp_path):
     Image.fromarray(a).save(tmp_path / "in" / "a.png")
     Image.fromarray(b).save(tmp_path / "in" / "sub" / "b.png")
     Image.fromarray(_img(2, (12, 12, 1))[..., 0]).save(tmp_path / "g.png")
-    rc = main(["denoise", str(tmp_path / "in"), str(tmp_path / "g.png"), "-o",
-               str(tmp_path / "out"), "--threshold", "20", "--purity", "0.9", "--quiet"])
+    rc = main(
+        [
+            "denoise",
+            str(tmp_path / "in"),
+            str(tmp_path / "g.png"),
+            "-o",
+            str(tmp_path / "out"),
+            "--threshold",
+            "20",
+            "--purity",
+            "0.9",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     out_a = np.asarray(Image.open(tmp_path / "out" / "in" / "a_gb.png"))
     np.testing.assert_array_equal(out_a, gbjax.gb_denoise(a, threshold=20.0, purity=0.9))
@@ -38,8 +51,12 @@ def test_denoise_folder_and_files(tmp_path):
 
 def test_compare_figure_written(tmp_path):
     Image.fromarray(_img(3)).save(tmp_path / "a.png")
-    assert main(["denoise", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--compare",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            ["denoise", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--compare", "--quiet"]
+        )
+        == 0
+    )
     fig = Image.open(tmp_path / "o" / "a_compare.png")
     assert fig.size[0] > 3 * fig.size[1]  # seven panels side by side
 
@@ -56,8 +73,12 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_module_entry_point_help():
-    out = subprocess.run([sys.executable, "-m", "gbjax", "denoise", "--help"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "gbjax", "denoise", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "--compare" in out.stdout
 
 
@@ -66,7 +87,9 @@ def test_kmeans_quantize_two_colours_exact():
     q = kmeans_quantize(x, 2, key=jax.random.key(0))
     np.testing.assert_array_equal(q, x)  # two flat halves: k=2 recovers them exactly
     q1 = kmeans_quantize(x, 1, key=jax.random.key(0))
-    np.testing.assert_array_equal(q1, np.round(x.reshape(-1, 3).mean(0)).astype(np.uint8)
-                                  [None, None].repeat(12, 0).repeat(12, 1))
+    np.testing.assert_array_equal(
+        q1,
+        np.round(x.reshape(-1, 3).mean(0)).astype(np.uint8)[None, None].repeat(12, 0).repeat(12, 1),
+    )
     with pytest.raises(ValueError, match="k:"):
         kmeans_quantize(x, 0, key=jax.random.key(0))

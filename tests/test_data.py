@@ -54,7 +54,11 @@ def cache_files(tmp_path):
 
 def idx_bytes(arr: np.ndarray) -> bytes:
     arr = np.ascontiguousarray(arr, np.uint8)
-    return struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+    return (
+        struct.pack(">BBBB", 0, 0, 0x08, arr.ndim)
+        + struct.pack(f">{arr.ndim}I", *arr.shape)
+        + arr.tobytes()
+    )
 
 
 def write_idx_set(d, split, x_NHW, y_N, *, gz=True):
@@ -85,7 +89,9 @@ def cifar_batch_bytes(x_NHWC, y_N):
 
 def tiny_cifar(n, seed):
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(
+        np.int32
+    )
 
 
 def write_cifar_batches(bdir, train_parts, test):
@@ -101,21 +107,28 @@ def png_bytes(a_HWC):
     return buf.getvalue()
 
 
-def image_tree(split_counts, *, classes=("cat", "airplane", "truck"), size=(32, 32), channels=3, seed=0):
+def image_tree(
+    split_counts, *, classes=("cat", "airplane", "truck"), size=(32, 32), channels=3, seed=0
+):
     """{relative path: pixels} for <split>/<class>/<i>.png."""
     rng = np.random.default_rng(seed)
     files = {}
     for split, n_per_class in split_counts.items():
         for cls in classes:
             for i in range(n_per_class):
-                files[f"{split}/{cls}/{i:04d}.png"] = rng.integers(0, 256, size + (channels,), dtype=np.uint8)
+                files[f"{split}/{cls}/{i:04d}.png"] = rng.integers(
+                    0, 256, size + (channels,), dtype=np.uint8
+                )
     return files
 
 
 def expected_from_tree(files, split, classes_order):
     items = sorted(
-        ((classes_order.index(p.split("/")[-2]), p.split("/")[-1], a) for p, a in files.items()
-         if p.split("/")[-3] == split),
+        (
+            (classes_order.index(p.split("/")[-2]), p.split("/")[-1], a)
+            for p, a in files.items()
+            if p.split("/")[-3] == split
+        ),
         key=lambda t: (t[0], t[1]),
     )
     return np.stack([a for _, _, a in items]), np.array([c for c, _, _ in items], np.int32)
@@ -253,7 +266,9 @@ def test_cifar_image_folder(tmp_path, layout):
     elif layout == "pax tar":  # long names in pax "path" records: also the fallback
         write_tar(d / "x.tgz", FILES, prefix="b" * 120 + "/", fmt=tarfile.PAX_FORMAT)
     else:  # a pax global header with a comment, as `git archive` writes
-        write_tar(d / "x.tar.gz", FILES, prefix="cifar10-jpeg/", pax_headers={"comment": "0123abcd"})
+        write_tar(
+            d / "x.tar.gz", FILES, prefix="cifar10-jpeg/", pax_headers={"comment": "0123abcd"}
+        )
     for split in ("train", "test"):
         x, y = data.load("cifar10", split, tmp_path, progress=False)
         want_x, want_y = expected_from_tree(FILES, split, CANON)
@@ -279,7 +294,10 @@ def test_cifar_image_folder_unknown_class(tmp_path):
 
 
 def test_archive_without_the_split_is_skipped(tmp_path):
-    write_tar(tmp_path / "cifar10" / "only-train.tar.gz", {k: v for k, v in FILES.items() if k.startswith("train")})
+    write_tar(
+        tmp_path / "cifar10" / "only-train.tar.gz",
+        {k: v for k, v in FILES.items() if k.startswith("train")},
+    )
     with pytest.raises(DataNotFoundError, match="holds no 'test' images"):
         data.load("cifar10", "test", tmp_path, download=False)
     assert data.load("cifar10", "train", tmp_path, progress=False)[0].shape == (9, 32, 32, 3)
@@ -292,7 +310,7 @@ def test_archive_without_the_split_is_skipped(tmp_path):
 
 @pytest.mark.parametrize("as_tar", [False, True])
 def test_load_image_folder(tmp_path, as_tar):
-    files = {k[len("train/"):]: v for k, v in FILES.items() if k.startswith("train/")}
+    files = {k[len("train/") :]: v for k, v in FILES.items() if k.startswith("train/")}
     if as_tar:
         path = tmp_path / "mine.tar.gz"
         write_tar(path, files, prefix="mine/")
@@ -301,7 +319,9 @@ def test_load_image_folder(tmp_path, as_tar):
         write_tree(path, files)
     x, y = data.load_image_folder(path, progress=False)
     sorted_classes = ["airplane", "cat", "truck"]
-    want_x, want_y = expected_from_tree({"s/" + k: v for k, v in files.items()}, "s", sorted_classes)
+    want_x, want_y = expected_from_tree(
+        {"s/" + k: v for k, v in files.items()}, "s", sorted_classes
+    )
     np.testing.assert_array_equal(x, want_x)
     np.testing.assert_array_equal(y, want_y)
     # explicit class order
@@ -323,7 +343,10 @@ def test_load_image_folder_grayscale_and_cache(tmp_path):
 
 
 def test_load_image_folder_size_mismatch_names_the_file(tmp_path):
-    write_tree(tmp_path / "m", {"a/0.png": np.zeros((8, 8, 3), np.uint8), "b/1.png": np.zeros((9, 8, 3), np.uint8)})
+    write_tree(
+        tmp_path / "m",
+        {"a/0.png": np.zeros((8, 8, 3), np.uint8), "b/1.png": np.zeros((9, 8, 3), np.uint8)},
+    )
     with pytest.raises(CorruptDataError, match=r"1\.png"):
         data.load_image_folder(tmp_path / "m", progress=False)
 
@@ -488,7 +511,10 @@ def test_download_path(tmp_path, monkeypatch):
     x, y = tiny_mnist(5)
     src = tmp_path / "server"
     write_idx_set(src, "test", x, y)
-    files = {f: (src / f).read_bytes() for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    files = {
+        f: (src / f).read_bytes()
+        for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    }
     fetched = []
 
     def fake_fetch(url, dest, progress):
@@ -496,7 +522,10 @@ def test_download_path(tmp_path, monkeypatch):
         with open(dest, "wb") as f:
             f.write(files[url.rsplit("/", 1)[-1]])
 
-    table = {f: ((f"https://example.invalid/{f}",), ("md5", hashlib.md5(b).hexdigest())) for f, b in files.items()}
+    table = {
+        f: ((f"https://example.invalid/{f}",), ("md5", hashlib.md5(b).hexdigest()))
+        for f, b in files.items()
+    }
     monkeypatch.setitem(data._DOWNLOADS, "mnist", table)
     monkeypatch.setattr(data, "_fetch", fake_fetch)
     xi, yi = data.load("mnist", "test", progress=False)
@@ -508,11 +537,17 @@ def test_download_path(tmp_path, monkeypatch):
 
     # a checksum mismatch is an error naming the URL, and leaves no file behind
     shutil.rmtree(tmp_path / "cache")
-    monkeypatch.setitem(table, "t10k-labels-idx1-ubyte.gz", (("https://example.invalid/t10k-labels-idx1-ubyte.gz",), ("md5", "0" * 32)))
+    monkeypatch.setitem(
+        table,
+        "t10k-labels-idx1-ubyte.gz",
+        (("https://example.invalid/t10k-labels-idx1-ubyte.gz",), ("md5", "0" * 32)),
+    )
     with pytest.raises(CorruptDataError, match="t10k-labels-idx1-ubyte.gz.*checksum"):
         data.load("mnist", "test", progress=False)
     assert "t10k-labels-idx1-ubyte.gz" not in os.listdir(tmp_path / "cache" / "downloads" / "mnist")
-    assert not [f for f in os.listdir(tmp_path / "cache" / "downloads" / "mnist") if f.endswith(".part")]
+    assert not [
+        f for f in os.listdir(tmp_path / "cache" / "downloads" / "mnist") if f.endswith(".part")
+    ]
 
 
 # --------------------------------------------------------------------------- #
@@ -534,7 +569,11 @@ def test_published_checksums_match_shared_copies(real_dir):
     if not os.path.isdir(os.path.join(real_dir, "mnist")):
         pytest.skip(f"no mnist/ in {real_dir}")
     # (the shared train-images file was rebuilt from a PNG export, so it differs)
-    for f in ("train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+    for f in (
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         algo, want = data._DOWNLOADS["mnist"][f][1]
         assert data._file_digest(os.path.join(real_dir, "mnist", f), algo) == want
 
@@ -625,7 +664,7 @@ def test_random_crop_flip():
     xp = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))
     flips = 0
     for i in range(len(x)):  # each output is some crop of the padded image, maybe mirrored
-        crops = [xp[i, a:a + 6, b:b + 7] for a in range(5) for b in range(5)]
+        crops = [xp[i, a : a + 6, b : b + 7] for a in range(5) for b in range(5)]
         plain = any(np.array_equal(y[i], c) for c in crops)
         mirrored = any(np.array_equal(y[i], c[:, ::-1]) for c in crops)
         assert plain or mirrored
@@ -633,6 +672,8 @@ def test_random_crop_flip():
     assert 0 < flips < len(x)
     np.testing.assert_array_equal(data.random_crop_flip(key, x, pad=0, flip=False), x)
     z = np.asarray(data.random_crop_flip(key, x.astype(jnp.float32), pad=0))
-    assert all(np.array_equal(z[i], x[i]) or np.array_equal(z[i], x[i, :, ::-1]) for i in range(len(x)))
+    assert all(
+        np.array_equal(z[i], x[i]) or np.array_equal(z[i], x[i, :, ::-1]) for i in range(len(x))
+    )
     with pytest.raises(ValueError, match="pad"):
         data.random_crop_flip(key, x, pad=-1)

@@ -18,7 +18,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"exp_{name}", ROOT / "experiments" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"exp_{name}", ROOT / "experiments" / f"{name}.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses need the module registered
     spec.loader.exec_module(mod)
@@ -52,8 +54,9 @@ def _check_outputs(out, experiment, results):
 def test_fgsm_cifar_smoke(tmp_path):
     mod = _load("fgsm_cifar")
     out = tmp_path / "fgsm"
-    res = mod.run(["--smoke", "--out", str(out), "--no-progress", "--pgd-restarts", "2"]
-                  + _data_flags())
+    res = mod.run(
+        ["--smoke", "--out", str(out), "--no-progress", "--pgd-restarts", "2"] + _data_flags()
+    )
     r, rows, md = _check_outputs(out, "fgsm_cifar", res)
     assert "2 restarts" in md
     run = r["runs"]["0"]
@@ -72,8 +75,9 @@ def test_fgsm_cifar_smoke(tmp_path):
 def test_gaussian_mnist_gb_smoke(tmp_path):
     mod = _load("gaussian_mnist_gb")
     out = tmp_path / "gauss"
-    mod.run(["--smoke", "--out", str(out), "--no-progress", "--stds", "0,1,5,10,640"]
-            + _data_flags())
+    mod.run(
+        ["--smoke", "--out", str(out), "--no-progress", "--stds", "0,1,5,10,640"] + _data_flags()
+    )
     r, rows, md = _check_outputs(out, "gaussian_mnist_gb", None)
     acc = r["runs"]["0"]["acc"]
     for m in ("unprocessed", "gb"):
@@ -100,8 +104,9 @@ def test_pe_mnist_noise_smoke(tmp_path):
 
 def test_jpeg_roundtrip_and_synthetic_data():
     pe = _load("pe_mnist_noise")
-    import numpy as np
     import _common as C  # put on sys.path by the experiment module
+    import numpy as np
+
     x, y = C.synthetic_dataset("mnist", "test", 20)
     assert x.shape == (20, 28, 28, 1) and x.dtype == np.uint8 and set(y) <= set(range(10))
     x2, _ = C.synthetic_dataset("mnist", "test", 20)
@@ -114,19 +119,21 @@ def test_plot_training_reads_evals_once_per_step(tmp_path, capsys):
     mod = _load("plot_training")
     wd = tmp_path / "run"
     wd.mkdir()
-    lines = [{"step": 10, "epoch": 1.0, "test_accuracy": 0.9},
-             {"step": 15, "epoch": 1.5, "train_loss": 0.1},          # no eval: skipped
-             {"event": "resumed", "step": 10},
-             {"step": 10, "epoch": 1.0, "test_accuracy": 0.9},       # redone after resume
-             {"step": 20, "epoch": 2.0, "test_accuracy": 0.95},
-             {"step": 30, "epoch": 3.0, "test_accuracy": 0.94},
-             {"event": "summary", "step": 30, "test_accuracy": 0.94}]
+    lines = [
+        {"step": 10, "epoch": 1.0, "test_accuracy": 0.9},
+        {"step": 15, "epoch": 1.5, "train_loss": 0.1},  # no eval: skipped
+        {"event": "resumed", "step": 10},
+        {"step": 10, "epoch": 1.0, "test_accuracy": 0.9},  # redone after resume
+        {"step": 20, "epoch": 2.0, "test_accuracy": 0.95},
+        {"step": 30, "epoch": 3.0, "test_accuracy": 0.94},
+        {"event": "summary", "step": 30, "test_accuracy": 0.94},
+    ]
     (wd / "metrics.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
     assert mod.read_evals(wd) == [(1.0, 90.0), (2.0, 95.0), (3.0, 94.0)]
     out = tmp_path / "c.png"
     assert mod.main(["--run", f"a={wd}", "--hline", "target=98.5", "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
     row = [l for l in capsys.readouterr().out.splitlines() if l.startswith("a ")][0].split()
-    assert row[1:] == ["3", "94.00", "95.00", "2"]          # epochs, last, best, best epoch
+    assert row[1:] == ["3", "94.00", "95.00", "2"]  # epochs, last, best, best epoch
     with pytest.raises(SystemExit):
         mod.main(["--run", "no-equals-sign", "--out", str(out)])

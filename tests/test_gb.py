@@ -1,4 +1,5 @@
 """Granular-ball engine: oracle equality, properties, bad input, compilation."""
+
 import contextlib
 import os
 import subprocess
@@ -9,14 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from gb_oracle import gb_oracle, same_partition
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import gbjax
 from gbjax import gb as gbmod
-from gb_oracle import gb_oracle, same_partition
 
-SETTINGS = settings(max_examples=25, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def blobs(seed, n=4, h=16, w=16, c=3, noise=6):
@@ -28,7 +33,9 @@ def blobs(seed, n=4, h=16, w=16, c=3, noise=6):
         img[:] = rng.integers(0, 256, c)
         for _ in range(rng.integers(2, 6)):
             r0, c0 = rng.integers(0, h - 2), rng.integers(0, w - 2)
-            img[r0:r0 + rng.integers(2, h), c0:c0 + rng.integers(2, w)] = rng.integers(0, 256, c)
+            img[r0 : r0 + rng.integers(2, h), c0 : c0 + rng.integers(2, w)] = rng.integers(
+                0, 256, c
+            )
         img += rng.normal(0, noise, img.shape)
         out[i] = np.clip(np.round(img), 0, 255)
     return out
@@ -45,6 +52,7 @@ def cifar_images():
         pytest.skip("GBJAX_DATA_DIR not set")
     try:
         from gbjax import data
+
         x, _ = data.load("cifar10", "test", data_dir=data_dir)
     except Exception as e:  # data absent or loader unavailable
         pytest.skip(f"CIFAR-10 not available: {e}")
@@ -65,13 +73,18 @@ def plan(multilevel):
 
 def assert_matches_oracle(images, threshold, purity, capacity=256, multilevel=None, **kw):
     with plan(multilevel):
-        res = gbjax.gb_cluster(images, threshold=threshold, purity=purity, capacity=capacity,
-                               min_ball_size=1, **kw)
+        res = gbjax.gb_cluster(
+            images, threshold=threshold, purity=purity, capacity=capacity, min_ball_size=1, **kw
+        )
     for i, img in enumerate(images):
-        lab, n, sat = gb_oracle(features_np(img, kw.get("features") or gbjax.Features()),
-                                threshold, purity, capacity=capacity,
-                                kmeans_iters=kw.get("kmeans_iters", 20),
-                                max_rounds=kw.get("max_rounds"))
+        lab, n, sat = gb_oracle(
+            features_np(img, kw.get("features") or gbjax.Features()),
+            threshold,
+            purity,
+            capacity=capacity,
+            kmeans_iters=kw.get("kmeans_iters", 20),
+            max_rounds=kw.get("max_rounds"),
+        )
         got = np.asarray(res.labels[i]).ravel()
         assert int(res.n_balls[i]) == n
         assert bool(res.saturated[i]) == sat
@@ -86,8 +99,12 @@ def test_matches_oracle_structured(threshold, purity):
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**31 - 1), threshold=st.floats(5.0, 200.0),
-       purity=st.floats(0.05, 1.0), multilevel=st.booleans())
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    threshold=st.floats(5.0, 200.0),
+    purity=st.floats(0.05, 1.0),
+    multilevel=st.booleans(),
+)
 def test_matches_oracle_random_rgb(seed, threshold, purity, multilevel):
     x = np.random.default_rng(seed).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     # small K: saturation is exercised
@@ -95,16 +112,24 @@ def test_matches_oracle_random_rgb(seed, threshold, purity, multilevel):
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**31 - 1), threshold=st.floats(2.0, 100.0),
-       purity=st.floats(0.3, 1.0), multilevel=st.booleans())
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    threshold=st.floats(2.0, 100.0),
+    purity=st.floats(0.3, 1.0),
+    multilevel=st.booleans(),
+)
 def test_matches_oracle_random_grey(seed, threshold, purity, multilevel):
     x = np.random.default_rng(seed).integers(0, 256, (2, 6, 5, 1), dtype=np.uint8)
     assert_matches_oracle(x, threshold, purity, capacity=30, multilevel=multilevel)
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**31 - 1), threshold=st.floats(3.0, 120.0),
-       capacity=st.sampled_from([64, 72]), max_rounds=st.sampled_from([None, 3]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    threshold=st.floats(3.0, 120.0),
+    capacity=st.sampled_from([64, 72]),
+    max_rounds=st.sampled_from([None, 3]),
+)
 def test_matches_oracle_through_capacity_stages(seed, threshold, capacity, max_rounds):
     # K >= 64 runs the first rounds with K / 8 slots per image and then K
     # (gb._early_capacities); 256 random pixels at small thresholds saturate K.
@@ -113,8 +138,9 @@ def test_matches_oracle_through_capacity_stages(seed, threshold, capacity, max_r
     x = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     x[1] = rng.integers(0, 256, 3, dtype=np.uint8)
     assert gbmod._early_capacities(capacity)
-    assert_matches_oracle(x, threshold, 0.9, capacity=capacity, max_rounds=max_rounds,
-                          multilevel=True)
+    assert_matches_oracle(
+        x, threshold, 0.9, capacity=capacity, max_rounds=max_rounds, multilevel=True
+    )
 
 
 @pytest.mark.parametrize("iters", [1, 3])
@@ -204,8 +230,18 @@ def test_near_tie_seed_matches_oracle():
     # Seven CIFAR-10 pixels (test image 64 of the benchmark subset) whose two
     # farthest members from the mean tie to within 1e-6: 847 / 7 must be 121,
     # not 121.00001, for the 2-means seed to be the oracle's.
-    px = np.array([[114, 120, 170], [117, 126, 165], [122, 131, 160], [122, 126, 163],
-                   [122, 121, 161], [124, 118, 156], [126, 113, 159]], np.uint8)
+    px = np.array(
+        [
+            [114, 120, 170],
+            [117, 126, 165],
+            [122, 131, 160],
+            [122, 126, 163],
+            [122, 121, 161],
+            [124, 118, 156],
+            [126, 113, 159],
+        ],
+        np.uint8,
+    )
     img = px.reshape(7, 1, 3)
     for rounds in (1, None):
         r = gbjax.gb_cluster(img, threshold=10.0, purity=0.9, min_ball_size=1, max_rounds=rounds)
@@ -336,7 +372,7 @@ def test_texture_feature_shapes():
     tex = features_np(x[0], f)[:, 5].reshape(16, 16)
     grey = x[0].astype(np.float64).mean(-1)
     pad = np.pad(grey, 1, mode="edge")
-    ref = np.array([[pad[i:i + 3, j:j + 3].std() for j in range(16)] for i in range(16)])
+    ref = np.array([[pad[i : i + 3, j : j + 3].std() for j in range(16)] for i in range(16)])
     np.testing.assert_allclose(tex, 2.0 * ref, rtol=1e-3, atol=1e-2)
 
 
@@ -350,8 +386,9 @@ def test_painted_image_is_differentiable_with_fixed_partition():
     assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
     # d/dx of sum_p c[l_p]^2 = 2 c[l_p] (each member gets 2*centre, summed over members / count)
     r = gbjax.gb_cluster(x, threshold=20.0, scale=255.0, min_ball_size=1)
-    g1 = jax.grad(lambda z: jnp.sum(gbjax.gb_denoise(z, threshold=20.0, scale=255.0,
-                                                     min_ball_size=1) ** 2))(jnp.asarray(x))
+    g1 = jax.grad(
+        lambda z: jnp.sum(gbjax.gb_denoise(z, threshold=20.0, scale=255.0, min_ball_size=1) ** 2)
+    )(jnp.asarray(x))
     np.testing.assert_allclose(g1, 2 * np.asarray(r.image), rtol=1e-4, atol=1e-5)
 
 
@@ -371,7 +408,7 @@ def _count_eqns(jaxpr):
     for eqn in jaxpr.eqns:
         n += 1
         for v in eqn.params.values():
-            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
                 if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):  # ClosedJaxpr
                     n += _count_eqns(sub.jaxpr)
                 elif hasattr(sub, "eqns"):  # Jaxpr
@@ -382,9 +419,21 @@ def _count_eqns(jaxpr):
 def test_jaxpr_has_no_per_image_or_per_ball_unrolling():
     def n_eqns(B, H, W, K, multilevel=True):
         x = jnp.zeros((B, H, W, 3), jnp.uint8)
-        jaxpr = jax.make_jaxpr(lambda z: gbmod._cluster_batch(
-            z, 20.0, 0.9, 1.0, K=K, max_rounds=K, kmeans_iters=20, min_ball_size=2,
-            features=gbjax.Features(), out_dtype=np.dtype(np.uint8), multilevel=multilevel))(x)
+        jaxpr = jax.make_jaxpr(
+            lambda z: gbmod._cluster_batch(
+                z,
+                20.0,
+                0.9,
+                1.0,
+                K=K,
+                max_rounds=K,
+                kmeans_iters=20,
+                min_ball_size=2,
+                features=gbjax.Features(),
+                out_dtype=np.dtype(np.uint8),
+                multilevel=multilevel,
+            )
+        )(x)
         assert "while" in str(jaxpr)
         return _count_eqns(jaxpr.jaxpr)
 
@@ -407,16 +456,18 @@ def test_sharded_over_four_cpu_devices_matches_single_device(tmp_path):
     script = textwrap.dedent(f"""
         import jax, numpy as np, gbjax
         assert jax.device_count() == 4, jax.devices()
-        x = np.load({str(tmp_path / 'x.npy')!r})
+        x = np.load({str(tmp_path / "x.npy")!r})
         r = gbjax.gb_cluster(x, threshold=20.0)
         assert len(r.labels.sharding.device_set) == 4, r.labels.sharding
-        np.testing.assert_array_equal(r.labels, np.load({str(tmp_path / 'ref.npy')!r}))
+        np.testing.assert_array_equal(r.labels, np.load({str(tmp_path / "ref.npy")!r}))
         print("SHARDED_OK")
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         timeout=300)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
 
 
@@ -424,31 +475,34 @@ def test_sharded_over_four_cpu_devices_matches_single_device(tmp_path):
 GOOD = np.zeros((4, 4, 3), np.uint8)
 
 
-@pytest.mark.parametrize("images,kwargs,match", [
-    (np.zeros((4, 4), np.uint8), {}, "images: expected shape"),
-    (np.zeros((1, 1, 4, 4, 3), np.uint8), {}, "images: expected shape"),
-    (np.zeros((4, 4, 2), np.uint8), {}, "1 or 3 channels"),
-    (np.zeros((0, 4, 3), np.uint8), {}, "empty"),
-    (np.zeros((0, 4, 4, 3), np.uint8), {}, "empty"),
-    (np.full((4, 4, 3), np.nan, np.float32), {}, "NaN or inf"),
-    (np.full((4, 4, 3), np.inf, np.float32), {}, "NaN or inf"),
-    (np.full((4, 4, 3), -1.0, np.float32), {}, ">= 0"),
-    (np.full((4, 4, 3), 300.0, np.float32), {}, "0..255"),
-    (np.full((4, 4, 3), 0.5, np.float32), {}, "scale=255"),
-    (np.zeros((4, 4, 3), bool), {}, "dtype"),
-    (GOOD, {"threshold": 0.0}, "threshold"),
-    (GOOD, {"threshold": -3.0}, "threshold"),
-    (GOOD, {"threshold": float("nan")}, "threshold"),
-    (GOOD, {"purity": 0.0}, "purity"),
-    (GOOD, {"purity": 1.5}, "purity"),
-    (GOOD, {"capacity": 0}, "capacity"),
-    (GOOD, {"capacity": 2.5}, "capacity"),
-    (GOOD, {"min_ball_size": 0}, "min_ball_size"),
-    (GOOD, {"max_rounds": 0}, "max_rounds"),
-    (GOOD, {"kmeans_iters": 0}, "kmeans_iters"),
-    (GOOD, {"features": "rgb"}, "features"),
-    (GOOD, {"scale": 255.0}, "scale"),
-])
+@pytest.mark.parametrize(
+    "images,kwargs,match",
+    [
+        (np.zeros((4, 4), np.uint8), {}, "images: expected shape"),
+        (np.zeros((1, 1, 4, 4, 3), np.uint8), {}, "images: expected shape"),
+        (np.zeros((4, 4, 2), np.uint8), {}, "1 or 3 channels"),
+        (np.zeros((0, 4, 3), np.uint8), {}, "empty"),
+        (np.zeros((0, 4, 4, 3), np.uint8), {}, "empty"),
+        (np.full((4, 4, 3), np.nan, np.float32), {}, "NaN or inf"),
+        (np.full((4, 4, 3), np.inf, np.float32), {}, "NaN or inf"),
+        (np.full((4, 4, 3), -1.0, np.float32), {}, ">= 0"),
+        (np.full((4, 4, 3), 300.0, np.float32), {}, "0..255"),
+        (np.full((4, 4, 3), 0.5, np.float32), {}, "scale=255"),
+        (np.zeros((4, 4, 3), bool), {}, "dtype"),
+        (GOOD, {"threshold": 0.0}, "threshold"),
+        (GOOD, {"threshold": -3.0}, "threshold"),
+        (GOOD, {"threshold": float("nan")}, "threshold"),
+        (GOOD, {"purity": 0.0}, "purity"),
+        (GOOD, {"purity": 1.5}, "purity"),
+        (GOOD, {"capacity": 0}, "capacity"),
+        (GOOD, {"capacity": 2.5}, "capacity"),
+        (GOOD, {"min_ball_size": 0}, "min_ball_size"),
+        (GOOD, {"max_rounds": 0}, "max_rounds"),
+        (GOOD, {"kmeans_iters": 0}, "kmeans_iters"),
+        (GOOD, {"features": "rgb"}, "features"),
+        (GOOD, {"scale": 255.0}, "scale"),
+    ],
+)
 def test_bad_input_raises_value_error_naming_argument(images, kwargs, match):
     with pytest.raises(ValueError, match=match):
         gbjax.gb_cluster(images, **kwargs)

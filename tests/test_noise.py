@@ -33,10 +33,14 @@ ALL_FUNCS = {
     "gaussian_clip": lambda x, k: noise.gaussian(x, k, std=20.0),
     "gaussian_wrap": lambda x, k: noise.gaussian(x, k, mean=1.0, std=20.0, mode="wrap"),
     "salt_and_pepper": lambda x, k: noise.salt_and_pepper(x, k, amount=0.2),
-    "salt_and_pepper_pixel": lambda x, k: noise.salt_and_pepper(x, k, amount=0.2, per_channel=False),
+    "salt_and_pepper_pixel": lambda x, k: noise.salt_and_pepper(
+        x, k, amount=0.2, per_channel=False
+    ),
     "additive_impulse": lambda x, k: noise.additive_impulse(x, k, p=0.3, v=100),
     **{
-        f"corrupt_{kind}": (lambda kind: lambda x, k: noise.corrupt(x, k, kind=kind, severity=3))(kind)
+        f"corrupt_{kind}": (lambda kind: lambda x, k: noise.corrupt(x, k, kind=kind, severity=3))(
+            kind
+        )
         for kind in noise.CORRUPTIONS
     },
 }
@@ -171,14 +175,20 @@ def test_gaussian_exact_small_cases():
     x = _tiled(v)
     # std=0 makes the noise exactly `mean` (as float32)
     _check_tiled(noise.gaussian(x, KEY, mean=-3.7, std=0.0), v, [0, 0, 6, 246, 251])
-    _check_tiled(noise.gaussian(x, KEY, mean=-3.7, std=0.0, mode="wrap"), v, [253, 255, 7, 247, 252])
+    _check_tiled(
+        noise.gaussian(x, KEY, mean=-3.7, std=0.0, mode="wrap"), v, [253, 255, 7, 247, 252]
+    )
     _check_tiled(noise.gaussian(x, KEY, mean=300.0, std=0.0), v, [255] * 5)
-    _check_tiled(noise.gaussian(x, KEY, mean=300.0, std=0.0, mode="wrap"), v, (np.array(v) + 300) % 256)
+    _check_tiled(
+        noise.gaussian(x, KEY, mean=300.0, std=0.0, mode="wrap"), v, (np.array(v) + 300) % 256
+    )
     # |n| < 1 truncates to 0: wrap leaves the pixel alone
     _check_tiled(noise.gaussian(x, KEY, mean=-0.9, std=0.0, mode="wrap"), v, v)
     # huge noise must not hit an undefined float->int cast
     big = np.float32(3e9 + 7)
-    _check_tiled(noise.gaussian(x, KEY, mean=big, std=0.0, mode="wrap"), v, (np.array(v) + int(big)) % 256)
+    _check_tiled(
+        noise.gaussian(x, KEY, mean=big, std=0.0, mode="wrap"), v, (np.array(v) + int(big)) % 256
+    )
 
 
 @settings(max_examples=25, deadline=None)
@@ -218,7 +228,9 @@ def test_salt_and_pepper_whole_pixels():
 def test_salt_and_pepper_edges():
     x = _ramp()
     np.testing.assert_array_equal(noise.salt_and_pepper(x, KEY, amount=0.0), x)
-    np.testing.assert_array_equal(noise.salt_and_pepper(x, KEY, amount=1.0, salt_vs_pepper=1.0), 255)
+    np.testing.assert_array_equal(
+        noise.salt_and_pepper(x, KEY, amount=1.0, salt_vs_pepper=1.0), 255
+    )
     np.testing.assert_array_equal(noise.salt_and_pepper(x, KEY, amount=1.0, salt_vs_pepper=0.0), 0)
 
 
@@ -230,8 +242,12 @@ def test_additive_impulse(v):
     hit = y != x
     assert abs(hit.mean() - 0.25) < 0.02
     np.testing.assert_array_equal(y[hit], (x[hit] + v) % 256)
-    np.testing.assert_array_equal(noise.additive_impulse(jnp.asarray(x, jnp.uint8), KEY, p=1.0, v=256), x)
-    np.testing.assert_array_equal(noise.additive_impulse(jnp.asarray(x, jnp.uint8), KEY, p=0.0, v=5), x)
+    np.testing.assert_array_equal(
+        noise.additive_impulse(jnp.asarray(x, jnp.uint8), KEY, p=1.0, v=256), x
+    )
+    np.testing.assert_array_equal(
+        noise.additive_impulse(jnp.asarray(x, jnp.uint8), KEY, p=0.0, v=5), x
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -245,7 +261,9 @@ def test_corrupt_gaussian_matches_reference_and_grows_with_severity():
     for s, c in enumerate(noise.CIFAR10C_PARAMS["gaussian_noise"], 1):
         y = np.asarray(noise.corrupt(x, KEY, kind="gaussian_noise", severity=s)).astype(int)
         z = np.asarray(jax.random.normal(KEY, x.shape, jnp.float32), np.float64)
-        ref = np.uint8(np.clip(np.asarray(x) / 255.0 + c * z, 0, 1) * 255).astype(int)  # make_cifar_c.py
+        ref = np.uint8(np.clip(np.asarray(x) / 255.0 + c * z, 0, 1) * 255).astype(
+            int
+        )  # make_cifar_c.py
         assert (np.abs(y - ref) <= 1).all() and (y == ref).mean() > 0.999
         mid = (np.asarray(x) > 80) & (np.asarray(x) < 175)  # no clipping here
         d = (y - np.asarray(x))[mid]
@@ -268,7 +286,8 @@ def test_corrupt_impulse_is_salt_and_pepper():
     x = _ramp()
     for s, c in enumerate(noise.CIFAR10C_PARAMS["impulse_noise"], 1):
         np.testing.assert_array_equal(
-            noise.corrupt(x, KEY, kind="impulse_noise", severity=s), noise.salt_and_pepper(x, KEY, amount=c)
+            noise.corrupt(x, KEY, kind="impulse_noise", severity=s),
+            noise.salt_and_pepper(x, KEY, amount=c),
         )
 
 

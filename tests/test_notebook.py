@@ -22,7 +22,9 @@ def _kernel_manager():
     km = KernelManager(kernel_name="python3")
     km._kernel_spec = KernelSpec(
         argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        display_name="gbjax test kernel", language="python")
+        display_name="gbjax test kernel",
+        language="python",
+    )
     return km
 
 
@@ -33,12 +35,25 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("PYTHONPATH", env_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     client = nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", km=_kernel_manager(),
-        resources={"metadata": {"path": str(ROOT / "notebooks")}})
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        km=_kernel_manager(),
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
+    )
     client.execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors
-    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
-                   if o.get("output_type") == "stream")
+    text = "".join(
+        o.get("text", "")
+        for c in nb.cells
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "stream"
+    )
     assert "clean test accuracy" in text and "eps=0.20" in text

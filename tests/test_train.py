@@ -19,174 +19,190 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def synthetic(n, seed, size=16, channels=1):
-  """Learnable 10-class images: a bright bar whose row encodes the class."""
-  rng = np.random.default_rng(seed)
-  y = rng.integers(0, 10, n).astype(np.int32)
-  x = rng.integers(0, 60, (n, size, size, channels)).astype(np.uint8)
-  for i in range(n):
-    r = int(y[i]) * (size - 3) // 9
-    x[i, r:r + 3, 2:size - 2, :] = 230
-  return x, y
+    """Learnable 10-class images: a bright bar whose row encodes the class."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    x = rng.integers(0, 60, (n, size, size, channels)).astype(np.uint8)
+    for i in range(n):
+        r = int(y[i]) * (size - 3) // 9
+        x[i, r : r + 3, 2 : size - 2, :] = 230
+    return x, y
 
 
 DATA = {"train": synthetic(384, 0), "test": synthetic(200, 1)}
 
 
 def tiny(**kw) -> train.Config:
-  base = dict(data=DATA, model="paper_convnet",
-              model_kwargs=dict(kind="raw", features=8),
-              optimizer="adam", learning_rate=3e-3, batch_size=32,
-              eval_batch_size=100, num_epochs=2, log_every_steps=4,
-              checkpoint_every_steps=1000, progress=False)
-  base.update(kw)
-  return train.Config(**base)
+    base = dict(
+        data=DATA,
+        model="paper_convnet",
+        model_kwargs=dict(kind="raw", features=8),
+        optimizer="adam",
+        learning_rate=3e-3,
+        batch_size=32,
+        eval_batch_size=100,
+        num_epochs=2,
+        log_every_steps=4,
+        checkpoint_every_steps=1000,
+        progress=False,
+    )
+    base.update(kw)
+    return train.Config(**base)
 
 
 def read_jsonl(path):
-  return [json.loads(l) for l in pathlib.Path(path).read_text().splitlines()]
+    return [json.loads(l) for l in pathlib.Path(path).read_text().splitlines()]
 
 
 def params_of(workdir):
-  return jax.tree.map(np.asarray, nnx.state(train.restore_model(workdir)))
+    return jax.tree.map(np.asarray, nnx.state(train.restore_model(workdir)))
 
 
 # ---------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(model="vgg99"), "unknown model"),
-    (dict(learning_rate=-1e-3), "learning_rate"),
-    (dict(learning_rate=0.0), "learning_rate"),
-    (dict(optimizer="rmsprop"), "unknown optimizer"),
-    (dict(preprocess="blur"), "unknown preprocess"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(num_epochs=0), "num_epochs"),
-    (dict(label_smoothing=1.5), "label_smoothing"),
-    (dict(data=None, dataset="imagenet"), "unknown dataset"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(model="vgg99"), "unknown model"),
+        (dict(learning_rate=-1e-3), "learning_rate"),
+        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(optimizer="rmsprop"), "unknown optimizer"),
+        (dict(preprocess="blur"), "unknown preprocess"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(num_epochs=0), "num_epochs"),
+        (dict(label_smoothing=1.5), "label_smoothing"),
+        (dict(data=None, dataset="imagenet"), "unknown dataset"),
+    ],
+)
 def test_bad_configs_raise_clear_errors(tmp_path, change, match):
-  with pytest.raises(ValueError, match=match):
-    train.train_and_evaluate(tiny(**change), tmp_path)
+    with pytest.raises(ValueError, match=match):
+        train.train_and_evaluate(tiny(**change), tmp_path)
 
 
 def test_resnet_without_widths_is_rejected(tmp_path):
-  cfg = tiny(model="resnet", model_kwargs=dict(stage_sizes=(1,)))
-  with pytest.raises(ValueError, match="widths"):
-    train.train_and_evaluate(cfg, tmp_path)
+    cfg = tiny(model="resnet", model_kwargs=dict(stage_sizes=(1,)))
+    with pytest.raises(ValueError, match="widths"):
+        train.train_and_evaluate(cfg, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["pe_mnist", "raw_mnist", "resnet18_cifar10"])
 @pytest.mark.parametrize("arg", [None, "smoke"])
 def test_shipped_configs_are_valid(name, arg):
-  path = REPO / "gbjax" / "configs" / f"{name}.py"
-  cfg = train.load_config(f"{path}:{arg}" if arg else str(path))
-  train.validate_config(cfg)
-  assert cfg.learning_rate > 0
-  doc = path.read_text()
-  assert "python -m gbjax.train" in doc and "Runtime" in doc
+    path = REPO / "gbjax" / "configs" / f"{name}.py"
+    cfg = train.load_config(f"{path}:{arg}" if arg else str(path))
+    train.validate_config(cfg)
+    assert cfg.learning_rate > 0
+    doc = path.read_text()
+    assert "python -m gbjax.train" in doc and "Runtime" in doc
 
 
 def test_overrides():
-  cfg = train.apply_overrides(tiny(), ["seed=3", "model_kwargs={'kind': 'embedding'}"])
-  assert cfg.seed == 3 and cfg.model_kwargs == {"kind": "embedding"}
-  with pytest.raises(ValueError, match="override"):
-    train.apply_overrides(tiny(), ["nonsense=1"])
+    cfg = train.apply_overrides(tiny(), ["seed=3", "model_kwargs={'kind': 'embedding'}"])
+    assert cfg.seed == 3 and cfg.model_kwargs == {"kind": "embedding"}
+    with pytest.raises(ValueError, match="override"):
+        train.apply_overrides(tiny(), ["nonsense=1"])
 
 
 # ---------------------------------------------------------------- training
 
 
 def test_tiny_training_learns_and_logs(tmp_path):
-  cfg = tiny(num_epochs=3)
-  m = train.train_and_evaluate(cfg, tmp_path)
-  recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "event" not in r]
-  assert recs[-1]["train_loss"] < 0.5 * recs[0]["train_loss"]   # loss falls
-  assert m["test_accuracy"] > 0.5                                # chance: 0.1
-  assert m["step"] == 3 * (384 // 32)
-  assert m["images_per_sec"] > 0 and m["compile_time_s"] > 0
-  assert sum("test_accuracy" in r for r in recs) == 3            # every epoch
-  times = [r["train_time_s"] for r in recs]
-  assert times == sorted(times) and times[-1] > 0
-  assert all(r["train_time_s"] < r["elapsed_s"] for r in recs)
-  hit = train.time_to_target(tmp_path, 0.5)
-  first = next(r for r in recs if r.get("test_accuracy", 0) >= 0.5)
-  assert hit["step"] == first["step"] and hit["train_time_s"] == first["train_time_s"]
-  assert train.time_to_target(tmp_path, 1.01) is None
-  saved = json.loads((tmp_path / "config.json").read_text())
-  assert saved["model"] == "paper_convnet" and "data" not in saved
-  # the restored model reproduces the final test accuracy
-  model = train.restore_model(tmp_path)
-  xte, yte = DATA["test"]
-  acc = np.mean(np.argmax(np.asarray(model(xte)), -1) == yte)
-  assert acc == pytest.approx(m["test_accuracy"])
-  # floats in [0, 1] give the same predictions as uint8
-  acc01 = np.mean(np.argmax(np.asarray(model(xte / np.float32(255))), -1) == yte)
-  assert abs(acc01 - acc) <= 0.01
+    cfg = tiny(num_epochs=3)
+    m = train.train_and_evaluate(cfg, tmp_path)
+    recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "event" not in r]
+    assert recs[-1]["train_loss"] < 0.5 * recs[0]["train_loss"]  # loss falls
+    assert m["test_accuracy"] > 0.5  # chance: 0.1
+    assert m["step"] == 3 * (384 // 32)
+    assert m["images_per_sec"] > 0 and m["compile_time_s"] > 0
+    assert sum("test_accuracy" in r for r in recs) == 3  # every epoch
+    times = [r["train_time_s"] for r in recs]
+    assert times == sorted(times) and times[-1] > 0
+    assert all(r["train_time_s"] < r["elapsed_s"] for r in recs)
+    hit = train.time_to_target(tmp_path, 0.5)
+    first = next(r for r in recs if r.get("test_accuracy", 0) >= 0.5)
+    assert hit["step"] == first["step"] and hit["train_time_s"] == first["train_time_s"]
+    assert train.time_to_target(tmp_path, 1.01) is None
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"] == "paper_convnet" and "data" not in saved
+    # the restored model reproduces the final test accuracy
+    model = train.restore_model(tmp_path)
+    xte, yte = DATA["test"]
+    acc = np.mean(np.argmax(np.asarray(model(xte)), -1) == yte)
+    assert acc == pytest.approx(m["test_accuracy"])
+    # floats in [0, 1] give the same predictions as uint8
+    acc01 = np.mean(np.argmax(np.asarray(model(xte / np.float32(255))), -1) == yte)
+    assert abs(acc01 - acc) <= 0.01
 
 
 def test_resume_is_exact(tmp_path):
-  # pixel embedding + batch-norm-free net + on-device augmentation; the
-  # interrupted run is "killed" after step 7 (last checkpoint: step 4).
-  cfg = tiny(model_kwargs=dict(kind="embedding", features=8, embed_features=8,
-                               num_embeddings=201, scale=100.0),
-             augment="crop_flip", crop_pad=2, checkpoint_every_steps=4,
-             num_steps=14)
-  full = train.train_and_evaluate(cfg, tmp_path / "a")
-  part = train.train_and_evaluate(cfg, tmp_path / "b", stop_after_step=7)
-  assert part["step"] == 7
-  resumed = train.train_and_evaluate(cfg, tmp_path / "b")
-  events = [r for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if r.get("event") == "resumed"]
-  assert events == [{"event": "resumed", "step": 4}]
-  recs_b = read_jsonl(tmp_path / "b" / "metrics.jsonl")
-  hit = train.time_to_target(tmp_path / "b", 0.0)   # first eval: end of epoch 1
-  own = next(r for r in recs_b if r.get("step") == 12 and "test_accuracy" in r)
-  before = [r for r in recs_b[:recs_b.index(events[0])] if "train_time_s" in r]
-  assert hit["resumed"] and hit["step"] == 12
-  assert hit["train_time_s"] == pytest.approx(
-      own["train_time_s"] + before[-1]["train_time_s"])
-  assert "resumed" not in train.time_to_target(tmp_path / "a", 0.0)
-  assert resumed["test_accuracy"] == full["test_accuracy"]
-  assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-6)
-  a, b = params_of(tmp_path / "a"), params_of(tmp_path / "b")
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7), a, b)
+    # pixel embedding + batch-norm-free net + on-device augmentation; the
+    # interrupted run is "killed" after step 7 (last checkpoint: step 4).
+    cfg = tiny(
+        model_kwargs=dict(
+            kind="embedding", features=8, embed_features=8, num_embeddings=201, scale=100.0
+        ),
+        augment="crop_flip",
+        crop_pad=2,
+        checkpoint_every_steps=4,
+        num_steps=14,
+    )
+    full = train.train_and_evaluate(cfg, tmp_path / "a")
+    part = train.train_and_evaluate(cfg, tmp_path / "b", stop_after_step=7)
+    assert part["step"] == 7
+    resumed = train.train_and_evaluate(cfg, tmp_path / "b")
+    events = [
+        r for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if r.get("event") == "resumed"
+    ]
+    assert events == [{"event": "resumed", "step": 4}]
+    recs_b = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    hit = train.time_to_target(tmp_path / "b", 0.0)  # first eval: end of epoch 1
+    own = next(r for r in recs_b if r.get("step") == 12 and "test_accuracy" in r)
+    before = [r for r in recs_b[: recs_b.index(events[0])] if "train_time_s" in r]
+    assert hit["resumed"] and hit["step"] == 12
+    assert hit["train_time_s"] == pytest.approx(own["train_time_s"] + before[-1]["train_time_s"])
+    assert "resumed" not in train.time_to_target(tmp_path / "a", 0.0)
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-6)
+    a, b = params_of(tmp_path / "a"), params_of(tmp_path / "b")
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7), a, b)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  cfg = tiny(debug_nan_step=6, checkpoint_every_steps=4, log_every_steps=2,
-             num_steps=12)
-  with pytest.raises(train.NonFiniteLossError, match="non-finite.*step 4"):
-    train.train_and_evaluate(cfg, tmp_path)
-  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                 if p.name.isdigit())
-  assert steps == [4]
-  model = train.restore_model(tmp_path)
-  assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(nnx.state(model)))
-  assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["event"] == "non_finite_loss"
+    cfg = tiny(debug_nan_step=6, checkpoint_every_steps=4, log_every_steps=2, num_steps=12)
+    with pytest.raises(train.NonFiniteLossError, match="non-finite.*step 4"):
+        train.train_and_evaluate(cfg, tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4]
+    model = train.restore_model(tmp_path)
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(nnx.state(model)))
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["event"] == "non_finite_loss"
 
 
 def test_gb_preprocess_is_applied_and_cached(tmp_path, monkeypatch):
-  import importlib
-  gb = importlib.import_module("gbjax.gb")
-  calls = []
+    import importlib
 
-  def fake_gb_denoise(images, threshold=20.0, purity=0.9):
-    calls.append((images.shape, threshold))
-    return (np.asarray(images) // 64 * 64).astype(np.uint8)
+    gb = importlib.import_module("gbjax.gb")
+    calls = []
 
-  monkeypatch.setattr(gb, "gb_denoise", fake_gb_denoise)
-  cfg = tiny(preprocess="gb", gb=dict(threshold=10.0), cache_dir=str(tmp_path))
-  xtr, _, xte, _ = train.load_datasets(cfg)
-  assert len(calls) == 2                               # train and test
-  np.testing.assert_array_equal(xtr, DATA["train"][0] // 64 * 64)
-  np.testing.assert_array_equal(xte, DATA["test"][0] // 64 * 64)
-  xtr2, _, _, _ = train.load_datasets(cfg)
-  assert len(calls) == 2                               # served from the cache
-  np.testing.assert_array_equal(xtr2, xtr)
-  train.load_datasets(dataclasses.replace(cfg, gb=dict(threshold=30.0)))
-  assert len(calls) == 4                               # new parameters: recompute
-  monkeypatch.setattr(gb, "OUTPUT_VERSION", gb.OUTPUT_VERSION + 1)
-  train.load_datasets(cfg)
-  assert len(calls) == 6                               # newer engine: recompute
+    def fake_gb_denoise(images, threshold=20.0, purity=0.9):
+        calls.append((images.shape, threshold))
+        return (np.asarray(images) // 64 * 64).astype(np.uint8)
+
+    monkeypatch.setattr(gb, "gb_denoise", fake_gb_denoise)
+    cfg = tiny(preprocess="gb", gb=dict(threshold=10.0), cache_dir=str(tmp_path))
+    xtr, _, xte, _ = train.load_datasets(cfg)
+    assert len(calls) == 2  # train and test
+    np.testing.assert_array_equal(xtr, DATA["train"][0] // 64 * 64)
+    np.testing.assert_array_equal(xte, DATA["test"][0] // 64 * 64)
+    xtr2, _, _, _ = train.load_datasets(cfg)
+    assert len(calls) == 2  # served from the cache
+    np.testing.assert_array_equal(xtr2, xtr)
+    train.load_datasets(dataclasses.replace(cfg, gb=dict(threshold=30.0)))
+    assert len(calls) == 4  # new parameters: recompute
+    monkeypatch.setattr(gb, "OUTPUT_VERSION", gb.OUTPUT_VERSION + 1)
+    train.load_datasets(cfg)
+    assert len(calls) == 6  # newer engine: recompute
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
@@ -212,28 +228,34 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_matches_single_device(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  script = SHARDED_SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path))
-  proc = subprocess.run([sys.executable, "-c", script], env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  out = json.loads(line[len("RESULT"):])
-  one, four = out["1"], out["4"]
-  assert four["loss"] == pytest.approx(one["loss"], rel=1e-3, abs=1e-4)
-  assert abs(four["acc"] - one["acc"]) <= 0.01
-  for a, b in zip(one["params"], four["params"]):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO),
+    )
+    script = SHARDED_SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    out = json.loads(line[len("RESULT") :])
+    one, four = out["1"], out["4"]
+    assert four["loss"] == pytest.approx(one["loss"], rel=1e-3, abs=1e-4)
+    assert abs(four["acc"] - one["acc"]) <= 0.01
+    for a, b in zip(one["params"], four["params"]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_subsets_are_random_not_first_n():
-  x, y = DATA["train"]
-  order = np.argsort(y, kind="stable")                 # class-sorted source
-  cfg = tiny(data={"train": (x[order], y[order]), "test": DATA["test"]},
-             num_train=64, num_test=50)
-  xtr, ytr, xte, yte = train.load_datasets(cfg)
-  assert len(xtr) == 64 and len(xte) == 50
-  assert len(np.unique(ytr)) >= 8
-  xtr2, ytr2, _, _ = train.load_datasets(dataclasses.replace(cfg, seed=5))
-  np.testing.assert_array_equal(ytr2, ytr)             # fixed, seed-independent
+    x, y = DATA["train"]
+    order = np.argsort(y, kind="stable")  # class-sorted source
+    cfg = tiny(
+        data={"train": (x[order], y[order]), "test": DATA["test"]}, num_train=64, num_test=50
+    )
+    xtr, ytr, xte, yte = train.load_datasets(cfg)
+    assert len(xtr) == 64 and len(xte) == 50
+    assert len(np.unique(ytr)) >= 8
+    xtr2, ytr2, _, _ = train.load_datasets(dataclasses.replace(cfg, seed=5))
+    np.testing.assert_array_equal(ytr2, ytr)  # fixed, seed-independent

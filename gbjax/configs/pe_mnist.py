@@ -18,25 +18,26 @@ from gbjax.train import Config
 
 
 def get_config(arg: str | None = None) -> Config:
-  config = Config(
-      dataset="mnist",
-      model="paper_convnet",
-      model_kwargs=dict(kind="embedding", stats="dataset", num_embeddings=2001,
-                        embed_features=64, scale=1000.0),
-      optimizer="adam",
-      learning_rate=1e-4,
-      batch_size=64,
-      eval_batch_size=1000,
-      num_epochs=3,
-      log_every_steps=100,
-      checkpoint_every_steps=500,
-  )
-  if arg == "batch":
-    config.model_kwargs["stats"] = "batch"
-    config.eval_batch_size = 10000  # authors: statistics of the whole test set
-  elif arg == "smoke":
-    config.num_train, config.num_test = 1024, 1000
-    config.num_steps, config.log_every_steps = 16, 4
-  elif arg:
-    raise ValueError(f"unknown config arg {arg!r}")
-  return config
+    config = Config(
+        dataset="mnist",
+        model="paper_convnet",
+        model_kwargs=dict(
+            kind="embedding", stats="dataset", num_embeddings=2001, embed_features=64, scale=1000.0
+        ),
+        optimizer="adam",
+        learning_rate=1e-4,
+        batch_size=64,
+        eval_batch_size=1000,
+        num_epochs=3,
+        log_every_steps=100,
+        checkpoint_every_steps=500,
+    )
+    if arg == "batch":
+        config.model_kwargs["stats"] = "batch"
+        config.eval_batch_size = 10000  # authors: statistics of the whole test set
+    elif arg == "smoke":
+        config.num_train, config.num_test = 1024, 1000
+        config.num_steps, config.log_every_steps = 16, 4
+    elif arg:
+        raise ValueError(f"unknown config arg {arg!r}")
+    return config

@@ -23,33 +23,33 @@ from gbjax.train import Config
 
 
 def get_config(arg: str | None = None) -> Config:
-  config = Config(
-      dataset="cifar10",
-      model="resnet18",
-      compute_dtype="bfloat16",
-      augment="crop_flip",
-      crop_pad=4,
-      optimizer="sgd",
-      learning_rate=0.4,
-      schedule="onecycle",
-      warmup_fraction=0.25,
-      momentum=0.9,
-      nesterov=True,
-      weight_decay=5e-4,
-      label_smoothing=0.1,
-      batch_size=512,
-      eval_batch_size=1000,
-      num_epochs=30,
-      log_every_steps=50,
-      checkpoint_every_steps=500,
-  )
-  if arg == "resnet20":
-    config.model = "resnet20"
-  elif arg == "smoke":
-    config.model, config.compute_dtype = "resnet20", "float32"
-    config.num_train, config.num_test = 512, 500
-    config.batch_size, config.eval_batch_size = 64, 250
-    config.num_steps, config.log_every_steps = 8, 4
-  elif arg:
-    raise ValueError(f"unknown config arg {arg!r}")
-  return config
+    config = Config(
+        dataset="cifar10",
+        model="resnet18",
+        compute_dtype="bfloat16",
+        augment="crop_flip",
+        crop_pad=4,
+        optimizer="sgd",
+        learning_rate=0.4,
+        schedule="onecycle",
+        warmup_fraction=0.25,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        label_smoothing=0.1,
+        batch_size=512,
+        eval_batch_size=1000,
+        num_epochs=30,
+        log_every_steps=50,
+        checkpoint_every_steps=500,
+    )
+    if arg == "resnet20":
+        config.model = "resnet20"
+    elif arg == "smoke":
+        config.model, config.compute_dtype = "resnet20", "float32"
+        config.num_train, config.num_test = 512, 500
+        config.batch_size, config.eval_batch_size = 64, 250
+        config.num_steps, config.log_every_steps = 8, 4
+    elif arg:
+        raise ValueError(f"unknown config arg {arg!r}")
+    return config
