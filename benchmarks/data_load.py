@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'dataset/split':<16} {'images':>8} {'first load s':>13} {'cached s':>10} {'speedup':>8}"
     )
     for k, r in res.items():
-        print(
-            f"{k:<16} {r['n']:>8} {r['first_s']:>13.2f} {r['cached_s']:>10.3f} {r['speedup']:>7.0f}x"
-        )
+        times = f"{r['first_s']:>13.2f} {r['cached_s']:>10.3f} {r['speedup']:>7.0f}x"
+        print(f"{k:<16} {r['n']:>8} {times}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
