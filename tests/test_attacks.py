@@ -467,22 +467,22 @@ def test_sanity_check_pgd_le_fgsm_and_chance(trained):
 def test_accuracy_under_attack_with_protocol_and_eot():
     _, fn = make_linear(3)
     x, y = random_batch(12, n=20)
-    attack_fn, eval_fn = A.make_attack_logits(fn, random_scale, "bpda", randomized=True)
-    acc = A.accuracy_under_attack(
-        attack_fn,
-        x,
-        y,
-        eps_list=[0.0, 0.3],
-        attack="pgd",
-        steps=3,
-        batch_size=8,
-        eval_logits_fn=eval_fn,
-        key=jax.random.key(0),
-        eot_samples=2,
-        unroll=1,
-        progress=False,
+
+    def jitter(v, key):  # a mildly randomised defence: small additive noise
+        return v + 0.01 * jax.random.normal(key, v.shape)
+
+    attack_fn, eval_fn = A.make_attack_logits(fn, jitter, "bpda", randomized=True)
+    kw = dict(attack="pgd", steps=3, batch_size=8, eval_logits_fn=eval_fn,
+              key=jax.random.key(0), eot_samples=2, unroll=1, progress=False)  # fmt: skip
+    acc = A.accuracy_under_attack(attack_fn, x, y, eps_list=[0.0, 0.05, 0.3], **kw)
+    # eps 0 is the randomised model's clean accuracy; the attack only lowers it,
+    # and at eps 0.3 on this linear model it succeeds on most images
+    assert acc[0] >= acc[1] >= acc[2]
+    assert acc[2] < acc[0] - 0.2
+    # the same call is deterministic for a given key
+    np.testing.assert_array_equal(
+        A.accuracy_under_attack(attack_fn, x, y, eps_list=[0.0, 0.05, 0.3], **kw), acc
     )
-    assert acc.shape == (2,) and np.all((acc >= 0) & (acc <= 1))
 
 
 @pytest.mark.parametrize("targeted", [False, True])
@@ -497,7 +497,7 @@ def test_pgd_restarts_pick_per_example_best_of_the_runs(trained, targeted):
     cands = [one] + [A.pgd(fn, x, y, key=jax.random.fold_in(key, r), **args) for r in (1, 2)]
     best = np.asarray(A.pgd(fn, x, y, key=key, restarts=3, **args))
     logits = [np.asarray(fn(c)) for c in cands]
-    hit = np.stack([(l.argmax(-1) == np.asarray(y)) == targeted for l in logits])  # (R, B)
+    hit = np.stack([(z.argmax(-1) == np.asarray(y)) == targeted for z in logits])  # (R, B)
     loss = np.stack([np.asarray(A.attack_loss(fn, c, y)) for c in cands])
     score = -loss if targeted else loss
     for i in range(len(y)):
@@ -645,9 +645,8 @@ def test_gb_denoise_attackable_three_ways():
     """The granular-ball preprocessor works with every protocol (about 20 s of compiles)."""
     import functools
 
-    gb = pytest.importorskip("gbjax.gb")
-    if not hasattr(gb, "gb_denoise"):
-        pytest.skip("gbjax.gb.gb_denoise not available")
+    from gbjax import gb
+
     # static configuration goes in functools.partial (jax Partial would trace it)
     pre = functools.partial(gb.gb_denoise, scale=255.0, capacity=16)
     params, fn = make_linear(0)

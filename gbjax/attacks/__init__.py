@@ -1,0 +1,64 @@
+"""Attacks in pixel space: FGSM, PGD, BPDA and EOT (docs/methods.md, section 4).
+
+Conventions
+-----------
+* ``x`` is a batch of float images in ``[0, 1]``, NHWC.  Normalisation belongs
+  inside the logits function, so ``eps`` is measured in pixel space.
+* ``y`` holds integer labels of shape ``(B,)``: the true labels for an
+  untargeted attack, the *target* labels for ``targeted=True``.
+* The loss is softmax cross-entropy on logits (``optax``), summed over the
+  batch so that every example gets its own, unscaled gradient.
+* A *logits function* is any of
+
+  - a callable ``f(x) -> logits``;
+  - a :class:`jax.tree_util.Partial`, e.g. ``Partial(apply_fn, params)``:
+    its arguments travel through ``jit`` as ordinary arrays, so new parameters
+    with the same shapes never trigger a recompile.  Its arguments are traced,
+    so static configuration (ints, strings, e.g. ``capacity=`` of
+    ``gb_denoise``) belongs in a ``functools.partial`` built once instead;
+  - a ``flax.nnx.Module`` (put it in eval mode first): it is split into a
+    static graph definition and array state, so two models with the same
+    structure share one compiled attack.
+
+  A plain Python closure is compiled once per distinct function object: build
+  it once and reuse it, or use one of the two forms above.
+* *Randomised* logits functions (a randomised preprocessing defence in front of
+  a classifier) have the signature ``f(x, key)``.  Attack them with
+  ``eot_samples=n`` and an explicit ``key``: the gradient is then averaged over
+  ``n`` draws (Expectation over Transformation).  Logits functions are called
+  with a key exactly when ``eot_samples`` is not ``None``.
+
+Every attack is one ``jax.jit`` per input shape; ``eps`` and ``step_size`` are
+traced values, so sweeping them does not recompile.  The PGD loop is a
+``lax.fori_loop`` inside that single ``jit``, with ``steps`` traced too, except
+on CPU, where short loops are unrolled by default (``steps`` then static; see
+:func:`pgd`'s ``unroll``).
+
+Preprocessing defences are attacked three ways (:func:`make_attack_logits`):
+``"oblivious"``, ``"end_to_end"`` and ``"bpda"`` (:func:`bpda`).
+
+Modules: :mod:`~gbjax.attacks._core` (logits-function pytrees, checks, losses,
+BPDA), :mod:`~gbjax.attacks.gradient` (FGSM, PGD), :mod:`~gbjax.attacks.protocols`
+(the three protocols) and :mod:`~gbjax.attacks.evaluation` (accuracy under
+attack over a data set, sanity checks).
+"""
+
+from gbjax.attacks._core import BPDA, as_logits_fn, attack_loss, bpda, loss_gradient
+from gbjax.attacks.evaluation import SanityReport, accuracy_under_attack, attack_sanity_check
+from gbjax.attacks.gradient import fgsm, pgd
+from gbjax.attacks.protocols import PROTOCOLS, make_attack_logits
+
+__all__ = [
+    "fgsm",
+    "pgd",
+    "bpda",
+    "BPDA",
+    "make_attack_logits",
+    "PROTOCOLS",
+    "loss_gradient",
+    "attack_loss",
+    "accuracy_under_attack",
+    "attack_sanity_check",
+    "SanityReport",
+    "as_logits_fn",
+]

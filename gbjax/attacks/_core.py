@@ -1,0 +1,319 @@
+"""Shared attack machinery: logits-function pytrees, argument checks, losses,
+gradients (with EOT) and BPDA. See :mod:`gbjax.attacks` for the conventions."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import sys
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.tree_util import Partial
+
+from gbjax.attacks.losses import per_example_loss
+
+LogitsFn = Callable[..., jax.Array]
+
+
+class PytreeCallable:
+    """Marker base of callables that are pytrees already (BPDA, defended models):
+    :func:`as_logits_fn` passes them through unchanged."""
+
+
+# ---------------------------------------------------------------------------
+# Making logits functions jit-friendly pytrees
+# ---------------------------------------------------------------------------
+
+
+class _NNXCall:
+    """Hashable callable ``(state, *args) -> merge(graphdef, state)(*args)``.
+
+    Equality and hash follow the graph definition, so two modules with the same
+    structure produce equal ``Partial`` tree definitions and share a compile.
+    """
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+    def __call__(self, state, *args, **kwargs):
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, state)(*args, **kwargs)
+
+    def __eq__(self, other):
+        return isinstance(other, _NNXCall) and self.graphdef == other.graphdef
+
+    def __hash__(self):
+        return hash((_NNXCall, self.graphdef))
+
+
+def _is_nnx_module(obj) -> bool:
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(obj, nnx.Module)
+
+
+def as_logits_fn(fn) -> Callable[..., jax.Array]:
+    """Returns ``fn`` as a pytree callable that can be passed through ``jit``.
+
+    ``Partial`` objects and pytree callables (:class:`BPDA`,
+    :class:`gbjax.defences.Defended`) are returned unchanged; an ``nnx.Module`` becomes
+    ``Partial(<graphdef call>, state)`` (its state as of this call); any other
+    callable becomes ``Partial(fn)`` (compiled once per function object).
+    """
+    if isinstance(fn, (Partial, PytreeCallable)):
+        return fn
+    if _is_nnx_module(fn):
+        from flax import nnx
+
+        graphdef, state = nnx.split(fn)
+        return Partial(_NNXCall(graphdef), state)
+    if callable(fn):
+        return Partial(fn)
+    raise TypeError(f"logits_fn must be callable or an nnx.Module, got {type(fn).__name__}")
+
+
+# ---------------------------------------------------------------------------
+# Argument checks (only on concrete values; tracers pass through)
+# ---------------------------------------------------------------------------
+
+
+def _concrete(v):
+    """Returns a Python/NumPy value for ``v`` or ``None`` when it is traced."""
+    if isinstance(v, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(v)
+    except Exception:  # pragma: no cover - exotic array types
+        return None
+
+
+def _check_nonneg(name: str, v) -> None:
+    c = _concrete(v)
+    if c is None:
+        return
+    if c.ndim != 0 or not np.isfinite(c) or c < 0:
+        raise ValueError(f"{name} must be a finite scalar >= 0, got {v!r}")
+
+
+def _check_positive(name: str, v) -> None:
+    c = _concrete(v)
+    if c is None:
+        return
+    if c.ndim != 0 or not np.isfinite(c) or c <= 0:
+        raise ValueError(f"{name} must be a finite scalar > 0, got {v!r}")
+
+
+def _check_steps(steps) -> None:
+    c = _concrete(steps)
+    if c is None:
+        return
+    if c.ndim != 0 or not np.issubdtype(c.dtype, np.integer) or c < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+
+
+def _check_clip(clip) -> tuple[float, float]:
+    try:
+        lo, hi = clip
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip must be a pair (low, high) of numbers, got {clip!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"clip must satisfy finite low < high, got {clip!r}")
+    return lo, hi
+
+
+def _check_eot(eot_samples, key) -> None:
+    if eot_samples is None:
+        return
+    if (
+        isinstance(eot_samples, bool)
+        or not isinstance(eot_samples, numbers.Integral)
+        or eot_samples < 1
+    ):
+        raise ValueError(f"eot_samples must be None or an integer >= 1, got {eot_samples!r}")
+    if key is None:
+        raise ValueError("eot_samples needs an explicit PRNG key: pass key=jax.random.key(...)")
+
+
+def _check_xy(x, y) -> None:
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(
+            f"x must be a float array in [0, 1] (got dtype {jnp.result_type(x)}); "
+            "convert uint8 images with x / 255"
+        )
+    if jnp.ndim(x) < 1 or jnp.ndim(y) != 1 or jnp.shape(y)[0] != jnp.shape(x)[0]:
+        raise ValueError(
+            f"y must be integer labels of shape (B,) matching x's batch; "
+            f"got x {jnp.shape(x)} and y {jnp.shape(y)}"
+        )
+    if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
+        raise ValueError(f"y must hold integer labels, got dtype {jnp.result_type(y)}")
+
+
+def _is_zero(v) -> bool:
+    c = _concrete(v)
+    return c is not None and c.ndim == 0 and c == 0
+
+
+# ---------------------------------------------------------------------------
+# Loss and (EOT-averaged) gradient
+# ---------------------------------------------------------------------------
+
+
+def _call(fn, x, key):
+    return fn(x) if key is None else fn(x, key)
+
+
+def _ce_per_example(logits_BK, y_B):
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BK.astype(jnp.float32), y_B)
+
+
+def _value_grad(fn, x, y, key, eot_samples, loss="ce", target=None):
+    """``(loss_B, grad, logits)``: the per-example ``loss`` at ``x``, the gradient of
+    its sum w.r.t. ``x``, and the logits (``None`` with EOT, where the loss and
+    gradient are means over ``eot_samples`` draws and the logits are random)."""
+
+    def f(x_, k):
+        logits = _call(fn, x_, k)
+        per = per_example_loss(loss, logits, y, target)
+        return jnp.sum(per), (per, logits)
+
+    vg = jax.value_and_grad(f, has_aux=True)
+    if eot_samples is None:
+        (_, (per, logits)), g = vg(x, None)
+        return per, g, logits
+    keys = jax.random.split(key, eot_samples)
+
+    def body(i, acc):
+        (_, (per, _)), g = vg(x, keys[i])
+        return acc[0] + per, acc[1] + g
+
+    zero = (jnp.zeros(x.shape[0], jnp.float32), jnp.zeros_like(x))
+    per, g = jax.lax.fori_loop(0, eot_samples, body, zero)
+    return per / eot_samples, g / eot_samples, None
+
+
+def _grad_impl(fn, x, y, key, eot_samples, loss="ce"):
+    return _value_grad(fn, x, y, key, eot_samples, loss)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("eot_samples",))
+def _loss_gradient_jit(fn, x, y, key, *, eot_samples):
+    return _grad_impl(fn, x, y, key, eot_samples)
+
+
+def loss_gradient(logits_fn, x, y, *, key=None, eot_samples=None):
+    """Gradient w.r.t. ``x`` of the summed cross-entropy ``CE(logits_fn(x), y)``.
+
+    With ``eot_samples=n`` the logits function is called as ``logits_fn(x, k)``
+    for ``k`` in ``jax.random.split(key, n)`` and the ``n`` gradients are
+    averaged (EOT).  Returns an array shaped like ``x``.
+    """
+    _check_eot(eot_samples, key)
+    return _loss_gradient_jit(as_logits_fn(logits_fn), x, y, key, eot_samples=eot_samples)
+
+
+@jax.jit
+def _attack_loss_jit(fn, x, y, key):
+    return _ce_per_example(_call(fn, x, key), y)
+
+
+def attack_loss(logits_fn, x, y, *, key=None):
+    """Per-example cross-entropy ``(B,)`` of ``logits_fn`` on ``(x, y)``.
+
+    Pass ``key`` for a randomised logits function ``f(x, key)``.
+    """
+    return _attack_loss_jit(as_logits_fn(logits_fn), x, y, key)
+
+
+# ---------------------------------------------------------------------------
+# BPDA and the three protocols for preprocessing defences
+# ---------------------------------------------------------------------------
+
+
+def _zero_cotangents(tree):
+    return jax.tree_util.tree_map(lambda _: None, tree)
+
+
+@jax.custom_vjp
+def _bpda_apply(x, forward, backward, args):
+    return forward(x, *args)
+
+
+def _bpda_fwd(x, forward, backward, args):
+    return forward(x, *args), (x, forward, backward, args)
+
+
+def _bpda_bwd(res, g):
+    x, forward, backward, args = res
+    if backward is None:
+        if g.shape != x.shape:
+            raise ValueError(
+                f"bpda with identity backward needs forward to keep the input shape; "
+                f"got {x.shape} -> {g.shape}. Pass a smooth `backward` instead."
+            )
+        ct_x = g.astype(x.dtype)
+    else:
+        _, vjp = jax.vjp(lambda x_: backward(x_, *args), x)
+        (ct_x,) = vjp(g)
+    return ct_x, _zero_cotangents(forward), _zero_cotangents(backward), _zero_cotangents(args)
+
+
+_bpda_apply.defvjp(_bpda_fwd, _bpda_bwd)
+
+
+@jax.tree_util.register_pytree_node_class
+class BPDA(PytreeCallable):
+    """A preprocessor with an exact forward pass and a substitute backward pass.
+
+    Built by :func:`bpda`.  Calling ``g(x, *args)`` returns
+    ``forward(x, *args)``; its VJP w.r.t. ``x`` is the identity, or the VJP of
+    ``backward(x, *args)`` when a smooth approximation was given.  Extra
+    arguments (e.g. a PRNG key) receive zero cotangents.  A pytree, so it can
+    be passed through ``jit``.
+    """
+
+    def __init__(self, forward, backward=None):
+        self.forward = as_logits_fn(forward)
+        self.backward = None if backward is None else as_logits_fn(backward)
+
+    def __call__(self, x, *args):
+        return _bpda_apply(x, self.forward, self.backward, tuple(args))
+
+    def tree_flatten(self):
+        return (self.forward, self.backward), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.forward, obj.backward = children
+        return obj
+
+    def __repr__(self):
+        return f"BPDA(forward={self.forward!r}, backward={self.backward!r})"
+
+
+def bpda(forward, backward=None) -> BPDA:
+    """Backward Pass Differentiable Approximation (Athalye et al., 2018).
+
+    Wraps a non-differentiable preprocessor ``forward(x, *args)`` (quantisation,
+    a granular-ball denoiser, ...) via ``jax.custom_vjp``: the forward pass is
+    exact; the backward pass is the identity (``forward`` must then preserve
+    the shape of ``x``) or, if ``backward`` is given, the VJP of that smooth
+    approximation ``backward(x, *args)``.
+
+    Example::
+
+        g = bpda(lambda x: jnp.round(x * 8) / 8)
+        jax.grad(lambda x: g(x).sum())(x)   # == ones_like(x)
+    """
+    if not callable(forward) and not _is_nnx_module(forward):
+        raise TypeError("forward must be callable")
+    if backward is not None and not callable(backward):
+        raise TypeError("backward must be callable or None")
+    return BPDA(forward, backward)

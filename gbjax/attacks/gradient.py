@@ -1,0 +1,286 @@
+"""FGSM and PGD (L-inf), one ``jax.jit`` per input shape."""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gbjax.attacks._core import (
+    _call,
+    _ce_per_example,
+    _check_clip,
+    _check_eot,
+    _check_nonneg,
+    _check_positive,
+    _check_steps,
+    _check_xy,
+    _concrete,
+    _grad_impl,
+    _is_zero,
+    as_logits_fn,
+)
+
+
+def _fgsm_impl(fn, x, y, key, eps, lo, hi, targeted, eot_samples):
+    g = _grad_impl(fn, x, y, key, eot_samples)
+    direction = -jnp.sign(g) if targeted else jnp.sign(g)
+    x_adv = jnp.clip(x + eps * direction, lo, hi).astype(x.dtype)
+    return jnp.where(eps == 0, x, x_adv)
+
+
+def _pgd_impl(
+    fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll=1
+):
+    eps = jnp.asarray(eps, x.dtype)
+
+    def project(v):
+        return jnp.clip(jnp.clip(v, x - eps, x + eps), lo, hi)
+
+    if random_start:
+        key, start_key = jax.random.split(key)
+        x_adv = project(x + jax.random.uniform(start_key, x.shape, x.dtype, -eps, eps))
+    else:
+        x_adv = x
+
+    def body(i, x_adv):
+        k = None if eot_samples is None else jax.random.fold_in(key, i)
+        g = _grad_impl(fn, x_adv, y, k, eot_samples)
+        direction = -jnp.sign(g) if targeted else jnp.sign(g)
+        return project(x_adv + step_size * direction).astype(x.dtype)
+
+    if unroll == 1:
+        x_adv = jax.lax.fori_loop(0, steps, body, x_adv)  # steps may be traced
+    else:
+        x_adv = jax.lax.fori_loop(0, steps, body, x_adv, unroll=unroll)  # static steps
+    return jnp.where(eps == 0, x, x_adv)
+
+
+def _restart_key(key, r):
+    # Restart 0 uses the caller's key unchanged, so restarts=1 is plain PGD and
+    # restart r's iterate does not depend on how many restarts follow it.
+    return key if r == 0 else jax.random.fold_in(key, r)
+
+
+def _pgd_restarts_impl(
+    fn,
+    x,
+    y,
+    key,
+    eps,
+    step_size,
+    steps,
+    lo,
+    hi,
+    random_start,
+    targeted,
+    eot_samples,
+    unroll=1,
+    restarts=1,
+):
+    """Best of ``restarts`` PGD runs per example: one that succeeds (misclassified,
+    or classified as the target) first, then the highest loss (lowest if targeted)."""
+    best = _pgd_impl(
+        fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll
+    )
+    if restarts == 1:
+        return best
+
+    def score(x_adv, k):
+        # With EOT the candidates are scored on one draw of the randomised model.
+        k = None if eot_samples is None else jax.random.fold_in(k, 0x7FFFFFFF)
+        logits = _call(fn, x_adv, k)
+        hit = (jnp.argmax(logits, -1) == y) if targeted else (jnp.argmax(logits, -1) != y)
+        loss = _ce_per_example(logits, y)
+        return hit, (-loss if targeted else loss)
+
+    best_hit, best_score = score(best, key)
+    # A static loop: restarts are few, and on CPU a while loop around the
+    # (unrolled) PGD body would run its convolutions several times slower.
+    for r in range(1, restarts):
+        k = _restart_key(key, r)
+        cand = _pgd_impl(
+            fn, x, y, k, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll
+        )
+        hit, sc = score(cand, k)
+        better = (hit & ~best_hit) | ((hit == best_hit) & (sc > best_score))
+        best = jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), cand, best)
+        best_hit, best_score = best_hit | hit, jnp.where(better, sc, best_score)
+    return best
+
+
+_fgsm_jit = jax.jit(_fgsm_impl, static_argnames=("targeted", "eot_samples"))
+_pgd_jit = jax.jit(
+    _pgd_restarts_impl, static_argnames=("random_start", "targeted", "eot_samples", "restarts")
+)
+_pgd_jit_unrolled = jax.jit(
+    _pgd_restarts_impl,
+    static_argnames=("steps", "random_start", "targeted", "eot_samples", "unroll", "restarts"),
+)
+
+
+def _check_restarts(restarts, random_start, eot_samples) -> int:
+    if not isinstance(restarts, numbers.Integral) or isinstance(restarts, bool) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    if restarts > 1 and not random_start and eot_samples is None:
+        raise ValueError(
+            "restarts > 1 needs random_start=True (or a randomised model with "
+            "eot_samples): otherwise every restart is the same run"
+        )
+    return int(restarts)
+
+
+# XLA:CPU runs convolutions inside a while loop several times slower than the
+# same ops outside one (jax-ml/jax#12868; about 3.5x for a small CNN here, and
+# partial unrolling does not help), so on CPU short PGD loops are unrolled.
+_CPU_UNROLL_MAX_STEPS = 50
+
+
+def _resolve_unroll(unroll, steps) -> int:
+    """``fori_loop`` unroll factor: 1 means a while loop with ``steps`` traced;
+    anything larger needs a concrete ``steps`` (``steps`` itself = full unroll)."""
+    c = _concrete(steps)
+    if unroll is None:
+        on_cpu = jax.default_backend() == "cpu"
+        unroll = bool(on_cpu and c is not None and c <= _CPU_UNROLL_MAX_STEPS)
+    if isinstance(unroll, (bool, np.bool_)):
+        if not unroll:
+            return 1
+        if c is None:
+            raise ValueError("unroll=True needs a concrete integer steps, not a traced value")
+        return max(int(c), 1)
+    if not isinstance(unroll, numbers.Integral) or unroll < 1:
+        raise ValueError(f"unroll must be None, a bool or an integer >= 1, got {unroll!r}")
+    if unroll > 1 and c is None:
+        raise ValueError("unroll > 1 needs a concrete integer steps, not a traced value")
+    return int(unroll)
+
+
+def fgsm(
+    logits_fn,
+    x,
+    y,
+    *,
+    eps,
+    clip: tuple[float, float] = (0.0, 1.0),
+    targeted: bool = False,
+    key=None,
+    eot_samples: int | None = None,
+):
+    """Fast Gradient Sign Method (L-inf, one step).
+
+    ``x' = clip(x + eps * sign(grad_x CE(logits_fn(x), y)), *clip)``; with
+    ``targeted=True`` the step is ``-eps * sign(...)`` towards the labels ``y``.
+
+    Args:
+      logits_fn: logits function (see module docstring); ``f(x, key)`` when
+        ``eot_samples`` is given.
+      x: float images ``(B, H, W, C)`` in ``[0, 1]``.
+      y: integer labels ``(B,)`` (targets when ``targeted``).
+      eps: L-inf budget in pixel units, ``>= 0``; ``eps == 0`` returns ``x``.
+      clip: valid pixel range ``(low, high)``.
+      targeted: minimise the loss towards ``y`` instead of maximising it.
+      key: PRNG key, required with ``eot_samples``.
+      eot_samples: average the gradient over this many random draws (EOT).
+
+    Returns:
+      Adversarial images, same shape and dtype as ``x``.
+    """
+    _check_nonneg("eps", eps)
+    lo, hi = _check_clip(clip)
+    _check_eot(eot_samples, key)
+    _check_xy(x, y)
+    if _is_zero(eps):
+        return jnp.asarray(x)
+    return _fgsm_jit(
+        as_logits_fn(logits_fn),
+        x,
+        y,
+        key,
+        eps,
+        lo,
+        hi,
+        targeted=bool(targeted),
+        eot_samples=eot_samples,
+    )
+
+
+def pgd(
+    logits_fn,
+    x,
+    y,
+    *,
+    eps,
+    step_size,
+    steps,
+    key=None,
+    random_start: bool = True,
+    clip: tuple[float, float] = (0.0, 1.0),
+    targeted: bool = False,
+    eot_samples: int | None = None,
+    unroll: int | bool | None = None,
+    restarts: int = 1,
+):
+    """Projected Gradient Descent, L-inf (Madry et al.), one ``jit`` per shape.
+
+    Starting from ``x`` (or a uniform random point of the eps-ball when
+    ``random_start``), takes ``steps`` signed-gradient steps of ``step_size``,
+    projecting onto ``{|x' - x|_inf <= eps} ∩ [clip]`` after each.  Returns
+    the last iterate.
+
+    Args:
+      logits_fn: logits function (see module docstring).
+      x: float images ``(B, H, W, C)`` in ``[0, 1]``.
+      y: integer labels ``(B,)`` (targets when ``targeted``).
+      eps: L-inf budget ``>= 0``; ``eps == 0`` returns ``x``.
+      step_size: step length ``> 0`` (a common choice is ``2.5 * eps / steps``).
+      steps: number of iterations, an integer ``>= 1``.
+      key: PRNG key; required when ``random_start`` or ``eot_samples``.
+      random_start: start from a uniform point of the eps-ball.
+      clip: valid pixel range ``(low, high)``.
+      targeted: descend the loss towards labels ``y``.
+      eot_samples: average each step's gradient over this many random draws;
+        step ``i`` uses ``fold_in(key', i)`` split into ``eot_samples`` keys.
+      unroll: ``fori_loop`` unrolling.  ``1``: a while loop, with ``steps``
+        traced (no recompile when it changes).  An int > 1 or ``True``: unrolled,
+        ``steps`` static (one compile per value).  ``None`` (default): ``True``
+        on CPU when ``steps <= 50`` (XLA:CPU runs convolutions in loop bodies
+        several times slower, jax-ml/jax#12868), else ``1``.
+      restarts: independent random starts (restart 0 uses ``key``, restart
+        ``r`` uses ``fold_in(key, r)``); per example the result is the first
+        iterate that succeeds (misclassified, or the target class if
+        ``targeted``), else the one with the highest loss (lowest if targeted).
+        Needs ``random_start`` (or ``eot_samples``) when > 1.
+
+    Returns:
+      Adversarial images, same shape and dtype as ``x``.
+    """
+    _check_nonneg("eps", eps)
+    _check_positive("step_size", step_size)
+    _check_steps(steps)
+    lo, hi = _check_clip(clip)
+    _check_eot(eot_samples, key)
+    if random_start and key is None:
+        raise ValueError(
+            "random_start=True needs an explicit PRNG key: pass key=jax.random.key(...) "
+            "or random_start=False"
+        )
+    _check_xy(x, y)
+    restarts = _check_restarts(restarts, random_start, eot_samples)
+    unroll = _resolve_unroll(unroll, steps)
+    if _is_zero(eps):
+        return jnp.asarray(x)
+    common = dict(
+        random_start=bool(random_start),
+        targeted=bool(targeted),
+        eot_samples=eot_samples,
+        restarts=restarts,
+    )
+    fn = as_logits_fn(logits_fn)
+    if unroll == 1:
+        return _pgd_jit(fn, x, y, key, eps, step_size, steps, lo, hi, **common)
+    return _pgd_jit_unrolled(
+        fn, x, y, key, eps, step_size, int(steps), lo, hi, unroll=unroll, **common
+    )
