@@ -169,3 +169,78 @@ def test_batchnorm_train_eval_modes():
     net.train()
     net(x)
     assert not np.array_equal(np.asarray(net.stem_bn.mean[...]), before)
+
+
+# ---------------------------------------------------------------- airbench
+
+
+def test_whitening_makes_patch_covariance_about_identity():
+    rng = np.random.default_rng(0)
+    # correlated channels and neighbouring pixels, like natural images
+    base = rng.normal(size=(64, 9, 9, 1))
+    img = np.concatenate([base, 0.8 * base + 0.2 * rng.normal(size=base.shape),
+                          rng.normal(size=base.shape)], -1)  # fmt: skip
+    img = img + np.roll(img, 1, axis=2)
+    x = np.clip(128 + 40 * img, 0, 255)
+    mean, std = x.reshape(-1, 3).mean(0), x.reshape(-1, 3).std(0)
+    k = models.whitening_kernel(x, mean=mean, std=std, kernel_size=2, eps=1e-8)
+    assert k.shape == (2, 2, 3, 24) and k.dtype == np.float32
+    np.testing.assert_array_equal(k[..., 12:], -k[..., :12])  # the negatives
+    z = (x - mean) / std
+    patches = np.stack([z[:, i : i + 8, j : j + 8] for i in range(2) for j in range(2)], 3)
+    out = patches.reshape(-1, 12) @ k[..., :12].reshape(12, 12).astype(np.float64)
+    cov = out.T @ out / len(out)
+    np.testing.assert_allclose(cov, np.eye(12), atol=1e-4)
+    with pytest.raises(ValueError, match="NaN"):
+        models.whitening_kernel(np.full((2, 4, 4, 3), np.nan), mean=0, std=1)
+
+
+def test_whitening_layer_output_of_the_model():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (32, 12, 12, 3)).astype(np.uint8)
+    m = models.Airbench(widths=(8, 8, 8), mean=x.reshape(-1, 3).mean(0),
+                        std=x.reshape(-1, 3).std(0), rngs=nnx.Rngs(0))  # fmt: skip
+    assert float(jnp.abs(m.whiten_kernel[...]).max()) == 0.0
+    m.init_whitening(x)
+    assert float(jnp.abs(m.whiten_kernel[...]).max()) > 0.0
+    assert "whiten_kernel" not in nnx.state(m, nnx.Param)  # frozen: no gradient
+
+
+def test_dirac_init_passes_the_first_channels_through():
+    key = jax.random.key(0)
+    for cin, cout in ((4, 6), (6, 4), (5, 5)):
+        k = models.dirac_init()(key, (3, 3, cin, cout))
+        x = jax.random.normal(key, (2, 5, 5, cin))
+        y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+        n = min(cin, cout)
+        np.testing.assert_allclose(y[..., :n], x[..., :n], atol=1e-6)
+        if cout > cin:  # the other filters are the uniform default, not zero
+            rest = np.asarray(k[..., cin:])
+            bound = 1 / np.sqrt(9 * cin)
+            assert np.abs(rest).max() <= bound and np.abs(rest).max() > 0.5 * bound
+
+
+def test_max_pool_matches_reduce_window():
+    x = jax.random.normal(jax.random.key(2), (2, 7, 9, 3))
+    for k in (2, 3):
+        want = nnx.max_pool(x, (k, k), strides=(k, k))
+        np.testing.assert_array_equal(models.max_pool(x, k), want)
+
+
+def test_airbench_forward_uint8_equals_float_and_ynn_option_keeps_values():
+    from gbjax import _xla
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+    m = models.Airbench(widths=(16, 32, 32), rngs=nnx.Rngs(0))
+    m.init_whitening(x)
+    m.eval()
+    z = np.asarray(m(x))
+    assert z.shape == (8, 10) and np.all(np.isfinite(z))
+    np.testing.assert_allclose(m(x.astype(np.float32) / 255), z, rtol=1e-4, atol=1e-5)
+    gd, st = nnx.split(m)
+    f = lambda s, v: nnx.merge(gd, s)(v)
+    plain = jax.jit(f)(st, x)
+    tuned = jax.jit(f, compiler_options=_xla.conv_options())(st, x)
+    np.testing.assert_allclose(tuned, plain, rtol=1e-4, atol=1e-5)

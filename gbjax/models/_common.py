@@ -1,0 +1,34 @@
+"""Shared model pieces: the input convention and dataset statistics.
+
+Every gbjax model takes NHWC images either as ``uint8`` pixels in 0..255 (what
+the data pipeline keeps on device) or as floats in ``[0, 1]`` (what attacks
+differentiate through). :func:`to_pixels` maps both to float32 pixel units, and
+all normalisation happens inside the model, so attack budgets (``eps = 8/255``)
+stay in pixel space. Statistics such as a data set's mean and standard
+deviation are stored as non-trainable :class:`Stat` variables, so they travel
+with checkpoints.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Dataset statistics in pixel units (0..255).  MNIST: scalar over the training
+# set; CIFAR-10: per channel over the training set.
+MNIST_MEAN = 33.318421
+MNIST_STD = 78.567490
+CIFAR10_MEAN = (125.307, 122.950, 113.865)
+CIFAR10_STD = (62.993, 62.089, 66.705)
+
+
+class Stat(nnx.Variable):
+    """A non-trainable constant (dataset statistic) stored in the model state."""
+
+
+def to_pixels(x: jax.Array) -> jax.Array:
+    """Images (uint8 0..255 or float [0, 1]) -> float32 pixel units 0..255."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return x.astype(jnp.float32)
+    return x.astype(jnp.float32) * 255.0

@@ -1,0 +1,326 @@
+"""Optimisers as optax transforms: schedules, parameter groups and lookahead.
+
+Three generic pieces, used by :func:`make_optimizer` for every model and usable
+on their own:
+
+* :func:`piecewise_linear`: the one-cycle / triangular learning-rate factor
+  (linear from ``start`` up to 1 over a warm-up fraction, then linear down to
+  ``end``), as airbench94 and the one-cycle ResNet recipes use it.
+* :func:`param_labels` and :func:`grouped`: per-group learning rates, weight
+  decay and freezing. Leaves are labelled by a regular expression on their
+  ``/``-joined path; each group gets its own chain through
+  :func:`optax.multi_transform`.
+* :func:`lookahead`: lookahead / EMA of the weights (Zhang et al. 2019, with
+  airbench94's schedule): every ``sync_period`` updates the slow weights move
+  towards the fast ones, ``slow = d * slow + (1 - d) * fast``, and the fast
+  weights jump to the slow ones. :func:`lookahead_mix` is the same update on
+  any pytree, so model state that is not a parameter (BatchNorm running
+  statistics) can follow the parameters.
+
+See docs/methods.md, section 6, for the airbench94 recipe built from these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "GroupSpec",
+    "piecewise_linear",
+    "param_labels",
+    "grouped",
+    "lookahead",
+    "lookahead_mix",
+    "lookahead_sync",
+    "LookaheadState",
+    "make_schedule",
+    "make_optimizer",
+    "lookahead_decay",
+]
+
+DEFAULT_GROUP = "default"
+
+
+def piecewise_linear(
+    total_steps: int, *, warmup_steps: int, start: float, end: float
+) -> Callable[[jax.Array], jax.Array]:
+    """Learning-rate factor at update ``t`` (0-based): ``start`` -> 1 -> ``end``, linearly.
+
+    The rise takes ``warmup_steps`` updates (at least 1), the fall the rest;
+    after ``total_steps`` the factor stays at ``end``.
+    """
+    warm = max(int(warmup_steps), 1)
+    fall = max(total_steps - warm, 1)
+
+    def factor(t):
+        t = jnp.asarray(t, jnp.float32)
+        up = start + (1.0 - start) * jnp.clip(t / warm, 0.0, 1.0)
+        down = 1.0 + (end - 1.0) * jnp.clip((t - warm) / fall, 0.0, 1.0)
+        return jnp.where(t < warm, up, down)
+
+    return factor
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+    """One parameter group of :func:`grouped`.
+
+    Attributes:
+      pattern: regular expression searched in each leaf's ``/``-joined path
+        (e.g. ``"norm\\d*/bias$"``); the first group whose pattern matches wins.
+      lr_scale: multiplies the base learning rate.
+      weight_decay: coupled (L2) weight decay added to the gradient before
+        momentum, as ``torch.optim.SGD(weight_decay=)``; ``None`` takes the
+        default group's value.
+      trainable_steps: the group's updates are zero from this update on
+        (``None``: always trainable).
+      frozen: never updated (the update is zero and no optimiser state is kept).
+    """
+
+    pattern: str
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+    trainable_steps: int | None = None
+    frozen: bool = False
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def param_labels(params: Any, groups: Mapping[str, GroupSpec], default: str = DEFAULT_GROUP) -> Any:
+    """A pytree like ``params`` holding each leaf's group label.
+
+    The label is that of the first group (in ``groups``' order) whose pattern
+    matches the leaf's path, else ``default``.
+    """
+    compiled = [(name, re.compile(g.pattern)) for name, g in groups.items()]
+
+    def label(path, _):
+        s = _path_str(path)
+        for name, rx in compiled:
+            if rx.search(s):
+                return name
+        return default
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _until(steps: int) -> optax.GradientTransformation:
+    """Zero the updates from update number ``steps`` on."""
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        keep = state.count < steps
+        updates = jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)), updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def grouped(
+    make_chain: Callable[[float, float, Callable[[Any], Any] | None], optax.GradientTransformation],
+    params: Any,
+    groups: Mapping[str, GroupSpec],
+    *,
+    weight_decay: float,
+    decay_mask: Callable[[Any], Any] | None = None,
+) -> optax.GradientTransformation:
+    """Per-group optimisers over ``params``, via :func:`optax.multi_transform`.
+
+    ``make_chain(lr_scale, weight_decay, mask)`` builds the chain of one group
+    (``mask`` restricts weight decay within it, or is ``None``). The default
+    group (leaves no pattern matches) gets ``weight_decay`` restricted by
+    ``decay_mask``; a named group's weight decay applies to all its leaves.
+    """
+    for name in groups:
+        if name == DEFAULT_GROUP:
+            raise ValueError(f"group name {DEFAULT_GROUP!r} is reserved for unmatched leaves")
+    labels = param_labels(params, groups)
+    transforms = {DEFAULT_GROUP: make_chain(1.0, weight_decay, decay_mask)}
+    for name, g in groups.items():
+        if g.frozen:
+            transforms[name] = optax.set_to_zero()
+            continue
+        wd = weight_decay if g.weight_decay is None else g.weight_decay
+        tx = make_chain(g.lr_scale, wd, None)
+        if g.trainable_steps is not None:
+            tx = optax.chain(tx, _until(int(g.trainable_steps)))
+        transforms[name] = tx
+    return optax.multi_transform(transforms, labels)
+
+
+# ---------------------------------------------------------------------------
+# lookahead
+
+
+class LookaheadState(NamedTuple):
+    count: jax.Array  # updates so far
+    slow: Any  # the slow weights
+
+
+def lookahead_sync(count, *, sync_period: int, decay: Callable, final_step: int | None):
+    """``(sync, d)`` after update number ``count`` (1-based).
+
+    ``sync`` is true every ``sync_period`` updates, and at ``final_step``; the
+    mixing weight is ``d = decay(count)`` on a periodic sync and 1 on a final
+    sync that is not periodic (the fast weights then simply take the slow ones).
+    """
+    periodic = count % sync_period == 0
+    final = jnp.asarray(False) if final_step is None else count == final_step
+    d = jnp.where(periodic, decay(count), 1.0)
+    return periodic | final, d
+
+
+def lookahead_mix(slow: Any, fast: Any, sync, d) -> Any:
+    """New slow weights: ``d * slow + (1 - d) * fast`` where ``sync``, else ``slow``.
+
+    Floating leaves only; integer leaves (counters) keep the fast value.
+    """
+
+    def mix(s, f):
+        if not jnp.issubdtype(jnp.result_type(f), jnp.floating):
+            return f
+        return jnp.where(sync, d * s + (1.0 - d) * f, s).astype(s.dtype)
+
+    return jax.tree.map(mix, slow, fast)
+
+
+def lookahead(
+    sync_period: int,
+    decay: Callable[[jax.Array], jax.Array],
+    *,
+    final_step: int | None = None,
+) -> optax.GradientTransformation:
+    """Lookahead as the last transform of a chain.
+
+    Every ``sync_period`` updates (and at ``final_step``), with ``d =
+    decay(count)``: ``slow = d * slow + (1 - d) * (params + update)``, and the
+    returned update moves the parameters onto ``slow``. Between syncs the inner
+    updates pass through unchanged. ``decay = lambda t: 0.0`` is plain training;
+    airbench94 uses ``d = 0.95**5 * (t / T)**3`` every 5 updates.
+    """
+    if sync_period < 1:
+        raise ValueError(f"sync_period must be >= 1, got {sync_period}")
+
+    def init_fn(params):
+        return LookaheadState(count=jnp.zeros([], jnp.int32), slow=jax.tree.map(jnp.copy, params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("lookahead needs params: call tx.update(grads, state, params)")
+        count = state.count + 1
+        fast = optax.apply_updates(params, updates)
+        sync, d = lookahead_sync(count, sync_period=sync_period, decay=decay, final_step=final_step)
+        slow = lookahead_mix(state.slow, fast, sync, d)
+        new_updates = jax.tree.map(
+            lambda u, s, p: jnp.where(sync, (s - p).astype(u.dtype), u), updates, slow, params
+        )
+        return new_updates, LookaheadState(count=count, slow=slow)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# from a gbjax.Config
+
+
+def make_schedule(config, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """The learning rate at update ``t`` for ``config.schedule``."""
+    lr = config.learning_rate
+    if config.schedule == "constant":
+        return optax.constant_schedule(lr)
+    if config.schedule == "cosine":
+        warm = int(round(config.warmup_fraction * total_steps))
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warm, 0), total_steps, end_value=0.0)
+    factor = piecewise_linear(
+        total_steps,
+        warmup_steps=int(round(config.warmup_fraction * total_steps)),
+        start=config.schedule_start_factor,
+        end=config.schedule_end_factor,
+    )
+    return lambda t: lr * factor(t)
+
+
+def _group_specs(config, steps_per_epoch: int) -> dict[str, GroupSpec]:
+    specs = {}
+    for name, g in config.param_groups.items():
+        g = dict(g)
+        epochs = g.pop("trainable_epochs", None)
+        if epochs is not None:
+            g["trainable_steps"] = int(round(epochs * steps_per_epoch))
+        specs[name] = GroupSpec(**g)
+    return specs
+
+
+def make_optimizer(
+    config, total_steps: int, params: Any = None, steps_per_epoch: int = 1
+) -> optax.GradientTransformation:
+    """The optimiser of ``config`` (a :class:`gbjax.Config`).
+
+    ``config.optimizer`` ("sgd" with momentum/Nesterov, "adam", "adamw") with
+    ``config.schedule``; coupled weight decay ``config.weight_decay`` on the
+    default group's kernels (ndim > 1); ``config.param_groups`` (needs
+    ``params`` to label the leaves) and ``config.lookahead_every``.
+    """
+    sched = make_schedule(config, total_steps)
+
+    def make_chain(lr_scale, weight_decay, mask):
+        def lr(t):
+            return lr_scale * sched(t)
+
+        if config.optimizer == "adamw":
+            return optax.adamw(lr, weight_decay=weight_decay, mask=mask)
+        if config.optimizer == "adam":
+            opt = optax.adam(lr)
+        else:
+            m = config.momentum or None
+            opt = optax.sgd(lr, momentum=m, nesterov=bool(config.nesterov and m))
+        if weight_decay:
+            opt = optax.chain(optax.add_decayed_weights(weight_decay, mask), opt)
+        return opt
+
+    def kernels(p):
+        return jax.tree.map(lambda a: a.ndim > 1, p)
+
+    if config.param_groups:
+        if params is None:
+            raise ValueError("param_groups need the parameters: make_optimizer(..., params=...)")
+        tx = grouped(
+            make_chain,
+            params,
+            _group_specs(config, steps_per_epoch),
+            weight_decay=config.weight_decay,
+            decay_mask=kernels,
+        )
+    else:
+        tx = make_chain(1.0, config.weight_decay, kernels)
+    if config.lookahead_every:
+        tx = optax.chain(tx, lookahead(config.lookahead_every, lookahead_decay(config, total_steps),
+                                       final_step=total_steps))  # fmt: skip
+    return tx
+
+
+def lookahead_decay(config, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """Airbench's decay ``d(t) = lookahead_decay * (t / T) ** lookahead_power``."""
+    base, power = config.lookahead_decay, config.lookahead_power
+    return lambda t: base * (jnp.asarray(t, jnp.float32) / total_steps) ** power
