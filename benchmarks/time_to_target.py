@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         jax=jax.__version__,
     )
     print(f"# {machine}")
-    summary = train.train_and_evaluate(config, workdir)
+    _, summary = train.train_and_evaluate(config, workdir)
     hit = train.time_to_target(workdir, args.target)
     row = dict(
         config=args.config,

@@ -1,28 +1,33 @@
-"""Training throughput (images/s) per model: gbjax.train's step vs a baseline.
+"""Training throughput (images/s) per model: gbjax's step against baselines, same run.
 
-    python benchmarks/train_throughput.py                      # all models
-    python benchmarks/train_throughput.py --models pe raw --steps 20 --json out.json
+    python benchmarks/train_throughput.py                          # all models
+    python benchmarks/train_throughput.py --models airbench94 --steps 4 --json out.json
 
-For each model, on synthetic data of the model's input shape, it times
+For each model, on synthetic uint8 data of the model's input shape, it times
 
-* ``gbjax``: the training step of :mod:`gbjax.train` -- dataset resident on
-  the device, batch gathered on device from the epoch permutation, one
-  ``jax.jit`` over the functional NNX step (``nnx.split`` once, ``nnx.merge``
-  inside) that donates the train state;
-* ``baseline``: the idiomatic stateful NNX loop of the Flax tutorials -- an
-  ``nnx.jit``-decorated step over ``(model, nnx.Optimizer, batch)`` fed one
-  host (numpy) batch per step;
+* ``gbjax``: :class:`gbjax.train.Trainer`'s step -- data set resident on the
+  device, batch gathered and augmented on device, one ``jax.jit`` over the
+  functional NNX step that donates the train state;
+* ``nnx.jit``: the idiomatic stateful NNX loop of the Flax tutorials (an
+  ``nnx.jit`` step over ``(model, nnx.Optimizer, batch)`` fed one host batch per
+  step, no per-jit XLA options), same model, optimiser and batch;
+* ``torch`` (airbench models only; needs ``pip install 'gbjax[bench]'``): the
+  same network, optimiser groups, loss and augmentation written in PyTorch
+  (CPU, float32, channels-last) on batches drawn the same way (its translation
+  is one random shift per batch, not per image: slightly less work than ours).
 
-both with the same model, optimiser and batch size, compilation excluded
-(warm-up steps first, then ``--rounds`` alternating rounds of ``--steps``
-steps each, ended by ``block_until_ready``; median round reported).  Prints a table and (``--json``) writes the figures with
-the machine description.  The ratio column is gbjax / baseline.
+Compilation is excluded: warm-up steps first, then ``--rounds`` alternating
+rounds of ``--steps`` steps each, ended by a device sync; the median round is
+reported. Prints a table; ``--json`` writes the figures with the machine.
+The ratio columns are gbjax / baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import time
 
@@ -32,28 +37,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gbjax import train
+from gbjax import augment, optim, train
+from gbjax.config import Config
 
+AIRBENCH = ("airbench94", "airbench_fast")
 MODELS = {
-    # name: (Config overrides, image shape)
-    "raw": (
-        dict(
-            model="paper_convnet",
-            model_kwargs=dict(kind="raw"),
-            optimizer="adam",
-            learning_rate=1e-4,
-            batch_size=64,
-        ),
-        (28, 28, 1),
-    ),
+    # name: (config, image shape)
+    "raw": (dict(model="paper_convnet", model_kwargs=dict(kind="raw"), batch_size=64), (28, 28, 1)),
     "pe": (
-        dict(
-            model="paper_convnet",
-            model_kwargs=dict(kind="embedding"),
-            optimizer="adam",
-            learning_rate=1e-4,
-            batch_size=64,
-        ),
+        dict(model="paper_convnet", model_kwargs=dict(kind="embedding"), batch_size=64),
         (28, 28, 1),
     ),
     "resnet20": (
@@ -67,7 +59,7 @@ MODELS = {
             augment="crop_flip",
         ),
         (32, 32, 3),
-    ),
+    ),  # fmt: skip
     "resnet18": (
         dict(
             model="resnet18",
@@ -79,72 +71,71 @@ MODELS = {
             augment="crop_flip",
         ),
         (32, 32, 3),
-    ),
+    ),  # fmt: skip
+    "airbench94": ("", (32, 32, 3)),
+    "airbench_fast": ("fast", (32, 32, 3)),
 }
 
 
-def _setup(name, n_train, steps):
-    overrides, shape = MODELS[name]
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (n_train, *shape), dtype=np.uint8)
-    y = rng.integers(0, 10, n_train).astype(np.int32)
-    cfg = train.Config(
-        data={"train": (x, y), "test": (x[:10], y[:10])},
-        num_steps=steps,
-        progress=False,
-        **overrides,
-    )
-    if jax.default_backend() != "cpu" and cfg.model.startswith("resnet"):
+def make_config(name: str, steps: int) -> tuple[Config, tuple]:
+    spec, shape = MODELS[name]
+    if name in AIRBENCH:
+        from gbjax.configs import airbench_cifar10
+
+        cfg = airbench_cifar10.get_config(spec or None)
+    else:
+        cfg = Config(optimizer="adam", learning_rate=1e-4, **spec)
+    cfg = dataclasses.replace(cfg, num_steps=steps, num_train=None, num_test=None, progress=False)
+    if jax.default_backend() != "cpu" and cfg.model != "paper_convnet":
         cfg.compute_dtype = "bfloat16"
-    train.validate_config(cfg)
-    model = nnx.jit(
-        lambda k: train.build_model(
-            cfg,
-            input_shape=shape,
-            num_classes=10,
-            mean=x.reshape(-1, shape[-1]).mean(0),
-            std=x.reshape(-1, shape[-1]).std(0),
-            rngs=nnx.Rngs(params=k),
-        )
-    )(jax.random.fold_in(train.root_key(0), 0))
-    return cfg, model, x, y
+    return cfg, shape
 
 
-def bench_gbjax(cfg, model, x, y, steps, warmup):
-    """-> (run(n) -> seconds for n steps, warm-up seconds incl. compilation)."""
-    tr = train._Trainer(cfg, model, 10, len(x), 10**9)
+def synthetic(shape, n):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    return x, rng.integers(0, 10, n).astype(np.int32)
+
+
+def bench_gbjax(cfg, x, y):
+    """-> run(n) -> seconds for n steps."""
+    model = train.init_model(cfg, x, 10)
+    tr = train.Trainer(cfg, model, num_classes=10, num_train=len(x), total_steps=10**6)
     box = {"state": tr.init_state}
-    xs, ys = jax.device_put(x, tr.repl), jax.device_put(y, tr.repl)
-    perm = tr.epoch_perm(0)
+    data = tr.put_data(x, y)
+    perm = tr.epoch_permutation(0)
 
     def run(n):
         t0 = time.perf_counter()
         state = box["state"]
         for _ in range(n):
-            state = tr.train_step(state, xs, ys, perm)
+            state = tr.train_step(state, data, perm)
         jax.block_until_ready(state)
         box["state"] = state
         return time.perf_counter() - t0
 
-    return run, run(warmup)
+    return run
 
 
-def bench_baseline(cfg, model, x, y, steps, warmup):
-    tx = train.make_optimizer(cfg, steps + warmup)
+def bench_nnx_jit(cfg, x, y):
+    model = train.init_model(cfg, x, 10)
     model.train()
+    params = nnx.state(model, nnx.Param)
+    tx = optim.make_optimizer(cfg, 10**6, params=params, steps_per_epoch=len(x) // cfg.batch_size)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    aug = train._augment_fn() if cfg.augment == "crop_flip" else None
-    B = cfg.batch_size
+    B, pad = cfg.batch_size, cfg.crop_pad
+    reduce = jnp.sum if cfg.loss_reduction == "sum" else jnp.mean
 
     @nnx.jit
     def step(model, opt, xb, yb, key):
-        if aug is not None:
-            xb = aug(key, xb, pad=cfg.crop_pad)
+        if cfg.augment == "crop_flip":
+            xb = augment.random_crop_flip(key, xb, pad=pad)
+        elif cfg.augment == "flip_translate":
+            xb = augment.random_translate(key, augment.random_flip(key, xb), pad, mode="reflect")
 
         def loss_fn(model):
-            logits = model(xb)
             onehot = optax.smooth_labels(jax.nn.one_hot(yb, 10), cfg.label_smoothing)
-            return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot).mean()
+            return reduce(optax.softmax_cross_entropy(model(xb).astype(jnp.float32), onehot))
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         opt.update(model, grads)
@@ -162,63 +153,117 @@ def bench_baseline(cfg, model, x, y, steps, warmup):
         jax.block_until_ready(loss)
         return time.perf_counter() - t0
 
-    return run, run(warmup)
+    return run
+
+
+def bench_torch(cfg, x, y):
+    """The airbench network, optimiser groups, loss and augmentation in PyTorch."""
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    widths = cfg.model_kwargs["widths"]
+    mom = cfg.momentum
+
+    def bn(c):
+        m = nn.BatchNorm2d(c, eps=1e-12, momentum=1 - 0.6)
+        m.weight.requires_grad = False
+        return m
+
+    def group(ci, co):
+        return nn.Sequential(
+            nn.Conv2d(ci, co, 3, padding=1, bias=False), nn.MaxPool2d(2), bn(co), nn.GELU(),
+            nn.Conv2d(co, co, 3, padding=1, bias=False), bn(co), nn.GELU(),
+        )  # fmt: skip
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 24, 2), nn.GELU(), group(24, widths[0]), group(widths[0], widths[1]),
+        group(widths[1], widths[2]), nn.MaxPool2d(3), nn.Flatten(),
+        nn.Linear(widths[2], 10, bias=False),
+    ).to(memory_format=torch.channels_last)  # fmt: skip
+    net[0].weight.requires_grad = False
+    lr, wd = cfg.learning_rate, cfg.weight_decay
+    norm = [
+        p for n, p in net.named_parameters() if p.requires_grad and p.ndim == 1 and n != "0.bias"
+    ]
+    other = [p for p in net.parameters() if p.requires_grad and all(p is not q for q in norm)]
+    opt = torch.optim.SGD(
+        [dict(params=norm, lr=64 * lr, weight_decay=wd / 64), dict(params=other, lr=lr,
+         weight_decay=wd)], momentum=mom, nesterov=True,
+    )  # fmt: skip
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+    mean = torch.tensor(x.reshape(-1, 3).mean(0) / 255).view(1, 3, 1, 1)
+    std = torch.tensor(x.reshape(-1, 3).std(0) / 255).view(1, 3, 1, 1)
+    images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(y).long()
+    B, pad = cfg.batch_size, cfg.crop_pad
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        idx = torch.randint(0, len(images), (B,), generator=gen)
+        xb = (images[idx].float() / 255 - mean) / std
+        flip = torch.rand(B, generator=gen) < 0.5
+        xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(-1), xb)
+        xp = nn.functional.pad(xb, (pad,) * 4, mode="reflect")
+        dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+        xb = xp[:, :, dy : dy + 32, dx : dx + 32].contiguous(memory_format=torch.channels_last)
+        loss = loss_fn(net(xb) / 9, labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def run(n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        return time.perf_counter() - t0
+
+    return run
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="alternating gbjax/baseline rounds; the median is reported",
-    )
+    p.add_argument("--steps", type=int, default=6, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; median reported")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--n-train", type=int, default=4096)
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     machine = dict(
-        backend=jax.default_backend(),
-        device=dev.device_kind,
-        device_count=jax.device_count(),
-        cpu=platform.processor() or platform.machine(),
-        cpu_count=__import__("os").cpu_count(),
-        jax=jax.__version__,
-    )
+        backend=jax.default_backend(), device=dev.device_kind, device_count=jax.device_count(),
+        cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+        jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )  # fmt: skip
     print(f"# {machine}")
-    print(f"{'model':10s} {'batch':>5s} {'gbjax img/s':>12s} {'baseline img/s':>15s} {'ratio':>6s}")
+    print(f"{'model':14s} {'batch':>5s} {'gbjax':>8s} {'nnx.jit':>8s} {'ratio':>6s} "
+          f"{'torch':>8s} {'ratio':>6s}   (images/s)")  # fmt: skip
     rows = []
     for name in args.models:
-        cfg, model, x, y = _setup(name, args.n_train, args.steps)
-        run_ours, c1 = bench_gbjax(cfg, model, x, y, args.steps, args.warmup)
-        cfg, model, x, y = _setup(name, args.n_train, args.steps)
-        run_base, c2 = bench_baseline(cfg, model, x, y, args.steps, args.warmup)
-        t_ours, t_base = [], []
-        for _ in range(args.rounds):  # interleaved, so load drift hits both alike
-            t_ours.append(run_ours(args.steps))
-            t_base.append(run_base(args.steps))
-        ours = cfg.batch_size * args.steps / float(np.median(t_ours))
-        base = cfg.batch_size * args.steps / float(np.median(t_base))
-        rows.append(
-            dict(
-                model=name,
-                batch_size=cfg.batch_size,
-                gbjax_images_per_sec=ours,
-                baseline_images_per_sec=base,
-                ratio=ours / base,
-                gbjax_warmup_s=c1,
-                baseline_warmup_s=c2,
-                steps=args.steps,
-                rounds=args.rounds,
-            )
-        )
-        print(
-            f"{name:10s} {cfg.batch_size:5d} {ours:12.1f} {base:15.1f} {ours / base:6.2f}",
-            flush=True,
-        )
+        cfg, shape = make_config(name, args.steps)
+        x, y = synthetic(shape, max(args.n_train, cfg.batch_size))
+        runners = {"gbjax": bench_gbjax(cfg, x, y), "nnx_jit": bench_nnx_jit(cfg, x, y)}
+        if name in AIRBENCH and not args.no_torch:
+            runners["torch"] = bench_torch(cfg, x, y)
+        for run in runners.values():
+            run(args.warmup)
+        times = {k: [] for k in runners}
+        for _ in range(args.rounds):  # interleaved, so load drift hits all alike
+            for k, run in runners.items():
+                times[k].append(run(args.steps))
+        ips = {k: cfg.batch_size * args.steps / float(np.median(v)) for k, v in times.items()}
+        row = dict(model=name, batch_size=cfg.batch_size, steps=args.steps, rounds=args.rounds,
+                   **{f"{k}_images_per_sec": v for k, v in ips.items()},
+                   ratio_nnx_jit=ips["gbjax"] / ips["nnx_jit"])  # fmt: skip
+        if "torch" in ips:
+            row["ratio_torch"] = ips["gbjax"] / ips["torch"]
+        rows.append(row)
+        torch_cols = (f"{ips['torch']:8.1f} {row['ratio_torch']:6.2f}" if "torch" in ips
+                      else f"{'-':>8s} {'-':>6s}")  # fmt: skip
+        print(f"{name:14s} {cfg.batch_size:5d} {ips['gbjax']:8.1f} {ips['nnx_jit']:8.1f} "
+              f"{row['ratio_nnx_jit']:6.2f} {torch_cols}", flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine, results=rows), f, indent=2)

@@ -1,16 +1,19 @@
-"""Shared helpers for the experiment scripts (not a public API).
+"""The experiment skeleton shared by every script in ``experiments/`` (not a public API).
 
-Command-line flags common to every experiment, data loading (real data via
-``gbjax.data.load`` or tiny synthetic data for tests), training through
-``gbjax.train.train_and_evaluate``, batched evaluation, and the output files:
-``results.json`` (numbers, config, seeds, versions, device), ``results.md``
-(tables beside the paper's), ``results.csv`` and PNG plots.
+Each experiment is ``run(argv) -> results``: :func:`start` parses the common
+flags, picks the mode (``--smoke``, ``--quick`` or full) with its command-line
+overrides, the seeds and the output folder, and loads the data; the script
+then runs its protocol with the public gbjax API and ends with
+:meth:`Run.finish`, which writes ``results.json`` (numbers, configuration,
+timings, machine and commit), ``results.md`` (tables beside the papers'),
+``results.csv`` and prints a summary. Plots go through :func:`plot_curves`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -121,38 +124,13 @@ def synthetic_dataset(name: str, split: str, n: int, seed: int = 0):
     return np.clip(np.round(x), 0, 255).astype(np.uint8), y
 
 
-def load_split(
-    name: str,
-    split: str,
-    n: int | None,
-    *,
-    data_dir: str | None,
-    synthetic: bool,
-    progress: bool = True,
-):
-    """(images uint8 NHWC, labels int32): ``n`` images of the split (a fixed random subset)."""
-    if synthetic:
-        return synthetic_dataset(name, split, n or 256)
-    from gbjax import data
-
-    x, y = data.load(name, split, data_dir=data_dir, progress=progress)
-    x, y = np.asarray(x), np.asarray(y, np.int32)
-    if x.ndim == 3:
-        x = x[..., None]
-    if n is not None and n < len(x):
-        # A fixed random subset (seed 0), not the first n: some sources (the
-        # image-folder CIFAR-10) are stored sorted by class.
-        idx = np.sort(np.random.default_rng(0).permutation(len(x))[:n])
-        x, y = x[idx], y[idx]
-    return x, y
-
-
 # ----------------------------------------------------------------------------
-# training and evaluation
+# training
 
 
 def train_model(config, workdir: pathlib.Path, train: tuple, test: tuple):
-    """Trains ``config`` on the given uint8 arrays; returns (eval-mode model, metrics)."""
+    """Trains ``config`` on the given uint8 arrays from scratch; returns (eval-mode model,
+    metrics). ``workdir`` keeps the run's metrics and final checkpoint."""
     import shutil
 
     from gbjax import train as gtrain
@@ -160,44 +138,7 @@ def train_model(config, workdir: pathlib.Path, train: tuple, test: tuple):
     if workdir.exists():  # never resume a stale run with another config
         shutil.rmtree(workdir)
     config.data = {"train": train, "test": test}
-    metrics = gtrain.train_and_evaluate(config, workdir)
-    model = gtrain.restore_model(workdir)
-    model.eval()
-    return model, metrics
-
-
-_EVAL_CACHE: dict = {}
-
-
-def predict(model, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Argmax predictions of an eval-mode nnx model on uint8 or [0,1] images."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    fn = _EVAL_CACHE.get(graphdef)
-    if fn is None:
-        fn = jax.jit(lambda s, xb: jnp.argmax(nnx.merge(graphdef, s)(xb), -1))
-        _EVAL_CACHE[graphdef] = fn
-    n = len(x)
-    bs = min(batch_size, n)
-    out = []
-    for s in range(0, n, bs):
-        xb = np.asarray(x[s : s + bs])
-        m = len(xb)
-        if m < bs:
-            xb = np.concatenate([xb, np.repeat(xb[-1:], bs - m, 0)])
-        out.append(np.asarray(fn(state, jnp.asarray(xb)))[:m])
-    return np.concatenate(out)
-
-
-def accuracy(model, x, y, batch_size: int = 500) -> float:
-    return float(np.mean(predict(model, x, batch_size) == np.asarray(y)))
-
-
-def chance_level(num_classes: int = 10) -> float:
-    return 1.0 / num_classes
+    return gtrain.train_and_evaluate(config, workdir)
 
 
 # ----------------------------------------------------------------------------
@@ -352,69 +293,35 @@ def resnet_config(mode: dict, seed: int, progress: bool, **overrides):
     cfg.batch_size = mode["batch_size"]
     cfg.learning_rate = mode["learning_rate"]
     cfg.num_epochs = mode["epochs"]
-    cfg.eval_batch_size = min(1000, mode["n_test_eff"])
+    return _finish_config(cfg, mode, seed, progress, overrides)
+
+
+def airbench_config(mode: dict, seed: int, progress: bool, **overrides):
+    """The airbench recipe (``gbjax/configs/airbench_cifar10.py``): ``mode["variant"]``
+    ("" = airbench94, "fast", "smoke"), with ``mode["epochs"]`` and
+    ``mode["batch_size"]`` when given."""
+    from gbjax.configs import airbench_cifar10
+
+    cfg = airbench_cifar10.get_config(mode.get("variant") or None)
+    cfg.num_train = cfg.num_test = None  # the experiment passes its own data
+    cfg.num_steps = None
+    if mode.get("epochs") is not None:
+        cfg.num_epochs = mode["epochs"]
+    if mode.get("batch_size") is not None:
+        cfg.batch_size = mode["batch_size"]
+    cfg.whiten_num_images = min(cfg.whiten_num_images, mode["n_train_eff"])
+    return _finish_config(cfg, mode, seed, progress, overrides)
+
+
+def _finish_config(cfg, mode, seed, progress, overrides):
+    cfg.eval_batch_size = min(cfg.eval_batch_size, mode["n_test_eff"])
     cfg.seed = seed
     cfg.progress = progress
-    cfg.checkpoint_every_steps = 10**9
-    cfg.log_every_steps = 25
+    cfg.checkpoint_every_steps = 10**9  # only the final checkpoint
+    cfg.log_every_steps = min(cfg.log_every_steps, 25)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
-
-
-class Setup:
-    """What every experiment's ``run`` starts from (see :func:`setup`)."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-def setup(experiment: str, args, modes: dict, dataset: str, overrides: Sequence[str]):
-    """Mode with command-line overrides applied, seeds, output folder, timer and data.
-
-    Loads ``mode["n_train"]`` training and ``mode["n_test"]`` test images of
-    ``dataset`` (random fixed subsets; synthetic data when asked) and records the
-    effective sizes in the mode.
-    """
-    import jax
-
-    mname = mode_name(args)
-    mode = dict(modes[mname])
-    for k in overrides:
-        v = getattr(args, k, None)
-        if v is not None:
-            mode[k] = v
-    s = Setup(
-        mode_name=mname,
-        mode=mode,
-        seeds=parse_seeds(args),
-        synthetic=use_synthetic(args),
-        progress=not args.no_progress,
-        out=out_dir(experiment, args.out),
-        timer=Timer(),
-    )
-    print(
-        f"[{experiment}] mode={mname} seeds={s.seeds} synthetic={s.synthetic} out={s.out} "
-        f"backend={jax.default_backend()}"
-    )
-    s.xtr, s.ytr = load_split(
-        dataset,
-        "train",
-        mode["n_train"],
-        data_dir=args.data_dir,
-        synthetic=s.synthetic,
-        progress=s.progress,
-    )
-    s.xte, s.yte = load_split(
-        dataset,
-        "test",
-        mode["n_test"],
-        data_dir=args.data_dir,
-        synthetic=s.synthetic,
-        progress=s.progress,
-    )
-    mode["n_train_eff"], mode["n_test_eff"] = len(s.xtr), len(s.xte)
-    return s
 
 
 class Timer:
@@ -431,11 +338,94 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
-def write_outputs(
-    out: pathlib.Path, *, results: dict, markdown: str, csv_rows: Sequence[dict], summary: str
-) -> None:
-    write_json(out / "results.json", results)
-    (out / "results.md").write_text(markdown)
-    write_csv(out / "results.csv", csv_rows)
-    print("\n" + summary)
-    print(f"\nwrote {out}/results.json, results.md, results.csv and plots")
+LABELS = {
+    "smoke": "SMOKE (meaningless, tiny)",
+    "quick": "QUICK (CPU subset; not the paper's protocol size)",
+    "full": "FULL",
+}
+
+
+@dataclasses.dataclass
+class Run:
+    """One experiment run: its mode, seeds, output folder, timer and data."""
+
+    experiment: str
+    mode_name: str  # "smoke" | "quick" | "full"
+    mode: dict  # the mode's settings, command-line overrides applied
+    seeds: list[int]
+    synthetic: bool
+    progress: bool
+    out: pathlib.Path
+    data_dir: str | None
+    timer: Timer
+    xtr: np.ndarray
+    ytr: np.ndarray
+    xte: np.ndarray
+    yte: np.ndarray
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.mode_name] + (", SYNTHETIC DATA" if self.synthetic else "")
+
+    def finish(
+        self,
+        *,
+        results: dict,
+        markdown: str,
+        csv_rows: Sequence[dict],
+        summary: str,
+    ) -> dict:
+        """Adds the run's common fields to ``results``, writes every output, returns it."""
+        results = dict(
+            experiment=self.experiment,
+            mode=self.mode_name,
+            synthetic=self.synthetic,
+            seeds=self.seeds,
+            **results,
+            timings=self.timer.marks,
+            runtime_seconds=self.timer.total(),
+            environment=environment(),
+        )
+        write_json(self.out / "results.json", results)
+        (self.out / "results.md").write_text(markdown)
+        write_csv(self.out / "results.csv", csv_rows)
+        print("\n" + summary + f"\n\nruntime {self.timer.total():.0f} s")
+        print(f"\nwrote {self.out}/results.json, results.md, results.csv and plots")
+        return results
+
+
+def start(experiment: str, args, modes: dict, dataset: str, overrides: Sequence[str]) -> Run:
+    """The run of ``args`` (from :func:`base_parser`): mode with the named command-line
+    overrides applied, seeds, output folder, and ``mode["n_train"]`` training and
+    ``mode["n_test"]`` test images of ``dataset`` (fixed random subsets; synthetic
+    data when asked), their effective sizes recorded in the mode."""
+    import jax
+
+    from gbjax import data
+
+    mname = mode_name(args)
+    mode = dict(modes[mname])
+    for k in overrides:
+        v = getattr(args, k, None)
+        if v is not None:
+            mode[k] = v
+    synthetic, progress = use_synthetic(args), not args.no_progress
+    out = out_dir(experiment, args.out)
+    seeds = parse_seeds(args)
+    print(
+        f"[{experiment}] mode={mname} seeds={seeds} synthetic={synthetic} out={out} "
+        f"backend={jax.default_backend()}"
+    )
+    split = {}
+    for name, n in (("train", mode["n_train"]), ("test", mode["n_test"])):
+        if synthetic:
+            split[name] = synthetic_dataset(dataset, name, n or 256)
+        else:
+            x, y = data.load(dataset, name, data_dir=args.data_dir, progress=progress)
+            split[name] = data.random_subset(x, np.asarray(y, np.int32), n)
+    mode["n_train_eff"], mode["n_test_eff"] = len(split["train"][0]), len(split["test"][0])
+    return Run(
+        experiment=experiment, mode_name=mname, mode=mode, seeds=seeds, synthetic=synthetic,
+        progress=progress, out=out, data_dir=args.data_dir, timer=Timer(),
+        xtr=split["train"][0], ytr=split["train"][1], xte=split["test"][0], yte=split["test"][1],
+    )  # fmt: skip

@@ -29,7 +29,6 @@ Protocol (also written into results.md):
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import sys
 import time
@@ -46,68 +45,16 @@ PROTOCOLS = ("oblivious", "end_to_end", "bpda")
 PAPER_TABLE2 = {0.0: (95.03, 95.18), 0.2: (73.60, 68.53)}
 
 MODES = {
-    # n_train, n_test (clean + FGSM), n_pgd, model, epochs, batch, lr, pgd_steps, dtype
-    # smoke: a 2-block ResNet (compiles in seconds); quick: ResNet-20; full: ResNet-18.
-    # smoke attacks all its test images with PGD too, so the FGSM sweeps on the
-    # PGD subset reuse the compiled FGSM programs (4 fewer compilations, -16 s).
-    "smoke": dict(
-        n_train=256,
-        n_test=32,
-        n_pgd=32,
-        model="resnet",
-        epochs=1,
-        batch_size=64,
-        learning_rate=0.1,
-        pgd_steps=2,
-        pgd_restarts=1,
-        compute_dtype="float32",
-        attack_batch=32,
-        model_kwargs=dict(stage_sizes=(1, 1), widths=(8, 16)),
-    ),
-    "quick": dict(
-        n_train=5000,
-        n_test=500,
-        n_pgd=100,
-        model="resnet20",
-        epochs=3,
-        batch_size=128,
-        learning_rate=0.2,
-        pgd_steps=10,
-        pgd_restarts=1,
-        compute_dtype="float32",
-        attack_batch=100,
-    ),
-    "full": dict(
-        n_train=None,
-        n_test=None,
-        n_pgd=None,
-        model="resnet18",
-        epochs=30,
-        batch_size=512,
-        learning_rate=0.4,
-        pgd_steps=20,
-        pgd_restarts=1,
-        compute_dtype="bfloat16",
-        attack_batch=500,
-    ),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class GBPreprocess:
-    """``g(x)``: granular-ball painting of float images in [0, 1] (jit/grad-friendly).
-
-    Frozen dataclass, so it is hashable and equal by value: attacks compile once
-    per parameter set.
-    """
-
-    threshold: float = 20.0
-    purity: float = 0.9
-
-    def __call__(self, x):
-        from gbjax import gb
-
-        return gb.gb_denoise(x, threshold=self.threshold, purity=self.purity, scale=255.0)
+    # smoke: a tiny airbench (seconds); quick: the airbench "fast" variant on fewer epochs;
+    # full: airbench94 on all 50,000 training images. The attacked subsets are fixed
+    # random subsets of the test images (the first n_pgd of the n_test).
+    "smoke": dict(n_train=256, n_test=32, n_pgd=32, model="airbench", variant="smoke",
+                  epochs=1, batch_size=64, pgd_steps=2, pgd_restarts=1, attack_batch=32),
+    "quick": dict(n_train=None, n_test=1000, n_pgd=200, model="airbench", variant="fast",
+                  epochs=3, batch_size=None, pgd_steps=10, pgd_restarts=1, attack_batch=100),
+    "full": dict(n_train=None, n_test=None, n_pgd=1000, model="airbench", variant="",
+                 epochs=None, batch_size=None, pgd_steps=20, pgd_restarts=1, attack_batch=500),
+}  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -125,9 +72,9 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--model",
-        choices=("resnet18", "resnet20", "resnet"),
+        choices=("airbench", "resnet18"),
         default=None,
-        help="override the architecture",
+        help="the classifier: airbench (CPU-friendly, default) or resnet18 (for a GPU)",
     )
     return p.parse_args(argv)
 
@@ -193,60 +140,69 @@ def attack_sweeps(clf, pre, x, y, mode, key, progress):
     return out
 
 
+RESNET18 = dict(model="resnet18", epochs=30, batch_size=512, learning_rate=0.4,
+                compute_dtype="bfloat16")  # fmt: skip
+
+
+def model_description(mode) -> str:
+    if mode["model"] == "resnet18":
+        return ("ResNet-18 (bfloat16), recipe of gbjax/configs/resnet18_cifar10.py, "
+                f"{RESNET18['epochs']} epochs")  # fmt: skip
+    variant = mode.get("variant") or "airbench94"
+    epochs = mode.get("epochs") or "its default number of"
+    return (f"airbench network, float32, recipe of gbjax/configs/airbench_cifar10.py "
+            f"(variant {variant}), {epochs} epochs, TTA off for attacks")  # fmt: skip
+
+
+def classifier_config(mode, seed, progress):
+    if mode["model"] == "resnet18":
+        return C.resnet_config(dict(mode, **RESNET18), seed, progress)
+    return C.airbench_config(mode, seed, progress)
+
+
 def run(argv=None) -> dict:
     import jax
 
-    from gbjax import gb
+    from gbjax import data, defences, evaluate
 
     args = parse_args(argv)
-    s = C.setup(
+    r = C.start(
         EXPERIMENT,
         args,
         MODES,
         "cifar10",
         ("n_train", "n_test", "n_pgd", "pgd_steps", "pgd_restarts", "model", "epochs"),
     )
-    mname, mode, seeds, synthetic, progress, out, timer = (
-        s.mode_name,
-        s.mode,
-        s.seeds,
-        s.synthetic,
-        s.progress,
-        s.out,
-        s.timer,
-    )
-    xtr, ytr, xte, yte = s.xtr, s.ytr, s.xte, s.yte
+    mode, xtr, ytr, xte, yte = r.mode, r.xtr, r.ytr, r.xte, r.yte
     mode["n_pgd_eff"] = min(mode["n_pgd"] or len(xte), len(xte))
-    timer.mark("load")
+    r.timer.mark("load")
 
     gbkw = dict(threshold=args.threshold, purity=args.purity)
     t0 = time.perf_counter()
-    xtr_gb = np.asarray(gb.gb_denoise(xtr, progress=progress, **gbkw))
-    xte_gb = np.asarray(gb.gb_denoise(xte, progress=progress, **gbkw))
+    xtr_gb = data.gb_processed(xtr, progress=r.progress, **gbkw)
+    xte_gb = data.gb_processed(xte, progress=r.progress, **gbkw)
     gb_time = time.perf_counter() - t0
-    timer.mark("gb_preprocess", t0)
-    pre = GBPreprocess(**gbkw)
+    r.timer.mark("gb_preprocess", t0)
+    gb_defence = defences.GB(**gbkw)
 
     runs = {}
-    for seed in seeds:
+    for seed in r.seeds:
         rec: dict = {}
         for name, (train_x, test_x) in {"unprocessed": (xtr, xte), "gb": (xtr_gb, xte_gb)}.items():
             t0 = time.perf_counter()
-            cfg = C.resnet_config(mode, seed, progress)
-            cfg.preprocess = "none"  # GB (if any) already applied above, train and test
+            cfg = classifier_config(mode, seed, r.progress)
             model, metrics = C.train_model(
-                cfg, out / "checkpoints" / f"{name}_seed{seed}", (train_x, ytr), (test_x, yte)
+                cfg, r.out / "checkpoints" / f"{name}_seed{seed}", (train_x, ytr), (test_x, yte)
             )
             train_s = time.perf_counter() - t0
-            timer.mark(f"train_{name}", t0)
+            r.timer.mark(f"train_{name}", t0)
             t0 = time.perf_counter()
             key = jax.random.key(1000 + seed)
             x01 = xte.astype(np.float32) / 255.0  # attacks see raw test images
-            clean = C.accuracy(model, test_x, yte)  # GB model: on clustered test images
-            sweeps = attack_sweeps(
-                model, None if name == "unprocessed" else pre, x01, yte, mode, key, progress
-            )
-            timer.mark(f"attack_{name}", t0)
+            pre = None if name == "unprocessed" else gb_defence
+            clean = evaluate.accuracy(defences.Defended(model, pre), x01, yte)
+            sweeps = attack_sweeps(model, pre, x01, yte, mode, key, r.progress)
+            r.timer.mark(f"attack_{name}", t0)
             rec[name] = dict(
                 clean=clean,
                 train_metrics=metrics,
@@ -255,9 +211,7 @@ def run(argv=None) -> dict:
                 **sweeps,
             )
         runs[seed] = rec
-
-    results = assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out)
-    return results
+    return assemble(r, args, runs, gb_time)
 
 
 def _rows_for(runs, seeds, attack):
@@ -290,7 +244,8 @@ def _rows_for(runs, seeds, attack):
     return rows, stats
 
 
-def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
+def assemble(r, args, runs, gb_time):
+    mode, seeds, synthetic, out, timer = r.mode, r.seeds, r.synthetic, r.out, r.timer
     headers = [
         "eps",
         "unprocessed",
@@ -312,13 +267,7 @@ def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
             pgd_le_fgsm_max_gap=float(np.max(p - f)), pgd_acc_at_max_eps=float(p[-1])
         )
 
-    label = {
-        "smoke": "SMOKE (meaningless, tiny)",
-        "quick": "QUICK (CPU subset; not the paper's protocol size)",
-        "full": "FULL",
-    }[mname]
-    if synthetic:
-        label += ", SYNTHETIC DATA"
+    label = r.label
     n_pgd = mode["n_pgd_eff"]
     md = [
         f"# CIFAR-10 FGSM / PGD: granular-ball preprocessing vs none ({label})",
@@ -327,9 +276,8 @@ def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
         "",
         f"- Data: CIFAR-10, {mode['n_train_eff']} training images (fixed random subset, seed 0), "
         f"{mode['n_test_eff']} test images{' (synthetic stand-in)' if synthetic else ''}.",
-        f"- Model: {mode['model']} ({mode['compute_dtype']}), recipe of gbjax/configs/"
-        f"resnet18_cifar10.py with {mode['epochs']} epochs, batch {mode['batch_size']}, peak lr "
-        f"{mode['learning_rate']}; seeds {seeds}.",
+        f"- Model: {model_description(mode)}; seeds {seeds}. Clean accuracy (eps 0) is "
+        "that of the same defended function the attacks are scored on.",
         f"- GB: `gb_denoise(threshold={args.threshold}, purity={args.purity})` (colour features, "
         "capacity 256, min ball size 2) on training and test images; the GB model is trained "
         "on clustered images; at test time an image is attacked, then clustered, then "
@@ -447,10 +395,6 @@ def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
                             )
                         )
     results = dict(
-        experiment=EXPERIMENT,
-        mode=mname,
-        synthetic=synthetic,
-        seeds=seeds,
         config=dict(
             mode,
             threshold=args.threshold,
@@ -461,24 +405,17 @@ def assemble(args, mname, mode, seeds, synthetic, runs, gb_time, timer, out):
             data_dir=args.data_dir,
         ),
         paper_table2={str(k): dict(gb=v[0], unprocessed=v[1]) for k, v in PAPER_TABLE2.items()},
-        runs={str(s): r for s, r in runs.items()},
+        runs={str(s): run for s, run in runs.items()},
         sanity=checks,
         gb_preprocess_seconds=gb_time,
-        timings=timer.marks,
-        runtime_seconds=timer.total(),
-        environment=C.environment(),
     )
     summary = (
         f"[{EXPERIMENT}] {label}: FGSM accuracy %\n"
         + C.text_table(headers, fgsm_rows)
         + f"\n\nPGD-{mode['pgd_steps']} accuracy % (n={n_pgd})\n"
         + C.text_table(headers[:5], [r[:5] for r in pgd_rows])
-        + f"\n\nruntime {timer.total():.0f} s"
     )
-    C.write_outputs(
-        out, results=results, markdown="\n".join(md), csv_rows=csv_rows, summary=summary
-    )
-    return results
+    return r.finish(results=results, markdown="\n".join(md), csv_rows=csv_rows, summary=summary)
 
 
 if __name__ == "__main__":

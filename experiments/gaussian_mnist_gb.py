@@ -78,73 +78,56 @@ def parse_args(argv=None):
 def run(argv=None) -> dict:
     import jax
 
-    from gbjax import gb, noise
+    from gbjax import data, evaluate, gb, noise
 
     args = parse_args(argv)
-    s = C.setup(EXPERIMENT, args, MODES, "mnist", ("n_train", "n_test", "epochs"))
-    mname, mode, seeds, synthetic, progress, out, timer = (
-        s.mode_name,
-        s.mode,
-        s.seeds,
-        s.synthetic,
-        s.progress,
-        s.out,
-        s.timer,
-    )
-    xtr, ytr, xte, yte = s.xtr, s.ytr, s.xte, s.yte
+    r = C.start(EXPERIMENT, args, MODES, "mnist", ("n_train", "n_test", "epochs"))
     stds = tuple(float(v) for v in args.stds.split(",")) if args.stds else STDS
     gbkw = dict(threshold=args.threshold, purity=args.purity)
     t0 = time.perf_counter()
-    xtr_gb = np.asarray(gb.gb_denoise(xtr, progress=progress, **gbkw))
-    xte_gb = np.asarray(gb.gb_denoise(xte, progress=progress, **gbkw))
-    timer.mark("gb_preprocess_clean", t0)
+    xtr_gb = data.gb_processed(r.xtr, progress=r.progress, **gbkw)
+    xte_gb = data.gb_processed(r.xte, progress=r.progress, **gbkw)
+    r.timer.mark("gb_preprocess_clean", t0)
 
     from tqdm.auto import tqdm
 
     runs = {}
-    for seed in seeds:
-        models = {}
-        for name, (a, b) in {"unprocessed": (xtr, xte), "gb": (xtr_gb, xte_gb)}.items():
+    for seed in r.seeds:
+        models, metrics = {}, {}
+        for name, (a, b) in {"unprocessed": (r.xtr, r.xte), "gb": (xtr_gb, xte_gb)}.items():
             t0 = time.perf_counter()
-            models[name], metrics = C.train_model(
-                C.resnet_config(mode, seed, progress, dataset="mnist", augment="none"),
-                out / "checkpoints" / f"{name}_seed{seed}",
-                (a, ytr),
-                (b, yte),
+            models[name], metrics[name] = C.train_model(
+                C.resnet_config(r.mode, seed, r.progress, dataset="mnist", augment="none"),
+                r.out / "checkpoints" / f"{name}_seed{seed}",
+                (a, r.ytr),
+                (b, r.yte),
             )
-            timer.mark(f"train_{name}", t0)
-            models[name + "_metrics"] = metrics
+            r.timer.mark(f"train_{name}", t0)
         t0 = time.perf_counter()
         acc = {m: {nm: [] for nm in NOISE_MODES} for m in ("unprocessed", "gb")}
         bar = tqdm(
             total=len(stds) * len(NOISE_MODES),
             desc=f"noise sweep seed {seed}",
-            disable=not progress,
+            disable=not r.progress,
         )
         for j, nm in enumerate(NOISE_MODES):
             for i, s in enumerate(stds):
                 key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), j), i)
-                noisy = np.asarray(noise.gaussian(xte, key, std=s, mode=nm))
-                acc["unprocessed"][nm].append(C.accuracy(models["unprocessed"], noisy, yte))
+                noisy = np.asarray(noise.gaussian(r.xte, key, std=s, mode=nm))
+                acc["unprocessed"][nm].append(
+                    evaluate.accuracy(models["unprocessed"], noisy, r.yte)
+                )
                 noisy_gb = np.asarray(gb.gb_denoise(noisy, **gbkw))
-                acc["gb"][nm].append(C.accuracy(models["gb"], noisy_gb, yte))
+                acc["gb"][nm].append(evaluate.accuracy(models["gb"], noisy_gb, r.yte))
                 bar.update(1)
         bar.close()
-        timer.mark("noise_eval", t0)
-        runs[seed] = dict(
-            acc=acc, train_metrics={m: models[m + "_metrics"] for m in ("unprocessed", "gb")}
-        )
-    return assemble(args, mname, mode, seeds, synthetic, stds, runs, timer, out)
+        r.timer.mark("noise_eval", t0)
+        runs[seed] = dict(acc=acc, train_metrics=metrics)
+    return assemble(r, args, stds, runs)
 
 
-def assemble(args, mname, mode, seeds, synthetic, stds, runs, timer, out):
-    label = {
-        "smoke": "SMOKE (meaningless, tiny)",
-        "quick": "QUICK (CPU subset; not the paper's protocol size)",
-        "full": "FULL",
-    }[mname]
-    if synthetic:
-        label += ", SYNTHETIC DATA"
+def assemble(r, args, stds, runs):
+    mode, seeds, synthetic, label = r.mode, r.seeds, r.synthetic, r.label
     headers = [
         "std (pixel units)",
         "clip: unprocessed",
@@ -157,7 +140,7 @@ def assemble(args, mname, mode, seeds, synthetic, stds, runs, timer, out):
     rows, stats = [], {}
     for i, s in enumerate(stds):
         cells = []
-        for nm in C_MODES():
+        for nm in NOISE_MODES:
             for m in ("unprocessed", "gb"):
                 cells.append(C.pct(runs[sd]["acc"][m][nm][i] for sd in seeds))
         paper = PAPER_TABLE1.get(int(s)) if float(s).is_integer() else None
@@ -195,11 +178,11 @@ def assemble(args, mname, mode, seeds, synthetic, stds, runs, timer, out):
         "",
         "![accuracy vs std](acc_vs_std.png)",
         "",
-        f"Runtime: {timer.total():.0f} s on {C.environment()['device_kind']}.",
+        f"Runtime: {r.timer.total():.0f} s on {C.environment()['device_kind']}.",
         "",
     ]
     C.plot_curves(
-        out / "acc_vs_std.png",
+        r.out / "acc_vs_std.png",
         [
             dict(
                 title=f"Gaussian noise, {nm}",
@@ -233,10 +216,6 @@ def assemble(args, mname, mode, seeds, synthetic, stds, runs, timer, out):
         for i, s in enumerate(stds)
     ]
     results = dict(
-        experiment=EXPERIMENT,
-        mode=mname,
-        synthetic=synthetic,
-        seeds=seeds,
         config=dict(
             mode,
             threshold=args.threshold,
@@ -246,25 +225,11 @@ def assemble(args, mname, mode, seeds, synthetic, stds, runs, timer, out):
             data_dir=args.data_dir,
         ),
         paper_table1={str(k): dict(gb=v[0], unprocessed=v[1]) for k, v in PAPER_TABLE1.items()},
-        runs={str(s): r for s, r in runs.items()},
+        runs={str(s): run for s, run in runs.items()},
         reaches_chance=chance,
-        timings=timer.marks,
-        runtime_seconds=timer.total(),
-        environment=C.environment(),
     )
-    summary = (
-        f"[{EXPERIMENT}] {label}: accuracy %\n"
-        + C.text_table(headers, rows)
-        + f"\n\nruntime {timer.total():.0f} s"
-    )
-    C.write_outputs(
-        out, results=results, markdown="\n".join(md), csv_rows=csv_rows, summary=summary
-    )
-    return results
-
-
-def C_MODES():
-    return NOISE_MODES
+    summary = f"[{EXPERIMENT}] {label}: accuracy %\n" + C.text_table(headers, rows)
+    return r.finish(results=results, markdown="\n".join(md), csv_rows=csv_rows, summary=summary)
 
 
 if __name__ == "__main__":

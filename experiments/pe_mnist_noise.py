@@ -1,7 +1,7 @@
 """MNIST + noise: raw, normalisation-only and pixel-embedding networks (PE paper, Tables 3-5).
 
     python experiments/pe_mnist_noise.py --quick --data-dir ../shared/data   # CPU, minutes
-    python experiments/pe_mnist_noise.py --data-dir ../shared/data           # full, ~1 h/seed on 2 CPU cores
+    python experiments/pe_mnist_noise.py --data-dir ../shared/data           # full, 1 h/seed
     python experiments/pe_mnist_noise.py --smoke --synthetic --out /tmp/s    # seconds
 
 Protocol (also written into results.md):
@@ -150,18 +150,12 @@ def run(argv=None) -> dict:
     import jax
     from tqdm.auto import tqdm
 
+    from gbjax import evaluate
+
     args = parse_args(argv)
-    s = C.setup(EXPERIMENT, args, MODES, "mnist", ("n_train", "n_test", "epochs"))
-    mname, mode, seeds, synthetic, progress, out, timer = (
-        s.mode_name,
-        s.mode,
-        s.seeds,
-        s.synthetic,
-        s.progress,
-        s.out,
-        s.timer,
-    )
-    xtr, ytr, xte, yte = s.xtr, s.ytr, s.xte, s.yte
+    r = C.start(EXPERIMENT, args, MODES, "mnist", ("n_train", "n_test", "epochs"))
+    mode, seeds, progress, out, timer = r.mode, r.seeds, r.progress, r.out, r.timer
+    xtr, ytr, xte, yte = r.xtr, r.ytr, r.xte, r.yte
     cases = [("clean", None)] + [("gaussian", c) for c in GAUSS] + [("impulse", c) for c in IMPULSE]
 
     runs = {}
@@ -191,12 +185,12 @@ def run(argv=None) -> dict:
                 if args.jpeg_quality:
                     xn = jpeg_roundtrip(xn, args.jpeg_quality)
                 for net in NETS:
-                    acc[sem][net][f"{fam}:{case}"] = C.accuracy(models[net], xn, yte)
+                    acc[sem][net][f"{fam}:{case}"] = evaluate.accuracy(models[net], xn, yte)
                 bar.update(1)
         bar.close()
         timer.mark("noise_eval", t0)
         runs[seed] = dict(acc=acc, train_metrics=metrics)
-    return assemble(args, mname, mode, seeds, synthetic, cases, runs, timer, out)
+    return assemble(r, args, runs)
 
 
 def _cell(runs, seeds, sem, net, key):
@@ -208,14 +202,8 @@ def _stats(runs, seeds, sem, net, keys):
     return [100 * a for a, _ in ms], [100 * b for _, b in ms]
 
 
-def assemble(args, mname, mode, seeds, synthetic, cases, runs, timer, out):
-    label = {
-        "smoke": "SMOKE (meaningless, tiny)",
-        "quick": "QUICK (CPU subset; not the paper's protocol size)",
-        "full": "FULL",
-    }[mname]
-    if synthetic:
-        label += ", SYNTHETIC DATA"
+def assemble(r, args, runs):
+    mode, seeds, synthetic, label, out = r.mode, r.seeds, r.synthetic, r.label, r.out
     gkeys = ["clean:None"] + [f"gaussian:{c}" for c in GAUSS]
     ikeys = ["clean:None"] + [f"impulse:{c}" for c in IMPULSE]
     glabels = ["clean"] + [f"({m}, {s})" for m, s in GAUSS]
@@ -257,7 +245,8 @@ def assemble(args, mname, mode, seeds, synthetic, cases, runs, timer, out):
         "## Protocol",
         "",
         f"- Data: MNIST, {mode['n_train_eff']} training and {mode['n_test_eff']} test "
-        f"images (fixed random subsets, seed 0){' (synthetic stand-in)' if synthetic else ''}; seeds {seeds}.",
+        f"images (fixed random subsets, seed 0){' (synthetic stand-in)' if synthetic else ''}; "
+        f"seeds {seeds}.",
         "- Networks: the PE paper's Table 1 network, variants raw / normalized / PE "
         "(2001 x 64 embedding, scale 1000, fixed training-set mean and std); Adam 1e-4, batch "
         f"64, {mode['num_steps'] or mode['epochs']} {'steps' if mode['num_steps'] else 'epochs'}"
@@ -287,7 +276,7 @@ def assemble(args, mname, mode, seeds, synthetic, cases, runs, timer, out):
         "",
         "![normalized](fig5_normalized.png)",
         "",
-        f"Runtime: {timer.total():.0f} s on {C.environment()['device_kind']}.",
+        f"Runtime: {r.timer.total():.0f} s on {C.environment()['device_kind']}.",
         "",
     ]
 
@@ -352,10 +341,6 @@ def assemble(args, mname, mode, seeds, synthetic, cases, runs, timer, out):
         for k in runs[s]["acc"][sem][net]
     ]
     results = dict(
-        experiment=EXPERIMENT,
-        mode=mname,
-        synthetic=synthetic,
-        seeds=seeds,
         config=dict(
             mode,
             jpeg_quality=args.jpeg_quality,
@@ -368,10 +353,7 @@ def assemble(args, mname, mode, seeds, synthetic, cases, runs, timer, out):
             "table4": {str(k): v for k, v in PAPER_T4.items()},
             "table5": {str(k): v for k, v in PAPER_T5.items()},
         },
-        runs={str(s): r for s, r in runs.items()},
-        timings=timer.marks,
-        runtime_seconds=timer.total(),
-        environment=C.environment(),
+        runs={str(s): run for s, run in runs.items()},
     )
     summary = (
         f"[{EXPERIMENT}] {label}\nTable 3 (Gaussian) accuracy %\n"
@@ -380,12 +362,8 @@ def assemble(args, mname, mode, seeds, synthetic, cases, runs, timer, out):
         + C.text_table(h34, t4)
         + "\n\nTable 5 (normalized) accuracy %\n"
         + C.text_table(h5, t5)
-        + f"\n\nruntime {timer.total():.0f} s"
     )
-    C.write_outputs(
-        out, results=results, markdown="\n".join(md), csv_rows=csv_rows, summary=summary
-    )
-    return results
+    return r.finish(results=results, markdown="\n".join(md), csv_rows=csv_rows, summary=summary)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
 """gbjax: granular-ball clustering, pixel embedding and robustness tools in JAX.
 
-Submodules: ``gbjax.gb`` (the clustering engine, re-exported here),
-``gbjax.data``, ``gbjax.noise``, ``gbjax.attacks``, ``gbjax.models`` and
-``gbjax.train`` (the last two import Flax and are loaded on first use).
+One image's path through the library (README, "How the code fits together"):
+``gbjax.data`` loads uint8 images; ``gbjax.noise`` corrupts them;
+``gbjax.gb_cluster`` / ``gbjax.data.gb_processed`` paint them with their
+granular balls; ``gbjax.train_and_evaluate`` trains a ``gbjax.models`` network
+and returns it; ``gbjax.defences.Defended`` puts a defence such as
+``gbjax.defences.GB`` in front of it; ``gbjax.evaluate`` and ``gbjax.attacks``
+measure it clean and under attack.
+
+``gbjax.models``, ``gbjax.train``, ``gbjax.optim`` and ``gbjax.evaluate`` import
+Flax or optax and are loaded on first use.
 """
 
 import importlib
 
-from gbjax import attacks, data, noise
+from gbjax import attacks, augment, data, defences, noise
 from gbjax.attacks import (
     accuracy_under_attack,
     attack_sanity_check,
@@ -16,6 +23,7 @@ from gbjax.attacks import (
     make_attack_logits,
     pgd,
 )
+from gbjax.defences import GB, Defended
 from gbjax.gb import Features, GBResult, gb_cluster, gb_denoise, gb_multiscale, memory_estimate
 
 __version__ = "0.1.0"
@@ -23,15 +31,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "models": ("gbjax.models", None),
     "train": ("gbjax.train", None),
-    "PaperConvNet": ("gbjax.models", "PaperConvNet"),
-    "PixelEmbedding": ("gbjax.models", "PixelEmbedding"),
-    "ResNet18": ("gbjax.models", "ResNet18"),
-    "ResNet20": ("gbjax.models", "ResNet20"),
-    "ResNet": ("gbjax.models", "ResNet"),
-    "pixel_indices": ("gbjax.models", "pixel_indices"),
+    "optim": ("gbjax.optim", None),
+    "evaluate": ("gbjax.evaluate", None),
+    "config": ("gbjax.config", None),
+    "Config": ("gbjax.config", "Config"),
     "train_and_evaluate": ("gbjax.train", "train_and_evaluate"),
     "restore_model": ("gbjax.train", "restore_model"),
-    "Config": ("gbjax.train", "Config"),
 }
 
 
@@ -50,8 +55,12 @@ __all__ = [
     "gb_denoise",
     "gb_multiscale",
     "memory_estimate",
+    "GB",
+    "Defended",
     "attacks",
+    "augment",
     "data",
+    "defences",
     "noise",
     "fgsm",
     "pgd",

@@ -45,7 +45,7 @@ def _read(path):
             grey = im.mode in ("L", "I;16", "1")
             a = np.asarray(im.convert("L" if grey else "RGB"))
     except Exception as e:  # unreadable or truncated
-        raise SystemExit(f"error: cannot read image {path}: {e}")
+        raise SystemExit(f"error: cannot read image {path}: {e}") from e
     return a[..., None] if a.ndim == 2 else a
 
 
@@ -117,7 +117,7 @@ def _denoise(args):
         img = _read(src)
         groups[img.shape].append((img, rel))
     with tqdm(total=len(files), desc="gb denoise", unit="img", disable=args.quiet) as bar:
-        for shape, items in groups.items():
+        for items in groups.values():
             for s in range(0, len(items), args.batch_size):
                 chunk = items[s : s + args.batch_size]
                 res = gb_cluster(np.stack([im for im, _ in chunk]), **kw)

@@ -19,7 +19,7 @@ def _load(name):
 
 TINY_CONFIG = textwrap.dedent("""
     import numpy as np
-    from gbjax.train import Config
+    from gbjax.config import Config
 
     def get_config(arg=None):
       rng = np.random.default_rng(0)

@@ -21,6 +21,7 @@ def _img(seed, shape=(12, 12, 3)):
     return x
 
 
+@pytest.mark.slow
 def test_denoise_folder_and_files(tmp_path):
     (tmp_path / "in" / "sub").mkdir(parents=True)
     a, b = _img(0), _img(1)

@@ -51,6 +51,7 @@ def _check_outputs(out, experiment, results):
     return r, rows, md
 
 
+@pytest.mark.slow
 def test_fgsm_cifar_smoke(tmp_path):
     mod = _load("fgsm_cifar")
     out = tmp_path / "fgsm"
@@ -72,6 +73,7 @@ def test_fgsm_cifar_smoke(tmp_path):
     assert (out / "acc_vs_eps.png").is_file()
 
 
+@pytest.mark.slow
 def test_gaussian_mnist_gb_smoke(tmp_path):
     mod = _load("gaussian_mnist_gb")
     out = tmp_path / "gauss"
@@ -86,6 +88,7 @@ def test_gaussian_mnist_gb_smoke(tmp_path):
     assert len(rows) == 2 * 2 * 5
 
 
+@pytest.mark.slow
 def test_pe_mnist_noise_smoke(tmp_path):
     mod = _load("pe_mnist_noise")
     out = tmp_path / "pe"
@@ -128,12 +131,12 @@ def test_plot_training_reads_evals_once_per_step(tmp_path, capsys):
         {"step": 30, "epoch": 3.0, "test_accuracy": 0.94},
         {"event": "summary", "step": 30, "test_accuracy": 0.94},
     ]
-    (wd / "metrics.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    (wd / "metrics.jsonl").write_text("\n".join(json.dumps(rec) for rec in lines) + "\n")
     assert mod.read_evals(wd) == [(1.0, 90.0), (2.0, 95.0), (3.0, 94.0)]
     out = tmp_path / "c.png"
     assert mod.main(["--run", f"a={wd}", "--hline", "target=98.5", "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
-    row = [l for l in capsys.readouterr().out.splitlines() if l.startswith("a ")][0].split()
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("a ")][0].split()
     assert row[1:] == ["3", "94.00", "95.00", "2"]  # epochs, last, best, best epoch
     with pytest.raises(SystemExit):
         mod.main(["--run", "no-equals-sign", "--out", str(out)])

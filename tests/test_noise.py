@@ -1,5 +1,6 @@
 """Tests for gbjax.noise: definitions, statistics, determinism, jit/vmap, errors."""
 
+import functools
 import math
 
 import jax
@@ -29,6 +30,11 @@ def _ramp():
 # Common contract: uint8 in/out, shape, determinism, jit, vmap
 # --------------------------------------------------------------------------- #
 
+
+def _corrupt3(x, k, *, kind):
+    return noise.corrupt(x, k, kind=kind, severity=3)
+
+
 ALL_FUNCS = {
     "gaussian_clip": lambda x, k: noise.gaussian(x, k, std=20.0),
     "gaussian_wrap": lambda x, k: noise.gaussian(x, k, mean=1.0, std=20.0, mode="wrap"),
@@ -37,12 +43,7 @@ ALL_FUNCS = {
         x, k, amount=0.2, per_channel=False
     ),
     "additive_impulse": lambda x, k: noise.additive_impulse(x, k, p=0.3, v=100),
-    **{
-        f"corrupt_{kind}": (lambda kind: lambda x, k: noise.corrupt(x, k, kind=kind, severity=3))(
-            kind
-        )
-        for kind in noise.CORRUPTIONS
-    },
+    **{f"corrupt_{kind}": functools.partial(_corrupt3, kind=kind) for kind in noise.CORRUPTIONS},
 }
 
 

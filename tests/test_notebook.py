@@ -28,6 +28,7 @@ def _kernel_manager():
     return km
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     env_root = str(ROOT)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gbjax import train
+from gbjax import evaluate, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def tiny(**kw) -> train.Config:
 
 
 def read_jsonl(path):
-    return [json.loads(l) for l in pathlib.Path(path).read_text().splitlines()]
+    return [json.loads(ln) for ln in pathlib.Path(path).read_text().splitlines()]
 
 
 def params_of(workdir):
@@ -86,15 +86,35 @@ def test_resnet_without_widths_is_rejected(tmp_path):
         train.train_and_evaluate(cfg, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["pe_mnist", "raw_mnist", "resnet18_cifar10"])
+@pytest.mark.parametrize("name", ["pe_mnist", "raw_mnist", "resnet18_cifar10", "airbench_cifar10"])
 @pytest.mark.parametrize("arg", [None, "smoke"])
 def test_shipped_configs_are_valid(name, arg):
     path = REPO / "gbjax" / "configs" / f"{name}.py"
     cfg = train.load_config(f"{path}:{arg}" if arg else str(path))
     train.validate_config(cfg)
     assert cfg.learning_rate > 0
-    doc = path.read_text()
-    assert "python -m gbjax.train" in doc and "Runtime" in doc
+    if arg == "smoke":  # the smoke variant is small enough for the tests
+        assert (cfg.num_steps or 0) <= 20 and (cfg.num_train or 10**9) <= 2048
+
+
+@pytest.mark.parametrize("name", ["pe_mnist", "raw_mnist", "resnet18_cifar10", "airbench_cifar10"])
+def test_documented_command_lines_give_valid_configs(name):
+    """Every ``python -m gbjax.train`` line in a config's docstring parses and validates."""
+    import ast
+    import shlex
+
+    path = REPO / "gbjax" / "configs" / f"{name}.py"
+    doc = ast.get_docstring(ast.parse(path.read_text())).replace("\\\n", " ")
+    commands = [
+        ln.strip() for ln in doc.splitlines() if ln.strip().startswith("python -m gbjax.train")
+    ]
+    assert commands
+    for command in commands:
+        argv = shlex.split(command)[3:]
+        spec = argv[argv.index("--config") + 1].replace("gbjax/configs/", f"{REPO}/gbjax/configs/")
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        cfg = train.apply_overrides(train.load_config(spec), sets)
+        train.validate_config(cfg)
 
 
 def test_overrides():
@@ -109,7 +129,7 @@ def test_overrides():
 
 def test_tiny_training_learns_and_logs(tmp_path):
     cfg = tiny(num_epochs=3)
-    m = train.train_and_evaluate(cfg, tmp_path)
+    trained, m = train.train_and_evaluate(cfg, tmp_path)
     recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "event" not in r]
     assert recs[-1]["train_loss"] < 0.5 * recs[0]["train_loss"]  # loss falls
     assert m["test_accuracy"] > 0.5  # chance: 0.1
@@ -125,9 +145,11 @@ def test_tiny_training_learns_and_logs(tmp_path):
     assert train.time_to_target(tmp_path, 1.01) is None
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"] == "paper_convnet" and "data" not in saved
-    # the restored model reproduces the final test accuracy
-    model = train.restore_model(tmp_path)
+    # the returned model, and the one restored from the checkpoint, reproduce
+    # the final test accuracy
     xte, yte = DATA["test"]
+    assert evaluate.accuracy(trained, xte, yte) == pytest.approx(m["test_accuracy"])
+    model = train.restore_model(tmp_path)
     acc = np.mean(np.argmax(np.asarray(model(xte)), -1) == yte)
     assert acc == pytest.approx(m["test_accuracy"])
     # floats in [0, 1] give the same predictions as uint8
@@ -147,10 +169,10 @@ def test_resume_is_exact(tmp_path):
         checkpoint_every_steps=4,
         num_steps=14,
     )
-    full = train.train_and_evaluate(cfg, tmp_path / "a")
-    part = train.train_and_evaluate(cfg, tmp_path / "b", stop_after_step=7)
+    full = train.train_and_evaluate(cfg, tmp_path / "a").metrics
+    part = train.train_and_evaluate(cfg, tmp_path / "b", stop_after_step=7).metrics
     assert part["step"] == 7
-    resumed = train.train_and_evaluate(cfg, tmp_path / "b")
+    resumed = train.train_and_evaluate(cfg, tmp_path / "b").metrics
     events = [
         r for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if r.get("event") == "resumed"
     ]
@@ -185,7 +207,7 @@ def test_gb_preprocess_is_applied_and_cached(tmp_path, monkeypatch):
     gb = importlib.import_module("gbjax.gb")
     calls = []
 
-    def fake_gb_denoise(images, threshold=20.0, purity=0.9):
+    def fake_gb_denoise(images, threshold=20.0, purity=0.9, progress=False):
         calls.append((images.shape, threshold))
         return (np.asarray(images) // 64 * 64).astype(np.uint8)
 
@@ -211,7 +233,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from flax import nnx
     sys.path.insert(0, {tests!r})
     from test_train import tiny
-    from gbjax import train
+    from gbjax import evaluate, train
     assert jax.device_count() == 4, jax.devices()
     out = {{}}
     for n in (1, 4):
@@ -219,7 +241,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
       cfg = tiny(model="resnet", model_kwargs=dict(stage_sizes=(1, 1), widths=(4, 8)),
                  num_devices=n, num_steps=8, optimizer="sgd", learning_rate=0.05,
                  eval_batch_size=40)
-      m = train.train_and_evaluate(cfg, {tmp!r} + f"/d{{n}}")
+      _, m = train.train_and_evaluate(cfg, {tmp!r} + f"/d{{n}}")
       p = jax.tree.leaves(nnx.state(train.restore_model({tmp!r} + f"/d{{n}}")))
       out[n] = dict(loss=m["test_loss"], acc=m["test_accuracy"],
                     params=[np.asarray(a).ravel().tolist() for a in p])
@@ -227,6 +249,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_data_parallel_matches_single_device(tmp_path):
     env = dict(
         os.environ,
@@ -239,7 +262,7 @@ def test_data_parallel_matches_single_device(tmp_path):
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
     out = json.loads(line[len("RESULT") :])
     one, four = out["1"], out["4"]
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-3, abs=1e-4)
@@ -259,3 +282,26 @@ def test_subsets_are_random_not_first_n():
     assert len(np.unique(ytr)) >= 8
     xtr2, ytr2, _, _ = train.load_datasets(dataclasses.replace(cfg, seed=5))
     np.testing.assert_array_equal(ytr2, ytr)  # fixed, seed-independent
+
+
+@pytest.mark.slow
+def test_airbench_recipe_tiny_run_learns(tmp_path):
+    from gbjax.configs import airbench_cifar10
+
+    cfg = airbench_cifar10.get_config("smoke")
+    cfg.data = {"train": synthetic(512, 0, size=32, channels=3),
+                "test": synthetic(200, 1, size=32, channels=3)}  # fmt: skip
+    cfg.num_train = cfg.num_test = None
+    cfg.num_steps, cfg.num_epochs, cfg.progress = None, 6, False
+    cfg.eval_batch_size = 100
+    model, m = train.train_and_evaluate(cfg, tmp_path)
+    assert m["test_accuracy"] > 0.3  # chance: 0.1
+    assert m["tta"] == "flip_translate" and "test_accuracy_plain" in m
+    # TTA evaluation of the returned model reproduces the logged figure
+    xte, yte = cfg.data["test"]
+    assert evaluate.accuracy(model, xte, yte, tta="flip_translate") == pytest.approx(
+        m["test_accuracy"]
+    )
+    # all six epochs of full batches ran
+    recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "event" not in r]
+    assert recs[-1]["step"] == 6 * (512 // cfg.batch_size)

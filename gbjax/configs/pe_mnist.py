@@ -14,7 +14,7 @@ config (stats="dataset", 2-core shared CPU VM, rbg keys): 96.62% / 97.91% /
 (~5-8 min/epoch); well under a minute per epoch on one GPU.
 """
 
-from gbjax.train import Config
+from gbjax.config import Config
 
 
 def get_config(arg: str | None = None) -> Config:

@@ -17,7 +17,7 @@ epoch 16, and between 98.36 and 98.78 from there on.  Runtime: ~0.10 s/step on
 running); seconds per epoch on one GPU.
 """
 
-from gbjax.train import Config
+from gbjax.config import Config
 
 
 def get_config(arg: str | None = None) -> Config:

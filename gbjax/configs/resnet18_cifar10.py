@@ -19,7 +19,7 @@ CPU: ResNet-18 trained at 6.8 img/s on the 2-core development machine
 epochs.
 """
 
-from gbjax.train import Config
+from gbjax.config import Config
 
 
 def get_config(arg: str | None = None) -> Config:

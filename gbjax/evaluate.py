@@ -1,0 +1,93 @@
+"""Batched prediction and accuracy: the one place every caller evaluates a model.
+
+``model`` is anything :func:`gbjax.attacks.as_logits_fn` accepts: an eval-mode
+``nnx.Module`` (call ``model.eval()`` first), a :class:`gbjax.defences.Defended`
+model, a ``jax.tree_util.Partial`` or a plain callable. Images are uint8 NHWC
+or floats in [0, 1]. The data are cut into fixed-size batches (the last one
+padded, see :func:`gbjax.data.map_batches`), so a whole evaluation compiles
+once per (model structure, batch shape, TTA level).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gbjax import _xla
+from gbjax.augment import TTA_LEVELS, tta_logits
+from gbjax.data.batching import map_batches
+
+__all__ = ["predict_logits", "predict", "accuracy", "evaluate"]
+
+
+@_xla.conv_jit(static_argnames=("tta",))
+def _logits(fn, x_BHWC, *, tta):
+    return tta_logits(fn, x_BHWC, tta)
+
+
+def _check(x, y=None):
+    shape = np.shape(x)
+    if len(shape) != 4:
+        raise ValueError(f"x must be a batch of NHWC images, got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError("x is empty")
+    dt = np.dtype(getattr(x, "dtype", np.float32))
+    if not (dt == np.uint8 or np.issubdtype(dt, np.floating)):
+        raise ValueError(f"x must be uint8 or float in [0, 1], got dtype {dt}")
+    if y is not None and (np.ndim(y) != 1 or np.shape(y)[0] != shape[0]):
+        raise ValueError(f"y must have shape ({shape[0]},), got {np.shape(y)}")
+
+
+def predict_logits(
+    model, x, *, batch_size: int = 500, tta: str = "none", progress: bool = False
+) -> np.ndarray:
+    """Logits ``(N, num_classes)`` float32 of ``model`` on ``x``.
+
+    ``tta``: ``"none"``, ``"flip"`` or ``"flip_translate"``
+    (:func:`gbjax.augment.tta_views`).
+    """
+    from gbjax.attacks import as_logits_fn
+
+    _check(x)
+    if tta not in TTA_LEVELS:
+        raise ValueError(f"tta must be one of {TTA_LEVELS}, got {tta!r}")
+    fn = as_logits_fn(model)
+    out = map_batches(
+        lambda xb: _logits(fn, jnp.asarray(xb), tta=tta),
+        x,
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"predict (tta={tta})",
+    )
+    return np.asarray(out, np.float32)
+
+
+def predict(model, x, *, batch_size: int = 500, tta: str = "none", progress: bool = False):
+    """Predicted labels ``(N,)`` int32."""
+    logits = predict_logits(model, x, batch_size=batch_size, tta=tta, progress=progress)
+    return np.argmax(logits, -1).astype(np.int32)
+
+
+def evaluate(
+    model, x, y, *, batch_size: int = 500, tta: str = "none", progress: bool = False
+) -> dict:
+    """``{"accuracy", "loss"}`` of ``model`` on ``(x, y)``: fraction correct and mean
+    cross-entropy (no label smoothing)."""
+    _check(x, y)
+    logits = predict_logits(model, x, batch_size=batch_size, tta=tta, progress=progress)
+    y = np.asarray(y).astype(np.int32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(y))
+    return {
+        "accuracy": float(np.mean(np.argmax(logits, -1) == y)),
+        "loss": float(jnp.mean(loss)),
+    }
+
+
+def accuracy(
+    model, x, y, *, batch_size: int = 500, tta: str = "none", progress: bool = False
+) -> float:
+    """Fraction of ``x`` that ``model`` classifies as ``y``."""
+    _check(x, y)
+    pred = predict(model, x, batch_size=batch_size, tta=tta, progress=progress)
+    return float(np.mean(pred == np.asarray(y)))
