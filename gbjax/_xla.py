@@ -44,9 +44,12 @@ def conv_jit(fun=None, **jit_kwargs):
     if fun is None:
         return functools.partial(conv_jit, **jit_kwargs)
     compiled = []
+    nested = jax.jit(fun, **jit_kwargs)  # inside a caller's jit: options are the caller's
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
+        if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs))):
+            return nested(*args, **kwargs)
         if not compiled:
             compiled.append(jax.jit(fun, compiler_options=conv_options(), **jit_kwargs))
         return compiled[0](*args, **kwargs)

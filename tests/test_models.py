@@ -244,3 +244,17 @@ def test_airbench_forward_uint8_equals_float_and_ynn_option_keeps_values():
     plain = jax.jit(f)(st, x)
     tuned = jax.jit(f, compiler_options=_xla.conv_options())(st, x)
     np.testing.assert_allclose(tuned, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_in_float32_computes_in_float32_with_the_same_parameters():
+    m = models.ResNet((1,), (8,), dtype=jnp.bfloat16, rngs=rngs(0))
+    m.eval()
+    x = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    low = np.asarray(m(x))
+    params_before = jax.tree.map(np.asarray, nnx.state(m, nnx.Param))
+    models.in_float32(m)
+    assert all(getattr(mod, "dtype", None) is None for _, mod in nnx.iter_modules(m))
+    high = np.asarray(m(x))
+    jax.tree.map(np.testing.assert_array_equal, params_before, nnx.state(m, nnx.Param))
+    assert not np.array_equal(low, high)  # bfloat16 rounding is gone
+    np.testing.assert_allclose(high, low, rtol=0.1, atol=0.1)

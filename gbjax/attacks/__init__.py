@@ -1,4 +1,4 @@
-"""Attacks in pixel space: FGSM, PGD, BPDA and EOT (docs/methods.md, section 4).
+"""Attacks in pixel space: FGSM, PGD, APGD, Square, BPDA and EOT (docs/methods.md, 4 and 7).
 
 Conventions
 -----------
@@ -37,20 +37,43 @@ on CPU, where short loops are unrolled by default (``steps`` then static; see
 Preprocessing defences are attacked three ways (:func:`make_attack_logits`):
 ``"oblivious"``, ``"end_to_end"`` and ``"bpda"`` (:func:`bpda`).
 
-Modules: :mod:`~gbjax.attacks._core` (logits-function pytrees, checks, losses,
-BPDA), :mod:`~gbjax.attacks.gradient` (FGSM, PGD), :mod:`~gbjax.attacks.protocols`
-(the three protocols) and :mod:`~gbjax.attacks.evaluation` (accuracy under
-attack over a data set, sanity checks).
+Modules: :mod:`~gbjax.attacks._core` (logits-function pytrees, checks,
+gradients, BPDA), :mod:`~gbjax.attacks.losses` (CE, margin, DLR),
+:mod:`~gbjax.attacks.gradient` (FGSM, PGD), :mod:`~gbjax.attacks.apgd`,
+:mod:`~gbjax.attacks.square`, :mod:`~gbjax.attacks.protocols` (the three
+protocols), :mod:`~gbjax.attacks.scored` (per-iterate scoring) and
+:mod:`~gbjax.attacks.evaluation` (robustness over a data set, worst cases,
+sanity checks).
 """
 
 from gbjax.attacks._core import BPDA, as_logits_fn, attack_loss, bpda, loss_gradient
-from gbjax.attacks.evaluation import SanityReport, accuracy_under_attack, attack_sanity_check
+from gbjax.attacks.apgd import apgd
+from gbjax.attacks.evaluation import (
+    ATTACKS,
+    AttackResult,
+    SanityReport,
+    accuracy_under_attack,
+    attack_sanity_check,
+    wilson_interval,
+    worst_case,
+)
 from gbjax.attacks.gradient import fgsm, pgd
+from gbjax.attacks.losses import LOSSES, per_example_loss, ranked_targets
 from gbjax.attacks.protocols import PROTOCOLS, make_attack_logits
+from gbjax.attacks.square import square
 
 __all__ = [
     "fgsm",
     "pgd",
+    "apgd",
+    "square",
+    "ATTACKS",
+    "AttackResult",
+    "worst_case",
+    "wilson_interval",
+    "LOSSES",
+    "per_example_loss",
+    "ranked_targets",
     "bpda",
     "BPDA",
     "make_attack_logits",

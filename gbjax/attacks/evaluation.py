@@ -1,9 +1,23 @@
-"""Accuracy under attack over a data set, and the PGD-vs-FGSM sanity check."""
+"""Robustness over a data set: per-image scoring, cascades, worst cases, sanity checks.
+
+:func:`accuracy_under_attack` is the one entry point. For every budget it
+returns the fraction of images the scored model classifies correctly when
+clean *and* at every iterate of the attack (and of every restart), or with
+``per_image=True`` the per-image flags, so that a worst case can be taken
+across attacks and protocols (:func:`worst_case`). ``robust_so_far`` runs an
+attack only on the images still robust, the AutoAttack-style cascade that keeps
+expensive attacks cheap.
+
+Attacks: ``"fgsm"``, ``"pgd"``, ``"apgd-ce"``, ``"apgd-dlr"``, ``"apgd-t"``
+(targeted DLR over ``n_targets`` target classes), ``"square"`` (score-based;
+it queries the scored model, whatever the protocol) and ``"noise"`` (the
+random-sign control ``clip(x + eps * s)``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -11,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gbjax.attacks import scored
 from gbjax.attacks._core import (
-    _call,
     _check_clip,
     _check_eot,
     _check_nonneg,
@@ -20,85 +34,74 @@ from gbjax.attacks._core import (
     _check_steps,
     as_logits_fn,
 )
-from gbjax.attacks.gradient import (
-    _check_restarts,
-    _fgsm_impl,
-    _pgd_impl,
-    _resolve_unroll,
-    _restart_key,
-)
-from gbjax.data.batching import fixed_batches, take
+from gbjax.attacks.apgd import apgd_run
+from gbjax.attacks.gradient import _check_loss, _check_restarts, _restart_key
+from gbjax.attacks.square import square_run
+from gbjax.data.batching import bucket_size, fixed_batches, take
 
-_ATTACKS = ("fgsm", "pgd")
+__all__ = [
+    "ATTACKS",
+    "AttackResult",
+    "accuracy_under_attack",
+    "worst_case",
+    "wilson_interval",
+    "attack_sanity_check",
+    "SanityReport",
+]
 
-# ---------------------------------------------------------------------------
-# Accuracy under attack, batched over a data set
-# ---------------------------------------------------------------------------
+ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "noise")
+_DEFAULT_STEPS = {"fgsm": 1, "pgd": 10, "apgd-ce": 100, "apgd-dlr": 100, "apgd-t": 100}
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "steps",
-        "attack",
-        "random_start",
-        "targeted",
-        "eot_samples",
-        "unroll",
-        "restarts",
-    ),
-)
-def _correct_under_attack(
-    attack_fn,
-    eval_fn,
-    x_B,
-    y_B,
-    mask_B,
-    key,
-    eps,
-    rel_step,
-    steps,
-    lo,
-    hi,
-    *,
-    attack,
-    random_start,
-    targeted,
-    eot_samples,
-    unroll,
-    restarts=1,
-):
-    if jnp.issubdtype(x_B.dtype, jnp.integer):
-        x_B = x_B.astype(jnp.float32) / 255.0
-    attack_key, eval_key = (None, None) if key is None else tuple(jax.random.split(key))
-    eval_key = None if eot_samples is None else eval_key
-    if attack == "fgsm":
-        x_adv = _fgsm_impl(attack_fn, x_B, y_B, attack_key, eps, lo, hi, targeted, eot_samples)
-        pred_B = jnp.argmax(_call(eval_fn, x_adv, eval_key), axis=-1)
-        return jnp.sum((pred_B == y_B) & mask_B)
-    step_size = rel_step * eps / steps
-    # An example counts as correct only if the scored model gets every
-    # restart's adversarial example right (a static loop; see _pgd_restarts_impl).
-    correct_B = mask_B
-    for r in range(restarts):
-        x_adv = _pgd_impl(
-            attack_fn,
-            x_B,
-            y_B,
-            None if attack_key is None else _restart_key(attack_key, r),
-            eps,
-            step_size,
-            steps,
-            lo,
-            hi,
-            random_start,
-            targeted,
-            eot_samples,
-            unroll,
-        )
-        pred_B = jnp.argmax(_call(eval_fn, x_adv, eval_key), axis=-1)
-        correct_B = correct_B & (pred_B == y_B)
-    return jnp.sum(correct_B)
+@dataclasses.dataclass(frozen=True)
+class AttackResult:
+    """Per-image outcome of :func:`accuracy_under_attack` (``per_image=True``)."""
+
+    eps: tuple[float, ...]
+    robust: np.ndarray  # (E, N) bool: right when clean and at every iterate
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        return self.robust.mean(axis=1)
+
+
+def worst_case(results: Sequence[AttackResult | np.ndarray]) -> np.ndarray:
+    """``(E, N)``: robust against every one of ``results`` (a per-image AND)."""
+    flags = [r.robust if isinstance(r, AttackResult) else np.asarray(r, bool) for r in results]
+    if not flags:
+        raise ValueError("worst_case needs at least one result")
+    if any(f.shape != flags[0].shape for f in flags):
+        raise ValueError(f"results differ in shape: {[f.shape for f in flags]}")
+    return np.logical_and.reduce(flags)
+
+
+def wilson_interval(k, n, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for ``k`` successes in ``n`` trials (fractions)."""
+    if n <= 0:
+        raise ValueError(f"n must be > 0, got {n}")
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _chunk_from_unroll(unroll, steps):
+    """``unroll`` (None, bool or int) -> the ``chunk`` of the scored drivers."""
+    if unroll is None:
+        return None
+    if isinstance(unroll, (bool, np.bool_)):
+        return int(steps)  # one compiled loop, unrolled or not (see chunk_plan)
+    if not isinstance(unroll, numbers.Integral) or unroll < 1:
+        raise ValueError(f"unroll must be None, a bool or an integer >= 1, got {unroll!r}")
+    return int(steps) if unroll == 1 else int(unroll)
+
+
+def _to_float(x_b):
+    x_b = jnp.asarray(x_b)
+    if jnp.issubdtype(x_b.dtype, jnp.integer):
+        x_b = x_b.astype(jnp.float32) / 255.0
+    return x_b
 
 
 def accuracy_under_attack(
@@ -111,65 +114,85 @@ def accuracy_under_attack(
     batch_size: int = 256,
     eval_logits_fn=None,
     key=None,
-    steps: int = 10,
+    steps: int | None = None,
     rel_step: float = 2.5,
     random_start: bool = True,
     eot_samples: int | None = None,
     clip: tuple[float, float] = (0.0, 1.0),
     unroll: int | bool | None = None,
     restarts: int = 1,
+    loss: str = "ce",
+    queries: int = 5000,
+    p_init: float = 0.8,
+    n_targets: int = 9,
+    chunk: int | None = None,
+    robust_so_far=None,
+    per_image: bool = False,
     progress: bool = True,
     desc: str | None = None,
-) -> np.ndarray:
-    """Accuracy of ``eval_logits_fn`` on adversarial examples, for each eps.
+):
+    """Accuracy of ``eval_logits_fn`` under ``attack`` on ``logits_fn``, per eps.
 
-    The data set is cut into batches of ``batch_size``; the last, ragged batch
-    is padded and masked, so the whole sweep compiles once (eps is traced).
+    An image counts as correct only if the scored model (``eval_logits_fn``,
+    default ``logits_fn``) classifies it correctly when clean and at every
+    iterate of the attack, for every restart. Batches have a fixed shape (the
+    last one padded), so a sweep compiles once per attack.
 
     Args:
       logits_fn: the function the attacker differentiates.
       x: images ``(N, H, W, C)``, float in ``[0, 1]`` or uint8 (divided by 255
-        on device).  NumPy arrays stay on the host until batched.
+        on device). NumPy arrays stay on the host until batched.
       y: integer labels ``(N,)``.
-      eps_list: budgets to evaluate; ``0`` gives clean accuracy.
-      attack: ``"fgsm"`` or ``"pgd"``.
-      batch_size: examples per device batch.
-      eval_logits_fn: the function scored (default ``logits_fn``); see
-        :func:`make_attack_logits`.
-      key: PRNG key; required for PGD's random start and for EOT.
-      steps: PGD iterations.
-      rel_step: PGD step size as a multiple of ``eps / steps`` (2.5 as in
-        Madry et al.).
-      random_start, eot_samples, clip, unroll: as in :func:`pgd`.  With
-        ``eot_samples`` both logits functions are called as ``f(x, key)``.
-      restarts: PGD random restarts; an example counts as correct only if
-        ``eval_logits_fn`` classifies the adversarial example of every restart
-        correctly (restart 0 is the ``restarts=1`` attack, so accuracy never
-        rises with more restarts).
-      progress: show a tqdm progress bar.
+      eps_list: budgets; ``0`` gives clean accuracy.
+      attack: one of :data:`ATTACKS` (see the module docstring).
+      eval_logits_fn: the scored function (see :func:`make_attack_logits`).
+      key: PRNG key; required for random starts, APGD, Square, the noise
+        control and EOT.
+      steps: iterations (default 10 for PGD, 100 for APGD).
+      rel_step: PGD step size as a multiple of ``eps / steps`` (2.5, Madry et al.).
+      random_start, eot_samples, clip: as in :func:`pgd`.
+      unroll: ``None`` (default: chunks of 10 unrolled steps on CPU, one loop
+        elsewhere), ``False``/``1`` (one compiled loop), ``True`` (all steps
+        unrolled) or ``k`` (chunks of ``k`` unrolled steps).
+      restarts: independent random starts of PGD and APGD; each restart only
+        attacks the images that survived the previous ones.
+      loss: ``"ce"`` or ``"margin"`` for FGSM and PGD.
+      queries, p_init: of the Square attack.
+      n_targets: target classes of ``"apgd-t"`` (the strongest wrong classes).
+      chunk: iterations (Square: queries) per compiled call; overrides
+        ``unroll``. Use 1 for a model with GB inside: a program holding several
+        copies of the GB engine compiles for minutes on CPU.
+      robust_so_far: optional ``(E, N)`` or ``(N,)`` bool; only images still True
+        are attacked (the others stay non-robust): a cascade of attacks.
+      per_image: return an :class:`AttackResult` instead of accuracies.
+      progress: a tqdm bar over budgets and batches.
 
     Returns:
-      ``np.ndarray`` of accuracies in ``[0, 1]``, one per entry of ``eps_list``.
+      ``np.ndarray`` of accuracies ``(E,)``, or an :class:`AttackResult`.
     """
-    if attack not in _ATTACKS:
-        raise ValueError(f"attack must be one of {_ATTACKS}, got {attack!r}")
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
     eps_list = [float(e) for e in eps_list]
+    if not eps_list:
+        raise ValueError("eps_list must not be empty")
     for e in eps_list:
         _check_nonneg("eps", e)
     lo, hi = _check_clip(clip)
     _check_eot(eot_samples, key)
-    if attack == "pgd":
+    steps = _DEFAULT_STEPS.get(attack, 1) if steps is None else steps
+    if attack in ("pgd", "apgd-ce", "apgd-dlr", "apgd-t"):
         _check_steps(steps)
-        _check_positive("rel_step", rel_step)
-        if random_start and key is None:
-            raise ValueError("PGD with random_start=True needs an explicit PRNG key (key=...)")
         steps = int(steps)
-        unroll = _resolve_unroll(unroll, steps)
-        restarts = _check_restarts(restarts, random_start, eot_samples)
-    else:
-        if restarts != 1:
-            raise ValueError("restarts applies to attack='pgd' only")
-        steps, unroll = 1, 1
+        restarts = _check_restarts(restarts, random_start or attack != "pgd", eot_samples)
+    elif restarts != 1:
+        raise ValueError(f"restarts applies to PGD and APGD only, not {attack!r}")
+    _check_positive("rel_step", rel_step)
+    _check_loss(loss)
+    if chunk is None:
+        chunk = _chunk_from_unroll(unroll, steps)
+    needs_key = (attack == "pgd" and random_start) or attack.startswith(("apgd", "square", "noise"))
+    if needs_key and key is None:
+        raise ValueError(f"attack {attack!r} needs an explicit PRNG key (key=...)")
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     n = int(np.shape(x)[0])
@@ -180,49 +203,131 @@ def accuracy_under_attack(
     x_dtype = np.dtype(getattr(x, "dtype", np.float32))
     if not (np.issubdtype(x_dtype, np.floating) or x_dtype == np.uint8):
         raise ValueError(f"x must be float in [0, 1] or uint8, got dtype {x_dtype}")
+    y = np.asarray(y).astype(np.int32)
 
     attack_fn = as_logits_fn(logits_fn)
     eval_fn = attack_fn if eval_logits_fn is None else as_logits_fn(eval_logits_fn)
-    batches = list(fixed_batches(n, batch_size))
-    correct = np.zeros(len(eps_list), dtype=np.int64)
+    shared = _same_forward(attack_fn, eval_fn)
+    E = len(eps_list)
+    if robust_so_far is None:
+        robust = np.ones((E, n), bool)
+    else:
+        robust = np.broadcast_to(np.asarray(robust_so_far, bool), (E, n)).copy()
+
+    # clean correctness, once
+    k_clean = None if key is None else jax.random.fold_in(key, 0x5EED)
+    clean = np.zeros(n, bool)
+    for b in fixed_batches(n, bucket_size(n, batch_size), shrink=False):
+        xb, yb = take((x, y), b)
+        kb = None if k_clean is None else jax.random.fold_in(k_clean, b.start)
+        ok = scored.correct(eval_fn, _to_float(xb), jnp.asarray(yb), kb, eot_samples=eot_samples)
+        clean[b.index[: b.valid]] = np.asarray(ok)[: b.valid]
+    robust &= clean[None]
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(batches) * len(eps_list), desc=desc or f"{attack} sweep", leave=False)
+        bar = tqdm(total=E, desc=desc or f"{attack} sweep", unit="eps", leave=False)
     try:
-        for b, batch in enumerate(batches):  # padded rows of the last batch are masked out
-            x_b, y_b = take((x, y), batch)
-            x_b, y_b = jnp.asarray(x_b), jnp.asarray(y_b).astype(jnp.int32)
-            mask_b = jnp.asarray(batch.mask)
-            for i, e in enumerate(eps_list):
-                k = None if key is None else jax.random.fold_in(jax.random.fold_in(key, b), i)
-                c = _correct_under_attack(
-                    attack_fn,
-                    eval_fn,
-                    x_b,
-                    y_b,
-                    mask_b,
-                    k,
-                    e,
-                    rel_step,
-                    steps,
-                    lo,
-                    hi,
-                    attack=attack,
-                    random_start=bool(random_start) and attack == "pgd",
-                    targeted=False,
-                    eot_samples=eot_samples,
-                    unroll=unroll,
-                    restarts=restarts,
-                )
-                correct[i] += int(c)
-                if bar is not None:
-                    bar.update(1)
+        for i, e in enumerate(eps_list):
+            if e > 0:
+                k_e = None if key is None else jax.random.fold_in(key, i)
+                robust[i] = _attack_set(
+                    attack, attack_fn, eval_fn, x, y, robust[i], k_e, e,
+                    steps=steps, rel_step=rel_step, random_start=random_start,
+                    eot_samples=eot_samples, lo=lo, hi=hi, chunk=chunk, restarts=restarts,
+                    loss=loss, queries=queries, p_init=p_init, n_targets=n_targets,
+                    shared=shared, batch_size=batch_size,
+                )  # fmt: skip
+            if bar is not None:
+                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    return correct / n
+    if per_image:
+        return AttackResult(eps=tuple(eps_list), robust=robust)
+    return robust.mean(axis=1)
+
+
+def _attack_set(attack, attack_fn, eval_fn, x, y, robust, key, eps, *, steps, rel_step,
+                random_start, eot_samples, lo, hi, chunk, restarts, loss, queries, p_init,
+                n_targets, shared, batch_size):  # fmt: skip
+    """The robust flags ``(N,)`` after one attack at one eps (only ``robust`` images)."""
+    robust = robust.copy()
+    if attack == "square":
+        idx = np.flatnonzero(robust)
+        if len(idx):
+            xs = _to_float(_rows(x, idx))
+            margin, _ = square_run(
+                eval_fn, xs, y[idx], key, eps, queries=int(queries), p_init=float(p_init),
+                lo=lo, hi=hi, batch_size=batch_size, chunk=chunk or 25,
+            )  # fmt: skip
+            robust[idx] = np.asarray(margin) > 0
+        return robust
+    runs = [(r, None) for r in range(restarts)]
+    if attack == "apgd-t":
+        runs = [(r, t) for t in range(1, n_targets + 1) for r in range(restarts)]
+    eps32 = jnp.float32(eps)
+    for run, (r, target_rank) in enumerate(runs):
+        idx = np.flatnonzero(robust)
+        if len(idx) == 0:
+            break
+        k_run = None if key is None else jax.random.fold_in(_restart_key(key, r), run)
+        bs = bucket_size(len(idx), batch_size)  # few distinct shapes as the set shrinks
+        for b in fixed_batches(len(idx), bs, shrink=False):
+            rows = idx[b.index]
+            xb, yb = _to_float(_rows(x, rows)), jnp.asarray(y[rows])
+            kb = None if k_run is None else jax.random.fold_in(k_run, b.start)
+            if attack == "fgsm" and chunk == 1:
+                # one PGD step of size eps from x: FGSM, with the PGD step program
+                # (programs holding GB compile slowly; one fewer per model)
+                ok, _ = scored.pgd_robust(attack_fn, eval_fn, xb, yb, kb, eps32, eps32, 1, lo, hi,
+                                          random_start=False, eot_samples=eot_samples, loss=loss,
+                                          shared=shared, chunk=1)  # fmt: skip
+            elif attack == "fgsm":
+                ok = scored.fgsm_robust(attack_fn, eval_fn, xb, yb, kb, eps32, lo, hi,
+                                        eot_samples=eot_samples, loss=loss)  # fmt: skip
+            elif attack == "noise":
+                k_noise, k_eval = jax.random.split(kb)
+                noisy = scored.sign_noise(xb, k_noise, eps32, lo, hi)
+                ok = scored.correct(eval_fn, noisy, yb, k_eval, eot_samples=None)
+            elif attack == "pgd":
+                ok, _ = scored.pgd_robust(attack_fn, eval_fn, xb, yb, kb, eps32,
+                                          jnp.float32(rel_step * eps / steps), steps, lo, hi,
+                                          random_start=random_start, eot_samples=eot_samples,
+                                          loss=loss, shared=shared, chunk=chunk)  # fmt: skip
+            else:
+                apgd_loss = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}[attack]
+                ok, _ = apgd_run(attack_fn, eval_fn, xb, yb, kb, eps32, steps=steps,
+                                 loss=apgd_loss, target_rank=target_rank or 1, lo=lo, hi=hi,
+                                 eot_samples=eot_samples, shared=shared, chunk=chunk)  # fmt: skip
+            valid = rows[: b.valid]
+            robust[valid] &= np.asarray(ok)[: b.valid]
+    return robust
+
+
+def _same_forward(attack_fn, eval_fn) -> bool:
+    """The attacked function computes the scored logits on its forward pass (the same
+    function, or the BPDA pair of :func:`make_attack_logits`), so one pass serves both."""
+    if attack_fn is eval_fn:
+        return True
+    from gbjax.attacks._core import BPDA
+    from gbjax.defences import Defended
+
+    return (
+        isinstance(attack_fn, Defended)
+        and isinstance(eval_fn, Defended)
+        and attack_fn.classifier is eval_fn.classifier
+        and attack_fn.randomized == eval_fn.randomized
+        and isinstance(attack_fn.preprocess, BPDA)
+        and attack_fn.preprocess.forward is eval_fn.preprocess
+    )
+
+
+def _rows(x, rows):
+    """``x[rows]`` on the host for numpy, on the device for ``jax.Array``."""
+    return np.asarray(x)[rows] if isinstance(x, np.ndarray) else jnp.take(x, jnp.asarray(rows), 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gbjax import _xla
 from gbjax.attacks._core import (
     _call,
-    _ce_per_example,
     _check_clip,
     _check_eot,
     _check_nonneg,
@@ -20,36 +20,61 @@ from gbjax.attacks._core import (
     _concrete,
     _grad_impl,
     _is_zero,
+    _value_grad,
     as_logits_fn,
 )
+from gbjax.attacks.losses import per_example_loss
 
 
-def _fgsm_impl(fn, x, y, key, eps, lo, hi, targeted, eot_samples):
-    g = _grad_impl(fn, x, y, key, eot_samples)
+def _fgsm_impl(fn, x, y, key, eps, lo, hi, targeted, eot_samples, loss="ce"):
+    g = _grad_impl(fn, x, y, key, eot_samples, loss)
     direction = -jnp.sign(g) if targeted else jnp.sign(g)
     x_adv = jnp.clip(x + eps * direction, lo, hi).astype(x.dtype)
     return jnp.where(eps == 0, x, x_adv)
 
 
-def _pgd_impl(
-    fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll=1
-):
+def _project(x, eps, lo, hi):
+    """Projection onto ``{|v - x|_inf <= eps}`` intersected with ``[lo, hi]``."""
     eps = jnp.asarray(eps, x.dtype)
+    return lambda v: jnp.clip(jnp.clip(v, x - eps, x + eps), lo, hi).astype(x.dtype)
 
-    def project(v):
-        return jnp.clip(jnp.clip(v, x - eps, x + eps), lo, hi)
 
-    if random_start:
-        key, start_key = jax.random.split(key)
-        x_adv = project(x + jax.random.uniform(start_key, x.shape, x.dtype, -eps, eps))
-    else:
-        x_adv = x
+def _pgd_start(x, key, eps, lo, hi, random_start):
+    """``(x0, key)``: the start (uniform in the eps-ball when ``random_start``) and
+    the key for the steps."""
+    if not random_start:
+        return x, key
+    key, start_key = jax.random.split(key)
+    eps = jnp.asarray(eps, x.dtype)
+    return _project(x, eps, lo, hi)(
+        x + jax.random.uniform(start_key, x.shape, x.dtype, -eps, eps)
+    ), key
+
+
+def _pgd_step(fn, x, y, eps, step_size, lo, hi, targeted, eot_samples, loss):
+    """``step(i, x_adv, key) -> (x_next, loss_B, logits)``: one signed-gradient
+    step from ``x_adv``; the loss and logits are those at ``x_adv`` (logits
+    ``None`` with EOT)."""
+    project = _project(x, eps, lo, hi)
+
+    def step(i, x_adv, key):
+        k = None if eot_samples is None else jax.random.fold_in(key, i)
+        per, g, logits = _value_grad(fn, x_adv, y, k, eot_samples, loss)
+        direction = -jnp.sign(g) if targeted else jnp.sign(g)
+        return project(x_adv + step_size * direction), per, logits
+
+    return step
+
+
+def _pgd_impl(
+    fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll=1,
+    loss="ce",
+):  # fmt: skip
+    x_adv, key = _pgd_start(x, key, eps, lo, hi, random_start)
+    step = _pgd_step(fn, x, y, eps, step_size, lo, hi, targeted, eot_samples, loss)
 
     def body(i, x_adv):
-        k = None if eot_samples is None else jax.random.fold_in(key, i)
-        g = _grad_impl(fn, x_adv, y, k, eot_samples)
-        direction = -jnp.sign(g) if targeted else jnp.sign(g)
-        return project(x_adv + step_size * direction).astype(x.dtype)
+        return step(i, x_adv, key)[0]
 
     if unroll == 1:
         x_adv = jax.lax.fori_loop(0, steps, body, x_adv)  # steps may be traced
@@ -79,12 +104,14 @@ def _pgd_restarts_impl(
     eot_samples,
     unroll=1,
     restarts=1,
+    loss="ce",
 ):
     """Best of ``restarts`` PGD runs per example: one that succeeds (misclassified,
     or classified as the target) first, then the highest loss (lowest if targeted)."""
     best = _pgd_impl(
-        fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll
-    )
+        fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll,
+        loss,
+    )  # fmt: skip
     if restarts == 1:
         return best
 
@@ -93,8 +120,8 @@ def _pgd_restarts_impl(
         k = None if eot_samples is None else jax.random.fold_in(k, 0x7FFFFFFF)
         logits = _call(fn, x_adv, k)
         hit = (jnp.argmax(logits, -1) == y) if targeted else (jnp.argmax(logits, -1) != y)
-        loss = _ce_per_example(logits, y)
-        return hit, (-loss if targeted else loss)
+        per = per_example_loss(loss, logits, y)
+        return hit, (-per if targeted else per)
 
     best_hit, best_score = score(best, key)
     # A static loop: restarts are few, and on CPU a while loop around the
@@ -102,8 +129,9 @@ def _pgd_restarts_impl(
     for r in range(1, restarts):
         k = _restart_key(key, r)
         cand = _pgd_impl(
-            fn, x, y, k, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll
-        )
+            fn, x, y, k, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples,
+            unroll, loss,
+        )  # fmt: skip
         hit, sc = score(cand, k)
         better = (hit & ~best_hit) | ((hit == best_hit) & (sc > best_score))
         best = jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), cand, best)
@@ -111,14 +139,22 @@ def _pgd_restarts_impl(
     return best
 
 
-_fgsm_jit = jax.jit(_fgsm_impl, static_argnames=("targeted", "eot_samples"))
-_pgd_jit = jax.jit(
-    _pgd_restarts_impl, static_argnames=("random_start", "targeted", "eot_samples", "restarts")
-)
-_pgd_jit_unrolled = jax.jit(
+_fgsm_jit = _xla.conv_jit(_fgsm_impl, static_argnames=("targeted", "eot_samples", "loss"))
+_pgd_jit = _xla.conv_jit(
     _pgd_restarts_impl,
-    static_argnames=("steps", "random_start", "targeted", "eot_samples", "unroll", "restarts"),
+    static_argnames=("random_start", "targeted", "eot_samples", "restarts", "loss"),
 )
+_pgd_jit_unrolled = _xla.conv_jit(
+    _pgd_restarts_impl,
+    static_argnames=("steps", "random_start", "targeted", "eot_samples", "unroll", "restarts",
+                     "loss"),
+)  # fmt: skip
+
+
+def _check_loss(loss, allowed=("ce", "margin")) -> str:
+    if loss not in allowed:
+        raise ValueError(f"loss must be one of {allowed}, got {loss!r}")
+    return loss
 
 
 def _check_restarts(restarts, random_start, eot_samples) -> int:
@@ -168,10 +204,11 @@ def fgsm(
     targeted: bool = False,
     key=None,
     eot_samples: int | None = None,
+    loss: str = "ce",
 ):
     """Fast Gradient Sign Method (L-inf, one step).
 
-    ``x' = clip(x + eps * sign(grad_x CE(logits_fn(x), y)), *clip)``; with
+    ``x' = clip(x + eps * sign(grad_x L(logits_fn(x), y)), *clip)``; with
     ``targeted=True`` the step is ``-eps * sign(...)`` towards the labels ``y``.
 
     Args:
@@ -179,11 +216,13 @@ def fgsm(
         ``eot_samples`` is given.
       x: float images ``(B, H, W, C)`` in ``[0, 1]``.
       y: integer labels ``(B,)`` (targets when ``targeted``).
-      eps: L-inf budget in pixel units, ``>= 0``; ``eps == 0`` returns ``x``.
+      eps: L-inf budget on the [0, 1] scale, ``>= 0``; ``eps == 0`` returns ``x``.
       clip: valid pixel range ``(low, high)``.
       targeted: minimise the loss towards ``y`` instead of maximising it.
       key: PRNG key, required with ``eot_samples``.
       eot_samples: average the gradient over this many random draws (EOT).
+      loss: ``"ce"`` (cross-entropy) or ``"margin"`` (Carlini-Wagner,
+        :mod:`gbjax.attacks.losses`).
 
     Returns:
       Adversarial images, same shape and dtype as ``x``.
@@ -192,6 +231,7 @@ def fgsm(
     lo, hi = _check_clip(clip)
     _check_eot(eot_samples, key)
     _check_xy(x, y)
+    _check_loss(loss)
     if _is_zero(eps):
         return jnp.asarray(x)
     return _fgsm_jit(
@@ -204,6 +244,7 @@ def fgsm(
         hi,
         targeted=bool(targeted),
         eot_samples=eot_samples,
+        loss=loss,
     )
 
 
@@ -222,6 +263,7 @@ def pgd(
     eot_samples: int | None = None,
     unroll: int | bool | None = None,
     restarts: int = 1,
+    loss: str = "ce",
 ):
     """Projected Gradient Descent, L-inf (Madry et al.), one ``jit`` per shape.
 
@@ -253,6 +295,7 @@ def pgd(
         iterate that succeeds (misclassified, or the target class if
         ``targeted``), else the one with the highest loss (lowest if targeted).
         Needs ``random_start`` (or ``eot_samples``) when > 1.
+      loss: ``"ce"`` or ``"margin"`` (:mod:`gbjax.attacks.losses`).
 
     Returns:
       Adversarial images, same shape and dtype as ``x``.
@@ -270,6 +313,7 @@ def pgd(
     _check_xy(x, y)
     restarts = _check_restarts(restarts, random_start, eot_samples)
     unroll = _resolve_unroll(unroll, steps)
+    _check_loss(loss)
     if _is_zero(eps):
         return jnp.asarray(x)
     common = dict(
@@ -277,6 +321,7 @@ def pgd(
         targeted=bool(targeted),
         eot_samples=eot_samples,
         restarts=restarts,
+        loss=loss,
     )
     fn = as_logits_fn(logits_fn)
     if unroll == 1:

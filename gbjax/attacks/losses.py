@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["LOSSES", "per_example_loss", "ranked_targets"]
+__all__ = ["LOSSES", "per_example_loss", "loss_by_index", "ranked_targets"]
 
 LOSSES = ("ce", "margin", "dlr", "dlr-targeted")
 _EPS = 1e-12
@@ -56,6 +56,19 @@ def per_example_loss(name: str, logits_BK, y_B, target_B=None):
         den = srt[:, 0] - 0.5 * (srt[:, 2] + srt[:, 3]) + _EPS
         return -(_true(z, y_B) - _true(z, target_B)) / den
     raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+
+
+def loss_by_index(index, logits_BK, y_B, target_B=None):
+    """``per_example_loss(LOSSES[index], ...)`` with a *traced* ``index``, so that
+    attacks differing only in their loss share one compiled program (the losses
+    cost nothing beside the network). ``"dlr-targeted"`` needs ``target_B`` and
+    4 classes; without them index 3 is not allowed."""
+    z = logits_BK
+    options = [per_example_loss(name, z, y_B) for name in LOSSES[:2]]
+    options.append(per_example_loss("dlr", z, y_B) if z.shape[-1] >= 3 else options[0])
+    if target_B is not None and z.shape[-1] >= 4:
+        options.append(per_example_loss("dlr-targeted", z, y_B, target_B))
+    return jnp.select([jnp.asarray(index) == i for i in range(len(options))], options)
 
 
 def ranked_targets(logits_BK, y_B, rank: int):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Batch", "fixed_batches", "take", "map_batches"]
+__all__ = ["Batch", "fixed_batches", "take", "map_batches", "bucket_size"]
 
 
 class Batch(NamedTuple):
@@ -39,6 +39,17 @@ def _check_size(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     return int(v)
+
+
+def bucket_size(n: int, batch_size: int, *, minimum: int = 32) -> int:
+    """A batch size for ``n`` rows from few distinct values: ``batch_size``, or the
+    smallest power of two >= ``n`` (at least ``minimum``) when that is smaller.
+
+    For loops over a shrinking set (images still robust, say) that must not
+    compile once per set size.
+    """
+    n, batch_size = _check_size("n", n), _check_size("batch_size", batch_size)
+    return min(batch_size, max(minimum, 1 << (n - 1).bit_length()))
 
 
 def fixed_batches(n: int, batch_size: int, *, shrink: bool = True) -> Iterator[Batch]:

@@ -17,6 +17,7 @@ from gbjax.models._common import (
     MNIST_MEAN,
     MNIST_STD,
     Stat,
+    in_float32,
     to_pixels,
 )
 from gbjax.models.airbench import Airbench, dirac_init, max_pool, whitening_kernel
@@ -26,6 +27,7 @@ from gbjax.models.resnet import ResNet, ResNet18, ResNet20
 __all__ = [
     "Stat",
     "to_pixels",
+    "in_float32",
     "pixel_indices",
     "PixelEmbedding",
     "PaperConvNet",

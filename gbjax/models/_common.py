@@ -32,3 +32,19 @@ def to_pixels(x: jax.Array) -> jax.Array:
     if jnp.issubdtype(x.dtype, jnp.integer):
         return x.astype(jnp.float32)
     return x.astype(jnp.float32) * 255.0
+
+
+def in_float32(model):
+    """The same model computing in float32: every submodule's compute ``dtype``
+    is set to ``None`` (parameters are float32 already and are shared, not copied).
+
+    Attacks and their evaluation run in float32 even when a model was trained
+    in bfloat16: a coarser forward pass changes both the gradients an attack
+    follows and the predictions it is scored on.
+    """
+    from flax import nnx
+
+    for _, module in nnx.iter_modules(model):
+        if getattr(module, "dtype", None) is not None:
+            module.dtype = None
+    return model

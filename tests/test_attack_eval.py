@@ -1,0 +1,254 @@
+"""Tests for the evaluation-grade attacks: per-iterate scoring, APGD, Square, losses,
+worst cases and the cascade."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.tree_util import Partial
+
+from gbjax import attacks as A
+from gbjax.attacks import losses
+from gbjax.attacks.apgd import checkpoints
+from gbjax.attacks.square import p_schedule
+
+H, W, K = 4, 4, 3
+D = H * W
+
+
+def _mlp(params, x):
+    (w1, b1), (w2, b2) = params
+    return jnp.tanh(x.reshape(x.shape[0], -1) @ w1 + b1) @ w2 + b2
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small MLP trained on separable templates; (logits fn, x, y)."""
+    k = jax.random.split(jax.random.key(7), 5)
+    tmpl = jax.random.uniform(k[0], (K, D))
+    y = jax.random.randint(k[1], (160,), 0, K)
+    x = jnp.clip(tmpl[y] + 0.15 * jax.random.normal(k[2], (160, D)), 0, 1).reshape(160, H, W, 1)
+    params = ((0.5 * jax.random.normal(k[3], (D, 16)), jnp.zeros(16)),
+              (0.5 * jax.random.normal(k[4], (16, K)), jnp.zeros(K)))  # fmt: skip
+    opt = optax.adam(0.05)
+
+    def loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(_mlp(p, x), y).mean()
+
+    def step(carry, _):
+        p, s = carry
+        u, s = opt.update(jax.grad(loss)(p), s)
+        return (optax.apply_updates(p, u), s), None
+
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=200)
+    return Partial(_mlp, params), np.asarray(x), np.asarray(y)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_losses_match_their_formulas():
+    z = jnp.asarray([[3.0, 1.0, 2.0, -1.0], [0.0, 5.0, 4.0, 1.0]])
+    y = jnp.asarray([0, 2])
+    np.testing.assert_allclose(losses.per_example_loss("margin", z, y), [2.0 - 3.0, 5.0 - 4.0])
+    # DLR: -(z_y - max_other) / (z_(1) - z_(3))
+    np.testing.assert_allclose(
+        losses.per_example_loss("dlr", z, y), [-(3 - 2) / (3 - 1), -(4 - 5) / (5 - 1)], rtol=1e-6
+    )
+    t = jnp.asarray([2, 1])
+    want = [-(3 - 2) / (3 - (1 + -1) / 2), -(4 - 5) / (5 - (1 + 0) / 2)]
+    np.testing.assert_allclose(losses.per_example_loss("dlr-targeted", z, y, t), want, rtol=1e-6)
+    ce = optax.softmax_cross_entropy_with_integer_labels(z, y)
+    np.testing.assert_allclose(losses.per_example_loss("ce", z, y), ce)
+    with pytest.raises(ValueError, match="loss"):
+        losses.per_example_loss("hinge", z, y)
+
+
+def test_targeted_dlr_uses_the_ranked_wrong_classes():
+    z = jnp.asarray([[3.0, 1.0, 2.0, -1.0], [0.0, 5.0, 4.0, 1.0]])
+    y = jnp.asarray([0, 2])
+    np.testing.assert_array_equal(losses.ranked_targets(z, y, 1), [2, 1])
+    np.testing.assert_array_equal(losses.ranked_targets(z, y, 2), [1, 3])
+    np.testing.assert_array_equal(losses.ranked_targets(z, y, 3), [3, 0])
+    with pytest.raises(ValueError, match="rank"):
+        losses.ranked_targets(z, y, 4)
+
+
+def test_targeted_apgd_lands_on_its_target():
+    w = jax.random.normal(jax.random.key(3), (D, 5))
+    fn = Partial(lambda w, v: 4.0 * v.reshape(v.shape[0], -1) @ w, w)
+    x = jax.random.uniform(jax.random.key(4), (12, H, W, 1))
+    y = jnp.argmax(fn(x), -1)
+    for rank in (1, 2):
+        target = losses.ranked_targets(fn(x), y, rank)
+        adv = A.apgd(fn, x, y, eps=0.5, steps=20, loss="dlr-targeted", target_rank=rank,
+                     key=jax.random.key(rank))  # fmt: skip
+        pred = np.asarray(jnp.argmax(fn(adv), -1))
+        assert (pred == np.asarray(target)).mean() > 0.5
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def test_every_iterate_is_scored_not_only_the_last():
+    """PGD walks through a band the scored model gets wrong and out again."""
+
+    def attacked(v):  # pushes the mean pixel up
+        m = v.reshape(v.shape[0], -1).mean(-1)
+        return jnp.stack([jnp.zeros_like(m), m], -1)
+
+    def scored(v):  # right, except for a mean pixel in (0.57, 0.63)
+        m = v.reshape(v.shape[0], -1).mean(-1)
+        band = ((m > 0.57) & (m < 0.63)).astype(jnp.float32)
+        return jnp.stack([1.0 - band, band], -1)
+
+    x = np.full((1, 2, 2, 1), 0.5, np.float32)
+    y = np.zeros(1, np.int32)
+    kw = dict(eps_list=[0.3], attack="pgd", steps=5, rel_step=5 * 0.05 / 0.3,
+              random_start=False, eval_logits_fn=scored, progress=False)  # fmt: skip
+    final = A.pgd(attacked, x, y, eps=0.3, step_size=0.05, steps=5, random_start=False)
+    assert float(jnp.mean(final)) == pytest.approx(0.75)
+    assert int(jnp.argmax(scored(final), -1)[0]) == 0  # the last iterate is classified right
+    assert A.accuracy_under_attack(attacked, x, y, **kw)[0] == 0.0  # but 0.6 was not
+    # one step ends at 0.55, before the band
+    assert A.accuracy_under_attack(attacked, x, y, **dict(kw, steps=1, rel_step=0.05 / 0.3))[0] == 1
+
+
+def test_misclassified_clean_images_never_count_as_robust(trained):
+    fn, x, y = trained
+    wrong = np.asarray(jnp.argmax(fn(x), -1)) != y
+    y_bad = np.where(wrong, y, (y + 1) % K)  # make many clean predictions wrong
+    res = A.accuracy_under_attack(fn, x, y_bad, eps_list=[0.0, 0.05], attack="fgsm",
+                                  per_image=True, progress=False)  # fmt: skip
+    clean_ok = np.asarray(jnp.argmax(fn(x), -1)) == y_bad
+    assert not res.robust[:, ~clean_ok].any()
+    np.testing.assert_array_equal(res.robust[0], clean_ok)
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "apgd-dlr"])
+def test_cascade_only_attacks_survivors_and_never_raises_accuracy(trained, attack):
+    fn, x, y = trained
+    eps = [0.15, 0.25]
+    kw = dict(eps_list=eps, key=jax.random.key(0), steps=10, per_image=True, progress=False)
+    first = A.accuracy_under_attack(fn, x, y, attack="fgsm", **kw)
+    second = A.accuracy_under_attack(fn, x, y, attack=attack, robust_so_far=first.robust, **kw)
+    assert not (second.robust & ~first.robust).any()
+    alone = A.accuracy_under_attack(fn, x, y, attack=attack, **kw)
+    np.testing.assert_array_equal(A.worst_case([first, alone]), first.robust & alone.robust)
+
+
+def test_apgd_at_least_as_strong_as_pgd(trained):
+    fn, x, y = trained
+    kw = dict(eps_list=[0.15, 0.2, 0.25], steps=20, key=jax.random.key(1), progress=False)
+    pgd = A.accuracy_under_attack(fn, x, y, attack="pgd", **kw)
+    apgd = A.accuracy_under_attack(fn, x, y, attack="apgd-ce", **kw)
+    assert np.all(apgd <= pgd + 1.0 / len(y)), (apgd, pgd)
+    assert np.any((pgd > 0.1) & (pgd < 0.95))  # the comparison is not trivial
+
+
+def test_square_succeeds_where_gradients_vanish():
+    """A quantising first layer has zero input gradient: PGD cannot move, Square can."""
+    w = jax.random.normal(jax.random.key(5), (D, K))
+
+    def quantised(w, v):
+        return jnp.round(v.reshape(v.shape[0], -1) * 4) / 4 @ w
+
+    fn = Partial(quantised, w)
+    x = np.asarray(jax.random.uniform(jax.random.key(6), (48, H, W, 1)))
+    y = np.asarray(jnp.argmax(fn(x), -1))
+    g = jax.grad(lambda v: jnp.sum(fn(v)))(jnp.asarray(x))
+    assert float(jnp.abs(g).max()) == 0.0
+    kw = dict(eps_list=[0.25], key=jax.random.key(0), progress=False)
+    pgd = A.accuracy_under_attack(fn, x, y, attack="pgd", random_start=False, steps=5, **kw)
+    sq = A.accuracy_under_attack(fn, x, y, attack="square", queries=300, **kw)
+    assert pgd[0] == 1.0
+    assert sq[0] < 0.6
+    adv = A.square(fn, x, y, eps=0.25, queries=300, key=jax.random.key(0))
+    assert float(jnp.abs(adv - x).max()) <= 0.25 + 1e-6
+    assert float(jnp.mean(jnp.argmax(fn(adv), -1) == y)) == pytest.approx(sq[0])
+
+
+def test_noise_control_is_weaker_than_an_attack(trained):
+    fn, x, y = trained
+    kw = dict(eps_list=[0.2, 0.3], key=jax.random.key(2), progress=False)
+    noise = A.accuracy_under_attack(fn, x, y, attack="noise", **kw)
+    pgd = A.accuracy_under_attack(fn, x, y, attack="pgd", **kw)
+    assert np.all(pgd < noise - 0.1)
+
+
+# ---------------------------------------------------------------- pieces
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=1, max_size=4))
+def test_worst_case_is_at_most_every_component(rows):
+    parts = [np.asarray(r, bool).reshape(2, 3) for r in rows]
+    wc = A.worst_case(parts)
+    for p in parts:
+        assert (wc <= p).all()
+        assert wc.mean() <= p.mean()
+    with pytest.raises(ValueError):
+        A.worst_case([])
+
+
+def test_wilson_interval():
+    lo, hi = A.wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert A.wilson_interval(0, 20)[0] == 0.0 and A.wilson_interval(0, 20)[1] > 0.1
+    assert A.wilson_interval(20, 20)[1] == 1.0
+
+
+def test_apgd_checkpoints_follow_the_paper():
+    ck, win = checkpoints(100)
+    # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)
+    ends = np.flatnonzero(ck) + 1
+    assert list(ends[:4]) == [22, 41, 57, 70]
+    assert win[ck].min() == 6
+
+
+def test_square_p_schedule():
+    got = [float(p_schedule(0.8, i, 10000)) for i in (0, 10, 11, 51, 201, 8001, 9999)]
+    assert got == pytest.approx([0.8, 0.8, 0.4, 0.2, 0.1, 0.8 / 512, 0.8 / 512])
+    assert float(p_schedule(0.8, 50, 100)) == pytest.approx(0.8 / 128)  # rescaled to 10000
+
+
+def test_bad_arguments():
+    fn = Partial(lambda v: v.reshape(v.shape[0], -1)[:, :3])
+    x, y = np.zeros((2, 2, 2, 1), np.float32), np.zeros(2, np.int32)
+    with pytest.raises(ValueError, match="attack"):
+        A.accuracy_under_attack(fn, x, y, eps_list=[0.1], attack="cw")
+    with pytest.raises(ValueError, match="key"):
+        A.accuracy_under_attack(fn, x, y, eps_list=[0.1], attack="square")
+    with pytest.raises(ValueError, match="loss"):
+        A.apgd(fn, x, y, eps=0.1, loss="margin", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="key"):
+        A.square(fn, x, y, eps=0.1)
+    with pytest.raises(ValueError, match="eps_list"):
+        A.accuracy_under_attack(fn, x, y, eps_list=[], attack="fgsm")
+
+
+def test_bpda_pair_reuses_the_forward_pass_and_scores_the_same():
+    from gbjax.attacks.evaluation import _same_forward
+
+    w = jax.random.normal(jax.random.key(8), (D, K))
+    clf = Partial(lambda w, v: v.reshape(v.shape[0], -1) @ w, w)
+
+    def quantise(v):
+        return jnp.round(v * 8) / 8
+
+    pairs = {p: A.make_attack_logits(clf, quantise, p) for p in A.PROTOCOLS}
+    assert _same_forward(*pairs["bpda"]) and _same_forward(*pairs["end_to_end"])
+    assert not _same_forward(*pairs["oblivious"])
+    x = np.asarray(jax.random.uniform(jax.random.key(9), (40, H, W, 1)))
+    y = np.asarray(jnp.argmax(clf(quantise(x)), -1))
+    a, e = pairs["bpda"]
+    kw = dict(eps_list=[0.05, 0.1], attack="pgd", steps=3, key=jax.random.key(0), progress=False)
+    fast = A.accuracy_under_attack(a, x, y, eval_logits_fn=e, **kw)
+    # the same scores when the scored function is a distinct but equal object
+    slow = A.accuracy_under_attack(
+        a, x, y, eval_logits_fn=A.make_attack_logits(clf, quantise, "bpda")[1], **kw
+    )
+    np.testing.assert_array_equal(fast, slow)
