@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_suite.sh gb      # GB clustering: 10k CIFAR-10 images, images/s, peak memory
 #   bash benchmarks/gpu_suite.sh train   # training images/s per model (gbjax step vs nnx.jit baseline)
 #   bash benchmarks/gpu_suite.sh ttt     # ResNet-18 CIFAR-10: time to 93% test accuracy
+#   bash benchmarks/gpu_suite.sh airbench  # airbench94 (bfloat16): time to 93% test accuracy
+#   bash benchmarks/gpu_suite.sh main    # the main job, experiments/fgsm_cifar.py, default mode
 #   bash benchmarks/gpu_suite.sh tests   # the test suite on the GPU
 #
 # Needs jax with CUDA, flax, optax, orbax-checkpoint, chex, scikit-learn and
@@ -34,10 +36,17 @@ for stage in "$@"; do
       "$PY" benchmarks/time_to_target.py --config gbjax/configs/resnet18_cifar10.py \
         --target 0.93 --budget-s 60 --set progress=False \
         --json "$RESULTS/time_to_target.json" 2>&1 | tee "$RESULTS/time_to_target.log" ;;
+    airbench)
+      "$PY" benchmarks/time_to_target.py --config gbjax/configs/airbench_cifar10.py \
+        --target 0.93 --budget-s 60 --set progress=False --set "compute_dtype='bfloat16'" \
+        --json "$RESULTS/time_to_target_airbench.json" 2>&1 | tee "$RESULTS/time_to_target_airbench.log" ;;
+    main)
+      "$PY" experiments/fgsm_cifar.py --no-progress --out "$RESULTS/fgsm_cifar" \
+        2>&1 | tee "$RESULTS/fgsm_cifar.log" ;;
     tests)
       "$PY" -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$RESULTS/tests.log" ;;
     *)
-      echo "unknown stage $stage (gb, train, ttt, tests)" >&2; exit 2 ;;
+      echo "unknown stage $stage (gb, train, ttt, airbench, main, tests)" >&2; exit 2 ;;
   esac
   echo "[gpu_suite] stage $stage exit status $?" | tee -a "$RESULTS/status.txt"
 done

@@ -77,6 +77,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=None, help="override: test images evaluated")
     p.add_argument("--epochs", type=int, default=None, help="override: training epochs")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="merge earlier runs (their results.json, e.g. one per seed) into one set of tables",
+    )
     return p
 
 
@@ -386,12 +393,61 @@ class Run:
             runtime_seconds=self.timer.total(),
             environment=environment(),
         )
+        if getattr(self, "merged_from", None):
+            results["merged_from"] = self.merged_from
         write_json(self.out / "results.json", results)
         (self.out / "results.md").write_text(markdown)
         write_csv(self.out / "results.csv", csv_rows)
         print("\n" + summary + f"\n\nruntime {self.timer.total():.0f} s")
         print(f"\nwrote {self.out}/results.json, results.md, results.csv and plots")
         return results
+
+
+def start_merge(experiment: str, args, dirs: Sequence[str]) -> tuple[Run, dict]:
+    """A :class:`Run` (without data) and the union of the ``runs`` of earlier runs'
+    ``results.json`` in ``dirs`` (one per seed, say), for re-assembling their tables.
+
+    The runs must be of this experiment, in the same mode and configuration
+    (seeds aside); a seed present twice is an error.
+    """
+    results = []
+    for d in dirs:
+        path = pathlib.Path(d) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"error: --merge: no results.json in {d}")
+        results.append(json.loads(path.read_text()))
+    first = results[0]
+    runs: dict = {}
+    for d, res in zip(dirs, results):
+        if res.get("experiment") != experiment:
+            raise SystemExit(
+                f"error: --merge: {d} holds {res.get('experiment')!r}, not {experiment!r}"
+            )
+        for k in ("mode", "synthetic"):
+            if res.get(k) != first.get(k):
+                raise SystemExit(
+                    f"error: --merge: {d} differs in {k}: {res.get(k)!r} vs {first.get(k)!r}"
+                )
+        if res["config"] != first["config"]:
+            raise SystemExit(f"error: --merge: {d} was run with another configuration")
+        for seed, run in res["runs"].items():
+            if int(seed) in runs:
+                raise SystemExit(f"error: --merge: seed {seed} appears twice")
+            runs[int(seed)] = run
+    timer = Timer()
+    timer.marks = {"merged_runtime": float(sum(r.get("runtime_seconds", 0.0) for r in results))}
+    run = Run(
+        experiment=experiment, mode_name=first["mode"], mode=dict(first["config"]),
+        seeds=sorted(runs), synthetic=bool(first["synthetic"]), progress=False,
+        out=out_dir(experiment, args.out), data_dir=None, timer=timer,
+        xtr=None, ytr=None, xte=None, yte=None,
+    )  # fmt: skip
+    run.merged_from = [
+        dict(dir=str(d), commit=res.get("environment", {}).get("gbjax_commit"),
+             seeds=sorted(int(s) for s in res["runs"]), runtime_seconds=res.get("runtime_seconds"))
+        for d, res in zip(dirs, results)
+    ]  # fmt: skip
+    return run, runs
 
 
 def start(experiment: str, args, modes: dict, dataset: str, overrides: Sequence[str]) -> Run:

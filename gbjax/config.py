@@ -27,7 +27,7 @@ MODELS = ("paper_convnet", "resnet18", "resnet20", "resnet", "airbench")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PREPROCESS = ("none", "gb")
-AUGMENT = ("none", "crop_flip", "flip_translate")
+AUGMENT = ("none", "crop_flip", "flip_translate", "translate")
 LOSS_REDUCTIONS = ("mean", "sum")
 _GROUP_KEYS = {"pattern", "lr_scale", "weight_decay", "trainable_epochs", "frozen"}
 
@@ -48,7 +48,8 @@ class Config:
     gb: dict = dataclasses.field(default_factory=dict)  # kwargs of gb_denoise
     cache_dir: str | None = None  # GB cache; else $GBJAX_CACHE_DIR, ~/.cache/gbjax
     # "none" | "crop_flip" (zero pad crop_pad, random crop, random flip) |
-    # "flip_translate" (airbench: alternating flip, reflect-padded translate by crop_pad)
+    # "flip_translate" (airbench: alternating flip, reflect-padded translate by crop_pad) |
+    # "translate" (reflect-padded translate only: for digits, which must not be mirrored)
     augment: str = "none"
     crop_pad: int = 4
     # --- model

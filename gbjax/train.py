@@ -315,6 +315,8 @@ class Trainer:
         if cfg.augment == "flip_translate":
             x_BHWC = augment.alternating_flip(x_BHWC, flip_B, step // self.steps_per_epoch)
             return augment.random_translate(key, x_BHWC, cfg.crop_pad, mode="reflect")
+        if cfg.augment == "translate":
+            return augment.random_translate(key, x_BHWC, cfg.crop_pad, mode="reflect")
         return x_BHWC
 
     def _train_step(self, state, data, perm_N):
@@ -582,7 +584,14 @@ def train_and_evaluate(
         wall_time_s=time.perf_counter() - t_start,
     )
     _write_jsonl(metrics_path, {"event": "summary", **summary})
-    return TrainResult(trainer.model(state), summary)
+    model = trainer.model(state)
+    if trainer.mesh.size == 1:
+        # on one device, plain uncommitted arrays: arrays carrying the trainer's mesh
+        # sharding (or committed to a device) would make later jits compile twice,
+        # since their outputs inherit it and first and later calls then differ
+        graphdef, arrays = nnx.split(model)
+        model = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), arrays))
+    return TrainResult(model, summary)
 
 
 def time_to_target(workdir: str | os.PathLike, target: float) -> dict | None:

@@ -12,6 +12,7 @@ import os
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -55,22 +56,35 @@ def _check_outputs(out, experiment, results):
 def test_fgsm_cifar_smoke(tmp_path):
     mod = _load("fgsm_cifar")
     out = tmp_path / "fgsm"
-    res = mod.run(
-        ["--smoke", "--out", str(out), "--no-progress", "--pgd-restarts", "2"] + _data_flags()
-    )
+    res = mod.run(["--smoke", "--out", str(out), "--no-progress"] + _data_flags())
     r, rows, md = _check_outputs(out, "fgsm_cifar", res)
-    assert "2 restarts" in md
     run = r["runs"]["0"]
-    for p in ("oblivious", "end_to_end", "bpda"):
-        assert len(run["gb"]["fgsm"][p]) == 7 and len(run["gb"]["pgd"][p]) == 8
-        assert len(run["gb"]["fgsm_sub"][p]) == 8
-        # eps 0 of both subset sweeps is the clean accuracy on the same images
-        assert run["gb"]["pgd"][p][0] == run["gb"]["fgsm_sub"][p][0]
-        # smoke's PGD subset is the whole test set: FGSM is deterministic, so both sweeps agree
-        assert run["gb"]["fgsm_sub"][p][1:] == run["gb"]["fgsm"][p]
-    assert len(run["unprocessed"]["fgsm"]["none"]) == 7
+    for m, prots in (("unprocessed", ["none"]), ("gb", ["oblivious", "end_to_end", "bpda"])):
+        rec = run[m]
+        assert sorted(rec["fgsm"]) == sorted(prots)
+        assert all(len(v) == 7 for v in rec["fgsm"].values())
+        # the cascade only ever removes images, and the worst case is its last stage
+        acc = np.asarray([s["accuracy"] for s in rec["stages"]])
+        assert np.all(np.diff(acc, axis=0) <= 1e-12)
+        np.testing.assert_allclose(acc[-1], rec["worst_case"])
+        # the worst case is at most each single attack on the same images, e.g. FGSM
+        assert np.all(np.asarray(rec["worst_case"]) <= np.asarray(acc[len(prots) - 1]) + 1e-12)
+        assert all(lo <= w <= hi for (lo, hi), w in zip(rec["worst_case_ci"], rec["worst_case"]))
+        assert len(rec["controls"]["noise"]) == 7 and sorted(
+            rec["controls"]["large_eps"]
+        ) == sorted(prots)
+        cv = rec["convergence"]
+        assert len(cv["pgd"]) == len(cv["steps"]) and len(cv["pgd_restarts"]) == len(cv["restarts"])
+        assert np.all(np.diff(cv["pgd_restarts"]) <= 1e-12)  # more restarts never help the model
+    stages = [s["stage"] for s in run["gb"]["stages"]]
+    assert any(s.startswith("transfer PGD") for s in stages) and stages[-1].startswith("Square")
+    assert len(run["gb"]["saturation"]["fgsm_bpda"]) == 7
+    s = r["summary"]
+    assert set(s["clean_accuracy"]) == {"unprocessed", "gb"}
+    assert all(0 <= v <= 1 for v in s["clean_accuracy"].values())
+    assert set(s["worst_case"]["gb"]) == set(mod.EPS_LABELS)
     assert "95.18" in md and "73.60" in md  # the paper's Table 2 beside ours
-    assert (out / "acc_vs_eps.png").is_file()
+    assert (out / "acc_vs_eps.png").is_file() and (out / "convergence.png").is_file()
 
 
 @pytest.mark.slow
@@ -86,6 +100,8 @@ def test_gaussian_mnist_gb_smoke(tmp_path):
         assert set(acc[m]) == {"clip", "wrap"} and len(acc[m]["clip"]) == 5
     assert "90.39" in md and "63.08" in md  # paper Table 1 beside ours
     assert len(rows) == 2 * 2 * 5
+    merged = mod.run(["--merge", str(out), "--out", str(tmp_path / "m")])
+    assert merged["runs"]["0"]["acc"] == acc and merged["config"]["stds"] == r["config"]["stds"]
 
 
 @pytest.mark.slow
@@ -103,6 +119,35 @@ def test_pe_mnist_noise_smoke(tmp_path):
     for f in ("fig3_gaussian.png", "fig4_impulse.png", "fig5_normalized.png"):
         assert (out / f).is_file()
     assert "47.62" in md and "9.93" in md  # paper Tables 4 and 5
+    assert r["config"]["protocol"] == "ours" and r["config"]["jpeg_quality"] == 0
+
+
+@pytest.mark.slow
+def test_pe_mnist_noise_authors_protocol_per_seed_runs_merge(tmp_path):
+    mod = _load("pe_mnist_noise")
+    for seed in (0, 1):
+        mod.run(["--smoke", "--protocol", "authors", "--seeds", str(seed), "--no-progress",
+                 "--out", str(tmp_path / f"s{seed}")] + _data_flags())  # fmt: skip
+    one = json.loads((tmp_path / "s0" / "results.json").read_text())
+    assert one["config"]["protocol"] == "authors" and one["config"]["jpeg_quality"] == 75
+    merged = mod.run(["--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out",
+                      str(tmp_path / "m")])  # fmt: skip
+    assert merged["seeds"] == [0, 1] and sorted(merged["runs"]) == ["0", "1"]
+    assert [m["seeds"] for m in merged["merged_from"]] == [[0], [1]]
+    md = (tmp_path / "m" / "results.md").read_text()
+    assert "±" in md and "authors protocol" in md
+    # the merged cells are the per-seed numbers, averaged
+    a0 = one["runs"]["0"]["acc"]["authors"]["pe"]["clean:None"]
+    a1 = json.loads((tmp_path / "s1" / "results.json").read_text())["runs"]["1"]["acc"]
+    assert (
+        merged["runs"]["1"]["acc"]["authors"]["pe"]["clean:None"]
+        == a1["authors"]["pe"]["clean:None"]
+    )
+    assert merged["runs"]["0"]["acc"]["authors"]["pe"]["clean:None"] == a0
+    with pytest.raises(SystemExit, match="twice"):
+        mod.run(
+            ["--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "x")]
+        )
 
 
 def test_jpeg_roundtrip_and_synthetic_data():
