@@ -1,18 +1,46 @@
-"""Granular-ball clustering throughput: gbjax vs the usual per-image implementation.
+"""Granular-ball clustering throughput: gbjax against two per-image references.
 
-    python benchmarks/gb_throughput.py --data-dir ../shared/data [--n 512] [--n-ref 48]
+    python benchmarks/gb_throughput.py --data-dir ../shared/data          # headline figures
+    python benchmarks/gb_throughput.py --data-dir ../shared/data --n 64 --n-ref 8 --n-sklearn 2 \\
+        --photos 1                                                          # a quick check
 
-Clusters N CIFAR-10 test images (a fixed random subset, seed 0: the image
-folders are sorted by class) at thresholds 40, 20 and 10 (purity 0.9) and
-prints, from one run, the per-image time of gbjax (steady state, best of two
-calls after a first, compiling call on the same shapes; compile time reported
-separately) and of the reference: the usual
-public implementation, a Python list of balls with one scikit-learn 2-means
-call per split (KMeans(n_clusters=2, n_init=1, seeded), one thread), timed on the first
-``--n-ref`` of the same images; their ratio; and balls per image for both. On a
-GPU (``--n 10000``) it also prints images/s and peak device memory.
+Four parts, all timed in one run (on a shared machine only ratios taken in the
+same run mean anything):
 
-Expected runtime on a 2-core CPU: about 2 minutes with the defaults.
+1. **Single scale**, on ``--n`` CIFAR-10 test images (a fixed random subset,
+   seed 0: the image folders are sorted by class) at thresholds 40, 20 and 10
+   (purity 0.9, capacity 256): the per-image time of gbjax (steady state, best
+   of ``--repeats`` calls after a first, compiling call on the same shapes;
+   compile time reported separately) against
+
+   * the **lean reference** (the headline): the same algorithm and choices as
+     gbjax, written as lean as we could in numpy, one image at a time (a Python
+     list of balls; only balls not yet found pure are tested again; 2-means
+     exactly as gbjax defines it, in vectorised numpy; no uniqueness check, no
+     thread pinning), timed on the first ``--n-ref`` images. It must give the
+     same partitions as gbjax, ids included; the benchmark checks it on every
+     image it times (and tests/test_gb.py checks it against the oracle);
+   * the **usual reference**: the usual public implementation, a Python list of
+     balls with one scikit-learn 2-means call per split (KMeans(n_clusters=2,
+     n_init=1, seeded), pinned to one thread, which makes these tiny calls ~10x
+     faster than scikit-learn's default pool) and a ``np.unique`` check per
+     split, timed on the first ``--n-sklearn`` images. Its 2-means seeds
+     differ, so its partitions (and ball counts) differ a little.
+
+2. **Multiscale**: ``gb_multiscale`` at thresholds (40, 20, 10) in one pass
+   against the sum of the three ``gb_cluster`` calls, interleaved in the same
+   run (goal: at most 0.6x).
+
+3. **Photo-sized images** (``--photos`` per size, 0 to skip): 512 x 512 and
+   768 x 1024 photos bundled with scikit-image when it is installed (else
+   synthetic smooth images with edges and noise), at threshold 20 with
+   ``capacity="auto"``: gbjax time per megapixel, how many images need more than
+   256 balls (they saturate at 256 and are re-run with more slots), and the lean
+   reference on the same images.
+
+4. On a GPU (``--n 10000``): images/s and peak device memory.
+
+Expected runtime on a 2-core CPU: about 5 minutes with the defaults.
 """
 
 from __future__ import annotations
@@ -29,7 +57,10 @@ import numpy as np
 import gbjax
 from gbjax import data
 
+HEADLINE_THRESHOLD = 20.0
 
+
+# ---------------------------------------------------------------------------- references
 def reference_cluster(image_HWC, threshold, purity, seed=0):
     """The usual implementation: list of balls, scikit-learn 2-means per split."""
     from sklearn.cluster import KMeans
@@ -51,10 +82,135 @@ def reference_cluster(image_HWC, threshold, purity, seed=0):
         balls = new
 
 
-def time_gbjax(x, threshold, chunk_size=None, repeats=2):
+def _sqdist(x_nF, c_F):
+    d = x_nF - c_F
+    d *= d
+    return d.sum(axis=1)  # ((d0^2 + d1^2) + d2^2) in float32, as gbjax and the oracle
+
+
+def lean_reference_cluster(image_HWC, threshold, purity, capacity=256, kmeans_iters=20):
+    """The leanest faithful per-image implementation we could write (numpy).
+
+    gbjax's algorithm and choices exactly (strict within test, keep at
+    ``within_fraction >= purity``, seeds farthest from the centre and then from
+    that seed with the lowest index on ties, Lloyd until the assignment repeats
+    or ``kmeans_iters`` assignments, side B appended as a new id in parent order,
+    the capacity ranking), in float32. Lean where that changes nothing: a ball
+    found pure is never tested again (its members never change); the distances
+    of the purity test are reused for seed A; per-side sums are one
+    matrix-vector product (for integer pixel values every sum is an exact
+    integer in float32, so any summation order gives the oracle's centres).
+    Colour features, integer images. Returns (labels (H*W,), n_balls, saturated).
+    """
+    x = np.ascontiguousarray(image_HWC.reshape(-1, image_HWC.shape[-1]), dtype=np.float32)
+    t2 = np.float32(threshold) ** 2
+    purity = np.float32(purity)
+    balls = [np.arange(len(x))]  # ball id -> member pixel indices, ascending
+    todo = [0]  # ids of the balls to test this round, ascending
+    saturated = False
+    for _ in range(capacity):
+        cands = []
+        for k in todo:
+            xs = x[balls[k]]
+            n = len(xs)
+            tot = xs.sum(axis=0)
+            d2 = _sqdist(xs, tot / np.float32(n))
+            frac = np.float32(np.count_nonzero(d2 < t2)) / np.float32(n)
+            if frac < purity:  # a single pixel is always pure
+                cands.append((frac, -n, k, xs, d2, tot))
+        free = capacity - len(balls)
+        left = []
+        if len(cands) > free:  # most impure first, then largest, then lowest id
+            saturated = True
+            ranked = sorted(cands, key=lambda c: c[:3])
+            cands = sorted(ranked[:free], key=lambda c: c[2])
+            left = [c[2] for c in ranked[free:]]  # impure, tried again next round
+        split, new = [], []
+        for _, _, k, xs, d2, tot in cands:
+            n = len(xs)
+            a = xs[np.argmax(d2)]
+            b = xs[np.argmax(_sqdist(xs, a))]
+            side = None
+            for _ in range(kmeans_iters):
+                new_side = _sqdist(xs, b) < _sqdist(xs, a)
+                nb = np.count_nonzero(new_side)
+                if nb == 0 or nb == n or (side is not None and np.array_equal(new_side, side)):
+                    side = new_side
+                    break
+                side = new_side
+                sb = new_side.astype(np.float32) @ xs
+                a, b = (tot - sb) / np.float32(n - nb), sb / np.float32(nb)
+            nb = np.count_nonzero(side)
+            if nb == 0 or nb == n:
+                continue  # one side empty: kept as it is and not tried again
+            idx = balls[k]
+            balls[k] = idx[~side]
+            new.append(idx[side])
+            split.append(k)
+        if not new:
+            break
+        todo = sorted(split + left) + list(range(len(balls), len(balls) + len(new)))
+        balls.extend(new)
+    labels = np.empty(len(x), np.int32)
+    for k, idx in enumerate(balls):
+        labels[idx] = k
+    return labels, len(balls), saturated
+
+
+# ---------------------------------------------------------------------------- images
+def synthetic_photo(h, w, seed):
+    """A smooth shaded image with a dozen sharp-edged shapes and mild noise (uint8)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = yy / h, xx / w
+    img = np.empty((h, w, 3), np.float32)
+    for c in range(3):
+        f = rng.uniform(0.5, 3.0, 4)
+        p = rng.uniform(0, 2 * np.pi, 4)
+        img[..., c] = 128 + 40 * np.cos(2 * np.pi * f[0] * xx + p[0]) * np.cos(
+            2 * np.pi * f[1] * yy + p[1]
+        )
+    for _ in range(12):
+        cy, cx, ry, rx = rng.uniform(0, 1, 2).tolist() + rng.uniform(0.05, 0.3, 2).tolist()
+        mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+        colour = rng.uniform(0, 255, 3).astype(np.float32)
+        shade = 1 + 0.25 * (yy - cy) / ry  # a shaded, not flat, object
+        img[mask] = np.clip(colour * shade[mask, None], 0, 255)
+    img += rng.normal(0, 3, img.shape).astype(np.float32)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def photos(h, w, count):
+    """``count`` photos of shape (h, w, 3): scikit-image's bundled ones, else synthetic."""
+    try:
+        import skimage.data
+        from skimage.transform import resize
+    except ImportError:
+        return np.stack([synthetic_photo(h, w, s) for s in range(count)]), "synthetic"
+    names = [
+        "astronaut",
+        "coffee",
+        "rocket",
+        "chelsea",
+        "immunohistochemistry",
+        "hubble_deep_field",
+    ]
+    out = []
+    for name in names[:count]:
+        im = getattr(skimage.data, name)()[..., :3]
+        im = resize(im, (h, w), order=1, anti_aliasing=True, preserve_range=True)
+        out.append(np.clip(np.round(im), 0, 255).astype(np.uint8))
+    out += [synthetic_photo(h, w, s) for s in range(count - len(out))]
+    return np.stack(out), "scikit-image photos (resized)" + (
+        ", synthetic" if count > len(names) else ""
+    )
+
+
+# ---------------------------------------------------------------------------- timing
+def time_gbjax(x, threshold, chunk_size=None, repeats=2, capacity=256):
     """Best of ``repeats`` steady-state calls on all of ``x``; compile time is
     the first call's excess over that (same shapes, so the same compilation)."""
-    kw = dict(threshold=threshold, chunk_size=chunk_size)
+    kw = dict(threshold=threshold, chunk_size=chunk_size, capacity=capacity)
     t0 = time.perf_counter()
     jax.block_until_ready(gbjax.gb_cluster(x, **kw))
     first = time.perf_counter() - t0
@@ -64,7 +220,197 @@ def time_gbjax(x, threshold, chunk_size=None, repeats=2):
         r = gbjax.gb_cluster(x, **kw)
         jax.block_until_ready(r)
         best = min(best, time.perf_counter() - t0)
-    return best, max(first - best, 0.0), np.asarray(r.n_balls), np.asarray(r.saturated)
+    return best, max(first - best, 0.0), r
+
+
+def interleaved(fns, repeats):
+    """Seconds per call of each function, calls interleaved (A B A B ...) after a warm-up."""
+    for f in fns.values():
+        jax.block_until_ready(f())
+    out = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            out[k].append(time.perf_counter() - t0)
+    return out
+
+
+def time_lean(images, threshold):
+    t0 = time.perf_counter()
+    res = [lean_reference_cluster(im, threshold, 0.9) for im in images]
+    return time.perf_counter() - t0, res
+
+
+# ---------------------------------------------------------------------------- parts
+def single_scale(x, args):
+    rows = []
+    dev = jax.devices()[0]
+    for t in args.thresholds:
+        sec, comp, r = time_gbjax(x, t, args.chunk_size, args.repeats)
+        nb, sat = np.asarray(r.n_balls), np.asarray(r.saturated)
+        row = dict(
+            threshold=t,
+            gbjax_ms_per_image=1e3 * sec / len(x),
+            gbjax_images_per_s=len(x) / sec,
+            compile_s=comp,
+            gbjax_balls_mean=float(nb.mean()),
+            gbjax_balls_max=int(nb.max()),
+            saturated=int(sat.sum()),
+        )
+        if args.n_ref > 0:
+            ref = x[: args.n_ref]
+            # Same-process warm-up (imports, caches), then timed.
+            lean_reference_cluster(ref[0], t, 0.9)
+            lsec, lres = time_lean(ref, t)
+            lean_time_per_image = lsec / len(ref)
+            labels = np.asarray(r.labels[: len(ref)]).reshape(len(ref), -1)
+            same = sum(
+                np.array_equal(lab, g) and n == int(nb[i]) and s == bool(sat[i])
+                for i, ((lab, n, s), g) in enumerate(zip(lres, labels))
+            )
+            row.update(
+                lean_ms_per_image=1e3 * lean_time_per_image,
+                lean_balls_mean=float(np.mean([n for _, n, _ in lres])),
+                lean_same_as_gbjax=f"{same}/{len(ref)}",
+                speedup_vs_lean=lean_time_per_image / (sec / len(x)),
+            )
+        if args.n_sklearn > 0:
+            ref = x[: args.n_sklearn]
+            from threadpoolctl import threadpool_limits
+
+            # One BLAS/OpenMP thread: scikit-learn's default thread pool makes
+            # these tiny 2-means calls ~10x slower, which would flatter gbjax.
+            with threadpool_limits(1):
+                reference_cluster(ref[0], t, 0.9)  # warm-up: imports, thread pools
+                t0 = time.perf_counter()
+                rb = [reference_cluster(im, t, 0.9) for im in ref]
+                rsec = time.perf_counter() - t0
+            row.update(
+                sklearn_ms_per_image=1e3 * rsec / len(ref),
+                sklearn_balls_mean=float(np.mean(rb)),
+                speedup_vs_sklearn=(rsec / len(ref)) / (sec / len(x)),
+            )
+        if dev.platform != "cpu":
+            stats = dev.memory_stats() or {}
+            row["peak_device_bytes"] = stats.get("peak_bytes_in_use")
+        rows.append(row)
+
+    print(
+        f"{'thr':>4} {'gbjax ms/img':>12} {'img/s':>7} {'compile s':>9} {'balls':>10}"
+        f" {'lean ms/img':>11} {'vs lean':>8} {'same':>7} {'sklearn ms/img':>14} {'vs sklearn':>10}"
+    )
+    for r in rows:
+        line = (
+            f"{r['threshold']:4.0f} {r['gbjax_ms_per_image']:12.3f} {r['gbjax_images_per_s']:7.0f}"
+            f" {r['compile_s']:9.2f} {r['gbjax_balls_mean']:5.1f}/{r['gbjax_balls_max']:<4d}"
+        )
+        line += (
+            f" {r['lean_ms_per_image']:11.2f} {r['speedup_vs_lean']:7.1f}x"
+            f" {r['lean_same_as_gbjax']:>7}"
+            if "lean_ms_per_image" in r
+            else f" {'-':>11} {'-':>8} {'-':>7}"
+        )
+        line += (
+            f" {r['sklearn_ms_per_image']:14.2f} {r['speedup_vs_sklearn']:9.1f}x"
+            if "sklearn_ms_per_image" in r
+            else ""
+        )
+        print(line)
+    print(
+        "(balls: gbjax mean/max per image; vs X = X's ms/img / gbjax ms/img, same run; same:"
+        " lean partitions equal to gbjax's, ids included)"
+    )
+    if any(r.get("peak_device_bytes") for r in rows):
+        print(
+            "peak device memory: %.2f GiB"
+            % (max(r["peak_device_bytes"] or 0 for r in rows) / 2**30)
+        )
+    head = [r for r in rows if r["threshold"] == HEADLINE_THRESHOLD and "speedup_vs_lean" in r]
+    if head:
+        print(
+            f"HEADLINE: gbjax is {head[0]['speedup_vs_lean']:.1f}x the lean per-image reference"
+            f" at threshold {HEADLINE_THRESHOLD:g} ({len(x)} images for gbjax,"
+            f" {args.n_ref} for the reference; goal >= 100x)"
+        )
+    return rows
+
+
+def multiscale(x, args):
+    ths = (40.0, 20.0, 10.0)
+    kw = dict(chunk_size=args.chunk_size)
+    t = interleaved(
+        {
+            "three gb_cluster calls": lambda: [gbjax.gb_cluster(x, threshold=v, **kw) for v in ths],
+            "gb_multiscale": lambda: gbjax.gb_multiscale(x, thresholds=ths, **kw),
+        },
+        args.repeats + 1,
+    )
+    a, b = np.array(t["three gb_cluster calls"]), np.array(t["gb_multiscale"])
+    row = dict(
+        images=len(x),
+        three_calls_ms_per_image=1e3 * a.min() / len(x),
+        multiscale_ms_per_image=1e3 * b.min() / len(x),
+        ratio_of_best=float(b.min() / a.min()),
+        median_ratio=float(np.median(b / a)),
+    )
+    print(
+        f"\nmultiscale (40, 20, 10) on {len(x)} images: three gb_cluster calls"
+        f" {row['three_calls_ms_per_image']:.3f} ms/img, gb_multiscale (one pass)"
+        f" {row['multiscale_ms_per_image']:.3f} ms/img: {row['ratio_of_best']:.2f}x"
+        f" (median of interleaved pairs {row['median_ratio']:.2f}x; goal <= 0.6x)"
+    )
+    return row
+
+
+def photo_sized(args):
+    rows = []
+    t = HEADLINE_THRESHOLD
+    print(f"\nphoto-sized images, threshold {t:g}, capacity='auto':")
+    for h, w in ((512, 512), (768, 1024)):
+        x, kind = photos(h, w, args.photos)
+        mp = h * w / 1e6
+        kw = dict(threshold=t, capacity="auto", chunk_size=args.chunk_size)
+        t0 = time.perf_counter()
+        r = jax.block_until_ready(gbjax.gb_cluster(x, **kw))
+        first = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            r = jax.block_until_ready(gbjax.gb_cluster(x, **kw))
+            best = min(best, time.perf_counter() - t0)
+        nb = np.asarray(r.n_balls)
+        row = dict(
+            size=f"{h}x{w}",
+            images=len(x),
+            kind=kind,
+            gbjax_s_per_megapixel=best / len(x) / mp,
+            first_call_s=first,
+            balls_mean=float(nb.mean()),
+            balls_max=int(nb.max()),
+            over_256=int((nb > 256).sum()),
+            capacity_used=int(r.centers.shape[1]),
+            saturated_after_auto=int(np.asarray(r.saturated).sum()),
+        )
+        if args.n_ref > 0:
+            lsec, lres = time_lean(x[:1], t)
+            row["lean_s_per_megapixel"] = lsec / mp
+            row["speedup_vs_lean"] = row["lean_s_per_megapixel"] / row["gbjax_s_per_megapixel"]
+        rows.append(row)
+        print(
+            f"  {row['size']:>9} x{len(x)} ({kind}): gbjax {row['gbjax_s_per_megapixel']:.3f}"
+            f" s/MP (first call, with compilation: {first:.1f} s), balls"
+            f" {row['balls_mean']:.0f}/{row['balls_max']}, {row['over_256']} of {len(x)}"
+            f" saturate at 256 (capacity used {row['capacity_used']}, still saturated"
+            f" {row['saturated_after_auto']})"
+            + (
+                f"; lean reference {row['lean_s_per_megapixel']:.2f} s/MP (1 image):"
+                f" {row['speedup_vs_lean']:.1f}x"
+                if "lean_s_per_megapixel" in row
+                else ""
+            )
+        )
+    return rows
 
 
 def main(argv=None):
@@ -72,9 +418,15 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--data-dir", default=os.environ.get("GBJAX_DATA_DIR"))
-    p.add_argument("--n", type=int, default=512, help="images for gbjax")
-    p.add_argument("--n-ref", type=int, default=48, help="images for the reference (0: skip)")
+    p.add_argument("--n", type=int, default=1024, help="CIFAR-10 images for gbjax")
+    p.add_argument("--n-ref", type=int, default=64, help="images for the lean reference (0: skip)")
+    p.add_argument(
+        "--n-sklearn", type=int, default=16, help="images for the scikit-learn reference (0: skip)"
+    )
     p.add_argument("--thresholds", type=float, nargs="+", default=[40.0, 20.0, 10.0])
+    p.add_argument("--repeats", type=int, default=2, help="timed calls (best is reported)")
+    p.add_argument("--photos", type=int, default=4, help="photos per size (0: skip)")
+    p.add_argument("--no-multiscale", action="store_true", help="skip the multiscale part")
     p.add_argument(
         "--chunk-size",
         type=int,
@@ -90,70 +442,25 @@ def main(argv=None):
     # A fixed random subset: image folders (ours included) are sorted by class,
     # and the first N images would all be airplanes.
     x = np.asarray(x[np.sort(np.random.default_rng(0).permutation(len(x))[: args.n])])
+    args.n_ref, args.n_sklearn = min(args.n_ref, len(x)), min(args.n_sklearn, len(x))
     dev = jax.devices()[0]
     print(
         f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, "
         f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
         f"jax {jax.__version__}"
     )
-    print(f"gbjax on {len(x)} CIFAR-10 test images, reference on {min(args.n_ref, len(x))}\n")
-    rows = []
-    for t in args.thresholds:
-        sec, comp, nb, sat = time_gbjax(x, t, args.chunk_size)
-        row = dict(
-            threshold=t,
-            gbjax_ms_per_image=1e3 * sec / len(x),
-            gbjax_images_per_s=len(x) / sec,
-            compile_s=comp,
-            gbjax_balls_mean=float(nb.mean()),
-            gbjax_balls_max=int(nb.max()),
-            saturated=int(sat.sum()),
-        )
-        if args.n_ref > 0:
-            ref = x[: args.n_ref]
-            from threadpoolctl import threadpool_limits
-
-            # One BLAS/OpenMP thread: scikit-learn's default thread pool makes
-            # these tiny 2-means calls ~10x slower, which would flatter gbjax.
-            with threadpool_limits(1):
-                reference_cluster(ref[0], t, 0.9)  # warm-up: imports, thread pools
-                t0 = time.perf_counter()
-                rb = [reference_cluster(im, t, 0.9) for im in ref]
-                rsec = time.perf_counter() - t0
-            row.update(
-                reference_ms_per_image=1e3 * rsec / len(ref),
-                reference_balls_mean=float(np.mean(rb)),
-                reference_balls_max=int(np.max(rb)),
-                speedup=(rsec / len(ref)) / (sec / len(x)),
-            )
-        if dev.platform != "cpu":
-            stats = dev.memory_stats() or {}
-            row["peak_device_bytes"] = stats.get("peak_bytes_in_use")
-        rows.append(row)
-
-    hdr = f"{'thr':>5} {'gbjax ms/img':>12} {'img/s':>9} {'compile s':>9} {'balls':>11}"
-    hdr += f" {'ref ms/img':>10} {'ref balls':>11} {'speedup':>8}" if args.n_ref > 0 else ""
-    print(hdr)
-    for r in rows:
-        line = (
-            f"{r['threshold']:5.0f} {r['gbjax_ms_per_image']:12.3f} {r['gbjax_images_per_s']:9.0f}"
-            f" {r['compile_s']:9.2f} {r['gbjax_balls_mean']:6.1f}/{r['gbjax_balls_max']:<4d}"
-        )
-        if args.n_ref > 0:
-            line += (
-                f" {r['reference_ms_per_image']:10.2f} {r['reference_balls_mean']:6.1f}/"
-                f"{r['reference_balls_max']:<4d} {r['speedup']:7.1f}x"
-            )
-        print(line)
-    if any(r.get("peak_device_bytes") for r in rows):
-        print(
-            "peak device memory: %.2f GiB"
-            % (max(r["peak_device_bytes"] or 0 for r in rows) / 2**30)
-        )
-    print("(balls: mean/max per image; speedup = reference ms/img / gbjax ms/img, same run)")
+    print(
+        f"gbjax on {len(x)} CIFAR-10 test images, lean reference on {args.n_ref},"
+        f" scikit-learn reference on {args.n_sklearn}\n"
+    )
+    out = dict(single_scale=single_scale(x, args))
+    if not args.no_multiscale:
+        out["multiscale"] = multiscale(x, args)
+    if args.photos > 0:
+        out["photos"] = photo_sized(args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -169,16 +169,39 @@ def _capacity_choice(cand_BK, frac_BK, cnt_BK, free_B):
     n_cand = jnp.sum(cand_BK.astype(jnp.int32), axis=1)
     over = n_cand > free_B
 
-    def ranked(_):
-        ids = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (B, K))
-        key = jnp.where(cand_BK, frac_BK, jnp.inf)
-        order = jax.vmap(lambda i, c, f: jnp.lexsort((i, -c, f)))(ids, cnt_BK, key)
+    def rank_rows(cand, frac, cnt, free):
+        R = cand.shape[0]
+        ids = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (R, K))
+        key = jnp.where(cand, frac, jnp.inf)
+        order = jax.vmap(lambda i, c, f: jnp.lexsort((i, -c, f)))(ids, cnt, key)
         rank = jax.vmap(lambda o, i: jnp.zeros(K, jnp.int32).at[o].set(i))(order, ids)
-        return cand_BK & (rank < free_B[:, None])
+        return cand & (rank < free[:, None])
+
+    def ranked_all(_):
+        return rank_rows(cand_BK, frac_BK, cnt_BK, free_B)
+
+    R = max(1, B // _CAPACITY_ROW_FACTOR)
+
+    def ranked_over_rows(_):
+        # Only the images over their capacity need the sort (the others keep
+        # every candidate), and they are usually few: sort just those rows.
+        rows = _kept_indices(over, R)
+        r = jnp.minimum(rows, B - 1)
+        sub = rank_rows(cand_BK[r], frac_BK[r], cnt_BK[r], free_B[r])
+        return cand_BK.at[rows].set(sub, mode="drop")
+
+    def ranked(_):
+        if R >= B:
+            return ranked_all(None)
+        fits = jnp.sum(over.astype(jnp.int32)) <= R
+        return jax.lax.cond(fits, ranked_over_rows, ranked_all, None)
 
     # The sort is only needed where the capacity binds.
     chosen = jax.lax.cond(jnp.any(over), ranked, lambda _: cand_BK, None)
     return chosen, over
+
+
+_CAPACITY_ROW_FACTOR = 8
 
 
 # Working sets.  Most of the work in late rounds, and in the late Lloyd steps of
@@ -279,35 +302,54 @@ def _lloyd(x, x1, g, ab, chosen, cnt, *, S1, F, sizes, kmeans_iters):
         jnp.int32(0),
         jnp.sum(jnp.where(chosen, cnt, 0)),
     )
-    xg, x1g, gg = x, x1, g
-    for j, size in enumerate(sizes):
+
+    def level(st, xg, x1g, gg, C, nxt_size):
         ab, active, cnt2, it, left = st
-        if j > 0:
-            xg, x1g, gg = _compact(active[gg], size, [(xg, 0.0), (x1g, 0.0), (gg, S1 - 1)])
-        nxt_size = sizes[j + 1] if j + 1 < len(sizes) else -1
-        C = min(S1 - 1, size // 2)
         if C == S1 - 1:
             ab, active, cnt2, it, left, _ = run(
                 (ab, active, cnt2, it, left, cnt), xg, x1g, gg, S1, nxt_size
             )
-        else:
-            bsel = jnp.minimum(_kept_indices(active, C), S1 - 1)
-            local = jnp.full(S1, C, jnp.int32).at[bsel].set(jnp.arange(C, dtype=jnp.int32))
-            local = local.at[S1 - 1].set(C)
-            bsel1 = jnp.concatenate([bsel, jnp.array([S1 - 1], jnp.int32)])
-            abl, actl, cnt2l, it, left, _ = run(
-                (ab[bsel1], active[bsel1], cnt2[bsel1], it, left, cnt[bsel1]),
-                xg,
-                x1g,
-                local[gg],
-                C + 1,
-                nxt_size,
+            return ab, active, cnt2, it, left
+        bsel = jnp.minimum(_kept_indices(active, C), S1 - 1)
+        local = jnp.full(S1, C, jnp.int32).at[bsel].set(jnp.arange(C, dtype=jnp.int32))
+        local = local.at[S1 - 1].set(C)
+        bsel1 = jnp.concatenate([bsel, jnp.array([S1 - 1], jnp.int32)])
+        abl, actl, cnt2l, it, left, _ = run(
+            (ab[bsel1], active[bsel1], cnt2[bsel1], it, left, cnt[bsel1]),
+            xg,
+            x1g,
+            local[gg],
+            C + 1,
+            nxt_size,
+        )
+        ab = ab.at[bsel].set(abl[:C])
+        active = active.at[bsel].set(actl[:C]).at[S1 - 1].set(False)
+        cnt2 = cnt2.at[bsel].set(cnt2l[:C])
+        return ab, active, cnt2, it, left
+
+    xg, x1g, gg = x, x1, g
+    for j, size in enumerate(sizes):
+        if j > 0:
+            xg, x1g, gg = _compact(st[1][gg], size, [(xg, 0.0), (x1g, 0.0), (gg, S1 - 1)])
+        nxt_size = sizes[j + 1] if j + 1 < len(sizes) else -1
+        C = min(S1 - 1, size // 2)
+        C0 = (S1 - 1) // _LLOYD_BALL_FACTOR
+        if C == S1 - 1 and C0 >= _LLOYD_MIN_BALLS:
+            # Few balls chosen among many slots (late rounds, multiscale passes):
+            # renumber them too when they fit, so per-ball work is C0, not S.
+            st = jax.lax.cond(
+                jnp.sum(st[1].astype(jnp.int32)) <= C0,
+                functools.partial(level, xg=xg, x1g=x1g, gg=gg, C=C0, nxt_size=nxt_size),
+                functools.partial(level, xg=xg, x1g=x1g, gg=gg, C=C, nxt_size=nxt_size),
+                st,
             )
-            ab = ab.at[bsel].set(abl[:C])
-            active = active.at[bsel].set(actl[:C]).at[S1 - 1].set(False)
-            cnt2 = cnt2.at[bsel].set(cnt2l[:C])
-        st = (ab, active, cnt2, it, left)
+        else:
+            st = level(st, xg, x1g, gg, C, nxt_size)
     return st[0], st[2]
+
+
+_LLOYD_BALL_FACTOR = 8
+_LLOYD_MIN_BALLS = 1024
 
 
 def _early_capacities(K):
@@ -331,13 +373,21 @@ class _Rounds(NamedTuple):
     n_open: jax.Array  # () pixels in open balls (the working set still needed)
 
 
-def _cluster_labels(x_BNF, threshold, purity, *, K, max_rounds, kmeans_iters, multilevel):
+def _cluster_labels(
+    x_BNF, threshold, purity, *, K, max_rounds, kmeans_iters, multilevel, init=None
+):
     """Runs the split rounds on a batch; returns (labels_BN, n_balls_B, saturated_B, rounds_B).
 
     Ball slot k of image b is segment b * Kc + k, Kc the capacity of the
     stage: while every image has at most Ke / 2 balls (Ke = K / 8), rounds run
     with Kc = Ke slots per image (no split can overflow them, and per-ball
     arrays are 8x smaller), then with Kc = K.
+
+    ``init``: None (every image starts as one ball) or ``(labels_BN, n_balls_B)``,
+    a partition to continue from (ids ``0..n_balls-1``, at most K), every one of
+    its balls open: the rounds then split its impure balls, and their parts,
+    exactly as they would have been split in a run from scratch. The early-capacity
+    stage runs only when every image's initial ball count fits it (<= Ke / 2).
     """
     B, N, F = x_BNF.shape
     S, M = B * K, B * N
@@ -417,29 +467,46 @@ def _cluster_labels(x_BNF, threshold, purity, *, K, max_rounds, kmeans_iters, mu
 
     caps = (_early_capacities(K) if multilevel else ()) + (K,)
     n1 = sizes[1] if len(sizes) > 1 else -1
-    Kc = caps[0]
-    offc = jnp.arange(B, dtype=jnp.int32) * Kc
+
+    def relayout(st: _Rounds, Ka, Kb) -> _Rounds:
+        """Ball slots from Ka to Kb per image (Kb < Ka: every used slot must be < Kb)."""
+        o = st.open.reshape(B, Ka)
+        o = jnp.pad(o, ((0, 0), (0, Kb - Ka))) if Kb > Ka else o[:, :Kb]
+        return st._replace(ball=(st.ball // Ka) * Kb + st.ball % Ka, open=o.reshape(B * Kb))
+
+    def early_stage(st: _Rounds) -> _Rounds:  # from and to the K layout
+        Kc = caps[0]
+        st = relayout(st, K, Kc)
+        for Kn in caps[1:]:
+            st = jax.lax.while_loop(
+                lambda s, Kc=Kc: going(s, n1) & (jnp.max(s.n_balls) <= Kc // 2),
+                split_round(x, x1, sizes, Kc),
+                st,
+            )
+            st = relayout(st, Kc, Kn)
+            Kc = Kn
+        return st
+
+    if init is None:
+        labels0, n0 = jnp.zeros((B, N), jnp.int32), jnp.ones(B, jnp.int32)
+    else:
+        labels0, n0 = (jnp.asarray(a, jnp.int32) for a in init)
     state = _Rounds(
-        ball=jnp.repeat(offc, N),
-        open=jnp.zeros(B * Kc, bool).at[offc].set(True),
-        n_balls=jnp.ones(B, jnp.int32),
+        ball=(labels0 + off[:, None]).reshape(M),
+        open=(jnp.arange(K, dtype=jnp.int32)[None, :] < n0[:, None]).reshape(S),
+        n_balls=n0,
         saturated=jnp.zeros(B, bool),
         rounds=jnp.zeros(B, jnp.int32),
         active=jnp.ones(B, bool),
         round=jnp.int32(0),
         n_open=jnp.int32(M),
     )
-    for Kn in caps[1:]:
-        state = jax.lax.while_loop(
-            lambda st, Kc=Kc: going(st, n1) & (jnp.max(st.n_balls) <= Kc // 2),
-            split_round(x, x1, sizes, Kc),
-            state,
-        )
-        state = state._replace(
-            ball=(state.ball // Kc) * Kn + state.ball % Kc,
-            open=jnp.pad(state.open.reshape(B, Kc), ((0, 0), (0, Kn - Kc))).reshape(B * Kn),
-        )
-        Kc = Kn
+    if len(caps) > 1:
+        if init is None:
+            state = early_stage(state)
+        else:
+            fits = jnp.max(n0) <= caps[0] // 2
+            state = jax.lax.cond(fits, early_stage, lambda st: st, state)
 
     g_full = state.ball
     pix, xs, x1s = jnp.arange(M, dtype=jnp.int32), x, x1
@@ -514,55 +581,26 @@ def _nearest_kept(x_BNF, c_BKF, kept_BK, noise_BN):
     return out(None)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "K",
-        "max_rounds",
-        "kmeans_iters",
-        "min_ball_size",
-        "features",
-        "out_dtype",
-        "multilevel",
-    ),
-)
-def _cluster_batch(
-    images_BHWC,
+def _paint(
+    x_BNF,
+    labels,
+    n_balls,
+    saturated,
+    rounds,
     threshold,
-    purity,
     scale,
     *,
+    C,
     K,
-    max_rounds,
-    kmeans_iters,
     min_ball_size,
     features,
     out_dtype,
-    multilevel,
 ):
-    """The compiled program: a batch of images in input units -> GBResult.
+    """Final statistics of a partition, noise and the painted image: a GBResult.
 
-    ``multilevel``: use the working-set levels and the early-capacity stage
-    (``gbjax.gb`` chooses by the number of pixels; both give the same output).
+    Differentiable in the pixel values through ``x_BNF`` (for end-to-end attacks).
     """
-    B, H, W, C = images_BHWC.shape
-    N = H * W
-    x_BNF = jax.vmap(lambda im: image_features(im, features))(
-        images_BHWC.astype(jnp.float32) * scale
-    )
-    F = x_BNF.shape[-1]
-    # The partition is piecewise constant in the input: no gradient through it.
-    labels, n_balls, saturated, rounds = _cluster_labels(
-        jax.lax.stop_gradient(x_BNF),
-        threshold,
-        purity,
-        K=K,
-        max_rounds=max_rounds,
-        kmeans_iters=kmeans_iters,
-        multilevel=multilevel,
-    )
-
-    # Final statistics, differentiable in the pixel values (for end-to-end attacks).
+    B, N, F = x_BNF.shape
     S = B * K
     x = x_BNF.reshape(B * N, F)
     g = (labels + (jnp.arange(B, dtype=jnp.int32) * K)[:, None]).reshape(-1)
@@ -597,14 +635,130 @@ def _cluster_batch(
     else:
         img = (colour / scale).astype(out_dtype)
     return GBResult(
-        labels=labels.reshape(B, H, W),
+        labels=labels,
         centers=(c * (cnt > 0)[:, None]).reshape(B, K, F),
         radii=radii.reshape(B, K),
         counts=cnt.reshape(B, K),
         within_fraction=within.reshape(B, K),
         n_balls=n_balls,
-        noise=noise.reshape(B, H, W),
-        image=img.reshape(B, H, W, C),
+        noise=noise.reshape(B, N),
+        image=img.reshape(B, N, C),
         saturated=saturated,
         rounds=rounds,
     )
+
+
+def _features_BNF(images_BHWC, scale, features):
+    return jax.vmap(lambda im: image_features(im, features))(
+        images_BHWC.astype(jnp.float32) * scale
+    )
+
+
+def _unflatten(res: GBResult, H, W) -> GBResult:
+    """Per-pixel fields from (..., N[, C]) to (..., H, W[, C])."""
+
+    def pix(a, tail):
+        return a.reshape(a.shape[: a.ndim - 1 - tail] + (H, W) + a.shape[a.ndim - tail :])
+
+    return res._replace(labels=pix(res.labels, 0), noise=pix(res.noise, 0), image=pix(res.image, 1))
+
+
+_STATIC = (
+    "K",
+    "max_rounds",
+    "kmeans_iters",
+    "min_ball_size",
+    "features",
+    "out_dtype",
+    "multilevel",
+)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _cluster_batch(
+    images_BHWC,
+    threshold,
+    purity,
+    scale,
+    *,
+    K,
+    max_rounds,
+    kmeans_iters,
+    min_ball_size,
+    features,
+    out_dtype,
+    multilevel,
+):
+    """The compiled program: a batch of images in input units -> GBResult.
+
+    ``multilevel``: use the working-set levels and the early-capacity stage
+    (``gbjax.gb`` chooses by the number of pixels; both give the same output).
+    """
+    B, H, W, C = images_BHWC.shape
+    x_BNF = _features_BNF(images_BHWC, scale, features)
+    # The partition is piecewise constant in the input: no gradient through it.
+    labels, n_balls, saturated, rounds = _cluster_labels(
+        jax.lax.stop_gradient(x_BNF),
+        threshold,
+        purity,
+        K=K,
+        max_rounds=max_rounds,
+        kmeans_iters=kmeans_iters,
+        multilevel=multilevel,
+    )
+    res = _paint(
+        x_BNF, labels, n_balls, saturated, rounds, threshold, scale, C=C, K=K,
+        min_ball_size=min_ball_size, features=features, out_dtype=out_dtype,
+    )  # fmt: skip
+    return _unflatten(res, H, W)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _multiscale_batch(
+    images_BHWC,
+    thresholds_T,
+    purity,
+    scale,
+    *,
+    K,
+    max_rounds,
+    kmeans_iters,
+    min_ball_size,
+    features,
+    out_dtype,
+    multilevel,
+):
+    """Every threshold of ``thresholds_T`` (non-increasing) in one pass: GBResult (B, T, ...).
+
+    A ``lax.scan`` over the thresholds: the split rounds at each threshold
+    continue from the partition of the one before (``_cluster_labels``'s
+    ``init``), which they refine, since a ball impure at a threshold is impure at
+    every smaller one and a split depends only on the ball's members. One loop
+    body, so one compilation for every number of thresholds' worth of work.
+    """
+    B, H, W, C = images_BHWC.shape
+    N = H * W
+    x_BNF = _features_BNF(images_BHWC, scale, features)
+    x_stop = jax.lax.stop_gradient(x_BNF)
+
+    def scale_step(carry, threshold):
+        labels, n_balls, saturated, rounds = _cluster_labels(
+            x_stop,
+            threshold,
+            purity,
+            K=K,
+            max_rounds=max_rounds,
+            kmeans_iters=kmeans_iters,
+            multilevel=multilevel,
+            init=carry,
+        )
+        res = _paint(
+            x_BNF, labels, n_balls, saturated, rounds, threshold, scale, C=C, K=K,
+            min_ball_size=min_ball_size, features=features, out_dtype=out_dtype,
+        )  # fmt: skip
+        return (labels, n_balls), res
+
+    init = (jnp.zeros((B, N), jnp.int32), jnp.ones(B, jnp.int32))
+    _, res = jax.lax.scan(scale_step, init, jnp.asarray(thresholds_T, jnp.float32))
+    res = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), res)  # batch-leading
+    return _unflatten(res, H, W)

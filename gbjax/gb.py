@@ -48,6 +48,18 @@ centres, to within float32 rounding may resolve differently, because XLA fuses
 multiply-adds (FMA) where numpy does not. Measured: 256 random CIFAR-10 test
 images at thresholds 40, 20 and 10 all match the oracle exactly (768 of 768).
 
+Multiscale (:func:`gb_multiscale`): the thresholds run in one pass from the
+largest to the smallest, each continuing from the partition at the one before
+with all of its balls open. A ball impure at threshold t is impure at every
+t' < t (its within fraction can only fall) and its 2-means split depends only
+on its members, so the split tree at t' extends the one at t and the final
+partition at t' is the same as from a single ball, wherever the capacity does
+not bind and ``max_rounds`` does not cap the rounds. Ball ids there: the
+largest threshold's are :func:`gb_cluster`'s; at each smaller threshold a ball
+of the previous threshold keeps its id for the part of it that stays on side A
+in each of its splits, and new balls take ids from the previous ball count
+upwards, round by round and, within a round, in the order of their parents' ids.
+
 Speed: most late work concerns few pixels (pure balls never change again;
 most 2-means splits converge in a few steps while the batch waits for the
 slowest), and the first rounds use few balls. So the pixels still in play are
@@ -57,6 +69,7 @@ with K / 8 ball slots per image (see ``_cluster_labels``).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -64,7 +77,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gbjax._gb_engine import Features, GBResult, _cluster_batch, image_features
+from gbjax._gb_engine import (
+    Features,
+    GBResult,
+    _cluster_batch,
+    _multiscale_batch,
+    image_features,
+)
 from gbjax.data.batching import map_batches
 
 __all__ = [
@@ -112,6 +131,16 @@ def _check_positive_int(name, v, minimum=1):
     return int(v)
 
 
+def _check_threshold(threshold, name="threshold"):
+    if not (
+        isinstance(threshold, (int, float, np.number))
+        and not isinstance(threshold, (bool, np.bool_))
+        and math.isfinite(threshold)
+        and threshold > 0
+    ):
+        raise ValueError(f"{name}: expected a finite number > 0 (pixel units), got {threshold!r}")
+
+
 def _validate(
     images, threshold, purity, capacity, min_ball_size, max_rounds, kmeans_iters, features, scale
 ):
@@ -126,17 +155,11 @@ def _validate(
     dt = np.dtype(images.dtype)
     if dt == np.bool_ or not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)):
         raise ValueError(f"images: expected an integer (uint8) or float dtype, got {dt}")
-    if not (
-        isinstance(threshold, (int, float, np.number))
-        and math.isfinite(threshold)
-        and threshold > 0
-    ):
-        raise ValueError(
-            f"threshold: expected a finite number > 0 (pixel units), got {threshold!r}"
-        )
+    _check_threshold(threshold)
     if not (isinstance(purity, (int, float, np.number)) and 0 < purity <= 1):
         raise ValueError(f"purity: expected a number in (0, 1], got {purity!r}")
-    _check_positive_int("capacity", capacity)
+    if capacity != "auto":
+        _check_positive_int("capacity", capacity)
     _check_positive_int("min_ball_size", min_ball_size)
     if max_rounds is not None:
         _check_positive_int("max_rounds", max_rounds)
@@ -206,7 +229,7 @@ def gb_cluster(
     *,
     threshold: float = 20.0,
     purity: float = 0.9,
-    capacity: int = 256,
+    capacity: int | str = 256,
     min_ball_size: int = 2,
     max_rounds: int | None = None,
     features: Features | dict | None = None,
@@ -215,6 +238,7 @@ def gb_cluster(
     chunk_size: int | None = None,
     memory_budget: int = 2 << 30,
     progress: bool = False,
+    max_capacity: int = 4096,
 ) -> GBResult:
     """Granular-ball clustering of one image (H, W, C) or a batch (B, H, W, C).
 
@@ -224,7 +248,10 @@ def gb_cluster(
       threshold: distance (pixel units, in feature space) under which a member
         counts as within its ball.
       purity: a ball is kept when its within fraction is >= purity, else split.
-      capacity: K, the fixed number of ball slots per image.
+      capacity: K, the fixed number of ball slots per image; or ``"auto"``: start
+        at 256 and re-run the images that fill it (``saturated``) with twice the
+        capacity, until none does or ``max_capacity`` is reached (eager calls
+        only). Per-ball fields then have the largest capacity used, zero-padded.
       min_ball_size: balls with fewer members are noise (1 disables noise).
       max_rounds: cap on split rounds (default: ``capacity``, i.e. no cap).
       features: :class:`Features` (colour only by default).
@@ -256,32 +283,82 @@ def gb_cluster(
     )
     unbatched = images.ndim == 3
     x = images[None] if unbatched else images
+    res = _cluster(
+        x, threshold, multiscale=False, purity=purity, capacity=capacity,
+        min_ball_size=min_ball_size, max_rounds=max_rounds, features=features,
+        kmeans_iters=kmeans_iters, scale=scale, chunk_size=chunk_size,
+        memory_budget=memory_budget, progress=progress, max_capacity=max_capacity,
+    )  # fmt: skip
+    if unbatched:
+        res = jax.tree_util.tree_map(lambda a: a[0], res)
+    return res
+
+
+def _cluster(
+    x, thresholds, *, multiscale, purity, capacity, min_ball_size, max_rounds, features,
+    kmeans_iters, scale, chunk_size, memory_budget, progress, max_capacity,
+) -> GBResult:  # fmt: skip
+    """A validated batch (B, H, W, C) -> GBResult, batch-leading.
+
+    ``multiscale``: ``thresholds`` is a non-increasing tuple and every field has a
+    threshold axis after the batch axis (B, T, ...); else it is one threshold.
+    """
+    kw = dict(
+        multiscale=multiscale, purity=purity, min_ball_size=min_ball_size,
+        max_rounds=max_rounds, features=features, kmeans_iters=kmeans_iters, scale=scale,
+        chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
+    )  # fmt: skip
+    if capacity == "auto":
+        return _auto_capacity(x, thresholds, max_capacity, **kw)
     B, H, W, C = x.shape
-    out_dtype = np.dtype(x.dtype)
     static = dict(
         K=int(capacity),
         max_rounds=int(max_rounds or capacity),
         kmeans_iters=int(kmeans_iters),
         min_ball_size=int(min_ball_size),
         features=features,
-        out_dtype=out_dtype,
+        out_dtype=np.dtype(x.dtype),
     )
-    args = (
-        jnp.float32(threshold),
-        jnp.float32(purity),
-        jnp.float32(1.0 if scale is None else scale),
-    )
-
-    if _is_traced(x):
-        res = _cluster_batch(x, *args, **static, multilevel=_multilevel(B * H * W))
+    if multiscale:
+        fn, th = _multiscale_batch, jnp.asarray(thresholds, jnp.float32)
     else:
-        res = _run_chunked(x, args, static, chunk_size, memory_budget, progress)
-    if unbatched:
-        res = jax.tree_util.tree_map(lambda a: a[0], res)
+        fn, th = _cluster_batch, jnp.float32(thresholds)
+    args = (th, jnp.float32(purity), jnp.float32(1.0 if scale is None else scale))
+    if _is_traced(x):
+        return fn(x, *args, **static, multilevel=_multilevel(B * H * W))
+    return _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress)
+
+
+_PER_BALL = ("centers", "radii", "counts", "within_fraction")
+
+
+def _auto_capacity(x, thresholds, max_capacity, **kw) -> GBResult:
+    if _is_traced(x):
+        raise ValueError("capacity='auto' needs concrete images: it re-runs the saturated ones")
+    max_capacity = _check_positive_int("max_capacity", max_capacity)
+    k_axis = 2 if kw["multiscale"] else 1  # the ball axis of batch-leading results
+    K = min(256, max_capacity)
+    res = _cluster(x, thresholds, capacity=K, max_capacity=K, **kw)
+    while K < max_capacity:
+        sat = np.flatnonzero(np.asarray(res.saturated).reshape(len(x), -1).any(axis=1))
+        if len(sat) == 0:
+            break
+        K2 = min(2 * K, max_capacity)
+        sub = _cluster(x[sat], thresholds, capacity=K2, max_capacity=K2, **kw)
+
+        def grow(a, K2=K2):
+            pad = [(0, 0)] * a.ndim
+            pad[k_axis] = (0, K2 - a.shape[k_axis])
+            return jnp.pad(a, pad)
+
+        res = res._replace(**{f: grow(getattr(res, f)) for f in _PER_BALL})
+        idx = jnp.asarray(sat)
+        res = GBResult(*(a.at[idx].set(b) for a, b in zip(res, sub)))
+        K = K2
     return res
 
 
-def _run_chunked(x, args, static, chunk_size, memory_budget, progress):
+def _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress):
     B, H, W, C = x.shape
     ndev = jax.device_count()
     if chunk_size is None:
@@ -313,7 +390,7 @@ def _run_chunked(x, args, static, chunk_size, memory_budget, progress):
 
     def run(part):
         part = jax.device_put(part, sharding) if sharding is not None else jnp.asarray(part)
-        return _cluster_batch(part, *args, **static, multilevel=_multilevel(chunk * H * W))
+        return fn(part, *args, **static, multilevel=_multilevel(chunk * H * W))
 
     return map_batches(run, x, batch_size=chunk, shrink=False, progress=progress, desc="gb_cluster")
 
@@ -327,16 +404,65 @@ def gb_denoise(images, **kwargs):
 
 
 def gb_multiscale(images, thresholds: Sequence[float] = (40.0, 20.0, 10.0), **kwargs) -> GBResult:
-    """Coarse-to-fine family: :func:`gb_cluster` at each threshold.
+    """Coarse-to-fine family: the partitions of :func:`gb_cluster` at every threshold, in one pass.
 
-    Returns a :class:`GBResult` whose fields are stacked on a new leading axis of
-    length ``len(thresholds)`` (so ``.image`` is (T, [B,] H, W, C)). The
-    threshold is a traced argument: all thresholds share one compilation.
+    Keyword arguments are those of :func:`gb_cluster` (``capacity="auto"``
+    included: an image that saturates at any threshold is re-run at every
+    threshold with twice the capacity). Returns a :class:`GBResult` whose fields
+    are stacked on a new leading axis of length ``len(thresholds)``, in the
+    caller's order (so ``.image`` is (T, [B,] H, W, C)).
+
+    The thresholds are run from the largest to the smallest, each continuing
+    from the partition at the one before instead of from a single ball: a ball
+    impure at a threshold is impure at every smaller one (its within fraction
+    can only fall), and a 2-means split depends only on the ball's members, so
+    the partition at a smaller threshold refines the one at a larger threshold.
+    One compiled program (a scan over the thresholds, which are traced) serves
+    every set of T thresholds.
+
+    Equality with :func:`gb_cluster`: at every threshold where the image does
+    not saturate, the partition (the same groups of pixels), ``n_balls``, the
+    per-ball statistics (permuted with the ids) and ``noise`` equal those of
+    ``gb_cluster(images, threshold=t, **kwargs)``, and so does ``image`` except
+    for a noise pixel exactly equidistant from two kept centres (the tie goes to
+    the lower id); at the largest threshold everything is identical, ids
+    included. Exceptions: where the capacity stops a split (``saturated``), which
+    balls split depends on the order of the rounds, which differs; where
+    ``max_rounds`` binds (it caps the rounds of each threshold's pass, counted
+    from that pass's start); and float32 near-ties as in the module docstring.
+    ``rounds`` counts the rounds of each threshold's own pass.
+
+    Ball ids: at the largest threshold they are those of :func:`gb_cluster`. At
+    each smaller threshold, every ball of the previous (next larger) threshold
+    keeps its id for the part of it that stays on side A in each of its splits,
+    and the new balls get the ids ``n_prev, n_prev + 1, ...`` (``n_prev`` the
+    previous ball count) in the order they are made: round by round, and within
+    a round in the order of their parents' ids. So every ball at a threshold
+    lies inside the ball with the same id at every larger threshold, if that id
+    exists there, and ids ``0..n_prev-1`` are the balls that kept a previous id.
     """
     if "threshold" in kwargs:
         raise ValueError("threshold: use thresholds=(...) with gb_multiscale")
     thresholds = tuple(thresholds)
     if not thresholds:
         raise ValueError("thresholds: expected at least one threshold")
-    res = [gb_cluster(images, threshold=t, **kwargs) for t in thresholds]
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a, 0), *res)
+    for t in thresholds:
+        _check_threshold(t, "thresholds")
+    bound = inspect.signature(gb_cluster).bind(images, threshold=thresholds[0], **kwargs)
+    bound.apply_defaults()
+    kw = dict(bound.arguments)
+    images, features = _validate(
+        images, kw["threshold"], kw["purity"], kw["capacity"], kw["min_ball_size"],
+        kw["max_rounds"], kw["kmeans_iters"], kw["features"], kw["scale"],
+    )  # fmt: skip
+    del kw["images"], kw["threshold"]
+    kw["features"] = features
+    order = sorted(range(len(thresholds)), key=lambda i: -float(thresholds[i]))
+    pos = np.argsort(order)  # pos[i]: where the caller's i-th threshold is in the pass
+    unbatched = images.ndim == 3
+    x = images[None] if unbatched else images
+    res = _cluster(x, tuple(float(thresholds[i]) for i in order), multiscale=True, **kw)
+    res = jax.tree_util.tree_map(lambda a: jnp.moveaxis(jnp.take(a, pos, axis=1), 1, 0), res)
+    if unbatched:
+        res = jax.tree_util.tree_map(lambda a: a[:, 0], res)
+    return res

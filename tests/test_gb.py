@@ -361,7 +361,142 @@ def test_multiscale_coarse_to_fine():
     assert ms.image.shape == (3,) + x.shape
     n = np.asarray(ms.n_balls)
     assert (n[0] <= n[1]).all() and (n[1] <= n[2]).all()
-    np.testing.assert_array_equal(ms.labels[1], gbjax.gb_cluster(x, threshold=20).labels)
+    # the same partition as gb_cluster; ids below the coarsest scale are numbered differently
+    np.testing.assert_array_equal(ms.labels[0], gbjax.gb_cluster(x, threshold=40).labels)
+    r20 = gbjax.gb_cluster(x, threshold=20)
+    for i in range(len(x)):
+        assert same_partition(ms.labels[1, i], r20.labels[i])
+    np.testing.assert_array_equal(ms.image[1], r20.image)
+
+
+def assert_multiscale_matches(images, thresholds, capacity=256, multilevel=None, oracle=True):
+    """gb_multiscale against independent gb_cluster calls and the oracle, scale by scale.
+
+    Where neither run saturates: the same partition, ball count, painted image
+    and per-ball statistics (matched through the partition); at the largest
+    threshold the same ids. Always: ids follow the documented numbering (every
+    ball keeps the id of the ball containing it at the next larger threshold,
+    or takes a new id from the previous ball count on), so each scale refines
+    the one above. Returns the number of (image, threshold) pairs compared.
+    """
+    kw = dict(purity=0.9, capacity=capacity, min_ball_size=1)
+    with plan(multilevel):
+        ms = gbjax.gb_multiscale(images, thresholds=thresholds, **kw)
+        singles = [gbjax.gb_cluster(images, threshold=t, **kw) for t in thresholds]
+    assert ms.labels.shape == (len(thresholds),) + images.shape[:3]
+    order = np.argsort([-t for t in thresholds], kind="stable")
+    compared = 0
+    for i, img in enumerate(images):
+        prev = None
+        for j in order:
+            t, r = thresholds[j], singles[j]
+            lab = np.asarray(ms.labels[j, i]).ravel()
+            n = int(ms.n_balls[j, i])
+            assert lab.max() < n and len(np.unique(lab)) == n
+            if prev is None:
+                np.testing.assert_array_equal(lab, np.asarray(r.labels[i]).ravel())
+            else:
+                plab, pn = prev
+                for k in np.unique(lab):  # refinement, and the numbering
+                    parents = np.unique(plab[lab == k])
+                    assert len(parents) == 1
+                    assert k >= pn or parents[0] == k
+                assert set(range(pn)) <= set(lab.tolist())  # every previous id survives
+            prev = (lab, n)
+            sat = bool(ms.saturated[j, i]) or bool(r.saturated[i])
+            if sat:
+                continue
+            compared += 1
+            ref = np.asarray(r.labels[i]).ravel()
+            assert same_partition(lab, ref) and n == int(r.n_balls[i])
+            np.testing.assert_array_equal(ms.image[j, i], r.image[i])
+            np.testing.assert_array_equal(ms.noise[j, i], r.noise[i])
+            # per-ball statistics, matched through the partition
+            # (counts and centres exactly; radii and within fractions are sums of
+            # non-integers, which the two programs may round differently)
+            perm = np.zeros(n, np.int64)
+            perm[lab] = ref
+            for f in ("counts", "centers", "radii", "within_fraction"):
+                a, b = np.asarray(getattr(ms, f)[j, i])[:n], np.asarray(getattr(r, f)[i])[perm]
+                if f in ("counts", "centers"):
+                    np.testing.assert_array_equal(a, b, err_msg=f)
+                else:
+                    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f)
+            if oracle:
+                o_lab, o_n, o_sat = gb_oracle(features_np(img), t, 0.9, capacity=capacity)
+                assert not o_sat and o_n == n and same_partition(lab, o_lab)
+    return compared
+
+
+@pytest.mark.parametrize("thresholds", [(40.0, 20.0, 10.0), (12.0, 35.0, 20.0), (25.0, 8.0, 25.0)])
+@pytest.mark.parametrize("multilevel", [False, True])
+def test_multiscale_matches_independent_calls_structured(thresholds, multilevel):
+    x = blobs(13, n=8, h=20, w=20)
+    rng = np.random.default_rng(13)
+    x[:, 5:9, 5:9] = rng.integers(0, 256, (8, 4, 4, 3))  # busy patches: many small balls
+    assert assert_multiscale_matches(x, thresholds, capacity=64, multilevel=multilevel) >= 20
+
+
+@settings(SETTINGS, max_examples=15)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    thresholds=st.lists(st.floats(4.0, 150.0), min_size=3, max_size=3),
+    multilevel=st.booleans(),
+)
+def test_multiscale_matches_independent_calls_random(seed, thresholds, multilevel):
+    # capacity 32 on 64 random pixels: some scales saturate (those are skipped,
+    # but the numbering and refinement still hold there)
+    x = np.random.default_rng(seed).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    assert_multiscale_matches(x, tuple(thresholds), capacity=32, multilevel=multilevel)
+
+
+@pytest.mark.parametrize("thresholds", [(40.0, 20.0, 10.0), (30.0, 15.0, 7.0)])
+def test_multiscale_matches_independent_calls_cifar(cifar_images, thresholds):
+    n = assert_multiscale_matches(cifar_images, thresholds, multilevel=True)
+    assert n >= 2 * len(cifar_images)
+
+
+def test_multiscale_saturation_carries_to_finer_scales():
+    # A ball left impure by the capacity at one threshold is impure at every
+    # smaller one, and it is still open there: the finer scales saturate too.
+    x = np.random.default_rng(3).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    ms = gbjax.gb_multiscale(x, thresholds=(10.0, 60.0, 5.0), capacity=32)
+    sat = np.asarray(ms.saturated)
+    assert not sat[1].any() and sat[0].all() and sat[2].all()
+    assert (np.asarray(ms.n_balls)[[0, 2]] == 32).all()
+
+
+def test_multiscale_unbatched_auto_capacity_and_one_compilation():
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (2, 20, 20, 3)).astype(np.uint8)
+    x[1] = x[1, :1, :1]  # flat: never saturates
+    ths = (30.0, 6.0)
+    ms = gbjax.gb_multiscale(x, thresholds=ths, capacity="auto", max_capacity=1024)
+    assert not np.asarray(ms.saturated).any() and ms.centers.shape[:3] == (2, 2, 512)
+    for j, t in enumerate(ths):
+        r = gbjax.gb_cluster(x, threshold=t, capacity="auto", max_capacity=1024)
+        for i in range(2):
+            assert same_partition(ms.labels[j, i], r.labels[i])
+        np.testing.assert_array_equal(ms.image[j], r.image)
+    one = gbjax.gb_multiscale(x[0], thresholds=(6.0, 30.0), capacity=512)  # caller's order
+    assert one.image.shape == (2,) + x.shape[1:] and one.n_balls.shape == (2,)
+    np.testing.assert_array_equal(one.labels[1], ms.labels[0, 0])  # largest threshold: same ids
+    np.testing.assert_array_equal(one.image[0], ms.image[1, 0])
+    n0 = engine._multiscale_batch._cache_size()
+    gbjax.gb_multiscale(x[0], thresholds=(9.0, 33.0), capacity=512)  # traced thresholds
+    assert engine._multiscale_batch._cache_size() == n0
+
+
+def test_multiscale_inside_jit_and_grad():
+    x = blobs(14, n=2).astype(np.float32) / 255.0
+
+    def loss(z):
+        ms = gbjax.gb_multiscale(z, thresholds=(40.0, 20.0), scale=255.0, min_ball_size=1)
+        return jnp.sum(ms.image[1] ** 2)
+
+    g = jax.jit(jax.grad(loss))(jnp.asarray(x))
+    r = gbjax.gb_cluster(x, threshold=20.0, scale=255.0, min_ball_size=1)
+    np.testing.assert_allclose(g, 2 * np.asarray(r.image), rtol=1e-4, atol=1e-5)
 
 
 def test_texture_feature_shapes():
@@ -438,12 +573,16 @@ def test_jaxpr_has_no_per_image_or_per_ball_unrolling():
         return _count_eqns(jaxpr.jaxpr)
 
     # The program has loops per working-set level (pixel buffers of M, M/8,
-    # ..., see _gb_engine._level_sizes) and log-depth prefix sums, so its size depends
-    # on the number of pixels M = B * H * W, but never on the number of images
-    # or balls: 8 images of 8x8 and 4 of 8x16 (M = 512), K = 64 and 128 (both
-    # with an early-capacity stage) give the same program size.
-    assert n_eqns(8, 8, 8, 64) == n_eqns(4, 8, 16, 128)
-    assert n_eqns(8, 8, 8, 64, False) == n_eqns(4, 8, 16, 128, False)
+    # ..., see _gb_engine._level_sizes), log-depth prefix sums (associative
+    # scans) and static branches that drop levels too small to pay, so its size
+    # moves a little with the number of pixels M = B * H * W, but it must not grow
+    # with the number of images or balls: unrolling over either would multiply
+    # it by 64 here.
+    for ml in (True, False):
+        base = n_eqns(8, 8, 8, 64, ml)
+        assert n_eqns(512, 8, 8, 64, ml) < 1.5 * base  # 64x the images
+        assert n_eqns(8, 8, 8, 1024, ml) < 1.5 * base  # 16x the balls
+        assert n_eqns(4, 8, 16, 128, ml) < 1.5 * base
     assert n_eqns(8, 8, 8, 64, False) < n_eqns(8, 8, 8, 64)
     assert len(engine._level_sizes(10_000 * 1024)) <= 12
 
@@ -516,3 +655,52 @@ def test_bad_features():
         gbjax.Features(texture=1.0, texture_window=2)
     with pytest.raises(ValueError, match="thresholds"):
         gbjax.gb_multiscale(GOOD, thresholds=())
+
+
+def test_capacity_auto_reruns_only_saturated_images_with_more_slots():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 20, 20, 3)).astype(np.uint8)
+    x[1] = x[1, :1, :1]  # a flat image: never saturates
+    base = gbjax.gb_cluster(x, threshold=6.0, purity=0.9, capacity=256)
+    assert bool(base.saturated[0]) and not bool(base.saturated[1])
+    res = gbjax.gb_cluster(x, threshold=6.0, purity=0.9, capacity="auto", max_capacity=1024)
+    # 400 pixels fit 512 slots: the largest capacity used is 512, not max_capacity
+    assert not np.asarray(res.saturated).any() and res.centers.shape[1] == 512
+    big = gbjax.gb_cluster(x[[0, 2]], threshold=6.0, purity=0.9, capacity=1024)
+    np.testing.assert_array_equal(res.labels[np.array([0, 2])], big.labels)
+    np.testing.assert_array_equal(res.image[1], base.image[1])  # untouched
+    np.testing.assert_array_equal(res.counts[1, :256], base.counts[1])
+    assert int(res.counts[1, 256:].sum()) == 0
+    capped = gbjax.gb_cluster(x, threshold=6.0, purity=0.9, capacity="auto", max_capacity=300)
+    assert capped.centers.shape[1] == 300 and bool(capped.saturated[0])
+    with pytest.raises(ValueError, match="concrete"):
+        jax.jit(lambda v: gbjax.gb_cluster(v, threshold=6.0, capacity="auto", scale=255.0))(
+            x.astype(np.float32) / 255
+        )
+
+
+def _benchmark_module():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gb_throughput.py")
+    spec = importlib.util.spec_from_file_location("gb_throughput", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_lean_reference_matches_oracle(request):
+    # The benchmark's lean per-image reference is the speed anchor: it must be
+    # the same algorithm, so the same partitions, ids and flags as the oracle.
+    lean = _benchmark_module().lean_reference_cluster
+    rng = np.random.default_rng(21)
+    sets = [(blobs(21, n=3), 256), (rng.integers(0, 256, (3, 9, 9, 3), dtype=np.uint8), 24)]
+    if os.environ.get("GBJAX_DATA_DIR"):
+        sets.append((request.getfixturevalue("cifar_images")[:4], 256))
+    for images, capacity in sets:
+        for t in (40.0, 20.0, 10.0):
+            for img in images:
+                got = lean(img, t, 0.9, capacity=capacity)
+                lab, n, sat = gb_oracle(features_np(img), t, 0.9, capacity=capacity)
+                np.testing.assert_array_equal(got[0], lab)
+                assert got[1:] == (n, sat)
