@@ -4,13 +4,28 @@
   [0, 1], hashable (a frozen dataclass), so attacks compile once per parameter
   set;
 * :class:`Defended`: a classifier composed with a defence, the function every
-  experiment evaluates and attacks, clean and adversarial alike.
+  experiment evaluates and attacks, clean and adversarial alike;
+* classical denoising defences beside GB (docs/methods.md, section 8), each a
+  frozen dataclass called on ``(B, H, W, C)`` float images in [0, 1] (C = 1 or
+  3), jitted, returning the same shape and dtype, with a class attribute
+  ``differentiable`` (False: attack it with BPDA):
+
+  - :class:`Median`: ``size x size`` median filter (scipy's reflect mode);
+  - :class:`BitDepth`: rounding to ``2**bits`` levels (ART's FeatureSqueezing);
+  - :class:`JPEG`: libjpeg's JPEG round trip at ``quality`` (straight-through
+    roundings);
+  - :class:`KMeans`: per-image k-means colour quantisation;
+  - :class:`TV`: Chambolle total-variation denoising (scikit-image's);
+  - :class:`GaussianBlur`: separable Gaussian blur (scipy's);
+  - :class:`Compose`: several defences in order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +33,18 @@ import numpy as np
 
 from gbjax.attacks._core import PytreeCallable, as_logits_fn
 
-__all__ = ["GB", "Defended"]
+__all__ = [
+    "GB",
+    "Defended",
+    "Median",
+    "BitDepth",
+    "JPEG",
+    "KMeans",
+    "TV",
+    "GaussianBlur",
+    "Compose",
+    "jpeg_quant_table",
+]
 
 
 def _round_straight_through(v):
@@ -130,3 +156,511 @@ class Defended(PytreeCallable):
             f"Defended(classifier={self.classifier!r}, preprocess={self.preprocess!r}, "
             f"randomized={self.randomized})"
         )
+
+
+# ---------------------------------------------------------------------------
+# Classical preprocessing defences (docs/methods.md, section 8)
+# ---------------------------------------------------------------------------
+
+
+def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, np.integer))
+        or v < lo
+        or (hi is not None and v > hi)
+    ):
+        rng = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name}: expected an int {rng}, got {v!r}")
+    return int(v)
+
+
+def _check_float(name: str, v, *, positive: bool = True) -> float:
+    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    if not (ok and math.isfinite(v) and (v > 0 if positive else v >= 0)):
+        raise ValueError(
+            f"{name}: expected a finite number {'>' if positive else '>='} 0, got {v!r}"
+        )
+    return float(v)
+
+
+def _straight_through(v, forward):
+    """``forward`` (a rounded version of ``v``) forward, identity backward."""
+    return v + jax.lax.stop_gradient(forward - v)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(defence, x):
+    return defence._forward(x)
+
+
+class _Preprocessor:
+    """Shared ``__call__`` of the classical defences: checks ``x`` (a ``(B, H, W, C)``
+    float batch in [0, 1], C = 1 or 3), runs the jitted ``_forward`` in at least
+    float32 and returns the input's dtype. Subclasses are frozen dataclasses, so
+    ``jit`` (static argument) and the attacks compile once per parameter set."""
+
+    #: whether the gradient through the defence is useful to an attacker; where
+    #: it is not (zero almost everywhere), attack it with BPDA.
+    differentiable: typing.ClassVar[bool] = True
+
+    def __call__(self, x):
+        check_images01(x)
+        if np.shape(x)[-1] not in (1, 3):
+            raise ValueError(f"x must have 1 or 3 channels (last axis), got shape {np.shape(x)}")
+        x = jnp.asarray(x)
+        return _apply(self, x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
+
+    def _forward(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _pad_reflect(x, r: int, axis: int):
+    """scipy.ndimage's ``mode='reflect'`` (d c b a | a b c d | d c b a) by ``r`` on ``axis``."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (r, r)
+    return jnp.pad(x, pad, mode="symmetric")
+
+
+@dataclasses.dataclass(frozen=True)
+class Median(_Preprocessor):
+    """``size x size`` median filter per channel, ``scipy.ndimage.median_filter(x,
+    size=(size, size, 1), mode="reflect")`` per image (exact). Differentiable almost
+    everywhere through the sort: each output pixel's gradient goes to the input
+    pixel that is its median."""
+
+    size: int = 3
+    differentiable: typing.ClassVar[bool] = True
+
+    def __post_init__(self):
+        if _check_int("size", self.size, 1) % 2 == 0:
+            raise ValueError(f"size: expected an odd int >= 1, got {self.size!r}")
+        object.__setattr__(self, "size", int(self.size))
+
+    def _forward(self, x):
+        k, r = self.size, self.size // 2
+        if k == 1:
+            return x
+        H, W = x.shape[1:3]
+        xp = _pad_reflect(_pad_reflect(x, r, 1), r, 2)
+        win = [xp[:, i : i + H, j : j + W] for i in range(k) for j in range(k)]
+        if k > 7:
+            return jnp.sort(jnp.stack(win, -1), axis=-1)[..., k * k // 2]
+        return _sorting_network(win)[k * k // 2]  # XLA keeps only what the median needs
+
+
+def _sorting_network(v: list) -> list:
+    """Batcher's odd-even merge sort of the arrays ``v`` (elementwise, by min / max),
+    padded to a power of two with +inf (comparisons with the padding are skipped)."""
+    n = 1 << (len(v) - 1).bit_length()
+    v = list(v) + [None] * (n - len(v))
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p) and v[b] is not None:
+                        v[a], v[b] = jnp.minimum(v[a], v[b]), jnp.maximum(v[a], v[b])
+            k //= 2
+        p *= 2
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class BitDepth(_Preprocessor):
+    """Colour-depth reduction to ``2**bits`` levels, ART's ``FeatureSqueezing``
+    (clip range (0, 1)): ``round(x (2**bits - 1)) / (2**bits - 1)``, rounding half
+    to even as ``np.rint``. Its gradient is zero almost everywhere: attack it with
+    BPDA."""
+
+    bits: int = 4
+    differentiable: typing.ClassVar[bool] = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "bits", _check_int("bits", self.bits, 1, 8))
+
+    def _forward(self, x):
+        n = 2**self.bits - 1
+        # the division as a table of correctly rounded k / n (XLA would multiply by 1 / n)
+        table = jnp.asarray(np.arange(n + 1, dtype=np.dtype(x.dtype)) / np.dtype(x.dtype).type(n))
+        return table[jnp.clip(jnp.round(x * float(n)), 0, n).astype(jnp.int32)]
+
+
+# libjpeg's jcparam.c: the IJG (JPEG standard Annex K) tables, natural order.
+_JPEG_LUMA = np.array(
+    [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+     14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+     18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99],
+    np.int64,
+).reshape(8, 8)  # fmt: skip
+_JPEG_CHROMA = np.full((8, 8), 99, np.int64)
+_JPEG_CHROMA[:4, :4] = [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]]
+
+
+def jpeg_quant_table(quality: int, chroma: bool = False) -> np.ndarray:
+    """libjpeg's quantisation table at ``quality`` (``jpeg_set_quality(q, force_baseline=TRUE)``).
+
+    Scale ``s = 5000 // q`` for ``q < 50``, else ``200 - 2 q``; entries
+    ``(T s + 50) // 100`` clipped to 1..255.
+    """
+    quality = _check_int("quality", quality, 1, 100)
+    s = 5000 // quality if quality < 50 else 200 - 2 * quality
+    base = _JPEG_CHROMA if chroma else _JPEG_LUMA
+    return np.clip((base * s + 50) // 100, 1, 255)
+
+
+_FIX = lambda v: float(int(v * 65536 + 0.5))  # libjpeg's FIX(), SCALEBITS = 16
+
+
+def _jpeg_rgb_to_ycc(rgb):
+    """jccolor.c in 16-bit fixed point (exact in float32: every term is an integer
+    below 2**24); straight-through rounding."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    half, s = 32768.0, 65536.0
+    y = _FIX(0.299) * r + _FIX(0.587) * g + _FIX(0.114) * b
+    cb = -_FIX(0.16874) * r - _FIX(0.33126) * g + _FIX(0.5) * b
+    cr = _FIX(0.5) * r - _FIX(0.41869) * g - _FIX(0.08131) * b
+    out = []
+    for v, lin, bias, offset in (  # Cb and Cr round with 0.5 - 2**-16, as libjpeg does
+        (y, 0.299 * r + 0.587 * g + 0.114 * b, half, 0.0),
+        (cb, -0.168736 * r - 0.331264 * g + 0.5 * b + 128.0, half - 1, 128.0),
+        (cr, 0.5 * r - 0.418688 * g - 0.081312 * b + 128.0, half - 1, 128.0),
+    ):
+        exact = jnp.floor((jax.lax.stop_gradient(v) + bias) / s) + offset
+        out.append(_straight_through(lin, exact))
+    return out
+
+
+def _jpeg_ycc_to_rgb(y, cb, cr):
+    """jdcolor.c's ``ycc_rgb_convert`` (fixed point, exact in float32), clipped to 0..255."""
+    half, s = 32768.0, 65536.0
+    cb, cr = cb - 128.0, cr - 128.0
+    sg = jax.lax.stop_gradient
+    r = jnp.floor((_FIX(1.402) * sg(cr) + half) / s)
+    g = jnp.floor((-_FIX(0.34414) * sg(cb) + half - _FIX(0.71414) * sg(cr)) / s)
+    b = jnp.floor((_FIX(1.772) * sg(cb) + half) / s)
+    rgb = (
+        _straight_through(y + 1.402 * cr, y + r),
+        _straight_through(y - 0.344136 * cb - 0.714136 * cr, y + g),
+        _straight_through(y + 1.772 * cb, y + b),
+    )
+    return jnp.clip(jnp.stack(rgb, -1), 0.0, 255.0)
+
+
+def _jpeg_downsample(c):
+    """jcsample.c's ``h2v2_downsample``: 2x2 box sums, ``(sum + bias) >> 2`` with the
+    bias alternating 1, 2 along each row."""
+    B, H, W = c.shape
+    s = c.reshape(B, H // 2, 2, W // 2, 2).sum((2, 4))
+    bias = jnp.asarray(np.where(np.arange(W // 2) % 2 == 0, 1.0, 2.0), c.dtype)
+    return _straight_through(s / 4.0, jnp.floor((jax.lax.stop_gradient(s) + bias) / 4.0))
+
+
+def _jpeg_upsample(c):
+    """jdsample.c's ``h2v2_fancy_upsample`` (triangle filter, weights 9/16, 3/16, 3/16,
+    1/16; edge samples replicated), integer results as libjpeg rounds them."""
+    B, h, w = c.shape
+    cp = jnp.pad(c, ((0, 0), (1, 1), (0, 0)), mode="edge")
+    # vertical: row 2i from rows i and i-1, row 2i+1 from rows i and i+1
+    up, down = 3.0 * c + cp[:, :-2], 3.0 * c + cp[:, 2:]
+    cs = jnp.stack([up, down], 2).reshape(B, 2 * h, w)
+    csp = jnp.pad(cs, ((0, 0), (0, 0), (1, 1)), mode="edge")
+    left, right = 3.0 * cs + csp[:, :, :-2], 3.0 * cs + csp[:, :, 2:]
+    sg = jax.lax.stop_gradient
+    even = _straight_through(left / 16.0, jnp.floor((sg(left) + 8.0) / 16.0))
+    odd = _straight_through(right / 16.0, jnp.floor((sg(right) + 7.0) / 16.0))
+    return jnp.stack([even, odd], 3).reshape(B, 2 * h, 2 * w)
+
+
+# jfdctint.c / jidctint.c (Loeffler-Ligtenberg-Moschytz, CONST_BITS 13, PASS1_BITS 2)
+_F0298, _F0390, _F0541, _F0765, _F0899, _F1175 = 2446, 3196, 4433, 6270, 7373, 9633
+_F1501, _F1847, _F1961, _F2053, _F2562, _F3072 = 12299, 15137, 16069, 16819, 20995, 25172
+
+
+def _fdct_islow_raw(x):
+    """One 1-D pass of ``jpeg_fdct_islow`` before its final descaling: a linear map
+    of the 8 inputs (there is no rounding inside a pass)."""
+    tmp0, tmp7, tmp1, tmp6 = x[0] + x[7], x[0] - x[7], x[1] + x[6], x[1] - x[6]
+    tmp2, tmp5, tmp3, tmp4 = x[2] + x[5], x[2] - x[5], x[3] + x[4], x[3] - x[4]
+    tmp10, tmp13, tmp11, tmp12 = tmp0 + tmp3, tmp0 - tmp3, tmp1 + tmp2, tmp1 - tmp2
+    z1 = (tmp12 + tmp13) * _F0541
+    o0, o4, o2, o6 = tmp10 + tmp11, tmp10 - tmp11, z1 + tmp13 * _F0765, z1 - tmp12 * _F1847
+    z1, z2, z3, z4 = tmp4 + tmp7, tmp5 + tmp6, tmp4 + tmp6, tmp5 + tmp7
+    z5 = (z3 + z4) * _F1175
+    tmp4, tmp5, tmp6, tmp7 = tmp4 * _F0298, tmp5 * _F2053, tmp6 * _F3072, tmp7 * _F1501
+    z1, z2 = z1 * -_F0899, z2 * -_F2562
+    z3, z4 = z3 * -_F1961 + z5, z4 * -_F0390 + z5
+    o7, o5, o3, o1 = tmp4 + z1 + z3, tmp5 + z2 + z4, tmp6 + z2 + z3, tmp7 + z1 + z4
+    return [o0, o1, o2, o3, o4, o5, o6, o7]
+
+
+def _idct_islow_raw(x):
+    """One 1-D pass of ``jpeg_idct_islow`` before its final descaling (linear)."""
+    z1 = (x[2] + x[6]) * _F0541
+    tmp2, tmp3 = z1 - x[6] * _F1847, z1 + x[2] * _F0765
+    tmp0, tmp1 = (x[0] + x[4]) * 8192, (x[0] - x[4]) * 8192  # << CONST_BITS
+    tmp10, tmp13, tmp11, tmp12 = tmp0 + tmp3, tmp0 - tmp3, tmp1 + tmp2, tmp1 - tmp2
+    tmp3, tmp2, tmp1, tmp0 = x[1], x[3], x[5], x[7]
+    z1, z2, z3, z4 = tmp0 + tmp3, tmp1 + tmp2, tmp0 + tmp2, tmp1 + tmp3
+    z5 = (z3 + z4) * _F1175
+    tmp3, tmp2, tmp1, tmp0 = tmp3 * _F1501, tmp2 * _F3072, tmp1 * _F2053, tmp0 * _F0298
+    z4, z3 = z4 * -_F0390 + z5, z3 * -_F1961 + z5
+    z1, z2 = z1 * -_F0899, z2 * -_F2562
+    tmp3, tmp2, tmp1, tmp0 = tmp3 + z1 + z4, tmp2 + z2 + z3, tmp1 + z2 + z4, tmp0 + z1 + z3
+    out = [tmp10 + tmp3, tmp11 + tmp2, tmp12 + tmp1, tmp13 + tmp0]
+    return out + [tmp13 - tmp0, tmp12 - tmp1, tmp11 - tmp2, tmp10 - tmp3]
+
+
+def _pass_matrix(raw) -> np.ndarray:
+    return np.stack(raw(list(np.eye(8, dtype=np.int64))), 0).astype(np.int32)  # (out, in)
+
+
+_FDCT_M, _IDCT_M = _pass_matrix(_fdct_islow_raw), _pass_matrix(_idct_islow_raw)
+# Output descaling, DESCALE(v, n) = (v + 2**(n-1)) >> n, per output row; the
+# first FDCT pass left-shifts its outputs 0 and 4 by PASS1_BITS instead.
+_EVEN04 = np.arange(8) % 4 == 0
+_FDCT_PASS1 = (np.where(_EVEN04, 4, 1)[:, None] * _FDCT_M, np.where(_EVEN04, 0, 11))
+_FDCT_PASS2 = (_FDCT_M, np.where(_EVEN04, 2, 15))
+
+
+def _int_pass(x, m, shift):
+    """``DESCALE(m @ x, shift)`` along the last axis, int32 (libjpeg's 32-bit arithmetic)."""
+    v = jnp.einsum("kj,...j->...k", jnp.asarray(m), x, preferred_element_type=jnp.int32)
+    shift = np.broadcast_to(np.asarray(shift), (8,))
+    half = np.where(shift > 0, np.left_shift(1, np.maximum(shift - 1, 0)), 0)
+    return jnp.right_shift(v + jnp.asarray(half, jnp.int32), jnp.asarray(shift, jnp.int32))
+
+
+def _jpeg_codec(c, qtable):
+    """libjpeg's integer round trip of one component (B, H, W), H and W multiples of
+    8, 8-bit levels: level shift, ``jpeg_fdct_islow``, quantisation (``(|t| + 4 Q)
+    // (8 Q)`` with the sign of ``t``), dequantisation, ``jpeg_idct_islow`` and its
+    range limit. Straight-through: its gradient is the identity (the DCTs are
+    orthogonal; only the roundings are skipped)."""
+    B, H, W = c.shape
+    v = jax.lax.stop_gradient(c).astype(jnp.int32) - 128
+    blk = v.reshape(B, H // 8, 8, W // 8, 8).swapaxes(2, 3)  # (B, bi, bj, row, col)
+    ws = _int_pass(blk, *_FDCT_PASS1)  # rows
+    coef = _int_pass(ws.swapaxes(-1, -2), *_FDCT_PASS2).swapaxes(-1, -2)  # columns, scaled by 8
+    q = jnp.asarray(qtable, jnp.int32)
+    qc = jnp.sign(coef) * ((jnp.abs(coef) + 4 * q) // (8 * q))
+    ws = _int_pass((qc * q).swapaxes(-1, -2), _IDCT_M, 11).swapaxes(-1, -2)  # columns
+    x = _int_pass(ws, _IDCT_M, 18)  # rows
+    x = jnp.bitwise_and(x + 512, 1023) - 512  # range_limit[x & RANGE_MASK]
+    rec = jnp.clip(x + 128, 0, 255).swapaxes(2, 3).reshape(B, H, W)
+    return _straight_through(c, rec.astype(c.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class JPEG(_Preprocessor):
+    """JPEG compression and decompression at ``quality`` as libjpeg(-turbo) does it
+    with its defaults (Pillow's ``Image.save(format="JPEG", quality=quality)``, then
+    decoding): 8-bit levels; for colour images JFIF RGB->YCbCr and 4:2:0 chroma
+    subsampling (2x2 box average); level shift, 8x8 DCT-II, quantisation with the
+    IJG tables scaled by :func:`jpeg_quant_table`, rounding, dequantisation and
+    inverse DCT; "fancy" (triangle) chroma upsampling, YCbCr->RGB, clipped and
+    rounded to 8-bit levels. The image is padded to a multiple of 8 (16 with
+    subsampled chroma) by edge replication and cropped back. The fixed-point
+    steps (colour conversions, down- and upsampling) are libjpeg's integer
+    arithmetic, including its default integer (``ISLOW``) DCTs, so the result is
+    libjpeg's bit for bit. Every rounding has a straight-through gradient, so the
+    gradient is that of JPEG without its roundings (useful end to end)."""
+
+    quality: int = 75
+    differentiable: typing.ClassVar[bool] = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "quality", _check_int("quality", self.quality, 1, 100))
+
+    def _forward(self, x):
+        B, H, W, C = x.shape
+        v = _straight_through(x * 255.0, jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0))
+        m = 16 if C == 3 else 8
+        Hp, Wp = -(-H // m) * m, -(-W // m) * m
+        v = jnp.pad(v, ((0, 0), (0, Hp - H), (0, Wp - W), (0, 0)), mode="edge")
+        ql, qc = jpeg_quant_table(self.quality), jpeg_quant_table(self.quality, chroma=True)
+        if C == 1:
+            return _jpeg_codec(v[..., 0], ql)[:, :H, :W, None] / 255.0
+        y, cb, cr = _jpeg_rgb_to_ycc(v)
+        y = _jpeg_codec(y, ql)[:, :H, :W]
+        h2, w2 = -(-H // 2), -(-W // 2)  # libjpeg's downsampled_height/width
+        cb, cr = (
+            _jpeg_upsample(_jpeg_codec(_jpeg_downsample(c), qc)[:, :h2, :w2])[:, :H, :W]
+            for c in (cb, cr)
+        )
+        return _jpeg_ycc_to_rgb(y, cb, cr) / 255.0
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeans(_Preprocessor):
+    """Per-image k-means colour quantisation: ``iters`` Lloyd iterations on the
+    pixels' colours (``gbjax._kmeans.lloyd``) from the deterministic
+    ``gbjax._kmeans.init_quantiles`` centres (the pixels at evenly spaced ranks
+    of the channel sum), then every pixel painted with its centre. ``k`` is
+    capped at the number of pixels. Differentiable almost everywhere: with the
+    assignment held fixed, a pixel's output is its cluster's mean."""
+
+    k: int = 8
+    iters: int = 20
+    differentiable: typing.ClassVar[bool] = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "k", _check_int("k", self.k, 1))
+        object.__setattr__(self, "iters", _check_int("iters", self.iters, 1))
+
+    def fit(self, x):
+        """``(initial_centres (B, k, C), centres (B, k, C), labels (B, H*W))`` of ``x``."""
+        check_images01(x)
+        return _kmeans_fit(self, jnp.asarray(x))
+
+    def _forward(self, x):
+        _, c, lab = _kmeans_fit(self, x)
+        return jnp.take_along_axis(c, lab[..., None], axis=1).reshape(x.shape)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _kmeans_fit(defence, x):
+    from gbjax import _kmeans
+
+    B, H, W, C = x.shape
+    k = min(defence.k, H * W)
+
+    def one(px):
+        c0 = _kmeans.init_quantiles(px, k)
+        return (c0, *_kmeans.lloyd(px, c0, defence.iters))
+
+    return jax.vmap(one)(x.reshape(B, H * W, C))
+
+
+def _tv_grad(u):
+    """Forward differences along H and W (zero in the last row / column), (2, ...)."""
+    gy = jnp.concatenate([u[..., 1:, :] - u[..., :-1, :], jnp.zeros_like(u[..., :1, :])], -2)
+    gx = jnp.concatenate([u[..., :, 1:] - u[..., :, :-1], jnp.zeros_like(u[..., :, :1])], -1)
+    return gy, gx
+
+
+def _tv_chambolle(img, weight: float, eps: float, n_iter: int):
+    """skimage's ``_denoise_tv_chambolle_nd`` on 2-D images ``img`` (..., H, W),
+    each with its own stopping test, unrolled into a differentiable ``scan``."""
+    tau = 0.25  # 1 / (2 ndim)
+    size = img.shape[-1] * img.shape[-2]
+    sg = jax.lax.stop_gradient
+    lead = img.shape[:-2]
+    zeros = jnp.zeros(lead, img.dtype)
+
+    def step(state, i):
+        py, px, result, done, e_prev, e_init = state
+        d = -(py + px)
+        d = d.at[..., 1:, :].add(py[..., :-1, :])
+        d = d.at[..., :, 1:].add(px[..., :, :-1])
+        out = img + d
+        gy, gx = _tv_grad(out)
+        s = gy * gy + gx * gx
+        norm = jnp.where(s > 0, jnp.sqrt(jnp.where(s > 0, s, 1.0)), 0.0)
+        e = (jnp.sum(sg(d) ** 2, (-2, -1)) + weight * jnp.sum(sg(norm), (-2, -1))) / size
+        e_init = jnp.where(i == 0, e, e_init)
+        stop = (i > 0) & (jnp.abs(e_prev - e) < eps * e_init) & ~done
+        result = jnp.where(done[..., None, None], result, out)
+        done = done | stop
+        scale = 1.0 + norm * (tau / weight)
+        py, px = (py - tau * gy) / scale, (px - tau * gx) / scale
+        return (py, px, result, done, e, e_init), None
+
+    def body(state, i):
+        return jax.lax.cond(
+            jnp.all(state[3]), lambda s, i: (s, None), jax.checkpoint(step), state, i
+        )
+
+    p0 = jnp.zeros_like(img)
+    init = (p0, p0, img, jnp.zeros(lead, bool), zeros, zeros)
+    state, _ = jax.lax.scan(body, init, jnp.arange(n_iter))
+    return state[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class TV(_Preprocessor):
+    """Total-variation denoising by Chambolle's projection algorithm, per image and
+    channel: ``skimage.restoration.denoise_tv_chambolle(x, weight=weight, eps=eps,
+    max_num_iter=n_iter, channel_axis=-1)``. The defaults are scikit-image's
+    (``eps=2e-4``, ``n_iter=200``): each channel stops where the relative decrease
+    of the energy falls below ``eps`` (``|E_{n-1} - E_n| < eps E_0``); ``eps=0``
+    runs exactly ``n_iter`` iterations. The iterations are unrolled (a ``scan``),
+    so the gradient is exact (the stopping iteration held fixed); it keeps three
+    images per iteration (each step is recomputed), so when attacking large
+    batches a smaller ``n_iter`` saves memory (at the default ``eps`` most
+    images stop within 30 iterations)."""
+
+    weight: float = 0.1
+    n_iter: int = 200
+    eps: float = 2e-4
+    differentiable: typing.ClassVar[bool] = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "weight", _check_float("weight", self.weight))
+        object.__setattr__(self, "n_iter", _check_int("n_iter", self.n_iter, 1))
+        object.__setattr__(self, "eps", _check_float("eps", self.eps, positive=False))
+
+    def _forward(self, x):
+        out = _tv_chambolle(jnp.moveaxis(x, -1, 1), self.weight, self.eps, self.n_iter)
+        return jnp.moveaxis(out, 1, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianBlur(_Preprocessor):
+    """Separable Gaussian blur over H and W, ``scipy.ndimage.gaussian_filter(x,
+    sigma=(sigma, sigma, 0), truncate=truncate, mode="reflect")`` per image: kernel
+    radius ``int(truncate sigma + 0.5)``, weights ``exp(-t^2 / (2 sigma^2))``
+    normalised to sum 1. Linear, so differentiable."""
+
+    sigma: float = 1.0
+    truncate: float = 4.0
+    differentiable: typing.ClassVar[bool] = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "sigma", _check_float("sigma", self.sigma))
+        object.__setattr__(self, "truncate", _check_float("truncate", self.truncate))
+
+    def _forward(self, x):
+        r = int(self.truncate * self.sigma + 0.5)
+        t = np.arange(-r, r + 1)
+        w = np.exp(-0.5 / (self.sigma * self.sigma) * t**2)
+        w = (w / w.sum()).astype(np.dtype(x.dtype))
+        for axis in (1, 2):
+            n, xp = x.shape[axis], _pad_reflect(x, r, axis)
+            terms = [float(w[i]) * jax.lax.slice_in_dim(xp, i, i + n, axis=axis) for i in t + r]
+            x = functools.reduce(jnp.add, terms)
+        return x
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Compose(_Preprocessor):
+    """``Compose(d1, d2, ...)(x) = ... d2(d1(x))``: defences applied in order.
+    Hashable and equal by value when its defences are; differentiable when all
+    of them are (a defence without a ``differentiable`` flag, e.g. :class:`GB`,
+    counts as differentiable)."""
+
+    defences: tuple
+
+    def __init__(self, *defences):
+        if not defences:
+            raise ValueError("defences: expected at least one defence, got none")
+        for d in defences:
+            if not callable(d):
+                raise ValueError(f"defences: expected callables g(x), got {d!r}")
+            try:
+                hash(d)
+            except TypeError:
+                raise ValueError(f"defences: expected hashable defences, got {d!r}") from None
+        object.__setattr__(self, "defences", tuple(defences))
+
+    @property
+    def differentiable(self) -> bool:
+        return all(getattr(d, "differentiable", True) for d in self.defences)
+
+    def _forward(self, x):
+        for d in self.defences:
+            x = d(x)
+        return x

@@ -47,11 +47,13 @@ __all__ = [
 #: Corruptions and Perturbations" (ICLR 2019), github.com/hendrycks/robustness
 #: (ImageNet-C/create_c/make_cifar_c.py). On images scaled to [0, 1]:
 #: gaussian_noise adds Normal(0, c); shot_noise is Poisson(x * c) / c;
-#: impulse_noise is skimage s&p with amount c.
+#: impulse_noise is skimage s&p with amount c; speckle_noise is
+#: x + x * Normal(0, c) (multiplicative, so dark pixels barely change).
 CIFAR10C_PARAMS: dict[str, tuple[float, ...]] = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
     "shot_noise": (500.0, 250.0, 100.0, 75.0, 50.0),
     "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
+    "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),
 }
 CORRUPTIONS = tuple(CIFAR10C_PARAMS)
 
@@ -244,7 +246,8 @@ def corrupt(x: jax.Array, key: jax.Array, *, kind: str, severity: int) -> jax.Ar
     * ``shot_noise``: ``clip(Poisson(x * c) / c, 0, 1)``, c = 500 250 100 75 50
       (photon counts: larger c, less noise);
     * ``impulse_noise``: salt-and-pepper with amount c = .01 .02 .03 .05 .07
-      (:func:`salt_and_pepper`, per element as scikit-image does).
+      (:func:`salt_and_pepper`, per element as scikit-image does);
+    * ``speckle_noise``: ``clip(x + x * Normal(0, c), 0, 1)``, c = .06 .10 .12 .16 .20.
 
     The result is scaled by 255 and quantised by truncation, as the reference
     script does (``np.uint8`` of a float in [0, 255]). Computation is in float32
@@ -281,6 +284,8 @@ def _corrupt(x: jax.Array, key: jax.Array, c: Any, kind: str) -> jax.Array:
     c = jax.lax.optimization_barrier(jnp.asarray(c, jnp.float32))
     if kind == "gaussian_noise":
         y01 = x01 + c * jax.random.normal(key, x.shape, jnp.float32)
+    elif kind == "speckle_noise":
+        y01 = x01 + x01 * (c * jax.random.normal(key, x.shape, jnp.float32))
     else:  # shot_noise
         y01 = jax.random.poisson(_threefry_key(key), x01 * c, x.shape).astype(jnp.float32) / c
     return jnp.floor(jnp.clip(y01, 0.0, 1.0) * 255.0).astype(jnp.uint8)

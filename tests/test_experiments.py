@@ -185,3 +185,28 @@ def test_plot_training_reads_evals_once_per_step(tmp_path, capsys):
     assert row[1:] == ["3", "94.00", "95.00", "2"]  # epochs, last, best, best epoch
     with pytest.raises(SystemExit):
         mod.main(["--run", "no-equals-sign", "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_noise_cifar_smoke(tmp_path):
+    mod = _load("noise_cifar")
+    out = tmp_path / "noise"
+    mod.run(["--smoke", "--out", str(out), "--no-progress"] + _data_flags())
+    r, rows, md = _check_outputs(out, "noise_cifar", None)
+    acc = r["runs"]["0"]["acc"]
+    names = set(mod.defences()) | {"Gaussian augmentation"}
+    assert set(acc) == names
+    cases = {f"{k}:{s}" for k in mod.KINDS for s in mod.SEVERITIES}
+    cases |= {f"paper gaussian:{s}" for s in mod.PAPER_STDS} | {"clean"}
+    assert all(set(a) == cases for a in acc.values())
+    att = r["runs"]["0"]["attacks"]
+    assert {a["protocol"] for a in att.values()} == {"none", "bpda", "end_to_end"}
+    for a in att.values():
+        # the cascade only ever removes images, and the worst case is its last stage
+        acc_se = np.asarray([s["accuracy"] for s in a["stages"]])
+        assert acc_se.shape == (len(mod.MODES["smoke"]["attacks"]) + 1, len(mod.ATTACK_EPS))
+        assert np.all(np.diff(acc_se, axis=0) <= 1e-12)
+        np.testing.assert_allclose(acc_se[-1], a["worst_case"])
+    assert len(rows) == len(names) * len(cases)
+    assert "77.8" in md  # the RobustBench anchor beside ours
+    assert (out / "acc_vs_severity.png").is_file() and (out / "defences_grid.png").is_file()

@@ -283,6 +283,19 @@ def test_corrupt_shot_noise_statistics():
         assert abs(y.std() - math.sqrt(lam) / c * 255) < 0.03 * math.sqrt(lam) / c * 255
 
 
+def test_corrupt_speckle_matches_reference_and_is_multiplicative():
+    x = _ramp()
+    for s, c in enumerate(noise.CIFAR10C_PARAMS["speckle_noise"], 1):
+        y = np.asarray(noise.corrupt(x, KEY, kind="speckle_noise", severity=s)).astype(int)
+        z = np.asarray(jax.random.normal(KEY, x.shape, jnp.float32), np.float64)
+        x01 = np.asarray(x) / 255.0
+        ref = np.uint8(np.clip(x01 + x01 * c * z, 0, 1) * 255).astype(int)  # make_cifar_c.py
+        assert (np.abs(y - ref) <= 1).all() and (y == ref).mean() > 0.999
+    # black stays black (the noise scales with the pixel), unlike Gaussian noise
+    black = jnp.zeros((4, 8, 8, 3), jnp.uint8)
+    assert int(jnp.max(noise.corrupt(black, KEY, kind="speckle_noise", severity=5))) == 0
+
+
 def test_corrupt_impulse_is_salt_and_pepper():
     x = _ramp()
     for s, c in enumerate(noise.CIFAR10C_PARAMS["impulse_noise"], 1):
@@ -297,6 +310,7 @@ def test_cifar10c_parameters_are_the_published_ones():
         "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
         "shot_noise": (500, 250, 100, 75, 50),
         "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
+        "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),
     }
 
 
