@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gbjax import _xla
 from gbjax.attacks import scored
 from gbjax.attacks._core import (
     _check_clip,
@@ -231,6 +232,7 @@ def accuracy_under_attack(
         bar = tqdm(total=E, desc=desc or f"{attack} sweep", unit="eps", leave=False)
     try:
         for i, e in enumerate(eps_list):
+            _xla.relieve_map_pressure()  # each eps may compile new programs
             if e > 0:
                 k_e = None if key is None else jax.random.fold_in(key, i)
                 robust[i] = _attack_set(
