@@ -1,7 +1,8 @@
 """CIFAR-10 under attack: granular-ball preprocessing vs none (GB paper, Table 2), evaluated
 the way a reviewer would accept (Carlini et al. 2019; Croce & Hein 2020).
 
-    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, not yet run: 8 h+ on 2 cores (estimate)
+    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default: not run, 8 h+
+                                                                         # on 2 cores (estimate)
     python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 34 min, 2 cores
     python experiments/fgsm_cifar.py --smoke --synthetic --out /tmp/s    # seconds to a minute
     python experiments/fgsm_cifar.py --model resnet18 --data-dir ...     # ResNet-18, for a GPU
