@@ -29,13 +29,12 @@ def _kernel_manager():
     return km
 
 
-@pytest.mark.slow
-def test_quickstart_notebook_executes(tmp_path, monkeypatch):
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    env_root = str(ROOT)
+def _execute(path, monkeypatch, backend="Agg"):
+    """Runs a notebook in smoke mode; returns (notebook, its stream text). No cell may fail."""
+    nb = nbformat.read(path, as_version=4)
     monkeypatch.setenv("GBJAX_NOTEBOOK_SMOKE", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("PYTHONPATH", env_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("MPLBACKEND", backend)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     client = nbclient.NotebookClient(
         nb,
         timeout=600,
@@ -44,53 +43,26 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
         resources={"metadata": {"path": str(ROOT / "notebooks")}},
     )
     client.execute()
-    errors = [
-        o
-        for c in nb.cells
-        if c.cell_type == "code"
-        for o in c.get("outputs", [])
-        if o.get("output_type") == "error"
-    ]
-    assert not errors
-    text = "".join(
-        o.get("text", "")
-        for c in nb.cells
-        for o in c.get("outputs", [])
-        if o.get("output_type") == "stream"
-    )
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    return nb, text
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(monkeypatch):
+    _, text = _execute(NOTEBOOK, monkeypatch)
     assert "clean test accuracy" in text and "eps=0.20" in text
 
 
 @pytest.mark.slow
-def test_defences_notebook_executes(tmp_path, monkeypatch):
+def test_defences_notebook_executes(monkeypatch):
     """notebooks/defences.ipynb in smoke mode (CIFAR-10 from GBJAX_DATA_DIR, else synthetic)."""
-    nb = nbformat.read(ROOT / "notebooks" / "defences.ipynb", as_version=4)
-    env_root = str(ROOT)
-    monkeypatch.setenv("GBJAX_NOTEBOOK_SMOKE", "1")
     # the inline backend, so that the figure comes back as display data
-    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    monkeypatch.setenv("PYTHONPATH", env_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    client = nbclient.NotebookClient(
-        nb,
-        timeout=600,
-        kernel_name="python3",
-        km=_kernel_manager(),
-        resources={"metadata": {"path": str(ROOT / "notebooks")}},
-    )
-    client.execute()
-    errors = [
-        o
-        for c in nb.cells
-        if c.cell_type == "code"
-        for o in c.get("outputs", [])
-        if o.get("output_type") == "error"
-    ]
-    assert not errors
-    text = "".join(
-        o.get("text", "")
-        for c in nb.cells
-        for o in c.get("outputs", [])
-        if o.get("output_type") == "stream"
+    nb, text = _execute(
+        ROOT / "notebooks" / "defences.ipynb",
+        monkeypatch,
+        backend="module://matplotlib_inline.backend_inline",
     )
     assert "mean PSNR" in text and "clean test accuracy" in text and "FGSM eps=" in text
     figures = [
