@@ -674,6 +674,23 @@ _STATIC = (
 )
 
 
+def _cluster_and_paint(
+    x_BNF, x_stop, threshold, purity, scale, init, *, C, K, max_rounds, kmeans_iters,
+    min_ball_size, features, out_dtype, multilevel,
+):  # fmt: skip
+    """One threshold: split rounds on ``x_stop`` (the partition is piecewise constant in
+    the input, so no gradient flows through it; from ``init`` when given), then paint."""
+    labels, n_balls, saturated, rounds = _cluster_labels(
+        x_stop, threshold, purity, K=K, max_rounds=max_rounds, kmeans_iters=kmeans_iters,
+        multilevel=multilevel, init=init,
+    )  # fmt: skip
+    res = _paint(
+        x_BNF, labels, n_balls, saturated, rounds, threshold, scale, C=C, K=K,
+        min_ball_size=min_ball_size, features=features, out_dtype=out_dtype,
+    )  # fmt: skip
+    return (labels, n_balls), res
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _cluster_batch(
     images_BHWC,
@@ -696,19 +713,10 @@ def _cluster_batch(
     """
     B, H, W, C = images_BHWC.shape
     x_BNF = _features_BNF(images_BHWC, scale, features)
-    # The partition is piecewise constant in the input: no gradient through it.
-    labels, n_balls, saturated, rounds = _cluster_labels(
-        jax.lax.stop_gradient(x_BNF),
-        threshold,
-        purity,
-        K=K,
-        max_rounds=max_rounds,
-        kmeans_iters=kmeans_iters,
-        multilevel=multilevel,
-    )
-    res = _paint(
-        x_BNF, labels, n_balls, saturated, rounds, threshold, scale, C=C, K=K,
-        min_ball_size=min_ball_size, features=features, out_dtype=out_dtype,
+    _, res = _cluster_and_paint(
+        x_BNF, jax.lax.stop_gradient(x_BNF), threshold, purity, scale, None, C=C, K=K,
+        max_rounds=max_rounds, kmeans_iters=kmeans_iters, min_ball_size=min_ball_size,
+        features=features, out_dtype=out_dtype, multilevel=multilevel,
     )  # fmt: skip
     return _unflatten(res, H, W)
 
@@ -742,21 +750,11 @@ def _multiscale_batch(
     x_stop = jax.lax.stop_gradient(x_BNF)
 
     def scale_step(carry, threshold):
-        labels, n_balls, saturated, rounds = _cluster_labels(
-            x_stop,
-            threshold,
-            purity,
-            K=K,
-            max_rounds=max_rounds,
-            kmeans_iters=kmeans_iters,
-            multilevel=multilevel,
-            init=carry,
-        )
-        res = _paint(
-            x_BNF, labels, n_balls, saturated, rounds, threshold, scale, C=C, K=K,
-            min_ball_size=min_ball_size, features=features, out_dtype=out_dtype,
+        return _cluster_and_paint(
+            x_BNF, x_stop, threshold, purity, scale, carry, C=C, K=K, max_rounds=max_rounds,
+            kmeans_iters=kmeans_iters, min_ball_size=min_ball_size, features=features,
+            out_dtype=out_dtype, multilevel=multilevel,
         )  # fmt: skip
-        return (labels, n_balls), res
 
     init = (jnp.zeros((B, N), jnp.int32), jnp.ones(B, jnp.int32))
     _, res = jax.lax.scan(scale_step, init, jnp.asarray(thresholds_T, jnp.float32))
