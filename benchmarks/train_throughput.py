@@ -120,7 +120,7 @@ def bench_gbjax(cfg, x, y):
 def bench_nnx_jit(cfg, x, y):
     model = train.init_model(cfg, x, 10)
     model.train()
-    params = nnx.state(model, nnx.Param)
+    params = nnx.pure(nnx.state(model, nnx.Param))  # arrays: the optimiser sees arrays
     tx = optim.make_optimizer(cfg, 10**6, params=params, steps_per_epoch=len(x) // cfg.batch_size)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     B, pad = cfg.batch_size, cfg.crop_pad
@@ -192,8 +192,8 @@ def bench_torch(cfg, x, y):
          weight_decay=wd)], momentum=mom, nesterov=True,
     )  # fmt: skip
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
-    mean = torch.tensor(x.reshape(-1, 3).mean(0) / 255).view(1, 3, 1, 1)
-    std = torch.tensor(x.reshape(-1, 3).std(0) / 255).view(1, 3, 1, 1)
+    mean = torch.tensor(x.reshape(-1, 3).mean(0) / 255).float().view(1, 3, 1, 1)
+    std = torch.tensor(x.reshape(-1, 3).std(0) / 255).float().view(1, 3, 1, 1)
     images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(y).long()
     B, pad = cfg.batch_size, cfg.crop_pad
