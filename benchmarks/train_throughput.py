@@ -120,7 +120,7 @@ def bench_gbjax(cfg, x, y):
 def bench_nnx_jit(cfg, x, y):
     model = train.init_model(cfg, x, 10)
     model.train()
-    params = nnx.pure(nnx.state(model, nnx.Param))  # arrays: the optimiser sees arrays
+    params = nnx.as_pure(nnx.state(model, nnx.Param))  # arrays: the optimiser sees arrays
     tx = optim.make_optimizer(cfg, 10**6, params=params, steps_per_epoch=len(x) // cfg.batch_size)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     B, pad = cfg.batch_size, cfg.crop_pad

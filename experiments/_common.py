@@ -91,9 +91,13 @@ def mode_name(args) -> str:
     return "smoke" if args.smoke else "quick" if args.quick else "full"
 
 
-def parse_seeds(args) -> list[int]:
+def parse_seeds(args, default: Sequence[int] | None = None) -> list[int]:
+    """``--seeds``; else ``default`` (an experiment's mode may set ``"seeds"``); else
+    0 for quick/smoke and 0, 1, 2 for the full mode."""
     if args.seeds:
         return [int(s) for s in str(args.seeds).replace(" ", "").split(",") if s != ""]
+    if default is not None:
+        return [int(s) for s in default]
     return [0] if (args.smoke or args.quick) else [0, 1, 2]
 
 
@@ -467,7 +471,7 @@ def start(experiment: str, args, modes: dict, dataset: str, overrides: Sequence[
             mode[k] = v
     synthetic, progress = use_synthetic(args), not args.no_progress
     out = out_dir(experiment, args.out)
-    seeds = parse_seeds(args)
+    seeds = parse_seeds(args, mode.pop("seeds", None))
     print(
         f"[{experiment}] mode={mname} seeds={seeds} synthetic={synthetic} out={out} "
         f"backend={jax.default_backend()}"

@@ -4,6 +4,12 @@ Data types (:class:`Features`, :class:`GBResult`), per-pixel features, and
 ``_cluster_batch``: one ``jax.jit`` program that clusters a batch of images on
 fixed-capacity ball arrays and paints them. The algorithm, its choices and its
 exactness are described in :mod:`gbjax.gb` and docs/methods.md, section 1.
+
+Why one module of about 750 lines: everything here is traced into a single XLA
+program (split rounds, Lloyd steps, working-set compaction, noise painting),
+and its pieces share the loop state and the flat ``B * K`` slot layout; split
+across modules, every helper would need that layout re-explained. The public
+API, validation and chunking stay in :mod:`gbjax.gb`.
 """
 
 from __future__ import annotations

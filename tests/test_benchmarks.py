@@ -85,3 +85,29 @@ def test_time_to_target_unreached_and_bad_target(tiny_config, tmp_path):
     assert rc == 1 and not json.loads(out.read_text())["reached"]
     with pytest.raises(SystemExit):
         ttt.main(["--config", tiny_config, "--target", "93"])
+
+
+def _tiny_airbench():
+    import dataclasses
+
+    import numpy as np
+
+    from gbjax.configs import airbench_cifar10
+
+    cfg = airbench_cifar10.get_config("smoke")
+    cfg = dataclasses.replace(cfg, batch_size=16, whiten_num_images=32, num_steps=2, progress=False)
+    cfg.model_kwargs = dict(widths=(8, 8, 8))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    return cfg, x, rng.integers(0, 10, 64).astype(np.int32)
+
+
+@pytest.mark.parametrize("baseline", ["bench_gbjax", "bench_nnx_jit", "bench_torch"])
+def test_train_throughput_baselines_step_the_airbench_recipe(baseline):
+    """Each timed loop runs (the per-group optimiser and the data pipeline included)."""
+    if baseline == "bench_torch":
+        pytest.importorskip("torch")  # the optional 'bench' extra
+    tt = _load("train_throughput")
+    cfg, x, y = _tiny_airbench()
+    run = getattr(tt, baseline)(cfg, x, y)
+    assert run(1) > 0 and run(2) > 0

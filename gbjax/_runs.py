@@ -1,0 +1,91 @@
+"""Reading a training run's workdir: the time to a target accuracy, and the model
+of its checkpoint (re-exported by :mod:`gbjax.train`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gbjax.config import Config
+
+__all__ = ["time_to_target", "restore_model"]
+
+
+def time_to_target(workdir: str | os.PathLike, target: float) -> dict | None:
+    """The first evaluation in ``workdir/metrics.jsonl`` with test accuracy >= target.
+
+    Returns that line (``step``, ``epoch``, ``test_accuracy``, ...) with
+    ``train_time_s`` and ``elapsed_s`` counted from the start of the run, or None
+    if no evaluation reached ``target``.  For a run that was resumed, the time of
+    the earlier processes (up to their last logged line, including steps that
+    were then redone) is added and ``"resumed": True`` is set.
+    """
+    offset = {"train_time_s": 0.0, "elapsed_s": 0.0}
+    last = dict(offset)
+    resumed = False
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "resumed":
+            offset = {k: offset[k] + last[k] for k in offset}
+            last = {k: 0.0 for k in offset}
+            resumed = True
+            continue
+        if "event" in rec or "train_time_s" not in rec:
+            continue
+        last = {k: rec[k] for k in offset}
+        if rec.get("test_accuracy", -1.0) >= target:
+            out = dict(rec, **{k: offset[k] + rec[k] for k in offset})
+            if resumed:
+                out["resumed"] = True
+            return out
+    return None
+
+
+def restore_model(workdir: str | os.PathLike, step: int | None = None) -> nnx.Module:
+    """The eval-mode model of a run's checkpoint (the latest unless ``step``)."""
+    import orbax.checkpoint as ocp
+
+    from gbjax.train import _split, build_model
+
+    workdir = pathlib.Path(workdir)
+    rec = json.loads((workdir / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(Config)}
+    config = Config(**{k: v for k, v in rec.items() if k in fields})
+    C = rec["input_shape"][-1]
+    model = nnx.eval_shape(
+        lambda: build_model(
+            config,
+            input_shape=tuple(rec["input_shape"]),
+            num_classes=rec["num_classes"],
+            mean=np.zeros(C),
+            std=np.ones(C),
+            rngs=nnx.Rngs(0),
+        )
+    )
+    model.eval()
+    graphdef, params, stats, consts = _split(model)
+    target = {"params": params, "batch_stats": stats, "consts": consts}
+    mngr = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restored = mngr.restore(
+        step,
+        args=ocp.args.PyTreeRestore(
+            target,
+            restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target),
+            partial_restore=True,
+        ),
+    )
+    mngr.close()
+    return nnx.merge(graphdef, restored["params"], restored["batch_stats"], restored["consts"])
