@@ -52,12 +52,11 @@ def _check_outputs(out, experiment, results):
     return r, rows, md
 
 
-@pytest.mark.slow
-def test_fgsm_cifar_smoke(tmp_path):
-    mod = _load("fgsm_cifar")
-    out = tmp_path / "fgsm"
-    res = mod.run(["--smoke", "--out", str(out), "--no-progress"] + _data_flags())
-    r, rows, md = _check_outputs(out, "fgsm_cifar", res)
+def check_fgsm_cifar_smoke(out, eps_labels):
+    """The outputs of ``fgsm_cifar.py --smoke`` in ``out``. The run itself happens in
+    tests/test_notebook.py, through notebooks/robustness_cifar.ipynb, which calls the
+    experiment's ``run`` with ``--smoke`` (one run serves both tests)."""
+    r, rows, md = _check_outputs(out, "fgsm_cifar", None)
     run = r["runs"]["0"]
     for m, prots in (("unprocessed", ["none"]), ("gb", ["oblivious", "end_to_end", "bpda"])):
         rec = run[m]
@@ -82,9 +81,10 @@ def test_fgsm_cifar_smoke(tmp_path):
     s = r["summary"]
     assert set(s["clean_accuracy"]) == {"unprocessed", "gb"}
     assert all(0 <= v <= 1 for v in s["clean_accuracy"].values())
-    assert set(s["worst_case"]["gb"]) == set(mod.EPS_LABELS)
+    assert set(s["worst_case"]["gb"]) == set(eps_labels)
     assert "95.18" in md and "73.60" in md  # the paper's Table 2 beside ours
     assert (out / "acc_vs_eps.png").is_file() and (out / "convergence.png").is_file()
+    return r
 
 
 @pytest.mark.slow
@@ -200,11 +200,15 @@ def test_noise_cifar_smoke(tmp_path):
     cases |= {f"paper gaussian:{s}" for s in mod.PAPER_STDS} | {"clean"}
     assert all(set(a) == cases for a in acc.values())
     att = r["runs"]["0"]["attacks"]
-    assert {a["protocol"] for a in att.values()} == {"none", "bpda", "end_to_end"}
+    # BPDA for every defence, and end to end as well where the defence is differentiable
+    assert set(att) == set(mod.MODES["smoke"]["attack_defences"])
+    assert att["none"]["protocol"] == "none" and att["JPEG 75"]["protocol"] == "end_to_end+bpda"
     for a in att.values():
         # the cascade only ever removes images, and the worst case is its last stage
         acc_se = np.asarray([s["accuracy"] for s in a["stages"]])
-        assert acc_se.shape == (len(mod.MODES["smoke"]["attacks"]) + 1, len(mod.ATTACK_EPS))
+        n_prot = len(a["protocol"].split("+"))
+        n_stages = len(mod.MODES["smoke"]["attacks"]) * n_prot + 1
+        assert acc_se.shape == (n_stages, len(mod.ATTACK_EPS))
         assert np.all(np.diff(acc_se, axis=0) <= 1e-12)
         np.testing.assert_allclose(acc_se[-1], a["worst_case"])
     assert len(rows) == len(names) * len(cases)

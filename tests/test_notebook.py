@@ -1,4 +1,4 @@
-"""Executes notebooks/quickstart.ipynb and notebooks/defences.ipynb on tiny data
+"""Executes the notebooks (quickstart, defences, robustness_cifar) on tiny data
 (GBJAX_NOTEBOOK_SMOKE=1) so they never rot."""
 
 import os
@@ -72,3 +72,31 @@ def test_defences_notebook_executes(monkeypatch):
         if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
     ]
     assert figures  # the image grid
+
+
+@pytest.mark.slow
+def test_robustness_notebook_runs_the_fgsm_cifar_smoke_protocol(monkeypatch, tmp_path):
+    """notebooks/robustness_cifar.ipynb in smoke mode: it runs ``fgsm_cifar.py --smoke``
+    (this is also that experiment's end-to-end smoke test: every output is checked by
+    tests/test_experiments.py's ``check_fgsm_cifar_smoke``) and shows its tables and
+    both figures."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_experiments import _load, check_fgsm_cifar_smoke
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("GBJAX_ROBUSTNESS_OUT", str(out))
+    nb, text = _execute(
+        ROOT / "notebooks" / "robustness_cifar.ipynb",
+        monkeypatch,
+        backend="module://matplotlib_inline.backend_inline",
+    )
+    assert "mode smoke" in text and "clean accuracy, gb:" in text and "worst case, gb:" in text
+    assert "after stage" in text and "Square" in text
+    check_fgsm_cifar_smoke(out, _load("fgsm_cifar").EPS_LABELS)
+    shown = [
+        o
+        for c in nb.cells
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+    ]
+    assert len(shown) == 2  # acc_vs_eps.png and convergence.png

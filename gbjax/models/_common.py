@@ -48,3 +48,20 @@ def in_float32(model):
         if getattr(module, "dtype", None) is not None:
             module.dtype = None
     return model
+
+
+def max_pool(x_BHWC: jax.Array, k: int) -> jax.Array:
+    """``k x k`` max-pooling with stride ``k`` and VALID padding (rows/columns past
+    the last full window are dropped), as a reshape and a max.
+
+    Same values as ``lax.reduce_window`` (``nnx.max_pool``); on XLA:CPU the
+    reduce-window gradient (a select-and-scatter) was measured at 2-3x the cost
+    of the convolution before it (airbench and the PE network), this one is cheap.
+    At ties the gradient is shared among the tied inputs instead of going to the
+    first one."""
+    b, h, w, c = x_BHWC.shape
+    ho, wo = h // k, w // k
+    if ho == 0 or wo == 0:
+        raise ValueError(f"max_pool({k}) of a {h}x{w} map leaves nothing")
+    x = x_BHWC[:, : ho * k, : wo * k, :]
+    return x.reshape(b, ho, k, wo, k, c).max(axis=(2, 4))

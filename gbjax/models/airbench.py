@@ -40,7 +40,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gbjax.models._common import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, Stat, to_pixels
+from gbjax.models._common import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    Stat,
+    max_pool,
+    to_pixels,
+)
 
 __all__ = ["Airbench", "dirac_init", "max_pool", "whitening_kernel", "torch_default_init"]
 
@@ -68,17 +76,6 @@ def dirac_init(base=torch_default_init):
         return k.at[..., :n].set(ident)
 
     return init
-
-
-def max_pool(x_BHWC: jax.Array, k: int) -> jax.Array:
-    """``k x k`` max-pooling with stride ``k`` and VALID padding (rows/columns past
-    the last full window are dropped), as a reshape and a max."""
-    b, h, w, c = x_BHWC.shape
-    ho, wo = h // k, w // k
-    if ho == 0 or wo == 0:
-        raise ValueError(f"max_pool({k}) of a {h}x{w} map leaves nothing")
-    x = x_BHWC[:, : ho * k, : wo * k, :]
-    return x.reshape(b, ho, k, wo, k, c).max(axis=(2, 4))
 
 
 def whitening_kernel(

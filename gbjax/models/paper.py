@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gbjax.models._common import MNIST_MEAN, MNIST_STD, Stat, to_pixels
+from gbjax.models._common import MNIST_MEAN, MNIST_STD, Stat, max_pool, to_pixels
 
 
 def pixel_indices(x, *, mean, std, scale: float = 1000.0, num_embeddings: int = 2001) -> jax.Array:
@@ -160,8 +160,8 @@ class PaperConvNet(nnx.Module):
                     mean, std = self.mean[...], self.std[...]
                 h = (h - mean) / std
         h = nnx.relu(self.conv1(h))
-        h = nnx.max_pool(h, (2, 2), strides=(2, 2))
+        h = max_pool(h, 2)
         h = nnx.relu(self.conv2(h))
-        h = nnx.max_pool(h, (2, 2), strides=(2, 2))
+        h = max_pool(h, 2)
         h = h.reshape(h.shape[0], -1)
         return self.head(h)
