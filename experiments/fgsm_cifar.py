@@ -1,11 +1,20 @@
 """CIFAR-10 under attack: granular-ball preprocessing vs none (GB paper, Table 2), evaluated
 the way a reviewer would accept (Carlini et al. 2019; Croce & Hein 2020).
 
-    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default: not run, 8 h+
-                                                                         # on 2 cores (estimate)
-    python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 34 min, 2 cores
-    python experiments/fgsm_cifar.py --smoke --synthetic --out /tmp/s    # seconds to a minute
+    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, about 3 h
+    python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # about 20 min
+    python experiments/fgsm_cifar.py --smoke --synthetic --out /tmp/s    # about a minute
     python experiments/fgsm_cifar.py --model resnet18 --data-dir ...     # ResNet-18, for a GPU
+
+(Times on 2 CPU cores; the measured ones are in the README and docs/results/fgsm_cifar/.)
+
+Modes. Default: airbench94 (9.9 epochs) on all 50,000 training images, FGSM on
+all 10,000 test images, the worst case on a fixed random 500 with PGD-20 and
+APGD-50 (Square: 1,000 queries on the first 200), convergence on 50 images up
+to 500 steps; one seed (``--seeds 0,1,2`` for three). ``--quick``: the ``fast``
+variant for 4 epochs, FGSM on 1,000 test images, the worst case on 100 with
+PGD-10 and APGD-20 (Square: 300 queries on 50). The subset sizes were chosen
+so that each mode fits its time on 2 cores; every size can be overridden.
 
 Protocol (also written into results.md):
 
