@@ -1,8 +1,8 @@
 """CIFAR-10 under attack: granular-ball preprocessing vs none (GB paper, Table 2), evaluated
 the way a reviewer would accept (Carlini et al. 2019; Croce & Hein 2020).
 
-    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, about 3 h
-    python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # about 20 min
+    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, 2 h 55 min
+    python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 27 min
     python experiments/fgsm_cifar.py --smoke --synthetic --out /tmp/s    # about a minute
     python experiments/fgsm_cifar.py --model resnet18 --data-dir ...     # ResNet-18, for a GPU
 
@@ -14,7 +14,8 @@ APGD-50 (Square: 1,000 queries on the first 200), convergence on 50 images up
 to 500 steps; one seed (``--seeds 0,1,2`` for three). ``--quick``: the ``fast``
 variant for 4 epochs, FGSM on 1,000 test images, the worst case on 100 with
 PGD-10 and APGD-20 (Square: 300 queries on 50). The subset sizes were chosen
-so that each mode fits its time on 2 cores; every size can be overridden.
+to fit 3 h and 20 min on 2 cores; the quick mode overruns (27 min measured, 14
+of them two trainings). Every size can be overridden.
 
 Protocol (also written into results.md):
 
