@@ -336,8 +336,11 @@ def _finish_config(cfg, mode, seed, progress, overrides):
 
 
 class Timer:
-    def __init__(self):
+    """Wall time since creation, plus ``base`` seconds (a merge: its runs' total)."""
+
+    def __init__(self, base: float = 0.0):
         self.t0 = time.perf_counter()
+        self.base = base
         self.marks: dict[str, float] = {}
 
     def mark(self, name: str, since: float | None = None) -> float:
@@ -346,7 +349,7 @@ class Timer:
         return dt
 
     def total(self) -> float:
-        return time.perf_counter() - self.t0
+        return self.base + time.perf_counter() - self.t0
 
 
 LABELS = {
@@ -438,8 +441,9 @@ def start_merge(experiment: str, args, dirs: Sequence[str]) -> tuple[Run, dict]:
             if int(seed) in runs:
                 raise SystemExit(f"error: --merge: seed {seed} appears twice")
             runs[int(seed)] = run
-    timer = Timer()
-    timer.marks = {"merged_runtime": float(sum(r.get("runtime_seconds", 0.0) for r in results))}
+    merged_runtime = float(sum(r.get("runtime_seconds") or 0.0 for r in results))
+    timer = Timer(base=merged_runtime)
+    timer.marks = {"merged_runtime": merged_runtime}
     run = Run(
         experiment=experiment, mode_name=first["mode"], mode=dict(first["config"]),
         seeds=sorted(runs), synthetic=bool(first["synthetic"]), progress=False,

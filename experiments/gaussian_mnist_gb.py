@@ -2,7 +2,7 @@
 
     python experiments/gaussian_mnist_gb.py --quick --data-dir ../shared/data   # CPU, minutes
     python experiments/gaussian_mnist_gb.py --smoke --synthetic --out /tmp/s    # seconds
-    # full size (all 60,000 + 10,000 images), one seed per command (~25 min each on 2 cores):
+    # full size (all 60,000 + 10,000 images), one seed per command (15 min each on 2 cores):
     python experiments/gaussian_mnist_gb.py --seeds 0 --out r/g0 --data-dir ../shared/data
     python experiments/gaussian_mnist_gb.py --merge r/g0 r/g1 r/g2 --out r/gaussian_mnist_gb
 
