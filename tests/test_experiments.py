@@ -134,6 +134,10 @@ def test_pe_mnist_noise_authors_protocol_per_seed_runs_merge(tmp_path):
                       str(tmp_path / "m")])  # fmt: skip
     assert merged["seeds"] == [0, 1] and sorted(merged["runs"]) == ["0", "1"]
     assert [m["seeds"] for m in merged["merged_from"]] == [[0], [1]]
+    # a merge's runtime is its runs' total, not the seconds the merge took
+    parts = [m["runtime_seconds"] for m in merged["merged_from"]]
+    assert all(p > 0 for p in parts)
+    assert sum(parts) <= merged["runtime_seconds"] < sum(parts) + 60
     md = (tmp_path / "m" / "results.md").read_text()
     assert "±" in md and "authors protocol" in md
     # the merged cells are the per-seed numbers, averaged
