@@ -35,6 +35,9 @@ def _execute(path, monkeypatch, backend="Agg"):
     monkeypatch.setenv("GBJAX_NOTEBOOK_SMOKE", "1")
     monkeypatch.setenv("MPLBACKEND", backend)
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if os.environ.get("GBJAX_DATA_DIR"):
+        # the kernel runs in notebooks/: a data folder given relative to here must still resolve
+        monkeypatch.setenv("GBJAX_DATA_DIR", os.path.abspath(os.environ["GBJAX_DATA_DIR"]))
     client = nbclient.NotebookClient(
         nb,
         timeout=600,
