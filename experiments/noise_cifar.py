@@ -9,9 +9,10 @@ Protocol (also written into results.md):
 * Classifiers, one architecture and recipe (the airbench network,
   ``gbjax/configs/airbench_cifar10.py``, its ``fast`` variant): *clean* (trained on
   clean images); one per image-changing defence, trained on images that
-  defence processed (GB, bit depth, JPEG); and *Gaussian augmentation* (clean
-  training images plus Gaussian noise of a random CIFAR-10-C severity, each
-  step: the common practical fix).
+  defence processed (GB, bit depth, JPEG); and *Gaussian augmentation* (the
+  clean training images plus one noisy copy of each, Gaussian noise of a random
+  CIFAR-10-C severity drawn once: the common practical fix; twice the images,
+  so twice the training steps of the others).
 * Test-time defences: none, GB (threshold 20, purity 0.9), median 3x3, bit depth
   4, JPEG 75, k-means 8 colours, TV 0.1, Gaussian blur 1.0. A defence with its
   own classifier uses it; the others sit in front of the clean classifier.
