@@ -239,6 +239,7 @@ def evaluate_attacks(models, defs, x, y, mode, seed, progress):
             chunk=chunk,
         )
         robust, stages = None, []
+        t0 = time.perf_counter()
         key = jax.random.key(30_000 + seed)
         steps_of = {
             "fgsm": 1,
@@ -276,6 +277,7 @@ def evaluate_attacks(models, defs, x, y, mode, seed, progress):
             "worst_case": sq.accuracy.tolist(),
             "stages": stages,  # the cascade: robust to every attack so far
             "protocol": "+".join(protocols),
+            "seconds": time.perf_counter() - t0,  # this defence's whole cascade, compiles included
         }
     return out
 
@@ -360,12 +362,19 @@ def assemble(r, runs):
         [n] + [C.pct(runs[s]["acc"][n][c] for s in seeds) for c in sev_cases] for n in names
     ]
     att_h = ["defence", "protocol"] + [f"worst case {lab}" for lab in ATTACK_LABELS]
+    att_h.append("attack time s")
+
+    def att_secs(n):
+        secs = [runs[s]["attacks"][n].get("seconds") for s in seeds]  # absent in older runs
+        return "-" if None in secs else f"{np.mean(secs):.0f}"
+
     att_rows = [
         [n, first["attacks"][n]["protocol"]]
         + [
             C.pct(runs[s]["attacks"][n]["worst_case"][i] for s in seeds)
             for i in range(len(ATTACK_EPS))
         ]
+        + [att_secs(n)]
         for n in first["attacks"]
     ]
     md = [

@@ -215,6 +215,9 @@ def test_noise_cifar_smoke(tmp_path):
         assert acc_se.shape == (n_stages, len(mod.ATTACK_EPS))
         assert np.all(np.diff(acc_se, axis=0) <= 1e-12)
         np.testing.assert_allclose(acc_se[-1], a["worst_case"])
+    # each defence's attack time is recorded, and they add up to at most the stage's
+    secs = [a["seconds"] for a in att.values()]
+    assert all(t > 0 for t in secs) and sum(secs) <= r["timings"]["attacks"] + 1e-6
     assert len(rows) == len(names) * len(cases)
     assert "77.8" in md  # the RobustBench anchor beside ours
     assert (out / "acc_vs_severity.png").is_file() and (out / "defences_grid.png").is_file()
