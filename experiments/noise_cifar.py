@@ -1,7 +1,7 @@
 """CIFAR-10-C style noise and attacks: where does GB help, beside the classical defences?
 
     python experiments/noise_cifar.py --data-dir ../shared/data           # default, 99 min, 2 cores
-    python experiments/noise_cifar.py --quick --data-dir ../shared/data   # 20 min goal, 2 cores
+    python experiments/noise_cifar.py --quick --data-dir ../shared/data   # 17 min, 2 cores
     python experiments/noise_cifar.py --smoke --synthetic --out /tmp/s    # about a minute
 
 Protocol (also written into results.md):
