@@ -2,7 +2,7 @@
 
     python experiments/pe_mnist_noise.py --quick --data-dir ../shared/data   # CPU, minutes
     python experiments/pe_mnist_noise.py --smoke --synthetic --out /tmp/s    # seconds
-    # full size, one seed per command (18 min for --protocol ours on 2 idle cores), then merged:
+    # full size, one seed per command (about 16 min either protocol, 2 idle cores), then merged:
     python experiments/pe_mnist_noise.py --seeds 0 --protocol authors --out r/a0 --data-dir ...
     python experiments/pe_mnist_noise.py --seeds 1 --protocol authors --out r/a1 --data-dir ...
     python experiments/pe_mnist_noise.py --merge r/a0 r/a1 --out r/authors
