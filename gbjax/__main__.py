@@ -1,47 +1,200 @@
 """Command line: ``python -m gbjax denoise IN... -o OUTDIR``.
 
-Clusters image files (PNG/JPEG, or folders of them, searched recursively) with
-granular balls and writes the painted images; ``--compare`` also writes the GB
-paper's Figures 3 and 4 side by side for each image: the original, k-means
-colour quantisation with k = 2, 10, 50, and GB at thresholds 40, 20, 10.
+Clusters image files (PNG/JPEG, or folders of them, searched recursively with
+symlinked folders followed) with granular balls and writes the painted images
+as ``OUTDIR/<relative path>/<stem>_gb.png``; ``--compare`` also writes the GB
+paper's Figures 3 and 4 side by side for each image (``<stem>_compare.png``):
+the original, k-means colour quantisation with k = 2, 10, 50, and GB at
+thresholds 40, 20, 10.
 
-A file that cannot be read is reported with its reason and skipped; the exit
-status is then 1 (``--fail-fast`` stops at the first one instead). 16-bit
-greyscale PNGs are clustered and written at 16 bits (thresholds stay in 8-bit
-pixel units); 16-bit colour PNGs are read at 8 bits, with a warning. Images
-that fill the ball capacity are counted and reported; ``--capacity auto``
-grows the capacity for them.
+Nothing is lost silently. Inputs of one folder that share a stem (``a.jpg``,
+``a.png``) keep their extension in the output name (``a.jpg_gb.png``,
+``a.png_gb.png``); inputs that would still share an output name (two ``a.png``
+from different folders given as files, or two folders with the same name) are
+refused before any work. Existing output files are refused too unless
+``--overwrite`` is given, and an output folder that is a file or cannot be
+written is refused before anything is read or clustered. Options are checked
+by the argument parser (exit status 2).
+
+A file that cannot be read, a folder that cannot be listed, or an image that
+cannot be clustered or written is reported with its reason and skipped; the
+run ends with the list of every input not written and exit status 1
+(``--fail-fast`` stops at the first one instead). 16-bit greyscale PNGs are
+clustered and written at 16 bits (thresholds stay in 8-bit pixel units); 16-bit
+colour PNGs are read at 8 bits, with a warning. Images that fill the ball
+capacity are counted and reported; ``--capacity auto`` grows the capacity for
+them.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
+# --------------------------------------------------------------------------- #
+# Inputs and output names
+# --------------------------------------------------------------------------- #
+
+
+def _folder_images(root: Path, unreadable: list) -> list[Path]:
+    """Image files below ``root`` (symlinked folders followed); folders that cannot be
+    listed are appended to ``unreadable`` as ``(path, reason)``."""
+    from gbjax.data.decode import _walk_tree
+
+    def on_error(err: OSError) -> None:
+        unreadable.append((Path(err.filename), f"cannot read folder ({err.strerror or err})"))
+
+    files = []
+    for dirpath, _, filenames in _walk_tree(str(root), skip_hidden=False, on_error=on_error):
+        files += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return files
+
+
 def _collect(inputs):
-    """(source path, output relative path) pairs; folders are searched recursively."""
-    found = []
+    """``(pairs, unreadable)``: (source path, output relative path) pairs, folders searched
+    recursively, and the ``(folder, reason)`` of every folder that could not be listed."""
+    found, unreadable = [], []
     for arg in inputs:
         p = Path(arg)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise SystemExit(f"error: no PNG/JPEG files under folder {p}")
-            found += [(f, Path(p.name) / f.relative_to(p)) for f in files]
+            n_unreadable = len(unreadable)
+            files = _folder_images(p, unreadable)
+            if not files and len(unreadable) == n_unreadable:
+                raise ValueError(f"no PNG/JPEG files under folder {p}")
+            prefix = Path(p.resolve().name if p.name == ".." else p.name)
+            found += [(f, prefix / f.relative_to(p)) for f in files]
         elif p.is_file():
             if p.suffix.lower() not in IMAGE_SUFFIXES:
-                raise SystemExit(f"error: {p}: not a PNG/JPEG file")
+                raise ValueError(f"{p}: not a PNG/JPEG file")
             found.append((p, Path(p.name)))
         else:
-            raise SystemExit(f"error: {p}: no such file or folder")
-    return found
+            raise ValueError(f"{p}: no such file or folder")
+    return found, unreadable
+
+
+class _Job(NamedTuple):
+    """One input and the files written for it."""
+
+    src: Path
+    gb: Path
+    compare: Path | None
+
+
+def _plan(pairs, out: Path, compare: bool) -> list[_Job]:
+    """Output paths for every input, in input order; refuses names that would collide.
+
+    ``<stem>_gb.png`` as a rule; where inputs of one folder share a stem
+    (``a.jpg`` and ``a.png``) their outputs keep the extension (``a.jpg_gb.png``).
+    """
+    seen, unique = set(), []
+    for src, rel in pairs:  # the same file given twice is written once
+        key = (src.resolve(), rel)
+        if key not in seen:
+            seen.add(key)
+            unique.append((src, rel))
+    by_stem = defaultdict(list)
+    for _, rel in unique:
+        by_stem[(rel.parent, rel.stem)].append(rel)
+    jobs = []
+    for src, rel in unique:
+        base = rel.name if len(by_stem[(rel.parent, rel.stem)]) > 1 else rel.stem
+        folder = out / rel.parent
+        cmp = folder / f"{base}_compare.png" if compare else None
+        jobs.append(_Job(src, folder / f"{base}_gb.png", cmp))
+    _refuse_collisions(jobs)
+    return jobs
+
+
+def _refuse_collisions(jobs: list[_Job]) -> None:
+    """Refuse two inputs that would write one file (compared after resolving symlinks)."""
+    owner, clashes = {}, []
+    for job in jobs:
+        for path in (job.gb, job.compare):
+            if path is None:
+                continue
+            key = path.resolve()
+            if key in owner:
+                clashes.append(f"{owner[key]} and {job.src} would both be written to {path}")
+            owner[key] = job.src
+    if clashes:
+        more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+        raise ValueError(
+            f"output names collide: {'; '.join(clashes[:3])}{more}. Nothing was done: "
+            "process such inputs in separate runs with different -o folders, or rename one"
+        )
+
+
+# --------------------------------------------------------------------------- #
+# The output folder, checked before any work
+# --------------------------------------------------------------------------- #
+
+
+def _nearest_existing(path: Path) -> Path:
+    for q in (path, *path.parents):
+        if q.exists() or q.is_symlink():
+            return q
+    return Path(".")
+
+
+def _check_outputs(jobs: list[_Job], out: Path, overwrite: bool) -> None:
+    """Refuse, before anything is read or clustered, outputs that cannot or must not be
+    written: ``out`` or a folder on the way a file, a folder without write permission,
+    an output that would replace an input, an existing output without ``--overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file, not a folder; pass a folder to -o")
+    for folder in sorted({p.parent for job in jobs for p in (job.gb, job.compare) if p}):
+        anc = _nearest_existing(folder)
+        if not anc.is_dir():
+            raise ValueError(f"cannot create output folder {folder}: {anc} is a file")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"cannot write to {anc} (permission denied); choose another -o or fix its "
+                "permissions"
+            )
+    inputs = {job.src.resolve() for job in jobs}
+    existing = []
+    for job in jobs:
+        for path in (job.gb, job.compare):
+            if path is None or not (path.exists() or path.is_symlink()):
+                continue
+            if path.resolve() in inputs:
+                raise ValueError(f"output {path} would replace an input; choose another -o")
+            if path.is_dir():
+                raise ValueError(f"output {path} is a folder; remove it or choose another -o")
+            existing.append(path)
+    if existing and not overwrite:
+        shown = ", ".join(map(str, existing[:3])) + (", ..." if len(existing) > 3 else "")
+        raise ValueError(
+            f"{len(existing)} output file(s) already exist ({shown}); pass --overwrite to "
+            "replace them, or choose another -o"
+        )
+
+
+def _open_output(out: Path) -> None:
+    """Create ``out`` and prove a file can be written there (also as root, on a read-only
+    file system), before the clustering starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write to output folder {out} ({e}); choose another -o") from e
+
+
+# --------------------------------------------------------------------------- #
+# Reading and writing images
+# --------------------------------------------------------------------------- #
 
 
 class ReadError(Exception):
@@ -82,13 +235,19 @@ def _read(path):
 
 
 def _write(path, img_HWC):
+    """Save as PNG via a temporary file, so an interrupted run leaves no partial output."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     img = img_HWC[..., 0] if img_HWC.shape[-1] == 1 else img_HWC
     if np.issubdtype(img.dtype, np.floating):  # 16-bit greyscale in 0..255 units
         img = np.clip(np.round(img * 257.0), 0, 65535).astype(np.uint16)
-    Image.fromarray(img).save(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        Image.fromarray(img).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def compare_figure(image_HWC, path, *, purity=0.9, seed=0, **gb_kwargs):
@@ -130,110 +289,210 @@ def compare_figure(image_HWC, path, *, purity=0.9, seed=0, **gb_kwargs):
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- #
+# The command
+# --------------------------------------------------------------------------- #
+
+
+def _report(failed: list, src, why: str) -> None:
+    print(f"error: {src}: {why}", file=sys.stderr)
+    failed.append((src, why))
+
+
+def _read_all(jobs, failed, fail_fast):
+    """Same-shape images grouped together (one compilation per shape); None on fail-fast."""
+    groups = defaultdict(list)
+    for job in jobs:
+        try:
+            img, warning = _read(job.src)
+        except ReadError as e:
+            print(f"error: cannot read image {job.src}: {e}", file=sys.stderr)
+            failed.append((job.src, f"cannot read image ({e})"))
+            if fail_fast:
+                return None
+            continue
+        if warning:
+            print(f"warning: {job.src}: {warning}", file=sys.stderr)
+        groups[(img.shape, img.dtype.str)].append((img, job))
+    return groups
+
+
+def _write_job(job, img, painted, args, kw) -> None:
+    _write(job.gb, painted)
+    if job.compare is not None:
+        compare_figure(
+            np.clip(np.round(img), 0, 255).astype(np.uint8),
+            job.compare,
+            purity=args.purity,
+            capacity=args.capacity if args.capacity != "auto" else 256,
+            min_ball_size=args.min_ball_size,
+            features=kw["features"],
+        )
+
+
+def _cluster_and_write(groups, args, kw, failed, bar):
+    """``(written, saturated)``; every image that fails is added to ``failed``."""
+    from gbjax.gb import gb_cluster
+
+    written = saturated = 0
+    for items in groups.values():
+        for s in range(0, len(items), args.batch_size):
+            chunk = items[s : s + args.batch_size]
+            try:
+                res = gb_cluster(np.stack([im for im, _ in chunk]), **kw)
+                painted, n_balls = np.asarray(res.image), np.asarray(res.n_balls)
+                saturated += int(np.sum(np.asarray(res.saturated)))
+            except Exception as e:  # one group failing must not hide the others' results
+                for _, job in chunk:
+                    _report(failed, job.src, f"clustering failed ({type(e).__name__}: {e})")
+                bar.update(len(chunk))
+                if args.fail_fast:
+                    return written, saturated
+                continue
+            for (img, job), p, n in zip(chunk, painted, n_balls):
+                try:
+                    _write_job(job, img, p, args, kw)
+                    written += 1
+                except Exception as e:  # disk full, permission changed meanwhile, ...
+                    _report(failed, job.src, f"cannot write its output ({type(e).__name__}: {e})")
+                    if args.fail_fast:
+                        return written, saturated
+                bar.set_postfix(balls=int(n))
+                bar.update(1)
+    return written, saturated
+
+
 def _denoise(args):
     from tqdm.auto import tqdm
 
     from gbjax.gb import Features, gb_cluster
 
-    files = _collect(args.inputs)
+    pairs, unreadable = _collect(args.inputs)
     out = Path(args.output)
-    capacity = args.capacity if args.capacity == "auto" else int(args.capacity)
+    jobs = _plan(pairs, out, args.compare)
+    _check_outputs(jobs, out, args.overwrite)
     kw = dict(
         threshold=args.threshold,
         purity=args.purity,
-        capacity=capacity,
+        capacity=args.capacity,
         min_ball_size=args.min_ball_size,
         features=Features(spatial=args.spatial, texture=args.texture),
     )
     gb_cluster(np.zeros((2, 2, 3), np.uint8), **kw)  # validate the options before any work
 
-    # Same-shape images are clustered together: one compilation per shape.
-    groups, failed, saturated, written = defaultdict(list), [], 0, 0
-    for src, rel in files:
-        try:
-            img, warning = _read(src)
-        except ReadError as e:
-            failed.append((src, str(e)))
-            print(f"error: cannot read image {src}: {e}", file=sys.stderr)
-            if args.fail_fast:
-                return 1
-            continue
-        if warning:
-            print(f"warning: {src}: {warning}", file=sys.stderr)
-        groups[(img.shape, img.dtype.str)].append((img, rel))
-    with tqdm(total=len(files), desc="gb denoise", unit="img", disable=args.quiet) as bar:
-        bar.update(len(failed))
-        for items in groups.values():
-            for s in range(0, len(items), args.batch_size):
-                chunk = items[s : s + args.batch_size]
-                res = gb_cluster(np.stack([im for im, _ in chunk]), **kw)
-                painted = np.asarray(res.image)
-                saturated += int(np.sum(np.asarray(res.saturated)))
-                for (img, rel), p, n in zip(chunk, painted, np.asarray(res.n_balls)):
-                    _write(out / rel.with_name(rel.stem + "_gb.png"), p)
-                    written += 1
-                    if args.compare:
-                        compare_figure(
-                            np.clip(np.round(img), 0, 255).astype(np.uint8),
-                            out / rel.with_name(rel.stem + "_compare.png"),
-                            purity=args.purity,
-                            capacity=args.capacity if args.capacity != "auto" else 256,
-                            min_ball_size=args.min_ball_size,
-                            features=kw["features"],
-                        )
-                    bar.set_postfix(balls=int(n))
-                    bar.update(1)
+    failed = []
+    for folder, why in unreadable:
+        _report(failed, folder, why)
+    if failed and args.fail_fast:
+        return 1
+    groups = _read_all(jobs, failed, args.fail_fast)
+    if groups is None:
+        return 1
+    if groups:
+        _open_output(out)
+    with tqdm(total=len(jobs), desc="gb denoise", unit="img", disable=args.quiet) as bar:
+        bar.update(len(jobs) - sum(map(len, groups.values())))
+        written, saturated = _cluster_and_write(groups, args, kw, failed, bar)
     if saturated:
-        hint = "" if capacity == "auto" else " (try --capacity auto)"
+        hint = "" if args.capacity == "auto" else " (try --capacity auto)"
         print(
             f"warning: {saturated} of {written} image(s) filled the {args.capacity} ball slots: "
             f"some regions kept unsplit balls{hint}",
             file=sys.stderr,
         )
     if not args.quiet:
-        print(f"wrote {written} image(s) to {out}")
+        print(f"wrote {written} of {len(jobs)} image(s) to {out}")
     if failed:
-        print(f"{len(failed)} file(s) could not be read:", file=sys.stderr)
+        print(f"{len(failed)} input(s) not written:", file=sys.stderr)
         for src, why in failed:
             print(f"  {src}: {why}", file=sys.stderr)
         return 1
     return 0
 
 
-def main(argv=None):
+# --------------------------------------------------------------------------- #
+# Arguments
+# --------------------------------------------------------------------------- #
+
+
+def _checked(convert, ok, want: str):
+    """An argparse ``type``: ``convert(text)`` that must satisfy ``ok``, else a parser error."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_non_negative = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+_capacity = _checked(
+    lambda t: t if t == "auto" else int(t), lambda v: v == "auto" or v >= 1, "'auto' or an int >= 1"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gbjax",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("denoise", help="granular-ball clustering of image files")
+    d = sub.add_parser(
+        "denoise", help="granular-ball clustering of image files", allow_abbrev=False
+    )
     d.add_argument("inputs", nargs="+", metavar="IN", help="image files (PNG/JPEG) or folders")
     d.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-    d.add_argument("--threshold", type=float, default=20.0, help="pixel units (default 20)")
-    d.add_argument("--purity", type=float, default=0.9, help="in (0, 1] (default 0.9)")
+    d.add_argument(
+        "--threshold", type=_positive_float, default=20.0, help="pixel units (default 20)"
+    )
+    d.add_argument("--purity", type=_fraction, default=0.9, help="in (0, 1] (default 0.9)")
     d.add_argument(
         "--capacity",
-        default="256",
-        type=lambda v: v if v == "auto" else int(v),
+        default=256,
+        type=_capacity,
         help="ball slots per image (default 256), or 'auto': grow it for images that fill it",
     )
     d.add_argument(
-        "--min-ball-size", type=int, default=2, help="smaller balls are noise (default 2)"
+        "--min-ball-size", type=_positive_int, default=2, help="smaller balls are noise (default 2)"
     )
-    d.add_argument("--spatial", type=float, default=0.0, help="weight of pixel coordinates")
-    d.add_argument("--texture", type=float, default=0.0, help="weight of local contrast")
-    d.add_argument("--batch-size", type=int, default=256)
+    d.add_argument("--spatial", type=_non_negative, default=0.0, help="weight of pixel coordinates")
+    d.add_argument("--texture", type=_non_negative, default=0.0, help="weight of local contrast")
+    d.add_argument("--batch-size", type=_positive_int, default=256, help="images per compiled call")
     d.add_argument(
         "--compare",
         action="store_true",
         help="also write original | k-means 2,10,50 | GB 40,20,10 figures",
     )
+    d.add_argument(
+        "--overwrite", action="store_true", help="replace output files that already exist"
+    )
     d.add_argument("--quiet", action="store_true")
     d.add_argument(
-        "--fail-fast", action="store_true", help="stop at the first unreadable file (exit 1)"
+        "--fail-fast",
+        action="store_true",
+        help="stop at the first input that cannot be read or written (exit 1)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status (argument errors exit with 2).
+
+    0: every input written; 1: some input not written (each one is listed); 2:
+    refused before any work (unusable inputs, colliding or existing outputs, an
+    output folder that cannot be written).
+    """
+    args = _parser().parse_args(argv)
     try:
         return _denoise(args)
     except ValueError as e:

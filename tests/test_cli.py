@@ -1,14 +1,19 @@
 """The `python -m gbjax denoise` command line and the k-means baseline."""
 
+import os
 import subprocess
 import sys
+import tempfile
+import types
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
+from unreadable import unreadable
 
 import gbjax
+import gbjax.__main__ as cli
 from gbjax.__main__ import main
 from gbjax._kmeans import kmeans_quantize
 
@@ -63,11 +68,12 @@ def test_compare_figure_written(tmp_path):
 
 
 def test_cli_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="no such file"):
-        main(["denoise", str(tmp_path / "missing.png"), "-o", str(tmp_path)])
+    assert main(["denoise", str(tmp_path / "missing.png"), "-o", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
     Image.fromarray(_img(4)).save(tmp_path / "a.png")
-    assert main(["denoise", str(tmp_path / "a.png"), "-o", str(tmp_path), "--purity", "2"]) == 2
-    assert "purity" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["denoise", str(tmp_path / "a.png"), "-o", str(tmp_path), "--purity", "2"])
+    assert e.value.code == 2 and "--purity" in capsys.readouterr().err
     (tmp_path / "bad.png").write_bytes(b"not a png")
     assert main(["denoise", str(tmp_path / "bad.png"), "-o", str(tmp_path)]) == 1
     assert "cannot read image" in capsys.readouterr().err
@@ -120,7 +126,7 @@ def test_unreadable_files_are_reported_and_skipped(tmp_path, capsys):
     rc = main(["denoise", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "bad.png" in err and "1 file(s) could not be read" in err
+    assert "bad.png" in err and "1 input(s) not written" in err
     assert (tmp_path / "out" / "in" / "a_gb.png").exists()
     assert (tmp_path / "out" / "in" / "c_gb.png").exists()
     # --fail-fast: stop at the first unreadable file, before writing anything
@@ -153,5 +159,194 @@ def test_saturation_is_reported_and_capacity_auto_grows(tmp_path, capsys):
             "--threshold", "10"]  # fmt: skip
     assert main(args + ["--capacity", "8"]) == 0
     assert "1 of 1 image(s) filled the 8 ball slots" in capsys.readouterr().err
-    assert main(args + ["--capacity", "auto"]) == 0
+    assert main(args + ["--capacity", "auto", "--overwrite"]) == 0
     assert "filled" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# Nothing lost, nothing silently wrong (issue 26)
+# --------------------------------------------------------------------------- #
+
+
+def _save(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _run(*args):
+    return main(["denoise", *map(str, args), "--quiet"])
+
+
+def _no_reading(monkeypatch):
+    """Fail the test if any input image is read (the refusal must come first)."""
+
+    def boom(path):
+        raise AssertionError(f"{path} was read before the refusal")
+
+    monkeypatch.setattr(cli, "_read", boom)
+
+
+def test_same_stem_in_one_folder_keeps_the_extensions(tmp_path, capsys):
+    a_png, a_jpg, b = _img(0), _img(1), _img(2)
+    _save(tmp_path / "in" / "a.png", a_png)
+    _save(tmp_path / "in" / "a.jpg", a_jpg)
+    _save(tmp_path / "in" / "b.png", b)
+    assert main(["denoise", str(tmp_path / "in"), "-o", str(tmp_path / "out")]) == 0
+    assert "wrote 3 of 3 image(s)" in capsys.readouterr().out
+    out = tmp_path / "out" / "in"
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg_gb.png", "a.png_gb.png", "b_gb.png"]
+    got_png = np.asarray(Image.open(out / "a.png_gb.png"))
+    np.testing.assert_array_equal(got_png, gbjax.gb_denoise(a_png, threshold=20.0, purity=0.9))
+    jpg_read = np.asarray(Image.open(tmp_path / "in" / "a.jpg").convert("RGB"))
+    got_jpg = np.asarray(Image.open(out / "a.jpg_gb.png"))
+    np.testing.assert_array_equal(got_jpg, gbjax.gb_denoise(jpg_read, threshold=20.0, purity=0.9))
+
+
+def test_colliding_outputs_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    _no_reading(monkeypatch)
+    _save(tmp_path / "x" / "a.png", _img(0))
+    _save(tmp_path / "y" / "a.png", _img(1))
+    assert _run(tmp_path / "x" / "a.png", tmp_path / "y" / "a.png", "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "collide" in err and str(tmp_path / "x" / "a.png") in err
+    assert str(tmp_path / "y" / "a.png") in err
+    # two folders of the same name
+    _save(tmp_path / "x" / "in" / "c.png", _img(2))
+    _save(tmp_path / "y" / "in" / "c.png", _img(3))
+    assert _run(tmp_path / "x" / "in", tmp_path / "y" / "in", "-o", tmp_path / "out") == 2
+    assert "collide" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path, monkeypatch, capsys):
+    _save(tmp_path / "a.png", _img(0))
+    assert _run(tmp_path / "a.png", "-o", tmp_path / "out") == 0
+    target = tmp_path / "out" / "a_gb.png"
+    target.write_bytes(b"the user's own file")
+    with monkeypatch.context() as m:
+        _no_reading(m)
+        assert _run(tmp_path / "a.png", "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "already exist" in err and "--overwrite" in err
+    assert target.read_bytes() == b"the user's own file"
+    assert _run(tmp_path / "a.png", "-o", tmp_path / "out", "--overwrite") == 0
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(target)), gbjax.gb_denoise(_img(0), threshold=20.0, purity=0.9)
+    )
+    # an output that is one of the inputs is never replaced, even with --overwrite
+    _save(tmp_path / "in" / "b.png", _img(1))
+    _save(tmp_path / "in" / "b_gb.png", _img(2))
+    assert _run(tmp_path / "in", "-o", tmp_path, "--overwrite") == 2
+    assert "would replace an input" in capsys.readouterr().err
+
+
+def test_output_folder_is_checked_before_reading(tmp_path, monkeypatch, capsys):
+    _no_reading(monkeypatch)
+    _save(tmp_path / "in" / "a.png", _img(0))
+    (tmp_path / "file").write_text("not a folder")
+    assert _run(tmp_path / "in", "-o", tmp_path / "file") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "in").write_text("blocks the sub-folder")
+    assert _run(tmp_path / "in", "-o", tmp_path / "out") == 2
+    assert "is a file" in capsys.readouterr().err
+    # a folder without write permission (as root, which ignores it, os.access says no)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    real_access = os.access
+    ro = str(tmp_path / "ro")
+    monkeypatch.setattr(os, "access", lambda p, mode: os.fspath(p) != ro and real_access(p, mode))
+    try:
+        assert _run(tmp_path / "in", "-o", tmp_path / "ro" / "out") == 2
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    assert "permission denied" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_found_before_clustering(tmp_path, monkeypatch, capsys):
+    import gbjax.gb
+
+    clustered = []
+    real = gbjax.gb.gb_cluster
+    monkeypatch.setattr(
+        gbjax.gb, "gb_cluster", lambda x, **kw: clustered.append(np.shape(x)) or real(x, **kw)
+    )
+
+    def read_only_fs(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_fs)
+    _save(tmp_path / "a.png", _img(0))
+    assert _run(tmp_path / "a.png", "-o", tmp_path / "out") == 2
+    assert "Read-only file system" in capsys.readouterr().err
+    assert all(len(s) == 3 for s in clustered)  # only the 2x2 option check ran
+
+
+def test_unreadable_subfolder_is_reported(tmp_path, monkeypatch, capsys):
+    _save(tmp_path / "in" / "a.png", _img(0))
+    _save(tmp_path / "in" / "sub" / "b.png", _img(1))
+    with unreadable(tmp_path / "in" / "sub", monkeypatch):
+        rc = _run(tmp_path / "in", "-o", tmp_path / "out")
+        err = capsys.readouterr().err
+        assert rc == 1
+        assert "cannot read folder" in err and str(tmp_path / "in" / "sub") in err
+        assert "1 input(s) not written" in err
+        assert (tmp_path / "out" / "in" / "a_gb.png").exists()
+        assert _run(tmp_path / "in", "-o", tmp_path / "o2", "--fail-fast") == 1
+        assert not (tmp_path / "o2").exists()
+
+
+def test_symlinked_folders_are_followed(tmp_path):
+    _save(tmp_path / "in" / "a.png", _img(0))
+    _save(tmp_path / "elsewhere" / "b.png", _img(1))
+    (tmp_path / "in" / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "in" / "loop").symlink_to(tmp_path / "in", target_is_directory=True)
+    assert _run(tmp_path / "in", "-o", tmp_path / "out") == 0
+    got = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png"))
+    assert got == ["in/a_gb.png", "in/link/b_gb.png"]  # the loop is not walked again
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--batch-size", "-1"],
+        ["--batch-size", "0"],
+        ["--capacity", "0"],
+        ["--capacity", "many"],
+        ["--threshold", "-1"],
+        ["--threshold", "nan"],
+        ["--purity", "0"],
+        ["--min-ball-size", "0"],
+        ["--spatial", "-1"],
+        ["--comp"],  # abbreviations are off
+    ],
+)
+def test_bad_options_are_parser_errors(tmp_path, option, capsys):
+    _save(tmp_path / "a.png", _img(0))
+    with pytest.raises(SystemExit) as e:
+        main(["denoise", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), *option])
+    assert e.value.code == 2
+    assert option[0] in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_group_is_reported_and_the_others_written(tmp_path, monkeypatch, capsys):
+    import gbjax.gb
+
+    def fake_cluster(x, **kw):
+        x = np.asarray(x)
+        if x.ndim == 4 and x.shape[1] == 8:
+            raise ValueError("image too large for the memory budget")
+        n = len(x) if x.ndim == 4 else 1
+        return types.SimpleNamespace(image=x, n_balls=np.ones(n), saturated=np.zeros(n, bool))
+
+    monkeypatch.setattr(gbjax.gb, "gb_cluster", fake_cluster)
+    _save(tmp_path / "in" / "big.png", _img(0, (8, 8, 3)))
+    _save(tmp_path / "in" / "ok.png", _img(1))
+    assert main(["denoise", str(tmp_path / "in"), "-o", str(tmp_path / "out")]) == 1
+    cap = capsys.readouterr()
+    assert "wrote 1 of 2 image(s)" in cap.out
+    assert "1 input(s) not written" in cap.err and "memory budget" in cap.err
+    assert str(tmp_path / "in" / "big.png") in cap.err
+    assert (tmp_path / "out" / "in" / "ok_gb.png").exists()
+    assert not (tmp_path / "out" / "in" / "big_gb.png").exists()

@@ -15,13 +15,15 @@ import sys
 import tarfile
 import types
 import urllib.error
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
+from unreadable import unreadable
 
 from gbjax import data
-from gbjax.data import CorruptDataError, DataNotFoundError, cache, decode, sources
+from gbjax.data import CorruptDataError, DataNotFoundError, cache, decode, preprocess, sources
 
 RNG = np.random.default_rng(0)
 
@@ -378,6 +380,95 @@ def test_load_image_folder_wrong_depth(tmp_path):
         data.load_image_folder(tmp_path / "w", progress=False)
 
 
+def _png16(path, arr):
+    """A 16-bit PNG (greyscale or RGB), written by hand (Pillow cannot write 16-bit RGB)."""
+    h, w = arr.shape[:2]
+    colour = 2 if arr.ndim == 3 else 0
+    raw = b"".join(b"\x00" + arr[r].astype(">u2").tobytes() for r in range(h))
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_load_image_folder_refuses_16_bit_images(tmp_path, channels):
+    write_tree(tmp_path / "f", {"a/0.png": np.zeros((4, 4, channels), np.uint8)})
+    deep = np.full((4, 4) + ((3,) if channels == 3 else ()), 40000, np.uint16)
+    _png16(tmp_path / "f" / "b" / "1.png", deep)
+    with pytest.raises(ValueError, match=r"(?s)b/1\.png: image with 16-bit.*8 bits first"):
+        data.load_image_folder(tmp_path / "f", progress=False)
+
+
+def test_load_image_folder_unreadable_class_folder_is_an_error(tmp_path, monkeypatch):
+    tree = image_tree({"s": 1}, classes=("a", "b", "c"), size=(4, 4))
+    write_tree(tmp_path / "f", {k[2:]: v for k, v in tree.items()})
+    with unreadable(tmp_path / "f" / "b", monkeypatch):
+        with pytest.raises(CorruptDataError, match="cannot read folder .*/f/b"):
+            data.load_image_folder(tmp_path / "f", progress=False)
+        with pytest.raises(CorruptDataError, match="f/b"):  # the cached path too
+            data.load_image_folder(tmp_path / "f", cache_dir=tmp_path / "c", progress=False)
+    assert not list((tmp_path).glob("c/*.npz"))
+
+
+def test_load_image_folder_follows_symlinked_class_folders(tmp_path):
+    tree = image_tree({"s": 2}, classes=("a", "b", "c"), size=(4, 4))
+    write_tree(tmp_path / "f", {k[2:]: v for k, v in tree.items() if "/b/" not in k})
+    write_tree(tmp_path / "elsewhere", {k[2:]: v for k, v in tree.items() if "/b/" in k})
+    (tmp_path / "f" / "b").symlink_to(tmp_path / "elsewhere" / "b", target_is_directory=True)
+    (tmp_path / "f" / "a" / "loop").symlink_to(tmp_path / "f", target_is_directory=True)
+    want_x, want_y = expected_from_tree(tree, "s", ["a", "b", "c"])
+    for cache_dir in (None, tmp_path / "c"):
+        x, y = data.load_image_folder(tmp_path / "f", cache_dir=cache_dir, progress=False)
+        np.testing.assert_array_equal(y, want_y)
+        np.testing.assert_array_equal(x, want_x)
+
+
+def test_load_image_folder_refuses_what_would_shift_labels(tmp_path):
+    tree = image_tree({"s": 1}, classes=("a", "b", "c"), size=(4, 4))
+    write_tree(tmp_path / "f", {k[2:]: v for k, v in tree.items()})
+    with pytest.raises(ValueError, match=r"\['a'\] appear more than once"):
+        data.load_image_folder(tmp_path / "f", classes=["a", "b", "a", "c"], progress=False)
+    with pytest.raises(ValueError, match="not .*string|the string"):
+        data.load_image_folder(tmp_path / "f", classes="abc", progress=False)
+    (tmp_path / "f" / "b0_empty").mkdir()  # sorts between a and b: would renumber b, c
+    with pytest.raises(ValueError, match=r"\['b0_empty'\] hold no images"):
+        data.load_image_folder(tmp_path / "f", progress=False)
+    _, y = data.load_image_folder(tmp_path / "f", classes=["a", "b0_empty", "b", "c"])
+    np.testing.assert_array_equal(y, [0, 2, 3])  # explicit classes: an empty one is fine
+
+
+@pytest.mark.parametrize("bad", [10, 200, 255])
+def test_idx_labels_out_of_range_are_refused(tmp_path, bad):
+    x, y = tiny_mnist(5)
+    y[3] = bad
+    write_idx_set(tmp_path / "mnist", "test", x, y)
+    with pytest.raises(CorruptDataError, match=rf"(?s)t10k-labels.*label {bad} at index 3.*0\.\.9"):
+        data.load("mnist", "test", tmp_path, progress=False)
+    assert cache_files(tmp_path) == []
+
+
+def test_tfds_labels_out_of_range_are_refused(tmp_path, monkeypatch):
+    x, y = tiny_mnist(5)
+    y[0] = 200
+    fake = types.ModuleType("tensorflow_datasets")
+    fake.__version__ = "0.fake"
+    fake.load = lambda name, **kw: (x[..., None], y)
+    fake.as_numpy = lambda ds: ds
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    with pytest.raises(CorruptDataError, match="label 200 at index 0"):
+        data.load("mnist", "test", download=False, progress=False)
+
+
 # --------------------------------------------------------------------------- #
 # Cache
 # --------------------------------------------------------------------------- #
@@ -422,7 +513,7 @@ def test_unreadable_cache_entry_is_rebuilt(tmp_path):
     data.load("mnist", "test", tmp_path, progress=False)
     (entry,) = (tmp_path / "cache").glob("*.npz")
     entry.write_bytes(entry.read_bytes()[:50])  # truncated cache file
-    with pytest.warns(UserWarning, match="unreadable cache entry"):
+    with pytest.warns(UserWarning, match="corrupt or unreadable cache entry"):
         xi, _ = data.load("mnist", "test", tmp_path, progress=False)
     np.testing.assert_array_equal(xi[..., 0], x)
     data.load("mnist", "test", tmp_path, progress=False)  # rebuilt: no warning now
@@ -471,9 +562,100 @@ def test_save_arrays_round_trips_and_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(path.parent) == ["gb-images.npz"]  # old file kept, no temp file
     np.testing.assert_array_equal(cache.load_arrays(path)["x"], arrays["x"])
     monkeypatch.undo()
-    cache.save_arrays(path, {"o": np.array([{}], dtype=object)})
+    with pytest.raises(ValueError, match="dtype object"):  # would be pickled: refused
+        cache.save_arrays(path, {"o": np.array([{}], dtype=object)})
+    np.savez(path, o=np.array([{}], dtype=object))
     with pytest.raises(ValueError):  # pickled objects are refused on reading
+        cache.load_arrays(path, verify=False)
+
+
+def _find_all(blob, sub):
+    i = blob.find(sub)
+    while i >= 0:
+        yield i
+        i = blob.find(sub, i + 1)
+
+
+def test_load_arrays_verifies_the_checksum(tmp_path):
+    path = tmp_path / "a.npz"
+    arrays = {"images": RNG.integers(0, 256, (6, 5, 5, 1), dtype=np.uint8), "labels": np.arange(6)}
+    cache.save_arrays(path, arrays)
+    blob = path.read_bytes()
+    names = [m + k for k in range(len(b"labels")) for m in _find_all(blob, b"labels")]
+    for i in sorted(set(range(0, len(blob), 3)) | set(names)):  # refused, or the same arrays
+        bad = bytearray(blob)
+        bad[i] ^= 0x10
+        path.write_bytes(bytes(bad))
+        try:
+            got = cache.load_arrays(path)
+        except Exception:
+            continue
+        assert list(got) == list(arrays), i
+        for k, v in arrays.items():
+            assert got[k].dtype == v.dtype and np.array_equal(got[k], v), (i, k)
+    # a valid .npz without a checksum (another writer, bit rot re-zipped): refused
+    np.savez(path, **arrays)
+    with pytest.raises(CorruptDataError, match="no __sha256__ checksum.*verify=False"):
         cache.load_arrays(path)
+    np.testing.assert_array_equal(cache.load_arrays(path, verify=False)["labels"], np.arange(6))
+    with pytest.raises(ValueError, match="reserved"):
+        cache.save_arrays(path, {"__sha256__": np.zeros(1)})
+
+
+def test_rewritten_data_cache_entry_is_rebuilt_not_served(tmp_path):
+    x, y = tiny_mnist(4)
+    write_idx_set(tmp_path / "mnist", "test", x, y)
+    data.load("mnist", "test", tmp_path, progress=False)
+    (entry,) = (tmp_path / "cache").glob("*.npz")
+    z = cache.load_arrays(entry)
+    np.savez(entry, images=255 - z["images"], labels=z["labels"])  # valid zip, wrong pixels
+    with pytest.warns(UserWarning, match="corrupt or unreadable cache entry"):
+        xi, _ = data.load("mnist", "test", tmp_path, progress=False)
+    np.testing.assert_array_equal(xi[..., 0], x)
+    cache.load_arrays(entry)  # rebuilt, with a checksum
+
+
+def _fake_gb(monkeypatch):
+    """gb_denoise replaced by a cheap stand-in that counts its calls."""
+    import gbjax.gb
+
+    calls = []
+    monkeypatch.setattr(
+        gbjax.gb, "gb_denoise", lambda x, progress=True, **kw: calls.append(1) or 255 - x
+    )
+    return calls
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "no checksum", "legacy npy"])
+def test_gb_cache_is_verified_on_read(tmp_path, monkeypatch, damage):
+    calls = _fake_gb(monkeypatch)
+    x = RNG.integers(0, 256, (3, 6, 6, 1), dtype=np.uint8)
+    kw = dict(cache_dir=tmp_path / "gb", threshold=20.0, progress=False)
+    np.testing.assert_array_equal(data.gb_processed(x, **kw), 255 - x)
+    np.testing.assert_array_equal(data.gb_processed(x, **kw), 255 - x)
+    assert len(calls) == 1  # served from the cache
+    (entry,) = (tmp_path / "gb").glob("gb_*.npz")
+    blob = entry.read_bytes()
+    if damage == "flipped byte":
+        i = blob.index((255 - x).tobytes()) + 50
+        entry.write_bytes(blob[:i] + bytes([blob[i] ^ 1]) + blob[i + 1 :])
+    elif damage == "truncated":
+        entry.write_bytes(blob[: len(blob) // 2])
+    elif damage == "no checksum":
+        np.savez(entry, images=np.zeros_like(x))
+    else:  # an unverified .npy entry of the earlier format is never served
+        entry.unlink()
+        np.save(entry.with_suffix(".npy"), np.zeros_like(x))
+    if damage == "legacy npy":
+        out = data.gb_processed(x, **kw)
+        assert not entry.with_suffix(".npy").exists()  # replaced by the verified entry
+    else:
+        with pytest.warns(UserWarning, match="GB cache entry .* corrupt or unreadable"):
+            out = data.gb_processed(x, **kw)
+    np.testing.assert_array_equal(out, 255 - x)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(cache.load_arrays(entry)["images"], 255 - x)  # rebuilt
+    assert preprocess.gb_processed is data.gb_processed
 
 
 # --------------------------------------------------------------------------- #

@@ -49,8 +49,19 @@ Decoded arrays are cached as uncompressed ``.npz`` files in ``cache_dir``, else
 absolute path, size and modification time (for a folder: every file's relative
 path, size and mtime), so a changed source is re-decoded, never served stale.
 Entries are written to a temporary file in the cache folder and moved into place
-with :func:`os.replace`, so an interrupted run never leaves a partial entry; an
-unreadable entry is discarded and rebuilt. An unwritable cache only warns.
+with :func:`os.replace`, so an interrupted run never leaves a partial entry.
+Every entry (and every ``gb_processed`` entry) holds a SHA-256 of its arrays,
+checked on each read: a corrupt or unreadable entry is discarded with a warning
+and rebuilt, never served. An unwritable cache only warns.
+
+What the loaders refuse
+-----------------------
+Nothing is dropped or changed silently: labels outside a data set's classes
+(MNIST, Fashion-MNIST, CIFAR-10: 0..9) are a :class:`CorruptDataError`; in image
+folders a folder that cannot be read is an error (symlinked folders are
+followed), as are repeated names in ``classes``, an empty class folder when the
+labels come from the sorted folder names, and images with more than 8 bits per
+channel (16-bit PNGs: convert them to 8 bits first; they are never clipped).
 
 Modules
 -------

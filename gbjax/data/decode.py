@@ -17,7 +17,11 @@ Archives are read fully into memory and indexed with :mod:`tarfile`
 (:func:`_tar_members`); members are sliced from the bytes rather than extracted.
 
 Every decoder raises :class:`CorruptDataError` naming the offending file (and
-member) when the data is corrupt, truncated or of an unexpected shape. Which
+member) when the data is corrupt, truncated or of an unexpected shape, or holds
+labels outside the data set's classes. Nothing is dropped or changed silently:
+folders are walked with symlinks followed (:func:`_walk_tree`) and one that
+cannot be read is an error; images with more than 8 bits per channel are
+refused rather than clipped; repeated class names are refused. Which
 files to decode, and caching of the result, are the business of
 :mod:`gbjax.data.sources` and :mod:`gbjax.data.cache`.
 """
@@ -105,7 +109,20 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, np.uint8, count=want, offset=header).reshape(dims).copy()
 
 
-def _decode_idx_pair(images_path: str, labels_path: str) -> Arrays:
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Refuse labels outside ``0 .. num_classes - 1`` (a training run would see extra classes)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise CorruptDataError(
+            f"{where}: label {int(labels[i])} at index {i} ({bad.size} label(s) in all) is outside "
+            f"0..{num_classes - 1}; this data set has {num_classes} classes, so the file is "
+            "corrupt or not this data set's labels"
+        )
+
+
+def _decode_idx_pair(images_path: str, labels_path: str, num_classes: int) -> Arrays:
+    """An IDX images file and its labels file; every label must lie in ``0..num_classes-1``."""
     x = _read_idx(images_path)
     y = _read_idx(labels_path)
     if x.ndim != 3:
@@ -116,6 +133,7 @@ def _decode_idx_pair(images_path: str, labels_path: str) -> Arrays:
         raise CorruptDataError(
             f"{images_path} has {len(x)} images but {labels_path} has {len(y)} labels"
         )
+    _check_labels(y, num_classes, labels_path)
     return x[..., None], y.astype(np.int32)
 
 
@@ -232,11 +250,52 @@ def _is_image_name(fname: str) -> bool:
     return not fname.startswith(".") and fname.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _walk_tree(
+    root: str,
+    *,
+    skip_hidden: bool,
+    on_error: Callable[[OSError], None] | None = None,
+):
+    """``os.walk(root, followlinks=True)``, sorted, without following a symlink loop.
+
+    Symlinked folders are followed, as ``os.walk(followlinks=True)`` does in a
+    user's own script; a link back to a folder already on the current path is
+    not entered again (otherwise the walk would never end). A folder that cannot
+    be listed is passed to ``on_error`` (an :class:`OSError` with ``.filename``);
+    by default it is a :class:`CorruptDataError` naming the folder. ``skip_hidden``
+    leaves out folders whose names start with ``.``.
+    """
+
+    def refuse(err: OSError) -> None:
+        raise CorruptDataError(
+            f"cannot read folder {err.filename} ({err.strerror or err}); "
+            "fix its permissions or move it out of " + root
+        ) from err
+
+    chains = {root: frozenset({os.path.realpath(root)})}
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error or refuse, followlinks=True):
+        chain = chains.pop(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            if skip_hidden and d.startswith("."):
+                continue
+            sub = os.path.join(dirpath, d)
+            real = os.path.realpath(sub)
+            if real not in chain:  # else a symlink back to an enclosing folder
+                chains[sub] = chain | {real}
+                keep.append(d)
+        dirnames[:] = keep
+        yield dirpath, dirnames, sorted(filenames)
+
+
 def _folder_entries(root: str, depth: int) -> list[_Entry]:
-    """Image files exactly ``depth`` levels below ``root`` (``<class>/<file>`` for 2)."""
+    """Image files exactly ``depth`` levels below ``root`` (``<class>/<file>`` for 2).
+
+    Symlinked folders are followed; a folder that cannot be read is a
+    :class:`CorruptDataError` (never skipped, which would drop a class).
+    """
     entries, misplaced = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for dirpath, _, filenames in _walk_tree(root, skip_hidden=True):
         rel = os.path.relpath(dirpath, root)
         parts = () if rel == "." else tuple(rel.split(os.sep))
         for f in filenames:
@@ -251,6 +310,17 @@ def _folder_entries(root: str, depth: int) -> list[_Entry]:
             "pass the folder that directly holds the class folders"
         )
     return entries
+
+
+def _class_folders(root: str) -> list[str]:
+    """Names of the (non-hidden) folders directly in ``root``, symlinks followed, sorted."""
+    try:
+        names = os.listdir(root)
+    except OSError as e:
+        raise CorruptDataError(f"cannot read folder {root} ({e.strerror or e})") from e
+    return sorted(
+        n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(root, n))
+    )
 
 
 def _archive_entries(path: str, keep: Callable[[tuple[str, ...]], bool]) -> list[_Entry]:
@@ -291,6 +361,34 @@ def _decode_cifar_image_tar(path: str, split: str, progress: bool) -> Arrays | N
     )
 
 
+def _check_classes(classes: Sequence[str]) -> None:
+    """Refuse a bare string and repeated names (either would silently shift the labels)."""
+    if isinstance(classes, (str, bytes)):
+        raise ValueError(f"classes: expected a sequence of class names, got the string {classes!r}")
+    seen, dup = set(), []
+    for c in classes:
+        if c in seen and c not in dup:
+            dup.append(c)
+        seen.add(c)
+    if dup:
+        raise ValueError(
+            f"classes: {dup[:5]} appear more than once; give each class name once, "
+            "in label order (a repeated name would shift the labels after it)"
+        )
+
+
+def _deep_mode(im) -> str | None:
+    """A description if ``im`` holds more than 8 bits per channel, else None (before load)."""
+    for tile in getattr(im, "tile", None) or ():
+        raw = tile[3] if len(tile) > 3 else None
+        raw = raw[0] if isinstance(raw, tuple) and raw else raw
+        if isinstance(raw, str) and (raw.startswith("I;16") or raw.endswith((";16B", ";16L"))):
+            return f"16-bit (mode {im.mode}, raw {raw})"
+    if im.mode.startswith(("I", "F")):
+        return f"more than 8 bits per channel (mode {im.mode})"
+    return None
+
+
 def _decode_entries(
     entries: list[_Entry],
     classes: Sequence[str],
@@ -304,6 +402,7 @@ def _decode_entries(
     from PIL import Image  # pillow is a core dependency; imported lazily for start-up time
     from tqdm.auto import tqdm
 
+    _check_classes(classes)
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({p[-2] for p, _ in entries} - set(index))
     if unknown:
@@ -320,9 +419,16 @@ def _decode_entries(
         src = e[1] if isinstance(e[1], str) else io.BytesIO(e[1])
         try:
             im = Image.open(src)
+            deep = _deep_mode(im)
             im.load()
         except Exception as err:
             raise CorruptDataError(f"{where(e)}: cannot decode image ({err})") from err
+        if deep:
+            raise ValueError(
+                f"{where(e)}: image with {deep}; gbjax data sets are 8-bit (uint8) and this "
+                "image would be clipped or rescaled. Convert the images to 8 bits first, e.g. "
+                "(a / 257).round().astype(np.uint8) for 16-bit ones"
+            )
         return im
 
     first = open_image(entries[0])

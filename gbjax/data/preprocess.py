@@ -4,7 +4,10 @@ The one way gbjax GB-processes a data set: training with
 ``Config.preprocess="gb"`` and every experiment call :func:`gb_processed`. The
 cache key covers the engine's output version (``gbjax.gb.OUTPUT_VERSION``), the
 parameters and the images' bytes, so an entry is never served for other
-inputs or for output of an older engine.
+inputs or for output of an older engine. Entries are ``.npz`` files written by
+:func:`gbjax.data.cache.save_arrays` with a SHA-256 of their contents, which is
+verified on every read: a corrupt or unreadable entry is never served; it is
+recomputed, with a warning, and replaced.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
+import warnings
 
 import numpy as np
+
+from gbjax.data.cache import load_arrays, save_arrays
 
 __all__ = ["gb_processed"]
 
@@ -45,8 +50,9 @@ def gb_processed(
 
     ``images``: uint8 ``(N, H, W, C)``. ``cache_dir``: else ``$GBJAX_CACHE_DIR``,
     else ``~/.cache/gbjax``. Entries are written to a temporary file and moved
-    into place, so an interrupted run leaves no partial entry; an unreadable
-    entry is recomputed.
+    into place, so an interrupted run leaves no partial entry, and carry a
+    SHA-256 checked on every read: a corrupt or unreadable entry is recomputed
+    (with a warning) and replaced, never served.
     """
     from gbjax import gb
 
@@ -58,23 +64,45 @@ def gb_processed(
     for k in ("scale", "progress"):
         if k in gb_kwargs:
             raise ValueError(f"{k}: not a parameter of gb_processed (uint8 images in, uint8 out)")
-    path = _cache_root(cache_dir) / f"gb_{_key(images, gb_kwargs)}.npy"
+    path = _cache_root(cache_dir) / f"gb_{_key(images, gb_kwargs)}.npz"
     if use_cache and path.exists():
-        try:
-            out = np.load(path)
-            if out.shape == images.shape and out.dtype == np.uint8:
-                return out
-        except (OSError, ValueError):
-            pass
+        out = _read_entry(path, images.shape)
+        if out is not None:
+            return out
     out = np.asarray(gb.gb_denoise(images, progress=progress, **gb_kwargs))
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gb-", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, out)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _write_entry(path, out)
     return out
+
+
+def _read_entry(path: pathlib.Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The verified cached images, or None (with a warning) when the entry is unusable."""
+    try:
+        out = load_arrays(path)["images"]
+        if out.shape != shape or out.dtype != np.uint8:
+            raise ValueError(f"holds {out.dtype} {out.shape}, expected uint8 {shape}")
+        return out
+    except Exception as e:  # corrupt, truncated, no checksum, wrong contents
+        warnings.warn(
+            f"gbjax: GB cache entry {path} is corrupt or unreadable ({e}); recomputing it",
+            stacklevel=3,
+        )
+        return None
+
+
+def _write_entry(path: pathlib.Path, images: np.ndarray) -> None:
+    """Store atomically with a checksum; a cache that cannot be written only warns."""
+    try:
+        save_arrays(path, {"images": images})
+    except OSError as e:
+        warnings.warn(
+            f"gbjax: could not write GB cache entry {path} ({e}); continuing without cache",
+            stacklevel=3,
+        )
+        return
+    legacy = path.with_suffix(".npy")  # the unverified format of earlier versions
+    if legacy.exists():
+        try:
+            legacy.unlink()
+        except OSError:
+            pass

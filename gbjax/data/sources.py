@@ -23,6 +23,7 @@ a :class:`~gbjax.data.decode.CorruptDataError` stops the search at once.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import urllib.request
@@ -36,6 +37,9 @@ from gbjax.data.decode import (
     Arrays,
     CorruptDataError,
     _archive_entries,
+    _check_classes,
+    _check_labels,
+    _class_folders,
     _decode_cifar_batches_dir,
     _decode_cifar_batches_tar,
     _decode_cifar_image_folder,
@@ -57,6 +61,9 @@ _DIR_ALIASES = {
 }
 
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
+
+#: Number of classes of each data set: labels outside ``0..n-1`` are refused.
+_NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
 
 # Canonical download locations and their published MD5 sums (the MNIST and
 # Fashion-MNIST sums are the ones torchvision and the data sets' pages publish;
@@ -214,23 +221,33 @@ def load_image_folder(
 
     Args:
       path: the folder or archive.
-      classes: class names in label order; defaults to the sorted folder names.
-        A class folder not in ``classes`` is an error.
+      classes: class names in label order, each once; defaults to the sorted
+        folder names. A class folder not in ``classes`` is an error.
       cache_dir: if given, decoded arrays are cached there (keyed on the
-        source's contents' sizes and mtimes, written atomically).
+        source's contents' sizes and mtimes, written atomically, checksummed).
       progress: show a tqdm progress bar while decoding.
 
     All images must have the same size. If the first image is grayscale the
     result has one channel (others are converted to ``L``); otherwise three
     (``RGB``; alpha is dropped).
+
+    Refused, so that no label is shifted and no pixel changed silently: a
+    folder that cannot be read; with ``classes=None``, a class folder without
+    images (the later classes would be renumbered); repeated names in
+    ``classes``; images with more than 8 bits per channel (16-bit PNGs: convert
+    them to 8 bits first). Symlinked folders are followed.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"load_image_folder: {path} does not exist")
+    if classes is not None:
+        _check_classes(classes)
 
     def decode() -> Arrays:
         if os.path.isdir(path):
             entries = _folder_entries(path, depth=2)
+            if classes is None:
+                _refuse_empty_classes(path, entries)
         else:
             entries = _archive_entries(path, lambda parts: len(parts) >= 2)
             prefixes = sorted({"/".join(p[:-2]) for p, _ in entries})
@@ -255,10 +272,22 @@ def load_image_folder(
     if cache_dir is None:
         return decode()
     key_name = "folder-" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:8]
-    extra = "classes=" + ("|".join(classes) if classes is not None else "<sorted>")
+    extra = "classes=" + (json.dumps(list(classes)) if classes is not None else "<sorted>")
     out = _cached(_cache_root(cache_dir), key_name, "all", (path,), extra, decode)
     assert out is not None
     return out
+
+
+def _refuse_empty_classes(path: str, entries: list) -> None:
+    """With labels numbered by sorted folder name, a class folder without images would shift
+    every later label: refuse it."""
+    found = {p[-2] for p, _ in entries}
+    empty = [c for c in _class_folders(path) if c not in found]
+    if empty:
+        raise ValueError(
+            f"{path}: class folder(s) {empty[:5]} hold no images, so the labels of the later "
+            "classes would shift; remove the empty folder(s) or pass classes=[...] explicitly"
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -337,7 +366,8 @@ def _idx_candidates(d: str, split: str, progress: bool) -> list[_Candidate]:
         _Candidate(
             f"{images} + {os.path.basename(labels)}",
             (images, labels),
-            lambda: _decode_idx_pair(images, labels),
+            # MNIST and Fashion-MNIST both have 10 classes
+            lambda: _decode_idx_pair(images, labels, _NUM_CLASSES["mnist"]),
         )
     ]
 
@@ -401,10 +431,14 @@ def _load_tfds(
         x = np.asarray(x, np.uint8)
         if x.ndim == 3:
             x = x[..., None]
-        return np.ascontiguousarray(x), np.asarray(y, np.int32)
+        y = np.asarray(y, np.int32)
+        _check_labels(y, _NUM_CLASSES[name], f"tfds.load({name!r}, split={split!r})")
+        return np.ascontiguousarray(x), y
 
     try:
         return _cached(cache_root, name, split, (), f"tfds-{version}", decode)
+    except CorruptDataError:  # e.g. labels out of range: stop, as for a local file
+        raise
     except Exception as e:
         call = f"tfds.load({name!r}, split={split!r})"
         tried.append(f"tensorflow-datasets: {call} failed ({type(e).__name__}: {e})")
