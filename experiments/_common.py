@@ -7,6 +7,16 @@ then runs its protocol with the public gbjax API and ends with
 :meth:`Run.finish`, which writes ``results.json`` (numbers, configuration,
 timings, machine and commit), ``results.md`` (tables beside the papers'),
 ``results.csv`` and prints a summary. Plots go through :func:`plot_curves`.
+
+Output folders: nothing is lost. Before anything is created, the flags are
+checked (argparse errors, exit 2, abbreviations off; a named data folder must
+exist) and so is ``--out``: a folder that already holds results, another
+experiment's run, or files of the user's own is refused; one holding an
+unfinished run of the same arguments (``run.json``) is continued, its finished
+trainings reused (:func:`train_model`). ``--overwrite`` starts over in a folder
+of this experiment, deleting only what the experiment wrote there (its results
+files and the trainer's files in its checkpoint folders). ``--merge`` never
+writes into one of its inputs.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -
 import numpy as np  # noqa: E402
 
 SYNTHETIC_ENV = "GBJAX_SYNTHETIC_DATA"
+RUN_FILE = "run.json"  # in each output folder: the experiment and its arguments
+RESULT_FILES = ("results.json", "results.md", "results.csv")
 SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 
@@ -40,8 +52,51 @@ SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32
 # flags
 
 
+class ExperimentParser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--smok`` is an error, not ``--smoke``) that
+    also checks, before anything is created, that a named data folder exists."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, **kw)
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        ns._parser = self  # for usage_error()
+        if not (getattr(ns, "merge", None) or use_synthetic(ns)):
+            check_data_dir(ns)
+        return ns
+
+
+def usage_error(args, message: str):
+    """Exits like an argparse error (usage, ``error: message``, status 2)."""
+    parser = getattr(args, "_parser", None)
+    if parser is None:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    parser.error(message)
+
+
+def check_data_dir(args) -> None:
+    """``--data-dir`` (else ``$GBJAX_DATA_DIR``), when given, must be a folder."""
+    if args.data_dir is not None:
+        if not os.path.isdir(args.data_dir):
+            usage_error(
+                args,
+                f"--data-dir {args.data_dir}: no such directory (give the folder holding "
+                "mnist/ and cifar10/, or --synthetic for a stand-in)",
+            )
+        return
+    env = os.environ.get("GBJAX_DATA_DIR")
+    if env and not os.path.isdir(env):
+        usage_error(
+            args,
+            f"$GBJAX_DATA_DIR={env}: no such directory (set it to the folder holding mnist/ "
+            "and cifar10/, or pass --data-dir DIR)",
+        )
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ExperimentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     mode = p.add_mutually_exclusive_group()
@@ -72,6 +127,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out", default=None, help="output directory (default: results/<experiment>/<timestamp>/)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out folder of this experiment that already holds results or "
+        "another run (deletes only what the experiment wrote there)",
     )
     p.add_argument("--n-train", type=int, default=None, help="override: training images used")
     p.add_argument("--n-test", type=int, default=None, help="override: test images evaluated")
@@ -105,12 +166,93 @@ def use_synthetic(args) -> bool:
     return bool(args.synthetic or os.environ.get(SYNTHETIC_ENV, "") not in ("", "0"))
 
 
-def out_dir(experiment: str, out: str | None) -> pathlib.Path:
-    if out is None:
+def run_identity(experiment: str, args) -> dict:
+    """What makes two runs the same run: the experiment and its arguments (where
+    the data and outputs live, and progress bars, aside)."""
+    skip = {"out", "overwrite", "no_progress", "data_dir"}
+    kept = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in skip}
+    kept["synthetic"] = use_synthetic(args)
+    return json.loads(json.dumps({"experiment": experiment, "args": kept}, default=str))
+
+
+def _read_json(path: pathlib.Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_out(experiment: str, args) -> tuple[pathlib.Path, str]:
+    """The output folder and what to do with it: ``"new"``, ``"continue"`` (an
+    unfinished run of the same arguments) or ``"overwrite"``. Read-only: a folder
+    that may not be used is an argparse error (see the module docstring)."""
+    if args.out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = os.path.join("results", experiment, stamp)
-    path = pathlib.Path(out)
+        args.out = os.path.join("results", experiment, stamp)
+    path = pathlib.Path(args.out)
+    if not path.exists():
+        return path, "new"
+    if not path.is_dir():
+        usage_error(args, f"--out {path}: exists and is not a folder")
+    prev, results = _read_json(path / RUN_FILE), _read_json(path / "results.json")
+    if not isinstance(prev, dict) and not isinstance(results, dict):
+        if any(path.iterdir()):
+            usage_error(
+                args,
+                f"--out {path}: the folder is not empty and holds no experiment run ({RUN_FILE} "
+                "or results.json); choose a new or empty folder (nothing there is touched)",
+            )
+        return path, "new"
+    owner = (prev if isinstance(prev, dict) else results).get("experiment")
+    if owner != experiment:
+        usage_error(args, f"--out {path} holds a run of {owner!r}; choose another folder")
+    if args.overwrite:
+        return path, "overwrite"
+    if isinstance(results, dict):
+        usage_error(
+            args,
+            f"--out {path} already holds results (results.json); pass --overwrite to replace "
+            "them (the run starts over), or choose another folder",
+        )
+    want, had = run_identity(experiment, args)["args"], prev.get("args", {})
+    diff = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
+    if diff:
+        shown = ", ".join(
+            f"--{k.replace('_', '-')} {had.get(k)!r} there, {want.get(k)!r} now" for k in diff
+        )
+        usage_error(
+            args,
+            f"--out {path} holds an unfinished run with other arguments ({shown}); rerun with "
+            "its arguments to continue it, pass --overwrite to start over, or choose another "
+            "folder",
+        )
+    return path, "continue"
+
+
+def prepare_out(experiment: str, args, path: pathlib.Path, how: str) -> pathlib.Path:
+    """Creates (``new``), continues or clears (``overwrite``: only what the experiment
+    wrote) the output folder checked by :func:`check_out`; records ``run.json``."""
+    from gbjax import _workdir
+
+    if how == "continue":
+        print(f"[{experiment}] continuing the unfinished run in {path}: finished trainings reused")
+    if how == "overwrite":
+        ckpts = path / "checkpoints"
+        for wd in sorted(ckpts.iterdir()) if ckpts.is_dir() else ():
+            try:
+                _workdir.clear(wd)
+            except _workdir.WorkdirBusyError as e:
+                usage_error(args, f"--overwrite: {e}")
+            except _workdir.WorkdirError:  # not a training folder: not the experiment's
+                pass
+        for name in RESULT_FILES:
+            (path / name).unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+    rec = dict(run_identity(experiment, args), argv=sys.argv, started=started)
+    tmp = path / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(rec, indent=2, default=str))
+    os.replace(tmp, path / RUN_FILE)
     return path
 
 
@@ -140,16 +282,23 @@ def synthetic_dataset(name: str, split: str, n: int, seed: int = 0):
 
 
 def train_model(config, workdir: pathlib.Path, train: tuple, test: tuple):
-    """Trains ``config`` on the given uint8 arrays from scratch; returns (eval-mode model,
-    metrics). ``workdir`` keeps the run's metrics and final checkpoint."""
-    import shutil
+    """Trains ``config`` on the given uint8 arrays; returns (eval-mode model, metrics).
 
+    ``workdir`` keeps the run's metrics and final checkpoint. A workdir that already
+    holds this configuration's training on these data (an interrupted experiment run
+    again with the same arguments) is continued, or reused when finished: its model
+    and final metrics come back without training. One of another configuration is
+    refused, never deleted (``--overwrite`` starts the experiment's run over)."""
     from gbjax import train as gtrain
 
-    if workdir.exists():  # never resume a stale run with another config
-        shutil.rmtree(workdir)
     config.data = {"train": train, "test": test}
-    return gtrain.train_and_evaluate(config, workdir)
+    try:
+        return gtrain.train_and_evaluate(config, workdir)
+    except gtrain.WorkdirError as e:
+        raise SystemExit(
+            f"error: {e}\n(For this experiment: rerun with --overwrite to start its run over, "
+            "or choose another --out.)"
+        ) from None
 
 
 # ----------------------------------------------------------------------------
@@ -421,33 +570,40 @@ def start_merge(experiment: str, args, dirs: Sequence[str]) -> tuple[Run, dict]:
     for d in dirs:
         path = pathlib.Path(d) / "results.json"
         if not path.is_file():
-            raise SystemExit(f"error: --merge: no results.json in {d}")
+            usage_error(args, f"--merge: no results.json in {d}")
         results.append(json.loads(path.read_text()))
     first = results[0]
     runs: dict = {}
     for d, res in zip(dirs, results):
         if res.get("experiment") != experiment:
-            raise SystemExit(
-                f"error: --merge: {d} holds {res.get('experiment')!r}, not {experiment!r}"
-            )
+            usage_error(args, f"--merge: {d} holds {res.get('experiment')!r}, not {experiment!r}")
         for k in ("mode", "synthetic"):
             if res.get(k) != first.get(k):
-                raise SystemExit(
-                    f"error: --merge: {d} differs in {k}: {res.get(k)!r} vs {first.get(k)!r}"
+                usage_error(
+                    args, f"--merge: {d} differs in {k}: {res.get(k)!r} vs {first.get(k)!r}"
                 )
         if res["config"] != first["config"]:
-            raise SystemExit(f"error: --merge: {d} was run with another configuration")
+            usage_error(args, f"--merge: {d} was run with another configuration")
         for seed, run in res["runs"].items():
             if int(seed) in runs:
-                raise SystemExit(f"error: --merge: seed {seed} appears twice")
+                usage_error(args, f"--merge: seed {seed} appears twice")
             runs[int(seed)] = run
+    if args.out is not None and any(
+        pathlib.Path(args.out).resolve() == pathlib.Path(d).resolve() for d in dirs
+    ):
+        usage_error(
+            args,
+            f"--out {args.out} is one of the --merge inputs; merging into it would overwrite "
+            "that run's results: choose another --out",
+        )
+    out, how = check_out(experiment, args)
     merged_runtime = float(sum(r.get("runtime_seconds") or 0.0 for r in results))
     timer = Timer(base=merged_runtime)
     timer.marks = {"merged_runtime": merged_runtime}
     run = Run(
         experiment=experiment, mode_name=first["mode"], mode=dict(first["config"]),
         seeds=sorted(runs), synthetic=bool(first["synthetic"]), progress=False,
-        out=out_dir(experiment, args.out), data_dir=None, timer=timer,
+        out=prepare_out(experiment, args, out, how), data_dir=None, timer=timer,
         xtr=None, ytr=None, xte=None, yte=None,
     )  # fmt: skip
     run.merged_from = [
@@ -474,20 +630,24 @@ def start(experiment: str, args, modes: dict, dataset: str, overrides: Sequence[
         if v is not None:
             mode[k] = v
     synthetic, progress = use_synthetic(args), not args.no_progress
-    out = out_dir(experiment, args.out)
+    out, how = check_out(experiment, args)  # before anything is created
     seeds = parse_seeds(args, mode.pop("seeds", None))
-    print(
-        f"[{experiment}] mode={mname} seeds={seeds} synthetic={synthetic} out={out} "
-        f"backend={jax.default_backend()}"
-    )
     split = {}
     for name, n in (("train", mode["n_train"]), ("test", mode["n_test"])):
         if synthetic:
             split[name] = synthetic_dataset(dataset, name, n or 256)
-        else:
+            continue
+        try:
             x, y = data.load(dataset, name, data_dir=args.data_dir, progress=progress)
-            split[name] = data.random_subset(x, np.asarray(y, np.int32), n)
+        except (data.DataNotFoundError, data.CorruptDataError) as e:
+            usage_error(args, f"{e}\n(pass --data-dir DIR, set $GBJAX_DATA_DIR, or --synthetic)")
+        split[name] = data.random_subset(x, np.asarray(y, np.int32), n)
     mode["n_train_eff"], mode["n_test_eff"] = len(split["train"][0]), len(split["test"][0])
+    out = prepare_out(experiment, args, out, how)
+    print(
+        f"[{experiment}] mode={mname} seeds={seeds} synthetic={synthetic} out={out} "
+        f"backend={jax.default_backend()}"
+    )
     return Run(
         experiment=experiment, mode_name=mname, mode=mode, seeds=seeds, synthetic=synthetic,
         progress=progress, out=out, data_dir=args.data_dir, timer=Timer(),

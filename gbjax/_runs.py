@@ -48,12 +48,18 @@ def time_to_target(workdir: str | os.PathLike, target: float) -> dict | None:
 
 
 def restore_model(workdir: str | os.PathLike, step: int | None = None) -> nnx.Module:
-    """The eval-mode model of a run's checkpoint (the latest unless ``step``)."""
+    """The eval-mode model of a run's checkpoint (the latest unless ``step``).
+
+    Checkpoints are checked against their sha256 first: a corrupt latest one is
+    reported and the latest one that verifies is restored; a corrupt ``step``
+    raises :class:`gbjax._workdir.CorruptCheckpointError`."""
     import orbax.checkpoint as ocp
 
+    from gbjax._workdir import verified_step
     from gbjax.train import _split, build_model
 
     workdir = pathlib.Path(workdir)
+    step = verified_step(workdir, step)
     rec = json.loads((workdir / "config.json").read_text())
     fields = {f.name for f in dataclasses.fields(Config)}
     config = Config(**{k: v for k, v in rec.items() if k in fields})
@@ -75,9 +81,6 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> nnx.Mo
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(read_only=True),
     )
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     restored = mngr.restore(
         step,

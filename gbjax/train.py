@@ -29,8 +29,10 @@ Design
   compilation included), so the time to a target accuracy is read off the
   first evaluation that reaches it (:func:`time_to_target`). Orbax checkpoints
   go to ``workdir/checkpoints`` every ``checkpoint_every_steps`` steps and at
-  the end, for resuming a killed run; ``workdir/config.json`` records the
-  configuration.
+  the end, for resuming a killed run, each with a sha256 checked on resume;
+  ``workdir/config.json`` records the configuration (and a fingerprint of the
+  data) that made the workdir. A run with another configuration is refused
+  unless ``--overwrite``; a lock keeps a second run out (:mod:`gbjax._workdir`).
 * A non-finite loss stops the run with :class:`NonFiniteLossError`; checkpoints
   are only written after the loss since the previous one was checked finite.
 """
@@ -54,8 +56,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gbjax import _xla, augment, evaluate, models, optim
+from gbjax import _workdir, _xla, augment, evaluate, models, optim
 from gbjax._runs import restore_model, time_to_target
+from gbjax._workdir import WorkdirBusyError, WorkdirError, WorkdirMismatchError
 from gbjax.config import Config, apply_overrides, load_config, validate_config
 
 __all__ = [
@@ -63,6 +66,9 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "NonFiniteLossError",
+    "WorkdirError",
+    "WorkdirMismatchError",
+    "WorkdirBusyError",
     "build_model",
     "init_model",
     "load_datasets",
@@ -409,8 +415,9 @@ def total_steps_of(config: Config, num_train: int) -> int:
 
 
 def train_and_evaluate(
-    config: Config, workdir: str | os.PathLike, *, stop_after_step: int | None = None
-) -> TrainResult:
+    config: Config, workdir: str | os.PathLike, *, stop_after_step: int | None = None,
+    overwrite: bool = False,
+) -> TrainResult:  # fmt: skip
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint).
 
     Returns ``(model, metrics)``: the trained model in eval mode, and the final
@@ -420,47 +427,60 @@ def train_and_evaluate(
     ``step_time_ms`` (training only, compilation excluded), ``compile_time_s``,
     ``wall_time_s``. ``stop_after_step`` (testing aid) returns right after that
     step, as if the process were killed there.
-    """
-    import orbax.checkpoint as ocp
 
+    The workdir remembers the configuration that made it (``config.json``, with a
+    fingerprint of the data): resuming with another one raises
+    :class:`WorkdirMismatchError` naming the fields that differ, and changes
+    nothing; ``overwrite=True`` starts over, deleting only the trainer's files. A
+    workdir at or beyond the steps asked for trains nothing, says so and returns
+    its model and final metrics. Checkpoints carry a sha256; a corrupt one is
+    reported and the latest one that verifies is used. A second run in a workdir
+    in use raises :class:`WorkdirBusyError`. Details: :mod:`gbjax._workdir`.
+    """
     t_start = time.perf_counter()
     validate_config(config)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    xtr, ytr, xte, yte = load_datasets(config)
-    num_classes = int(max(ytr.max(), yte.max())) + 1
+    data = load_datasets(config)
+    num_classes = int(max(data[1].max(), data[3].max())) + 1
     if config.data is None:
         num_classes = max(num_classes, 10)
+    total_steps = total_steps_of(config, len(data[0]))
+    record = _workdir.make_record(config, data, num_classes=num_classes, total_steps=total_steps)
+    with _workdir.open_workdir(workdir, record, overwrite=overwrite) as wd:
+        return _train(config, wd, data, num_classes, total_steps, t_start, stop_after_step)
+
+
+def _train(config, wd, data, num_classes, total_steps, t_start, stop_after_step) -> TrainResult:
+    """The run of :func:`train_and_evaluate` in the open, locked workdir ``wd``."""
+    import orbax.checkpoint as ocp
+
+    workdir = wd.path
+    xtr, ytr, xte, yte = data
     model = init_model(config, xtr, num_classes)
-    total_steps = total_steps_of(config, len(xtr))
     trainer = Trainer(
         config, model, num_classes=num_classes, num_train=len(xtr), total_steps=total_steps
     )
     steps_per_epoch = trainer.steps_per_epoch
 
-    record = config.to_json_dict()
-    record.update(
-        input_shape=list(xtr.shape[1:]),
-        num_classes=num_classes,
-        num_train=len(xtr),
-        num_test=len(xte),
-        total_steps=total_steps,
-    )
-    (workdir / "config.json").write_text(json.dumps(record, indent=2, default=str))
     metrics_path = workdir / "metrics.jsonl"
     train_data = trainer.put_data(xtr, ytr)
 
     mngr = _checkpoint_manager(workdir, config)
     state = trainer.init_state
     start_step = 0
-    latest = mngr.latest_step()
+    latest = wd.resume_step  # the latest checkpoint that verified
     if latest is not None:
         abstract = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
         )
         state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
         start_step = int(state["step"])
+        if start_step >= total_steps:  # nothing to train: the run's own final metrics
+            mngr.close()
+            ev = lambda: trainer.evaluate(state, xte, yte, tta=config.eval_tta)  # noqa: E731
+            return TrainResult(_returned_model(trainer, state), wd.finished_metrics(start_step, ev))
         _write_jsonl(metrics_path, {"event": "resumed", "step": start_step})
+    elif metrics_path.exists():  # killed before its first checkpoint: starts over
+        _write_jsonl(metrics_path, {"event": "resumed", "step": 0})
     last_good = latest
 
     from tqdm.auto import tqdm
@@ -563,6 +583,7 @@ def train_and_evaluate(
             if do_ckpt:
                 mngr.save(done, args=ocp.args.StandardSave(state))
                 mngr.wait_until_finished()
+                wd.seal(done)  # its checksum, verified on resume
                 last_good = done
             last_sync_step = done
             t_mark, steps_since_mark = time.perf_counter(), 0
@@ -584,6 +605,11 @@ def train_and_evaluate(
         wall_time_s=time.perf_counter() - t_start,
     )
     _write_jsonl(metrics_path, {"event": "summary", **summary})
+    return TrainResult(_returned_model(trainer, state), summary)
+
+
+def _returned_model(trainer: Trainer, state) -> nnx.Module:
+    """The eval-mode model of ``state``, as :func:`train_and_evaluate` returns it."""
     model = trainer.model(state)
     if trainer.mesh.size == 1:
         # on one device, plain uncommitted arrays: arrays carrying the trainer's mesh
@@ -591,21 +617,31 @@ def train_and_evaluate(
         # since their outputs inherit it and first and later calls then differ
         graphdef, arrays = nnx.split(model)
         model = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), arrays))
-    return TrainResult(model, summary)
+    return model
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--config", required=True, help="path/to/config.py[:arg] or module[:arg]")
     p.add_argument("--workdir", required=True)
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field (Python literal)",
     )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="start over in a workdir made with another configuration (deletes only the "
+        "trainer's files there: config.json, metrics.jsonl, checkpoints)",
+    )  # fmt: skip
     args = p.parse_args(argv)
-    config = apply_overrides(load_config(args.config), args.set)
     try:
-        _, metrics = train_and_evaluate(config, args.workdir)
+        config = apply_overrides(load_config(args.config), args.set)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        _, metrics = train_and_evaluate(config, args.workdir, overwrite=args.overwrite)
+    except WorkdirError as e:
+        p.error(str(e))
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

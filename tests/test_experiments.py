@@ -123,7 +123,7 @@ def test_pe_mnist_noise_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_pe_mnist_noise_authors_protocol_per_seed_runs_merge(tmp_path):
+def test_pe_mnist_noise_authors_protocol_per_seed_runs_merge(tmp_path, capsys):
     mod = _load("pe_mnist_noise")
     for seed in (0, 1):
         mod.run(["--smoke", "--protocol", "authors", "--seeds", str(seed), "--no-progress",
@@ -148,10 +148,12 @@ def test_pe_mnist_noise_authors_protocol_per_seed_runs_merge(tmp_path):
         == a1["authors"]["pe"]["clean:None"]
     )
     assert merged["runs"]["0"]["acc"]["authors"]["pe"]["clean:None"] == a0
-    with pytest.raises(SystemExit, match="twice"):
+    with pytest.raises(SystemExit) as e:
         mod.run(
             ["--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "x")]
         )
+    assert e.value.code == 2 and "seed 0 appears twice" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_jpeg_roundtrip_and_synthetic_data():
@@ -221,3 +223,156 @@ def test_noise_cifar_smoke(tmp_path):
     assert len(rows) == len(names) * len(cases)
     assert "77.8" in md  # the RobustBench anchor beside ours
     assert (out / "acc_vs_severity.png").is_file() and (out / "defences_grid.png").is_file()
+
+
+# ---------------------------------------------------------------- nothing lost (issue 26)
+
+EXPERIMENTS = ("gaussian_mnist_gb", "pe_mnist_noise", "noise_cifar", "fgsm_cifar")
+
+
+def _common():
+    _load("gaussian_mnist_gb")
+    import _common as C  # put on sys.path by the experiment module
+
+    return C
+
+
+def _exit_code(fn, *args):
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    return e.value.code
+
+
+def _snapshot(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_abbreviated_flags_are_argparse_errors(name, capsys):
+    mod = _load(name)
+    assert _exit_code(mod.parse_args, ["--smok", "--synthetic"]) == 2
+    assert "unrecognized arguments: --smok" in capsys.readouterr().err
+    assert _exit_code(mod.parse_args, ["--smoke", "--synth"]) == 2
+
+
+def test_plot_training_flags_are_not_abbreviated():
+    assert _exit_code(_load("plot_training").main, ["--ru", "a=b", "--out", "x.png"]) == 2
+
+
+def test_missing_data_dir_is_reported_before_anything_is_created(tmp_path, monkeypatch, capsys):
+    from gbjax import data
+
+    def no_load(*a, **k):  # never reached: no download is tried
+        raise AssertionError("data.load called")
+
+    monkeypatch.setattr(data, "load", no_load)
+    mod, out = _load("gaussian_mnist_gb"), tmp_path / "out"
+    missing = str(tmp_path / "no-such-dir")
+    assert _exit_code(mod.run, ["--smoke", "--data-dir", missing, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--data-dir {missing}: no such directory" in err and "usage:" in err
+    monkeypatch.setenv("GBJAX_DATA_DIR", missing)
+    assert _exit_code(mod.run, ["--smoke", "--out", str(out)]) == 2
+    assert f"$GBJAX_DATA_DIR={missing}: no such directory" in capsys.readouterr().err
+    assert not out.exists()
+
+    # a folder without the data set: the loader's report, still before any output
+    def not_found(*a, **k):
+        raise data.DataNotFoundError("Could not find the 'mnist' data set")
+
+    monkeypatch.setattr(data, "load", not_found)
+    monkeypatch.setenv("GBJAX_DATA_DIR", str(tmp_path))
+    assert _exit_code(mod.run, ["--smoke", "--out", str(out)]) == 2
+    assert "Could not find the 'mnist' data set" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _fake_results(path, experiment="gaussian_mnist_gb"):
+    path.mkdir(parents=True, exist_ok=True)
+    res = dict(experiment=experiment, mode="smoke", synthetic=True, seeds=[0],
+               config={"stds": [0.0]}, runs={"0": {"acc": {}}}, runtime_seconds=1.0)  # fmt: skip
+    (path / "results.json").write_text(json.dumps(res))
+    (path / "results.md").write_text("# my results\n")
+    return path
+
+
+def test_existing_results_are_never_overwritten(tmp_path, capsys):
+    mod = _load("gaussian_mnist_gb")
+    out = _fake_results(tmp_path / "out")
+    before = _snapshot(out)
+    assert _exit_code(mod.run, ["--smoke", "--synthetic", "--out", str(out)]) == 2
+    assert "already holds results" in capsys.readouterr().err
+    # another experiment's folder, or a folder of the user's, is refused even with --overwrite
+    other = _fake_results(tmp_path / "other", experiment="pe_mnist_noise")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    for path in (other, mine):
+        argv = ["--smoke", "--synthetic", "--overwrite", "--out", str(path)]
+        assert _exit_code(mod.run, argv) == 2
+    assert _snapshot(out) == before and (mine / "thesis.tex").read_text() == "x"
+    assert "pe_mnist_noise" in json.loads((other / "results.json").read_text())["experiment"]
+
+
+def test_merge_never_writes_into_its_inputs(tmp_path, capsys):
+    mod = _load("gaussian_mnist_gb")
+    src = _fake_results(tmp_path / "s0")
+    before = _snapshot(src)
+    for extra in ([], ["--overwrite"]):
+        argv = ["--merge", str(src), "--out", str(tmp_path / "s0" / ".." / "s0")] + extra
+        assert _exit_code(mod.run, argv) == 2
+        assert "one of the --merge inputs" in capsys.readouterr().err
+    assert _snapshot(src) == before
+
+
+def test_output_folder_is_continued_or_overwritten_only_as_asked(tmp_path, capsys):
+    C, mod = _common(), _load("gaussian_mnist_gb")
+    out = tmp_path / "out"
+
+    def start(*extra):
+        args = mod.parse_args(["--smoke", "--synthetic", "--out", str(out), *extra])
+        return C.start(mod.EXPERIMENT, args, mod.MODES, "mnist", ("n_train", "n_test"))
+
+    start()
+    run = json.loads((out / C.RUN_FILE).read_text())
+    assert run["experiment"] == mod.EXPERIMENT and run["args"]["smoke"] is True
+    # a trainer's workdir of this run, holding a file of the user's too
+    wd = out / "checkpoints" / "gb_seed0"
+    (wd / "checkpoints" / "8").mkdir(parents=True)
+    (wd / "config.json").write_text(json.dumps({"model": "airbench", "input_shape": [28, 28, 1]}))
+    (wd / "metrics.jsonl").write_text("{}\n")
+    (wd / "mine.txt").write_text("keep")
+    (out / "notes.txt").write_text("keep")
+    assert start().out == out  # the same arguments: the unfinished run is continued
+    assert "continuing the unfinished run" in capsys.readouterr().out
+    assert (wd / "checkpoints").is_dir()
+    assert _exit_code(start, "--seeds", "1") == 2  # other arguments: refused
+    assert "--seeds None there, '1' now" in capsys.readouterr().err
+    (out / "results.json").write_text(json.dumps({"experiment": mod.EXPERIMENT}))
+    assert _exit_code(start) == 2  # finished: refused without --overwrite
+    start("--overwrite", "--seeds", "1")
+    assert not (out / "results.json").exists()
+    assert not (wd / "checkpoints").exists() and not (wd / "config.json").exists()
+    assert (wd / "mine.txt").read_text() == "keep" and (out / "notes.txt").read_text() == "keep"
+    assert json.loads((out / C.RUN_FILE).read_text())["args"]["seeds"] == "1"
+
+
+def test_train_model_reuses_its_run_and_deletes_nothing(tmp_path, capsys):
+    from test_train import DATA, tiny
+
+    C = _common()
+    wd = tmp_path / "checkpoints" / "net_seed0"
+    wd.mkdir(parents=True)
+    (wd / "keep.txt").write_text("mine")  # a file of the user's: never deleted
+    cfg = lambda **kw: tiny(num_steps=4, **kw)  # noqa: E731
+    model, m = C.train_model(cfg(), wd, DATA["train"], DATA["test"])
+    assert m["step"] == 4 and (wd / "keep.txt").read_text() == "mine"
+    capsys.readouterr()
+    # the same configuration again (an interrupted experiment rerun): reused, not retrained
+    _, again = C.train_model(cfg(), wd, DATA["train"], DATA["test"])
+    assert again == m and "nothing to train" in capsys.readouterr().err
+    # another configuration: refused, nothing deleted
+    before = _snapshot(wd)
+    with pytest.raises(SystemExit, match="(?s)seed.*--overwrite"):
+        C.train_model(cfg(seed=1), wd, DATA["train"], DATA["test"])
+    assert _snapshot(wd) == before
