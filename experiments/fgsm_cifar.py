@@ -179,12 +179,12 @@ def _chunk(name):
     return 1 if name == "gb" else None
 
 
-def _cascade(name, scored, attacked, x, y, mode, key, progress, unprocessed):
+def _cascade(name, scored, attacked, x, y, mode, key, progress, unprocessed, eps_list=EPS):
     """Per-eps worst case on ``x``: stages in cost order, each on the survivors."""
     from gbjax import attacks
 
     kw = dict(
-        eps_list=EPS,
+        eps_list=eps_list,
         batch_size=mode["attack_batch"],
         eval_logits_fn=scored,
         per_image=True,

@@ -52,6 +52,11 @@ class Config:
     # "translate" (reflect-padded translate only: for digits, which must not be mirrored)
     augment: str = "none"
     crop_pad: int = 4
+    # Adversarial training (docs/methods.md, section 10): {} for none, else
+    # {"eps": 8 / 255, "method": "n-fgsm" | "fgsm-rs", "eval_n": 200, "eval_steps": 10}.
+    # Each step trains on one-step adversarial examples of the current model;
+    # eval_n > 0 logs PGD accuracy at eps on the last eval_n test images each evaluation.
+    adversarial: dict = dataclasses.field(default_factory=dict)
     # --- model
     # "paper_convnet" | "resnet18" | "resnet20" | "resnet" (generic ResNet:
     # model_kwargs stage_sizes=(...), widths=(...)) | "airbench" (model_kwargs widths=(...))
@@ -107,6 +112,29 @@ class Config:
         return d
 
 
+ADVERSARIAL_METHODS = ("n-fgsm", "fgsm-rs")
+_ADVERSARIAL_KEYS = ("eps", "method", "eval_n", "eval_steps")
+
+
+def _validate_adversarial(adv, bad) -> None:
+    if not isinstance(adv, dict):
+        bad(f"adversarial must be a dict ({{}} for none), got {adv!r}")
+    if not adv:
+        return
+    unknown = sorted(set(adv) - set(_ADVERSARIAL_KEYS))
+    if unknown:
+        bad(f"unknown adversarial keys {unknown}; allowed: {_ADVERSARIAL_KEYS}")
+    eps = adv.get("eps")
+    if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and 0 < eps <= 1):
+        bad(f"adversarial['eps'] must be a number in (0, 1] (images in [0, 1]), got {eps!r}")
+    if adv.get("method", "n-fgsm") not in ADVERSARIAL_METHODS:
+        bad(f"adversarial['method'] must be one of {ADVERSARIAL_METHODS}, got {adv['method']!r}")
+    for k, lo in (("eval_n", 0), ("eval_steps", 1)):
+        v = adv.get(k, lo)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            bad(f"adversarial[{k!r}] must be an integer >= {lo}, got {v!r}")
+
+
 def validate_config(config: Config, num_devices: int | None = None) -> None:
     """Raises ValueError with a clear message for a bad configuration."""
 
@@ -152,6 +180,7 @@ def validate_config(config: Config, num_devices: int | None = None) -> None:
             bad(f"num_epochs must be a positive number, got {e!r}")
     elif not isinstance(config.num_steps, int) or config.num_steps < 1:
         bad(f"num_steps must be a positive integer or None, got {config.num_steps!r}")
+    _validate_adversarial(config.adversarial, bad)
     if not 0.0 <= config.label_smoothing < 1.0:
         bad(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.weight_decay < 0:

@@ -56,7 +56,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gbjax import _workdir, _xla, augment, evaluate, models, optim
+from gbjax import _workdir, _xla, attacks, augment, evaluate, models, optim
 from gbjax._runs import restore_model, time_to_target
 from gbjax._workdir import WorkdirBusyError, WorkdirError, WorkdirMismatchError
 from gbjax.config import Config, apply_overrides, load_config, validate_config
@@ -277,6 +277,7 @@ class Trainer:
         self.data_key = jax.random.fold_in(key, 1)
         self.aug_key = jax.random.fold_in(key, 2)
         self.flip_key = jax.random.fold_in(key, 3)
+        self.adv_key = jax.random.fold_in(key, 4)
         zero = lambda: jnp.zeros((), jnp.float32)  # distinct buffers: donated
         state = {
             "step": jnp.zeros((), jnp.int32),
@@ -334,6 +335,8 @@ class Trainer:
         x_BHWC = shard(data["images"][idx_B])
         y_B = shard(data["labels"][idx_B])
         x_BHWC = shard(self._augment(step, x_BHWC, data["flip"][idx_B]))
+        if cfg.adversarial:
+            x_BHWC = shard(self._adversarial(state, step, x_BHWC, y_B))
 
         def loss_fn(params):
             # fresh Variable objects at this trace level (BatchStat is mutated here)
@@ -375,6 +378,57 @@ class Trainer:
             out["slow_stats"] = slow
         out["batch_stats"] = new_stats
         return out
+
+    def _adversarial(self, state, step, x_BHWC, y_B):
+        """One-step adversarial images of the current model, in [0, 1] floats.
+
+        ``n-fgsm`` (de Jorge et al. 2022): start from uniform noise in
+        ``[-2 eps, 2 eps]``, one signed-gradient step of size ``eps``, no
+        projection back to the eps-ball (only to [0, 1]); it avoids the
+        catastrophic overfitting of plain FGSM training without extra cost.
+        ``fgsm-rs`` (Wong, Rice & Kolter 2020): start uniform in ``[-eps, eps]``,
+        step ``1.25 eps``, projected to the eps-ball. The gradient is taken in
+        train mode (batch statistics, as the step itself); the statistics that
+        this extra forward pass would update are discarded.
+        """
+        adv = self.config.adversarial
+        eps = jnp.float32(adv["eps"])
+        fgsm_rs = adv.get("method", "n-fgsm") == "fgsm-rs"
+        x = models.to_pixels(x_BHWC) / 255.0
+        key = jax.random.fold_in(self.adv_key, step)
+        radius, step_size = (eps, 1.25 * eps) if fgsm_rs else (2.0 * eps, eps)
+        delta = jax.random.uniform(key, x.shape, jnp.float32, -radius, radius)
+
+        def loss(x_in):
+            stats = jax.tree.map(lambda a: a, state["batch_stats"])
+            model = nnx.merge(self.train_graphdef, state["params"], stats, state["consts"])
+            logits = model(x_in)
+            return jnp.sum(loss_and_correct(logits, y_B, self.num_classes, 0.0)[0])
+
+        g = jax.grad(loss)(jnp.clip(x + delta, 0.0, 1.0))
+        delta = delta + step_size * jnp.sign(g)
+        if fgsm_rs:
+            delta = jnp.clip(delta, -eps, eps)
+        return jax.lax.stop_gradient(jnp.clip(x + delta, 0.0, 1.0))
+
+    def robust_accuracy(self, state, x, y) -> float:
+        """PGD accuracy at ``adversarial['eps']`` (``eval_steps`` steps, one random
+        start) of the eval-mode model on ``x`` (uint8): catastrophic overfitting
+        shows as this falling to about 0 while clean accuracy holds."""
+        adv = self.config.adversarial
+        return float(
+            attacks.accuracy_under_attack(
+                self.model(state),
+                x,
+                y,
+                eps_list=[adv["eps"]],
+                attack="pgd",
+                steps=adv.get("eval_steps", 10),
+                key=jax.random.fold_in(self.adv_key, 0x7FFFFFFF),
+                batch_size=self.config.eval_batch_size,
+                progress=False,
+            )[0]
+        )
 
     def model(self, state) -> nnx.Module:
         """The eval-mode model of ``state``."""
@@ -569,6 +623,9 @@ def _train(config, wd, data, num_classes, total_steps, t_start, stop_after_step)
                 rec.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"], tta=tta)
                 if tta != "none":
                     rec["test_accuracy_plain"] = trainer.evaluate(state, xte, yte)["accuracy"]
+                n_adv = config.adversarial.get("eval_n", 0) if config.adversarial else 0
+                if n_adv:  # held out: the last n_adv test images
+                    rec["pgd_accuracy"] = trainer.robust_accuracy(state, xte[-n_adv:], yte[-n_adv:])
             # Time to a target: the summed time of this process's train steps (the
             # first, compiling step and all evaluations excluded), and all wall time.
             rec.update(train_time_s=train_time, elapsed_s=time.perf_counter() - t_start)

@@ -40,13 +40,16 @@ Preprocessing defences are attacked three ways (:func:`make_attack_logits`):
 Modules: :mod:`~gbjax.attacks._core` (logits-function pytrees, checks,
 gradients, BPDA), :mod:`~gbjax.attacks.losses` (CE, margin, DLR),
 :mod:`~gbjax.attacks.gradient` (FGSM, PGD), :mod:`~gbjax.attacks.apgd`,
-:mod:`~gbjax.attacks.square`, :mod:`~gbjax.attacks.protocols` (the three
+:mod:`~gbjax.attacks.square`, :mod:`~gbjax.attacks.spsa` (gradient-free),
+:mod:`~gbjax.attacks.adaptive` (smooth surrogates of GB for BPDA),
+:mod:`~gbjax.attacks.protocols` (the three
 protocols), :mod:`~gbjax.attacks.scored` (per-iterate scoring) and
 :mod:`~gbjax.attacks.evaluation` (robustness over a data set, worst cases,
 sanity checks).
 """
 
 from gbjax.attacks._core import BPDA, as_logits_fn, attack_loss, bpda, loss_gradient
+from gbjax.attacks.adaptive import SoftGB
 from gbjax.attacks.apgd import apgd
 from gbjax.attacks.evaluation import (
     ATTACKS,
@@ -60,6 +63,7 @@ from gbjax.attacks.evaluation import (
 from gbjax.attacks.gradient import fgsm, pgd
 from gbjax.attacks.losses import LOSSES, per_example_loss, ranked_targets
 from gbjax.attacks.protocols import PROTOCOLS, make_attack_logits
+from gbjax.attacks.spsa import spsa
 from gbjax.attacks.square import square
 
 __all__ = [
@@ -67,6 +71,8 @@ __all__ = [
     "pgd",
     "apgd",
     "square",
+    "spsa",
+    "SoftGB",
     "ATTACKS",
     "AttackResult",
     "worst_case",
