@@ -1,5 +1,5 @@
 """Is GB's small-budget robustness real? Attacks built against GB itself, and adversarial
-training beside it (issue 25; docs/methods.md, section 10).
+training beside it (issue 25; docs/methods.md, section 9).
 
     python experiments/adaptive_cifar.py --quick --data-dir ../shared/data      # quick mode
     python experiments/adaptive_cifar.py --data-dir ../shared/data \\

@@ -52,7 +52,7 @@ class Config:
     # "translate" (reflect-padded translate only: for digits, which must not be mirrored)
     augment: str = "none"
     crop_pad: int = 4
-    # Adversarial training (docs/methods.md, section 10): {} for none, else
+    # Adversarial training (docs/methods.md, section 9): {} for none, else
     # {"eps": 8 / 255, "method": "n-fgsm" | "fgsm-rs", "eval_n": 200, "eval_steps": 10}.
     # Each step trains on one-step adversarial examples of the current model;
     # eval_n > 0 logs PGD accuracy at eps on the last eval_n test images each evaluation.

@@ -227,7 +227,7 @@ def test_noise_cifar_smoke(tmp_path):
 
 # ---------------------------------------------------------------- nothing lost (issue 26)
 
-EXPERIMENTS = ("gaussian_mnist_gb", "pe_mnist_noise", "noise_cifar", "fgsm_cifar")
+EXPERIMENTS = ("gaussian_mnist_gb", "pe_mnist_noise", "noise_cifar", "fgsm_cifar", "adaptive_cifar")
 
 
 def _common():
@@ -376,3 +376,56 @@ def test_train_model_reuses_its_run_and_deletes_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit, match="(?s)seed.*--overwrite"):
         C.train_model(cfg(seed=1), wd, DATA["train"], DATA["test"])
     assert _snapshot(wd) == before
+
+
+# ---------------------------------------------------------------- attacks built against GB
+
+
+@pytest.mark.slow
+def test_adaptive_cifar_smoke(tmp_path):
+    """The main job's cascade, then the new stages, for none, GB and two adversarially
+    trained models; every stage only removes images, and the state file holds them."""
+    mod = _load("adaptive_cifar")
+    out = tmp_path / "adaptive"
+    mod.run(["--smoke", "--out", str(out), "--no-progress"] + _data_flags())
+    r, rows, md = _check_outputs(out, "adaptive_cifar", None)
+    run = r["runs"]["0"]
+    assert set(run) == {"unprocessed", "gb", "at_2", "at_8"}
+    for name, rec in run.items():
+        acc = np.asarray([s["accuracy"] for s in rec["stages"]])
+        assert acc.shape[1] == len(mod.EPS)
+        assert np.all(np.diff(acc, axis=0) <= 1e-12), name  # a cascade only removes
+        np.testing.assert_allclose(acc[-1], rec["worst_case"])
+        assert rec["stages"][0]["stage"] == "main job cascade"
+        labels = [s["stage"] for s in rec["stages"]]
+        assert any(s.startswith("SPSA") for s in labels) and labels[-1].startswith("Square")
+        # removed images are those robust before the stage and not after it
+        n = rec["n_eval"]
+        kept = np.ones((len(mod.EPS), n), bool)
+        for s in rec["stages"]:
+            for e, rm in enumerate(s["removed"]):
+                assert kept[e, rm].all()
+                kept[e, rm] = False
+        np.testing.assert_allclose(kept.mean(1), rec["worst_case"])
+        state = json.loads((out / "state" / f"{name}_seed0.json").read_text())
+        assert [s["stage"] for s in state["stages"]] == labels
+    gb_labels = [s["stage"] for s in run["gb"]["stages"]]
+    assert any("partition surrogate" in s for s in gb_labels)
+    assert any("soft-BPDA" in s for s in gb_labels)
+    assert "pgd_accuracy" in run["at_8"]["train_metrics"]
+    assert len(run["gb"]["convergence"]["accuracy"]) == len(mod.MODES["smoke"]["conv_steps"])
+    assert "Worst case" in md and "partition surrogate" in md
+
+
+def test_adaptive_stage_log_resumes(tmp_path):
+    mod = _load("adaptive_cifar")
+    path = tmp_path / "state" / "gb_seed0.json"
+    log = mod.StageLog(path, 4)
+    log.add("a", np.array([[True, False, True, True]]), 1.0)
+    log.add("b", np.array([[True, False, False, True]]), 2.0)
+    again = mod.StageLog(path, 4)
+    assert again.done("a") and again.done("b") and not again.done("c")
+    np.testing.assert_array_equal(again.robust, [[True, False, False, True]])
+    assert again.stages[1]["removed"] == [[2]]
+    with pytest.raises(SystemExit):
+        mod.StageLog(path, 5)  # another n_eval: refused, not mixed

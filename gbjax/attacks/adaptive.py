@@ -1,5 +1,5 @@
 """Smooth surrogates of granular-ball painting, for attacks built against GB itself
-(docs/methods.md, section 10).
+(docs/methods.md, section 9).
 
 GB is piecewise constant in its partition: the end-to-end gradient holds the
 partition fixed, and identity BPDA ignores GB. :class:`SoftGB` is a smooth

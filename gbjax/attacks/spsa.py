@@ -1,5 +1,5 @@
 """SPSA: a gradient-free L-inf attack (Uesato et al. 2018, "Adversarial Risk and the
-Dangers of Evaluating Against Weak Attacks"; docs/methods.md, section 10).
+Dangers of Evaluating Against Weak Attacks"; docs/methods.md, section 9).
 
 Each step estimates the gradient of the margin loss
 ``z_y - max_{k != y} z_k`` by simultaneous perturbation: ``samples`` evaluations
