@@ -39,6 +39,28 @@ def _check(x, y=None):
         raise ValueError(f"y must have shape ({shape[0]},), got {np.shape(y)}")
 
 
+def _check_logits(logits: np.ndarray, y=None) -> None:
+    """Refuses non-finite logits (``argmax`` of NaN is class 0, so a broken model
+    would be scored as predicting class 0) and labels outside ``[0, num_classes)``."""
+    bad = np.flatnonzero(~np.all(np.isfinite(logits), axis=-1))
+    if len(bad):
+        raise ValueError(
+            f"the model returned NaN or inf logits for {len(bad)} of {len(logits)} images "
+            f"(e.g. image {bad[0]}); argmax would count them as class 0. Fix the model "
+            "(weights, input scaling, normalisation), or inspect predict_logits(...)"
+        )
+    if y is None:
+        return
+    y = np.asarray(y)
+    k = logits.shape[-1]
+    out = np.flatnonzero((y < 0) | (y >= k))
+    if len(out):
+        raise ValueError(
+            f"y holds labels outside [0, {k}) (the model has {k} logits): {len(out)} of "
+            f"{len(y)}, e.g. y[{out[0]}] = {y[out[0]]}; relabel the data to 0..{k - 1}"
+        )
+
+
 def predict_logits(
     model, x, *, batch_size: int = 500, tta: str = "none", progress: bool = False
 ) -> np.ndarray:
@@ -64,8 +86,10 @@ def predict_logits(
 
 
 def predict(model, x, *, batch_size: int = 500, tta: str = "none", progress: bool = False):
-    """Predicted labels ``(N,)`` int32."""
+    """Predicted labels ``(N,)`` int32. Raises ``ValueError`` when a logit is NaN or
+    inf (there is no predicted class; :func:`predict_logits` returns them as they are)."""
     logits = predict_logits(model, x, batch_size=batch_size, tta=tta, progress=progress)
+    _check_logits(logits)
     return np.argmax(logits, -1).astype(np.int32)
 
 
@@ -73,9 +97,11 @@ def evaluate(
     model, x, y, *, batch_size: int = 500, tta: str = "none", progress: bool = False
 ) -> dict:
     """``{"accuracy", "loss"}`` of ``model`` on ``(x, y)``: fraction correct and mean
-    cross-entropy (no label smoothing)."""
+    cross-entropy (no label smoothing). Raises ``ValueError`` on NaN or inf logits and
+    on labels outside ``[0, num_classes)``."""
     _check(x, y)
     logits = predict_logits(model, x, batch_size=batch_size, tta=tta, progress=progress)
+    _check_logits(logits, y)
     y = np.asarray(y).astype(np.int32)
     loss = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(y))
     return {
@@ -87,7 +113,9 @@ def evaluate(
 def accuracy(
     model, x, y, *, batch_size: int = 500, tta: str = "none", progress: bool = False
 ) -> float:
-    """Fraction of ``x`` that ``model`` classifies as ``y``."""
+    """Fraction of ``x`` that ``model`` classifies as ``y``. Raises ``ValueError`` on
+    NaN or inf logits and on labels outside ``[0, num_classes)``."""
     _check(x, y)
-    pred = predict(model, x, batch_size=batch_size, tta=tta, progress=progress)
-    return float(np.mean(pred == np.asarray(y)))
+    logits = predict_logits(model, x, batch_size=batch_size, tta=tta, progress=progress)
+    _check_logits(logits, y)
+    return float(np.mean(np.argmax(logits, -1) == np.asarray(y)))

@@ -140,7 +140,7 @@ def _check_eot(eot_samples, key) -> None:
         raise ValueError("eot_samples needs an explicit PRNG key: pass key=jax.random.key(...)")
 
 
-def _check_xy(x, y) -> None:
+def _check_xy(x, y, clip=(0.0, 1.0)) -> None:
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise ValueError(
             f"x must be a float array in [0, 1] (got dtype {jnp.result_type(x)}); "
@@ -153,6 +153,153 @@ def _check_xy(x, y) -> None:
         )
     if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
         raise ValueError(f"y must hold integer labels, got dtype {jnp.result_type(y)}")
+    check_images01(x, clip=clip)
+
+
+def _value_range(x) -> tuple[float, float, bool]:
+    """``(min, max, all finite)`` of a concrete array; reduced on the device for a
+    ``jax.Array`` (only three scalars come back), on the host otherwise."""
+    if isinstance(x, jax.Array):
+        with jax.ensure_compile_time_eval():  # a concrete array inside an outer jit
+            v = jnp.asarray(x, jnp.float32)
+            lo, hi, fin = jnp.min(v), jnp.max(v), jnp.all(jnp.isfinite(v))
+            return float(lo), float(hi), bool(fin)
+    a = np.asarray(x)
+    return float(a.min()), float(a.max()), bool(np.all(np.isfinite(a)))
+
+
+def check_images01(x, name: str = "x", clip=(0.0, 1.0)) -> None:
+    """Refuses concrete float images outside [0, 1] (the library's convention: ``eps``
+    is measured on that scale), or outside ``clip`` where an attack was given a wider
+    pixel range on purpose. uint8 images, tracers and empty arrays pass."""
+    if isinstance(x, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        return
+    if np.size(x) == 0:
+        return
+    lo, hi, finite = _value_range(x)
+    if not finite:
+        raise ValueError(f"{name} contains NaN or inf; attacks need float images in [0, 1]")
+    lo_ok, hi_ok = min(0.0, float(clip[0])), max(1.0, float(clip[1]))
+    if lo < lo_ok or hi > hi_ok:
+        valid = "[0, 1]" if (lo_ok, hi_ok) == (0.0, 1.0) else f"[{lo_ok:g}, {hi_ok:g}] (clip)"
+        raise ValueError(
+            f"{name} must be float images in {valid} (eps is measured on that scale), got "
+            f"values in [{lo:g}, {hi:g}]: divide 0..255 images by 255 (x / 255.0), and put "
+            "any normalisation inside the logits function"
+        )
+
+
+def check_labels(y, num_classes: int, source: str = "the model's logits") -> None:
+    """Refuses concrete labels outside ``[0, num_classes)``: an out-of-range label
+    makes the losses NaN (every attack then returns NaN images) and can never be
+    predicted, so the scores would be silently wrong."""
+    c = _concrete(y)
+    if c is None or c.size == 0:
+        return
+    lo, hi = int(c.min()), int(c.max())
+    if lo < 0 or hi >= num_classes:
+        bad = np.flatnonzero((c < 0) | (c >= num_classes))
+        raise ValueError(
+            f"y holds labels outside [0, {num_classes}) ({num_classes} classes from "
+            f"{source}): {len(bad)} of {c.size}, e.g. y[{bad[0]}] = {int(c[bad[0]])}; "
+            "relabel the data to 0..num_classes-1 or use a model with more classes"
+        )
+
+
+def _logits_of(fn, x, key):
+    return _call(fn, x, key)
+
+
+_logits_shape = jax.jit(_logits_of)  # only traced (eval_shape), never compiled
+_logits_run = _xla.conv_jit(_logits_of)
+
+
+def num_classes_of(fn, x, key=None) -> int:
+    """The number of logits ``fn`` returns for a batch shaped like ``x`` (traced
+    only, nothing runs; the trace is cached per function and shape)."""
+    spec = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+    out = _logits_shape.eval_shape(fn, spec, key)
+    if len(out.shape) != 2 or out.shape[0] != spec.shape[0]:
+        raise ValueError(
+            f"the logits function must return logits of shape (B, num_classes) = "
+            f"({spec.shape[0]}, K) for x of shape {spec.shape}, got {out.shape}"
+        )
+    return int(out.shape[-1])
+
+
+def check_attack_labels(fn, x, y, key=None, eot_samples=None) -> None:
+    """Labels in range for an attack on ``fn`` (the class count traced from ``fn``)."""
+    if _concrete(y) is None:
+        return
+    check_labels(y, num_classes_of(fn, x, None if eot_samples is None else key))
+
+
+def correct_from_logits(logits_BK, y_B):
+    """``(B,)`` bool: the logits' argmax is ``y`` and every logit is finite. An image
+    with a NaN or inf logit counts as wrong, never as a class (``argmax`` of NaN
+    logits is 0, which would count it as class 0)."""
+    return (jnp.argmax(logits_BK, -1) == y_B) & jnp.all(jnp.isfinite(logits_BK), -1)
+
+
+def _first_batch_logits(fn, x, key, eot_samples, batch_size):
+    """Logits of the scored function on the first ``batch_size`` images of ``x``
+    (uint8 divided by 255), on one draw with EOT."""
+    xb = jnp.asarray(x[: min(int(np.shape(x)[0]), int(batch_size))])
+    if jnp.issubdtype(xb.dtype, jnp.integer):
+        xb = xb.astype(jnp.float32) / 255.0
+    k = None if eot_samples is None or key is None else jax.random.fold_in(key, 0xC4EC)
+    return np.asarray(_logits_run(fn, xb, k))
+
+
+def check_scoring_inputs(
+    logits_fn,
+    x,
+    y,
+    *,
+    eval_logits_fn=None,
+    key=None,
+    eot_samples=None,
+    batch_size=256,
+    num_classes=None,
+    clip=(0.0, 1.0),
+) -> None:
+    """Checks before a robustness evaluation (:func:`gbjax.attacks.accuracy_under_attack`,
+    :func:`gbjax.attacks.attack_sanity_check`), so that nothing is scored wrongly
+    without a word:
+
+    * float images must be in [0, 1] (uint8 images are divided by 255), or in the
+      wider ``clip`` range an attack was given;
+    * the scored model's logits on the first batch must be finite: ``argmax`` of
+      NaN logits is class 0, so a broken model would score as ``1/num_classes``;
+    * the labels must be in ``[0, K)`` for the model's ``K`` logits (and
+      ``num_classes`` when given, which must equal ``K``).
+
+    The scored model is ``eval_logits_fn``, else ``logits_fn``. Costs one forward
+    pass of one batch.
+    """
+    check_images01(x, clip=clip)
+    if num_classes is not None:
+        check_labels(y, int(num_classes), source="num_classes")
+    scored_fn = as_logits_fn(logits_fn if eval_logits_fn is None else eval_logits_fn)
+    logits = _first_batch_logits(scored_fn, x, key, eot_samples, batch_size)
+    if logits.ndim != 2:
+        raise ValueError(
+            f"the scored model must return (B, num_classes) logits, got {logits.shape}"
+        )
+    bad = np.flatnonzero(~np.all(np.isfinite(logits), axis=-1))
+    if len(bad):
+        raise ValueError(
+            f"the scored model returned NaN or inf logits on {len(bad)} of the first "
+            f"{len(logits)} clean images (e.g. image {bad[0]}); argmax would count them as "
+            "class 0. Fix the model (weights, input scaling, normalisation) before scoring it"
+        )
+    k = logits.shape[-1]
+    if num_classes is not None and k != int(num_classes):
+        raise ValueError(
+            f"num_classes={num_classes} but the scored model returns {k} logits; "
+            "pass the model's number of classes"
+        )
+    check_labels(y, k)
 
 
 def _is_zero(v) -> bool:

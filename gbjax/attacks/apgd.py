@@ -41,7 +41,9 @@ from gbjax.attacks._core import (
     _is_zero,
     _value_grad,
     as_logits_fn,
+    check_attack_labels,
     chunk_plan,
+    correct_from_logits,
 )
 from gbjax.attacks.gradient import _project
 from gbjax.attacks.losses import LOSSES, ranked_targets
@@ -86,7 +88,7 @@ class _State(NamedTuple):
 def _correct(eval_fn, x, y, logits, key):
     if logits is None:
         logits = _call(eval_fn, x, key)
-    return jnp.argmax(logits, -1) == y
+    return correct_from_logits(logits, y)  # NaN or inf logits count as wrong
 
 
 def _b(v):
@@ -98,7 +100,7 @@ def _hit(fn, x, y, target, logits, key, misclassified, loss_id):
     (the targeted loss, index 3 of LOSSES)."""
     if logits is None:
         logits = _call(fn, x, key)
-    on_target = jnp.argmax(logits, -1) == target
+    on_target = correct_from_logits(logits, target)
     return jnp.where(loss_id == LOSSES.index("dlr-targeted"), on_target, misclassified)
 
 
@@ -252,12 +254,13 @@ def apgd(
     _check_nonneg("eps", eps)
     lo, hi = _check_clip(clip)
     _check_eot(eot_samples, key)
-    _check_xy(x, y)
+    _check_xy(x, y, clip=(lo, hi))
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    fn = as_logits_fn(logits_fn)
+    check_attack_labels(fn, x, y, key, eot_samples)
     if _is_zero(eps):
         return jnp.asarray(x)
-    fn = as_logits_fn(logits_fn)
     _, out = apgd_run(fn, fn, jnp.asarray(x), jnp.asarray(y), key, jnp.float32(eps),
                       steps=int(steps), loss=loss, target_rank=target_rank, lo=lo, hi=hi,
                       eot_samples=eot_samples, shared=True, chunk=chunk)  # fmt: skip

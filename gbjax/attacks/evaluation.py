@@ -34,6 +34,7 @@ from gbjax.attacks._core import (
     _check_positive,
     _check_steps,
     as_logits_fn,
+    check_scoring_inputs,
 )
 from gbjax.attacks.apgd import apgd_run
 from gbjax.attacks.gradient import _check_loss, _check_restarts, _restart_key
@@ -208,6 +209,9 @@ def accuracy_under_attack(
 
     attack_fn = as_logits_fn(logits_fn)
     eval_fn = attack_fn if eval_logits_fn is None else as_logits_fn(eval_logits_fn)
+    check_scoring_inputs(
+        eval_fn, x, y, key=key, eot_samples=eot_samples, batch_size=batch_size, clip=(lo, hi)
+    )
     shared = _same_forward(attack_fn, eval_fn)
     E = len(eps_list)
     if robust_so_far is None:
@@ -391,6 +395,16 @@ def attack_sanity_check(
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if len(eps_list) == 0:
         raise ValueError("eps_list must not be empty")
+    check_scoring_inputs(
+        logits_fn,
+        x,
+        y,
+        eval_logits_fn=eval_logits_fn,
+        key=key,
+        eot_samples=eot_samples,
+        batch_size=batch_size,
+        num_classes=num_classes,
+    )
     common = dict(
         eps_list=eps_list,
         batch_size=batch_size,

@@ -22,6 +22,8 @@ from gbjax.attacks._core import (
     _is_zero,
     _value_grad,
     as_logits_fn,
+    check_attack_labels,
+    correct_from_logits,
 )
 from gbjax.attacks.losses import per_example_loss
 
@@ -119,7 +121,9 @@ def _pgd_restarts_impl(
         # With EOT the candidates are scored on one draw of the randomised model.
         k = None if eot_samples is None else jax.random.fold_in(k, 0x7FFFFFFF)
         logits = _call(fn, x_adv, k)
-        hit = (jnp.argmax(logits, -1) == y) if targeted else (jnp.argmax(logits, -1) != y)
+        # NaN or inf logits are never a class: not on target, and a success if untargeted
+        on_label = correct_from_logits(logits, y)
+        hit = on_label if targeted else ~on_label
         per = per_example_loss(loss, logits, y)
         return hit, (-per if targeted else per)
 
@@ -230,12 +234,14 @@ def fgsm(
     _check_nonneg("eps", eps)
     lo, hi = _check_clip(clip)
     _check_eot(eot_samples, key)
-    _check_xy(x, y)
+    _check_xy(x, y, clip=(lo, hi))
     _check_loss(loss)
+    fn = as_logits_fn(logits_fn)
+    check_attack_labels(fn, x, y, key, eot_samples)
     if _is_zero(eps):
         return jnp.asarray(x)
     return _fgsm_jit(
-        as_logits_fn(logits_fn),
+        fn,
         x,
         y,
         key,
@@ -310,10 +316,12 @@ def pgd(
             "random_start=True needs an explicit PRNG key: pass key=jax.random.key(...) "
             "or random_start=False"
         )
-    _check_xy(x, y)
+    _check_xy(x, y, clip=(lo, hi))
     restarts = _check_restarts(restarts, random_start, eot_samples)
     unroll = _resolve_unroll(unroll, steps)
     _check_loss(loss)
+    fn = as_logits_fn(logits_fn)
+    check_attack_labels(fn, x, y, key, eot_samples)
     if _is_zero(eps):
         return jnp.asarray(x)
     common = dict(
@@ -323,7 +331,6 @@ def pgd(
         restarts=restarts,
         loss=loss,
     )
-    fn = as_logits_fn(logits_fn)
     if unroll == 1:
         return _pgd_jit(fn, x, y, key, eps, step_size, steps, lo, hi, **common)
     return _pgd_jit_unrolled(

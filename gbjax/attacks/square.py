@@ -11,7 +11,8 @@ zero or useless, such as GB, whose partition is piecewise constant.
   candidate is kept when it lowers the margin ``z_y - max_{j != y} z_j``.
   ``p_i`` follows the published schedule: ``p_init`` halved at 10, 50, 200,
   500, 1000, 2000, 4000, 6000 and 8000 (iterations rescaled to 10,000).
-* An image is finished once it is misclassified (margin <= 0).
+* An image is finished once it is misclassified (margin <= 0); logits with a
+  NaN or inf give the margin -inf (never counted as a class).
 
 Deviation, documented: when the new window equals the current one (both signs
 clipped the same way), the reference implementation redraws until it differs;
@@ -35,6 +36,7 @@ from gbjax.attacks._core import (
     _check_xy,
     _is_zero,
     as_logits_fn,
+    check_attack_labels,
 )
 from gbjax.data.batching import bucket_size, fixed_batches
 
@@ -54,7 +56,8 @@ def _margin(fn, x, y):
     z = fn(x).astype(jnp.float32)
     true = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
     others = jnp.max(jnp.where(jax.nn.one_hot(y, z.shape[-1], dtype=bool), -jnp.inf, z), -1)
-    return true - others
+    # NaN or inf logits are never a class: the margin is -inf (misclassified, kept)
+    return jnp.where(jnp.all(jnp.isfinite(z), -1), true - others, -jnp.inf)
 
 
 @_xla.conv_jit
@@ -161,14 +164,16 @@ def square(
         raise ValueError("square needs an explicit PRNG key: key=jax.random.key(...)")
     _check_nonneg("eps", eps)
     lo, hi = _check_clip(clip)
-    _check_xy(x, y)
+    _check_xy(x, y, clip=(lo, hi))
     if not isinstance(queries, (int, np.integer)) or queries < 1:
         raise ValueError(f"queries must be an integer >= 1, got {queries!r}")
     if not 0 < p_init <= 1:
         raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
+    fn = as_logits_fn(logits_fn)
+    check_attack_labels(fn, x, y)
     if _is_zero(eps):
         return jnp.asarray(x)
-    _, out = square_run(as_logits_fn(logits_fn), x, y, key, eps, queries=int(queries),
+    _, out = square_run(fn, x, y, key, eps, queries=int(queries),
                         p_init=float(p_init), lo=lo, hi=hi, batch_size=batch_size,
                         progress=progress)  # fmt: skip
     return out
