@@ -10,13 +10,15 @@
   3), jitted, returning the same shape and dtype, with a class attribute
   ``differentiable`` (False: attack it with BPDA):
 
-  - :class:`Median`: ``size x size`` median filter (scipy's reflect mode);
+  - :class:`Median`: ``size x size`` median filter (scipy's reflect mode), size
+    at most :data:`MAX_MEDIAN_SIZE`;
   - :class:`BitDepth`: rounding to ``2**bits`` levels (ART's FeatureSqueezing);
   - :class:`JPEG`: libjpeg's JPEG round trip at ``quality`` (straight-through
     roundings);
   - :class:`KMeans`: per-image k-means colour quantisation;
   - :class:`TV`: Chambolle total-variation denoising (scikit-image's);
-  - :class:`GaussianBlur`: separable Gaussian blur (scipy's);
+  - :class:`GaussianBlur`: separable Gaussian blur (scipy's), kernel radius at
+    most :data:`MAX_BLUR_RADIUS`;
   - :class:`Compose`: several defences in order.
 """
 
@@ -46,6 +48,8 @@ __all__ = [
     "GaussianBlur",
     "Compose",
     "jpeg_quant_table",
+    "MAX_MEDIAN_SIZE",
+    "MAX_BLUR_RADIUS",
 ]
 
 
@@ -224,12 +228,19 @@ def _pad_reflect(x, r: int, axis: int):
     return jnp.pad(x, pad, mode="symmetric")
 
 
+# The filters unroll their windows (size * size slices for Median, 2 r + 1 taps per
+# axis for GaussianBlur), so compile time grows with the window: differentiating
+# Median(21) took about 15 s on the busy 2-core development machine, Median(65) minutes.
+MAX_MEDIAN_SIZE = 15
+MAX_BLUR_RADIUS = 32
+
+
 @dataclasses.dataclass(frozen=True)
 class Median(_Preprocessor):
     """``size x size`` median filter per channel, ``scipy.ndimage.median_filter(x,
     size=(size, size, 1), mode="reflect")`` per image (exact). Differentiable almost
     everywhere through the sort: each output pixel's gradient goes to the input
-    pixel that is its median."""
+    pixel that is its median. ``size`` is at most :data:`MAX_MEDIAN_SIZE`."""
 
     size: int = 3
     differentiable: typing.ClassVar[bool] = True
@@ -237,6 +248,12 @@ class Median(_Preprocessor):
     def __post_init__(self):
         if _check_int("size", self.size, 1) % 2 == 0:
             raise ValueError(f"size: expected an odd int >= 1, got {self.size!r}")
+        if self.size > MAX_MEDIAN_SIZE:
+            raise ValueError(
+                f"size: at most {MAX_MEDIAN_SIZE} (the window is unrolled into size * size "
+                f"slices and larger ones compile for minutes), got {self.size!r}; downscale "
+                "the images instead"
+            )
         object.__setattr__(self, "size", int(self.size))
 
     def _forward(self, x):
@@ -448,8 +465,8 @@ class TV(_Preprocessor):
 class GaussianBlur(_Preprocessor):
     """Separable Gaussian blur over H and W, ``scipy.ndimage.gaussian_filter(x,
     sigma=(sigma, sigma, 0), truncate=truncate, mode="reflect")`` per image: kernel
-    radius ``int(truncate sigma + 0.5)``, weights ``exp(-t^2 / (2 sigma^2))``
-    normalised to sum 1. Linear, so differentiable."""
+    radius ``int(truncate sigma + 0.5)`` (at most :data:`MAX_BLUR_RADIUS`), weights
+    ``exp(-t^2 / (2 sigma^2))`` normalised to sum 1. Linear, so differentiable."""
 
     sigma: float = 1.0
     truncate: float = 4.0
@@ -458,6 +475,14 @@ class GaussianBlur(_Preprocessor):
     def __post_init__(self):
         object.__setattr__(self, "sigma", _check_float("sigma", self.sigma))
         object.__setattr__(self, "truncate", _check_float("truncate", self.truncate))
+        r = int(self.truncate * self.sigma + 0.5)
+        if r > MAX_BLUR_RADIUS:
+            raise ValueError(
+                f"sigma: the kernel radius int(truncate * sigma + 0.5) = {r} is over "
+                f"{MAX_BLUR_RADIUS} (the 2 r + 1 taps are unrolled and larger kernels compile "
+                f"slowly); use sigma < {(MAX_BLUR_RADIUS + 0.5) / self.truncate:.4g} at "
+                f"truncate={self.truncate:g}, a smaller truncate, or downscale the images"
+            )
 
     def _forward(self, x):
         r = int(self.truncate * self.sigma + 0.5)

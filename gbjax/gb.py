@@ -141,11 +141,46 @@ def _check_threshold(threshold, name="threshold"):
         raise ValueError(f"{name}: expected a finite number > 0 (pixel units), got {threshold!r}")
 
 
+# Without ``scale``, float images whose largest value is at most this look like
+# images in [0, 1] (a little over from noise or rounding), not pixel units 0..255:
+# in pixel units they would be nearly black and painted as one ball.
+_AMBIGUOUS_FLOAT_MAX = 2.0
+
+
+def _check_memory_budget(memory_budget) -> None:
+    ok = isinstance(memory_budget, (int, float, np.number)) and not isinstance(
+        memory_budget, (bool, np.bool_)
+    )
+    if not (ok and math.isfinite(memory_budget) and memory_budget > 0):
+        raise ValueError(f"memory_budget: expected a number of bytes > 0, got {memory_budget!r}")
+
+
+def _fits_int32(dt) -> bool:
+    info, i32 = np.iinfo(dt), np.iinfo(np.int32)
+    return info.min >= i32.min and info.max <= i32.max
+
+
+def _narrow_integers(images):
+    """Integer images of a dtype wider than int32 (int64, uint32, uint64: a Python
+    list of ints is int64) as uint8, their values being in 0..255 (checked before),
+    or traced as int32: the painting rounds into the input dtype, which JAX holds
+    in 32 bits."""
+    dt = np.dtype(images.dtype)
+    if not np.issubdtype(dt, np.integer) or _fits_int32(dt):
+        return images
+    if _is_traced(images):
+        return images.astype(jnp.int32)
+    return np.asarray(images).astype(np.uint8)
+
+
 def _validate(
     images, threshold, purity, capacity, min_ball_size, max_rounds, kmeans_iters, features, scale
 ):
     if not hasattr(images, "shape") or not hasattr(images, "dtype"):
-        images = np.asarray(images)
+        try:
+            images = np.asarray(images)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"images: expected an array (H, W, C) or (B, H, W, C): {e}") from None
     if images.ndim not in (3, 4):
         raise ValueError(f"images: expected shape (H, W, C) or (B, H, W, C), got {images.shape}")
     if images.shape[-1] not in (1, 3):
@@ -191,12 +226,13 @@ def _validate(
                 f"images: expected values in pixel units 0..255, got max {hi}"
                 + ("" if scale is None else f" (x scale {scale} = {hi * s})")
             )
-        if scale is None and np.issubdtype(dt, np.floating) and 0 < hi <= 1.0:
+        if scale is None and np.issubdtype(dt, np.floating) and 0 < hi <= _AMBIGUOUS_FLOAT_MAX:
             raise ValueError(
-                "images: float values all in [0, 1] look like images scaled to [0, 1], but "
-                "thresholds are in pixel units 0..255; pass scale=255.0 (or multiply by 255)"
+                f"images: float values in [{lo:g}, {hi:g}] look like images scaled to [0, 1], "
+                "but thresholds are in pixel units 0..255; pass scale=255.0 (or multiply by "
+                "255), or scale=1.0 if they really are pixel units"
             )
-    return images, features
+    return _narrow_integers(images), features
 
 
 def memory_estimate(
@@ -243,8 +279,12 @@ def gb_cluster(
     """Granular-ball clustering of one image (H, W, C) or a batch (B, H, W, C).
 
     Args:
-      images: C = 1 or 3, uint8 (or any int) or float, values in pixel units
-        0..255. Float images in [0, 1] need ``scale=255.0``.
+      images: C = 1 or 3, an array or array-like of any integer dtype or float,
+        values in pixel units 0..255. Integer dtypes wider than int32 (int64,
+        uint32, uint64; a Python list of ints) are converted to uint8, and so is
+        the painted image. Float images need ``scale``: 255.0 for images in
+        [0, 1]; without it, float images whose values are all at most 2 are
+        refused as ambiguous (pass ``scale=1.0`` for pixel units).
       threshold: distance (pixel units, in feature space) under which a member
         counts as within its ball.
       purity: a ball is kept when its within fraction is >= purity, else split.
@@ -261,7 +301,9 @@ def gb_cluster(
       chunk_size: images per compiled call (default: as many as fit in
         ``memory_budget`` bytes, see :func:`memory_estimate`). The last chunk is
         padded, so every chunk reuses one compilation.
-      memory_budget: bytes per chunk used to pick the default ``chunk_size``.
+      memory_budget: bytes per chunk used to pick the default ``chunk_size``. A
+        single image whose working set (:func:`memory_estimate`) exceeds it is
+        refused before anything is allocated: downscale it or raise the budget.
       progress: show a progress bar over chunks.
 
     Works inside ``jax.jit``/``jax.grad`` on float inputs (value checks are then
@@ -311,6 +353,7 @@ def _cluster(
     if capacity == "auto":
         return _auto_capacity(x, thresholds, max_capacity, **kw)
     B, H, W, C = x.shape
+    _check_single_image_fits(H, W, C, int(capacity), min_ball_size, features, memory_budget)
     static = dict(
         K=int(capacity),
         max_rounds=int(max_rounds or capacity),
@@ -327,6 +370,25 @@ def _cluster(
     if _is_traced(x):
         return fn(x, *args, **static, multilevel=_multilevel(B * H * W))
     return _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress)
+
+
+def _check_single_image_fits(H, W, C, K, min_ball_size, features, memory_budget) -> None:
+    """Refuses, before any allocation, an image whose working set alone exceeds
+    ``memory_budget``: chunking splits batches, never one image."""
+    _check_memory_budget(memory_budget)
+    need = memory_estimate(1, H, W, C, capacity=K, min_ball_size=min_ball_size, features=features)
+    if need <= memory_budget:
+        return
+    f = math.ceil(10 * math.sqrt(need / memory_budget)) / 10  # per side, rounded up
+    raise ValueError(
+        f"images: one {H}x{W}x{C} image needs about {need / 2**30:.2f} GiB "
+        f"(gbjax.memory_estimate(1, {H}, {W}, {C}, capacity={K}, "
+        f"min_ball_size={min_ball_size})), more than memory_budget = "
+        f"{memory_budget / 2**30:.2f} GiB, and one image cannot be split. Downscale it "
+        f"(by about {f:g}x per side: {int(H / f)}x{int(W / f)}), use a smaller capacity or "
+        "min_ball_size=1 (no pixels x capacity search for noise), or raise memory_budget "
+        "if the device has the memory"
+    )
 
 
 _PER_BALL = ("centers", "radii", "counts", "within_fraction")
@@ -410,7 +472,8 @@ def gb_multiscale(images, thresholds: Sequence[float] = (40.0, 20.0, 10.0), **kw
     included: an image that saturates at any threshold is re-run at every
     threshold with twice the capacity). Returns a :class:`GBResult` whose fields
     are stacked on a new leading axis of length ``len(thresholds)``, in the
-    caller's order (so ``.image`` is (T, [B,] H, W, C)).
+    caller's order (so ``.image`` is (T, [B,] H, W, C)); a single number is one
+    threshold (T = 1).
 
     The thresholds are run from the largest to the smallest, each continuing
     from the partition at the one before instead of from a single ball: a ball
@@ -443,6 +506,10 @@ def gb_multiscale(images, thresholds: Sequence[float] = (40.0, 20.0, 10.0), **kw
     """
     if "threshold" in kwargs:
         raise ValueError("threshold: use thresholds=(...) with gb_multiscale")
+    if isinstance(thresholds, str):
+        raise ValueError(f"thresholds: expected numbers (pixel units), got {thresholds!r}")
+    if np.ndim(thresholds) == 0:
+        thresholds = (thresholds,)  # one threshold: a threshold axis of length 1
     thresholds = tuple(thresholds)
     if not thresholds:
         raise ValueError("thresholds: expected at least one threshold")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -405,6 +406,22 @@ def test_bad_input_raises_naming_x(d):
 def test_bad_parameters_raise_naming_them(make, name):
     with pytest.raises(ValueError, match=rf"^{name}:"):
         make()
+
+
+def test_filter_windows_are_bounded_so_they_compile_in_bounded_time():
+    # Median(65) unrolled 4225 slices and compiled for minutes; refused at once now
+    from gbjax.defences import MAX_BLUR_RADIUS, MAX_MEDIAN_SIZE
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"^size: at most {MAX_MEDIAN_SIZE}"):
+        Median(65)
+    with pytest.raises(ValueError, match=r"^sigma: .*radius .* = 400 .*sigma < 8\.125"):
+        GaussianBlur(100.0)
+    with pytest.raises(ValueError, match=r"^sigma: .*radius"):
+        GaussianBlur(4.0, truncate=100.0)
+    assert time.perf_counter() - t0 < 5.0  # nothing compiled
+    assert Median(MAX_MEDIAN_SIZE).size == MAX_MEDIAN_SIZE  # the bound itself is allowed
+    assert int(4.0 * GaussianBlur(8.0).sigma + 0.5) == MAX_BLUR_RADIUS
 
 
 @pytest.mark.parametrize("d", ALL, ids=IDS)

@@ -648,6 +648,91 @@ def test_bad_input_raises_value_error_naming_argument(images, kwargs, match):
         gbjax.gb_cluster(images, **kwargs)
 
 
+# ----------------------------------------------------------------------------- edge cases (#26)
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda a: a.astype(np.int64),
+        lambda a: a.astype(np.uint32),
+        lambda a: a.astype(np.uint64),
+        lambda a: a.astype(np.int64).tolist(),
+        lambda a: jnp.asarray(a, jnp.uint32),
+    ],
+    ids=["int64", "uint32", "uint64", "list", "jax-uint32"],
+)
+def test_every_integer_dtype_and_array_like_is_accepted(convert):
+    x = blobs(3, n=1, h=6, w=6)[0]
+    want = gbjax.gb_denoise(x, threshold=20.0, capacity=16)
+    got = gbjax.gb_denoise(convert(x), threshold=20.0, capacity=16)
+    assert got.dtype == np.uint8  # wider than int32: converted to uint8, values 0..255
+    np.testing.assert_array_equal(got, want)
+
+
+def test_wide_integer_images_outside_0_255_are_refused():
+    for bad, match in ((-1, ">= 0"), (256, "0..255"), (2**40, "0..255")):
+        x = np.zeros((4, 4, 3), np.int64)
+        x[0, 0, 0] = bad
+        with pytest.raises(ValueError, match=match):
+            gbjax.gb_cluster(x)
+
+
+def test_wide_integer_images_traced_run_under_jit():
+    x = blobs(4, n=1, h=6, w=6)
+    want = gbjax.gb_denoise(x, threshold=20.0, capacity=16)
+    got = jax.jit(lambda v: gbjax.gb_denoise(v, threshold=20.0, capacity=16))(
+        jnp.asarray(x, jnp.uint32)
+    )
+    np.testing.assert_array_equal(got, want)
+
+
+def test_float_images_just_above_1_without_scale_are_refused():
+    x = np.linspace(0.0, 1.5, 48, dtype=np.float32).reshape(4, 4, 3)
+    with pytest.raises(ValueError, match=r"\[0, 1\].*scale=255.*scale=1.0"):
+        gbjax.gb_cluster(x)
+    # an explicit scale says which units they are in
+    assert gbjax.gb_cluster(x, scale=1.0, capacity=8).image.dtype == np.float32
+    assert gbjax.gb_cluster(x / 1.5, scale=255.0, capacity=8).image.dtype == np.float32
+    # pixel units 0..255 as floats still need no scale
+    assert gbjax.gb_cluster(x * 100.0, capacity=8).image.dtype == np.float32
+
+
+def test_an_image_over_the_memory_budget_is_refused_before_allocating():
+    h, w = 3000, 4000  # a 12-megapixel photo: about 12.7 GiB of working set
+    need = gbjax.memory_estimate(1, h, w)
+    assert need > 2 << 30
+    # a broadcast view: no 36 MB array, and nothing may be allocated for the program
+    x = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (h, w, 3))
+    with pytest.raises(ValueError, match=r"12\.70 GiB.*memory_budget.*Downscale"):
+        gbjax.gb_cluster(x)
+    small = blobs(5, n=2, h=8, w=8)
+    per = gbjax.memory_estimate(1, 8, 8, capacity=16)
+    with pytest.raises(ValueError, match="memory_budget"):
+        gbjax.gb_denoise(small, capacity=16, memory_budget=per - 1)
+    with pytest.raises(ValueError, match="memory_budget"):
+        gbjax.gb_multiscale(small, capacity=16, memory_budget=per - 1)
+    with pytest.raises(ValueError, match="memory_budget"):
+        gbjax.gb_cluster(small, capacity=16, chunk_size=1, memory_budget=per - 1)
+    with pytest.raises(ValueError, match="memory_budget: expected"):
+        gbjax.gb_cluster(small, capacity=16, memory_budget=0)
+    assert gbjax.gb_denoise(small, capacity=16, memory_budget=per).shape == small.shape
+
+
+def test_gb_multiscale_accepts_a_scalar_threshold():
+    x = blobs(6, n=2, h=8, w=8)
+    ms = gbjax.gb_multiscale(x, thresholds=20, capacity=32)
+    assert ms.image.shape == (1,) + x.shape
+    one = gbjax.gb_cluster(x, threshold=20.0, capacity=32)
+    np.testing.assert_array_equal(ms.labels[0], one.labels)
+    np.testing.assert_array_equal(ms.image[0], one.image)
+    assert gbjax.gb_multiscale(x[0], thresholds=np.float32(20.0), capacity=32).image.shape == (
+        (1,) + x.shape[1:]
+    )
+    with pytest.raises(ValueError, match="thresholds"):
+        gbjax.gb_multiscale(x, thresholds="20")
+
+
 def test_bad_features():
     with pytest.raises(ValueError, match="features.color"):
         gbjax.Features(color=0.0)
