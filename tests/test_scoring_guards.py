@@ -150,6 +150,15 @@ def test_every_attack_refuses_labels_out_of_range(value):
             pytest.fail(f"{name} accepted labels outside [0, {K})")
 
 
+def test_loss_helpers_refuse_labels_out_of_range():
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        A.loss_gradient(linear, x, _bad_labels(y))
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        A.attack_loss(linear, x, _bad_labels(y, -1))
+    assert np.isfinite(np.asarray(A.attack_loss(linear, x, y))).all()
+
+
 def test_apgd_label_check_uses_the_randomised_models_class_count():
     x, y = _data()
 

@@ -381,7 +381,9 @@ def loss_gradient(logits_fn, x, y, *, key=None, eot_samples=None):
     averaged (EOT).  Returns an array shaped like ``x``.
     """
     _check_eot(eot_samples, key)
-    return _loss_gradient_jit(as_logits_fn(logits_fn), x, y, key, eot_samples=eot_samples)
+    fn = as_logits_fn(logits_fn)
+    check_attack_labels(fn, x, y, key, eot_samples)
+    return _loss_gradient_jit(fn, x, y, key, eot_samples=eot_samples)
 
 
 @_xla.conv_jit
@@ -394,7 +396,9 @@ def attack_loss(logits_fn, x, y, *, key=None):
 
     Pass ``key`` for a randomised logits function ``f(x, key)``.
     """
-    return _attack_loss_jit(as_logits_fn(logits_fn), x, y, key)
+    fn = as_logits_fn(logits_fn)
+    check_attack_labels(fn, x, y, key, eot_samples=None if key is None else 1)
+    return _attack_loss_jit(fn, x, y, key)
 
 
 # ---------------------------------------------------------------------------
