@@ -10,7 +10,8 @@ expensive attacks cheap.
 
 Attacks: ``"fgsm"``, ``"pgd"``, ``"apgd-ce"``, ``"apgd-dlr"``, ``"apgd-t"``
 (targeted DLR over ``n_targets`` target classes), ``"square"`` (score-based;
-it queries the scored model, whatever the protocol) and ``"noise"`` (the
+it queries the scored model, whatever the protocol), ``"spsa"`` (gradient-free,
+likewise on the scored model) and ``"noise"`` (the
 random-sign control ``clip(x + eps * s)``).
 """
 
@@ -38,6 +39,7 @@ from gbjax.attacks._core import (
 )
 from gbjax.attacks.apgd import apgd_run
 from gbjax.attacks.gradient import _check_loss, _check_restarts, _restart_key
+from gbjax.attacks.spsa import spsa_run
 from gbjax.attacks.square import square_run
 from gbjax.data.batching import bucket_size, fixed_batches, take
 
@@ -51,8 +53,8 @@ __all__ = [
     "SanityReport",
 ]
 
-ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "noise")
-_DEFAULT_STEPS = {"fgsm": 1, "pgd": 10, "apgd-ce": 100, "apgd-dlr": 100, "apgd-t": 100}
+ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "spsa", "noise")
+_DEFAULT_STEPS = {"fgsm": 1, "pgd": 10, "apgd-ce": 100, "apgd-dlr": 100, "apgd-t": 100, "spsa": 100}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +128,7 @@ def accuracy_under_attack(
     loss: str = "ce",
     queries: int = 5000,
     p_init: float = 0.8,
+    samples: int = 128,
     n_targets: int = 9,
     chunk: int | None = None,
     robust_so_far=None,
@@ -160,6 +163,7 @@ def accuracy_under_attack(
         attacks the images that survived the previous ones.
       loss: ``"ce"`` or ``"margin"`` for FGSM and PGD.
       queries, p_init: of the Square attack.
+      samples: model evaluations per SPSA step (``steps`` default 100 for SPSA).
       n_targets: target classes of ``"apgd-t"`` (the strongest wrong classes).
       chunk: iterations (Square: queries) per compiled call; overrides
         ``unroll``. Use 1 for a model with GB inside: a program holding several
@@ -192,7 +196,14 @@ def accuracy_under_attack(
     _check_loss(loss)
     if chunk is None:
         chunk = _chunk_from_unroll(unroll, steps)
-    needs_key = (attack == "pgd" and random_start) or attack.startswith(("apgd", "square", "noise"))
+    needs_key = (attack == "pgd" and random_start) or attack.startswith(
+        ("apgd", "square", "spsa", "noise")
+    )
+    if attack == "spsa":
+        _check_steps(steps)
+        steps = int(steps)
+        if not isinstance(samples, numbers.Integral) or isinstance(samples, bool) or samples < 2:
+            raise ValueError(f"samples must be an integer >= 2, got {samples!r}")
     if needs_key and key is None:
         raise ValueError(f"attack {attack!r} needs an explicit PRNG key (key=...)")
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
@@ -243,7 +254,8 @@ def accuracy_under_attack(
                     attack, attack_fn, eval_fn, x, y, robust[i], k_e, e,
                     steps=steps, rel_step=rel_step, random_start=random_start,
                     eot_samples=eot_samples, lo=lo, hi=hi, chunk=chunk, restarts=restarts,
-                    loss=loss, queries=queries, p_init=p_init, n_targets=n_targets,
+                    loss=loss, queries=queries, p_init=p_init, samples=samples,
+                    n_targets=n_targets,
                     shared=shared, batch_size=batch_size,
                 )  # fmt: skip
             if bar is not None:
@@ -258,7 +270,7 @@ def accuracy_under_attack(
 
 def _attack_set(attack, attack_fn, eval_fn, x, y, robust, key, eps, *, steps, rel_step,
                 random_start, eot_samples, lo, hi, chunk, restarts, loss, queries, p_init,
-                n_targets, shared, batch_size):  # fmt: skip
+                samples, n_targets, shared, batch_size):  # fmt: skip
     """The robust flags ``(N,)`` after one attack at one eps (only ``robust`` images)."""
     robust = robust.copy()
     if attack == "square":
@@ -270,6 +282,13 @@ def _attack_set(attack, attack_fn, eval_fn, x, y, robust, key, eps, *, steps, re
                 lo=lo, hi=hi, batch_size=batch_size, chunk=chunk or 25,
             )  # fmt: skip
             robust[idx] = np.asarray(margin) > 0
+        return robust
+    if attack == "spsa":
+        idx = np.flatnonzero(robust)
+        if len(idx):
+            ok, _ = spsa_run(eval_fn, _to_float(_rows(x, idx)), y[idx], key, eps, steps=steps,
+                             samples=int(samples), lo=lo, hi=hi, batch_size=batch_size)  # fmt: skip
+            robust[idx] = ok
         return robust
     runs = [(r, None) for r in range(restarts)]
     if attack == "apgd-t":

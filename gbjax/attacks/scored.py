@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 
 from gbjax import _xla
-from gbjax.attacks._core import _call, chunk_plan
+from gbjax.attacks._core import _call, chunk_plan, correct_from_logits
 from gbjax.attacks.gradient import _fgsm_impl, _pgd_start, _pgd_step
 
 
 def _correct(eval_fn, x, y, logits, key):
     if logits is None:
         logits = _call(eval_fn, x, key)
-    return jnp.argmax(logits, -1) == y
+    return correct_from_logits(logits, y)  # a NaN or inf logit counts as wrong
 
 
 def _keys(key, eot_samples):

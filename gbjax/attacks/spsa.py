@@ -8,7 +8,8 @@ at ``x +- delta * v`` for random sign vectors ``v`` (antithetic pairs), and
     g ~= mean_v [(L(x + delta v) - L(x - delta v)) / (2 delta)] * v.
 
 Adam (learning rate ``lr``) descends the estimated gradient, and the iterate is
-projected back to the eps-ball and to ``[lo, hi]``. Only the model's outputs
+projected back to the eps-ball and to ``[lo, hi]``. A NaN or inf margin counts
+as misclassified (``square._margin``). Only the model's outputs
 are used, so SPSA sees whatever a non-differentiable defence (quantisation,
 GB's partition) does, where a gradient would see nothing. Defaults follow the
 paper (``lr = delta = 0.01``); the paper used 8,192 samples per step on GPUs,
@@ -27,7 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from gbjax import _xla
-from gbjax.attacks._core import _check_positive, _check_steps, _check_xy, as_logits_fn
+from gbjax.attacks._core import (
+    _check_positive,
+    _check_steps,
+    _check_xy,
+    as_logits_fn,
+    check_attack_labels,
+)
 from gbjax.attacks.square import _margin
 from gbjax.data.batching import bucket_size, fixed_batches
 
@@ -168,6 +175,7 @@ def spsa(
         raise ValueError("spsa needs an explicit PRNG key (key=...)")
     lo, hi = float(clip[0]), float(clip[1])
     fn = as_logits_fn(logits_fn)
+    check_attack_labels(fn, x, y)
     _, adv = spsa_run(fn, x, y, key, eps, steps=int(steps), samples=int(samples), lr=lr,
                       delta=delta, lo=lo, hi=hi, batch_size=int(batch_size))  # fmt: skip
     return adv.astype(jnp.asarray(x).dtype)
