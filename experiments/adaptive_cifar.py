@@ -17,7 +17,9 @@ What it does, per seed:
    when there, else trained here with the main job's recipe. Beside them, the
    same network and recipe trained *adversarially* (N-FGSM, de Jorge et al.
    2022: one gradient step from uniform noise in [-2 eps, 2 eps]) at a small
-   budget (``--at-eps``, default 2/255) and at 8/255: ``at_2`` and ``at_8``.
+   budget (``--at-eps``, default 2/255) and at 8/255: ``at_2`` and ``at_8``
+   (quick mode: 2 epochs, the same number of gradient computations as the
+   plain models' 4; default mode: the same epochs as the plain models).
    PGD-10 accuracy on 200 held-out test images is logged at every evaluation,
    so catastrophic overfitting would show in the models' metrics.jsonl.
 2. **The main job's worst-case cascade, unchanged** (FGSM, PGD, APGD-CE,
@@ -81,7 +83,9 @@ MODES = {
         spsa_steps=20,
         spsa_samples=64,
         square_queries=5000,
-        at_epochs=4,
+        # an N-FGSM step costs two forward-backward passes: 2 epochs give the AT
+        # models the gradient computations of the plain models' 4 epochs
+        at_epochs=2,
         conv_steps=(10, 20, 50),
     ),
     "full": dict(
