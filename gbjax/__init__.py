@@ -26,7 +26,7 @@ from gbjax.attacks import (
 from gbjax.defences import GB, Defended
 from gbjax.gb import Features, GBResult, gb_cluster, gb_denoise, gb_multiscale, memory_estimate
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one source of the version (pyproject.toml reads it)
 
 _LAZY = {
     "models": ("gbjax.models", None),

@@ -1,5 +1,20 @@
-"""Command line: ``python -m gbjax denoise IN... -o OUTDIR``.
+"""The ``gbjax`` command line (also ``python -m gbjax``): ``denoise``, ``train``, ``cluster``.
 
+* ``gbjax denoise IN... -o OUTDIR``: granular-ball clustering of image files;
+* ``gbjax train --config CFG --workdir DIR``: training, as ``python -m gbjax.train``
+  (:func:`gbjax.train.main`);
+* ``gbjax cluster DATASET`` (or ``--config CFG``): a data set to its GB-processed
+  copy in the cache of :func:`gbjax.data.gb_processed`, which training with
+  ``preprocess="gb"`` then reads; with ``--coordinator ... --num-processes N
+  --process-id I`` the clustering is split over processes (:mod:`gbjax.distributed`).
+
+Exit status (every subcommand): 0 done; 1 the work failed part-way (an input not
+written, a non-finite training loss, a clustering error); 2 refused before any
+work (bad options, missing inputs or data, a workdir or output that must not be
+used).
+
+``denoise``
+-----------
 Clusters image files (PNG/JPEG, or folders of them, searched recursively with
 symlinked folders followed) with granular balls and writes the painted images
 as ``OUTDIR/<relative path>/<stem>_gb.png``; ``--compare`` also writes the GB
@@ -33,6 +48,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -439,17 +455,96 @@ _capacity = _checked(
 )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m gbjax",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser(
-        "denoise", help="granular-ball clustering of image files", allow_abbrev=False
-    )
+_DENOISE_DESCRIPTION = __doc__.split("``denoise``\n-----------\n", 1)[1]
+
+_EXIT_CODES = """\
+exit status:
+  0  done
+  1  the work failed part-way (an input not written, a non-finite training loss,
+     a clustering error); each failure is reported on stderr
+  2  refused before any work: bad options, missing inputs or data, a workdir or
+     output that must not be used
+"""
+
+_MAIN_EPILOG = (
+    """\
+examples:
+  gbjax denoise photos/ -o out/ --threshold 20 --compare
+  gbjax train --config gbjax.configs.pe_mnist:smoke --workdir /tmp/pe
+  gbjax cluster cifar10 --data-dir DATA --threshold 20 --purity 0.9
+  gbjax <command> --help    (options and examples of one command)
+
+"""
+    + _EXIT_CODES
+)
+
+_DENOISE_EPILOG = (
+    """\
+examples:
+  gbjax denoise photo.jpg -o out/                 # out/photo_gb.png
+  gbjax denoise photos/ scans/ -o out/ --threshold 10 --purity 0.95
+  gbjax denoise photos/ -o out/ --compare --capacity auto --overwrite
+
+"""
+    + _EXIT_CODES
+)
+
+_TRAIN_DESCRIPTION = """\
+Train a configuration (a Python file or module with get_config(arg=None)) in a
+workdir, as `python -m gbjax.train`: resumes from the workdir's latest
+checkpoint, writes metrics.jsonl and checkpoints there, and prints the final
+metrics as JSON. A workdir made with another configuration is refused unless
+--overwrite. Multi-process data-parallel training: `python -m gbjax.distributed
+train` (documentation: "Scaling out").
+"""
+
+_TRAIN_EPILOG = (
+    """\
+examples:
+  gbjax train --config gbjax.configs.pe_mnist:smoke --workdir /tmp/pe
+  gbjax train --config gbjax.configs.airbench_cifar10 --workdir runs/ab \\
+      --set preprocess="'gb'" --set gb="{'threshold': 20.0, 'purity': 0.9}"
+  gbjax train --config my_configs/run.py:fast --workdir runs/mine --set seed=3 --overwrite
+
+  --config takes a file (path/to/config.py[:ARG]) or a module (gbjax.configs.NAME[:ARG]);
+  the configurations shipped with gbjax: airbench_cifar10, resnet18_cifar10, pe_mnist,
+  raw_mnist (each accepts ARG=smoke for a seconds-long check).
+
+"""
+    + _EXIT_CODES
+)
+
+_CLUSTER_DESCRIPTION = """\
+GB-process a data set (every image painted with its granular balls) and store
+it in the GB cache ($GBJAX_CACHE_DIR, else ~/.cache/gbjax, or --cache-dir),
+under the key gbjax.data.gb_processed uses: training with preprocess="gb" and
+the same GB parameters then reads it instead of clustering. With --config the
+data set, subsets and GB parameters are the training configuration's, so the
+cache is exactly the one `gbjax train` with that configuration reads. Only the
+GB options given enter the cache key (as in a config's gb={...} dict).
+With --coordinator/--num-processes/--process-id (or --auto), run the same
+command on every process: each clusters its shard and all get the result.
+"""
+
+_CLUSTER_EPILOG = (
+    """\
+examples:
+  gbjax cluster cifar10 --data-dir DATA --threshold 20 --purity 0.9
+  gbjax cluster mnist --split test --num 1000 --threshold 40 --capacity 512
+  gbjax cluster --config gbjax.configs.airbench_cifar10 \\
+      --set preprocess="'gb'" --set gb="{'threshold': 20.0, 'purity': 0.9}"
+  # two processes on one machine (run both; JAX_PLATFORMS=cpu on a CPU host):
+  gbjax cluster cifar10 --threshold 20 --coordinator 127.0.0.1:5555 \\
+      --num-processes 2 --process-id 0
+  gbjax cluster cifar10 --threshold 20 --coordinator 127.0.0.1:5555 \\
+      --num-processes 2 --process-id 1
+
+"""
+    + _EXIT_CODES
+)
+
+
+def _add_denoise_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("inputs", nargs="+", metavar="IN", help="image files (PNG/JPEG) or folders")
     d.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     d.add_argument(
@@ -482,17 +577,275 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop at the first input that cannot be read or written (exit 1)",
     )
+
+
+def _add_train_arguments(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--config", required=True, help="path/to/config.py[:arg] or module[:arg]")
+    t.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.json")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (a Python literal); repeatable",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a workdir made with another configuration (deletes only the "
+        "trainer's files there)",
+    )
+
+
+def add_cluster_arguments(c: argparse.ArgumentParser) -> None:
+    """The options of ``gbjax cluster`` (shared with ``python -m gbjax.distributed``).
+
+    Args:
+      c: the (sub)parser to add them to.
+    """
+    from gbjax.data import DATASETS
+
+    c.add_argument(
+        "dataset",
+        nargs="?",
+        choices=DATASETS,
+        help=f"one of {', '.join(DATASETS)} (or give --config)",
+    )
+    c.add_argument(
+        "--config",
+        metavar="CFG[:ARG]",
+        help="take the data set, subsets, GB parameters and cache folder from this training "
+        "configuration",
+    )
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of --config (a Python literal)")  # fmt: skip
+    c.add_argument(
+        "--split",
+        action="append",
+        choices=("train", "test"),
+        help="split to process; repeatable (default: train and test)",
+    )
+    c.add_argument("--data-dir", metavar="DIR", help="data folder (default $GBJAX_DATA_DIR)")
+    c.add_argument("--cache-dir", metavar="DIR", help="GB cache (default $GBJAX_CACHE_DIR)")
+    c.add_argument(
+        "--num", type=_positive_int, metavar="N", help="a fixed random subset of N images"
+    )
+    g = c.add_argument_group("GB parameters (those given enter the cache key)")
+    g.add_argument("--threshold", type=_positive_float, help="pixel units (gb_cluster: 20)")
+    g.add_argument("--purity", type=_fraction, help="in (0, 1] (gb_cluster: 0.9)")
+    g.add_argument("--capacity", type=_positive_int, help="ball slots per image (256)")
+    g.add_argument("--min-ball-size", type=_positive_int, help="smaller balls are noise (2)")
+    g.add_argument("--spatial", type=_non_negative, help="weight of pixel coordinates (0)")
+    g.add_argument("--texture", type=_non_negative, help="weight of local contrast (0)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from gbjax.distributed import add_process_flags
+
+    parser = argparse.ArgumentParser(
+        prog="gbjax",
+        description="gbjax from the command line: granular-ball clustering of image files, "
+        "training, and GB preprocessing of data sets.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"gbjax {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+    d = sub.add_parser(
+        "denoise",
+        help="granular-ball clustering of image files",
+        description=_DENOISE_DESCRIPTION,
+        epilog=_DENOISE_EPILOG,
+        formatter_class=raw,
+        allow_abbrev=False,
+    )
+    _add_denoise_arguments(d)
+    t = sub.add_parser(
+        "train",
+        help="train a configuration in a workdir (python -m gbjax.train)",
+        description=_TRAIN_DESCRIPTION,
+        epilog=_TRAIN_EPILOG,
+        formatter_class=raw,
+        allow_abbrev=False,
+    )
+    _add_train_arguments(t)
+    c = sub.add_parser(
+        "cluster",
+        help="a data set to its GB-processed copy in the cache",
+        description=_CLUSTER_DESCRIPTION,
+        epilog=_CLUSTER_EPILOG,
+        formatter_class=raw,
+        allow_abbrev=False,
+    )
+    add_cluster_arguments(c)
+    add_process_flags(c)
     return parser
+
+
+def _version() -> str:
+    from gbjax import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- #
+# train and cluster
+# --------------------------------------------------------------------------- #
+
+
+def _train(argv: list[str]) -> int:
+    """``gbjax train``: :func:`gbjax.train.main` on the arguments after ``train``."""
+    from gbjax.data import CorruptDataError, DataNotFoundError
+    from gbjax.train import main as train_main
+
+    try:
+        return train_main(argv)
+    except (DataNotFoundError, CorruptDataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _config_missing(spec: str) -> str | None:
+    """Why ``--config spec`` cannot be loaded (a missing file or module), else None."""
+    import importlib.util
+
+    path = spec.partition(":")[0]
+    if path.endswith(".py"):
+        return None if Path(path).is_file() else f"config file {path} not found"
+    try:
+        found = importlib.util.find_spec(path) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"config module {path} not found (a file needs the .py ending)"
+
+
+_GB_OPTIONS = ("threshold", "purity", "capacity", "min_ball_size", "spatial", "texture")
+
+
+def _cluster_jobs(args):
+    """``[(split, images)]`` and the ``gb_processed`` keyword arguments of ``args``."""
+    import dataclasses
+
+    from gbjax import data
+
+    if args.config is not None:
+        from gbjax.config import apply_overrides, load_config
+        from gbjax.train import load_datasets
+
+        if args.dataset is not None or args.num is not None or args.data_dir is not None:
+            raise ValueError("--config takes the data set, --num and --data-dir from the config")
+        gb_given = [k for k in _GB_OPTIONS if getattr(args, k) is not None]
+        if gb_given:
+            raise ValueError(f"--config takes the GB parameters from the config (gave {gb_given})")
+        missing = _config_missing(args.config)
+        if missing:
+            raise ValueError(missing)
+        config = apply_overrides(load_config(args.config), args.set)
+        if config.preprocess != "gb":
+            raise ValueError(
+                f"the config does not use GB preprocessing (preprocess={config.preprocess!r}); "
+                'add --set preprocess="\'gb\'" --set gb="{...}"'
+            )
+        plain = dataclasses.replace(config, preprocess="none", progress=not args.quiet)
+        xtr, _, xte, _ = load_datasets(plain)
+        splits = {"train": xtr, "test": xte}
+        jobs = [(s, splits[s]) for s in (args.split or ("train", "test"))]
+        cache_dir = args.cache_dir if args.cache_dir is not None else config.cache_dir
+        return jobs, dict(cache_dir=cache_dir, **config.gb)
+    if args.set:
+        raise ValueError("--set needs --config")
+    if args.dataset is None:
+        raise ValueError("give a data set (positional) or --config")
+    jobs = []
+    for split in args.split or ("train", "test"):
+        x, y = data.load(args.dataset, split, data_dir=args.data_dir, progress=not args.quiet)
+        x, _ = data.random_subset(x, y, args.num)
+        jobs.append((split, x[..., None] if x.ndim == 3 else x))
+    kw = {k: getattr(args, k) for k in _GB_OPTIONS[:4] if getattr(args, k) is not None}
+    feats = {k: getattr(args, k) for k in ("spatial", "texture") if getattr(args, k) is not None}
+    if feats:
+        kw["features"] = feats
+    return jobs, dict(cache_dir=args.cache_dir, **kw)
+
+
+def run_cluster(args, *, multi_process: bool = False) -> int:
+    """``gbjax cluster``: GB-process the chosen splits into the cache.
+
+    Args:
+      args: the parsed options of :func:`add_cluster_arguments`.
+      multi_process: split the clustering over the processes of a run joined
+        with :func:`gbjax.distributed.initialize`.
+
+    Returns:
+      The exit status: 0 done, 1 clustering failed, 2 refused before any work.
+    """
+    from gbjax.data import CorruptDataError, DataNotFoundError, gb_processed
+    from gbjax.data.preprocess import _cache_root, _key
+    from gbjax.distributed import gb_processed_distributed
+
+    try:
+        jobs, kw = _cluster_jobs(args)
+    except (ValueError, DataNotFoundError, CorruptDataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cache_dir = kw.pop("cache_dir")
+    show = not args.quiet
+    if multi_process:
+        import jax
+
+        show = show and jax.process_index() == 0
+    for split, images in jobs:
+        t0 = time.perf_counter()
+        try:
+            if multi_process:
+                out = gb_processed_distributed(images, cache_dir=cache_dir, progress=show, **kw)
+            else:
+                out = gb_processed(images, cache_dir=cache_dir, progress=show, **kw)
+        except ValueError as e:  # GB parameters refused by gb_cluster
+            print(f"error: {split}: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:
+            print(f"error: {split}: clustering failed ({type(e).__name__}: {e})", file=sys.stderr)
+            return 1
+        path = _cache_root(cache_dir) / f"gb_{_key(images, kw)}.npz"
+        if show:
+            dt = time.perf_counter() - t0
+            print(f"{split}: {len(out)} images {tuple(out.shape[1:])} -> {path} ({dt:.1f} s)")
+    return 0
 
 
 def main(argv=None):
     """Run the command line; returns the exit status (argument errors exit with 2).
 
-    0: every input written; 1: some input not written (each one is listed); 2:
-    refused before any work (unusable inputs, colliding or existing outputs, an
-    output folder that cannot be written).
+    0: done (``denoise``: every input written); 1: the work failed part-way
+    (``denoise``: some input not written, each one listed; ``train``: a
+    non-finite loss; ``cluster``: the clustering failed); 2: refused before any
+    work (unusable inputs, colliding or existing outputs, an output folder that
+    cannot be written, a missing data set or config, a workdir made with
+    another configuration).
     """
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        missing = _config_missing(args.config)
+        if missing:
+            parser.error(missing)
+        # forwarded verbatim: gbjax.train.main parses them again (and any flag it adds)
+        return _train(argv[argv.index("train") + 1 :])
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "cluster":
+        from gbjax.distributed import start_from_flags
+
+        try:
+            joined = start_from_flags(args)
+        except ValueError as e:
+            parser.error(str(e))
+        return run_cluster(args, multi_process=joined)
     try:
         return _denoise(args)
     except ValueError as e:
