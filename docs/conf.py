@@ -271,10 +271,7 @@ nitpick_ignore = [("py:mod", name) for name in SHADOWED_MODULES]
 # Public names known to lack a docstring, each with the fix it is waiting for
 # (the file is not edited from the documentation's side). Remove an entry once
 # fixed; any other public name without a docstring fails the build.
-KNOWN_UNDOCUMENTED = {
-    "gbjax.train.main": "gbjax/train.py: main() needs a docstring (arguments, exit status)",
-    "gbjax.models.airbench.torch_default_init": "gbjax/models/airbench.py: needs a docstring",
-}
+KNOWN_UNDOCUMENTED = {}
 
 
 def _report_undocumented(app) -> None:

@@ -393,6 +393,7 @@ def _denoise(args):
         capacity=args.capacity,
         min_ball_size=args.min_ball_size,
         features=Features(spatial=args.spatial, texture=args.texture),
+        memory_budget=int(args.memory_budget * 2**30),
     )
     gb_cluster(np.zeros((2, 2, 3), np.uint8), **kw)  # validate the options before any work
 
@@ -563,6 +564,13 @@ def _add_denoise_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--spatial", type=_non_negative, default=0.0, help="weight of pixel coordinates")
     d.add_argument("--texture", type=_non_negative, default=0.0, help="weight of local contrast")
     d.add_argument("--batch-size", type=_positive_int, default=256, help="images per compiled call")
+    d.add_argument(
+        "--memory-budget",
+        type=_positive_float,
+        default=2.0,
+        help="GiB of working memory per compiled call (default 2); a single image whose "
+        "working set exceeds it is refused before any work (large photos: raise it)",
+    )
     d.add_argument(
         "--compare",
         action="store_true",

@@ -81,7 +81,7 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> nnx.Mo
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(read_only=True),
     )
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restored = mngr.restore(
         step,
         args=ocp.args.PyTreeRestore(

@@ -422,7 +422,7 @@ def _auto_capacity(x, thresholds, max_capacity, **kw) -> GBResult:
 
 def _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress):
     B, H, W, C = x.shape
-    ndev = jax.device_count()
+    ndev = jax.local_device_count()  # this process's devices (multi-process runs)
     if chunk_size is None:
         per = memory_estimate(
             1,
@@ -446,7 +446,7 @@ def _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress):
         from jax.sharding import Mesh, NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        sharding = NamedSharding(Mesh(np.array(jax.devices()), ("batch",)), P("batch"))
+        sharding = NamedSharding(Mesh(np.array(jax.local_devices()), ("batch",)), P("batch"))
     else:
         sharding = None
 

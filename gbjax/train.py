@@ -678,6 +678,8 @@ def _returned_model(trainer: Trainer, state) -> nnx.Module:
 
 
 def main(argv=None):
+    """The ``python -m gbjax.train`` / ``gbjax train`` command line: trains a config in
+    a workdir (see the module docstring); exit 2 on bad arguments or a refused workdir."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--config", required=True, help="path/to/config.py[:arg] or module[:arg]")
     p.add_argument("--workdir", required=True)

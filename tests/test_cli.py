@@ -350,3 +350,22 @@ def test_a_failing_group_is_reported_and_the_others_written(tmp_path, monkeypatc
     assert str(tmp_path / "in" / "big.png") in cap.err
     assert (tmp_path / "out" / "in" / "ok_gb.png").exists()
     assert not (tmp_path / "out" / "in" / "big_gb.png").exists()
+
+
+def test_memory_budget_option(tmp_path, capsys):
+    """An image whose working set exceeds --memory-budget is reported, not written
+    (exit 1); a budget that fits writes it."""
+    img = _img(3)
+    _save(tmp_path / "in" / "big.png", img)
+    need = gbjax.memory_estimate(1, img.shape[0], img.shape[1], 3)
+    assert gbjax.memory_estimate(1, 2, 2, 3) < need / 2  # the option check passes
+    small = need / 2 / 2**30  # GiB
+    assert _run(tmp_path / "in", "-o", tmp_path / "out", "--memory-budget", small) == 1
+    out = capsys.readouterr()
+    assert "memory_budget" in out.out + out.err
+    assert not (tmp_path / "out" / "in" / "big_gb.png").exists()
+    assert _run(tmp_path / "in", "-o", tmp_path / "out") == 0
+    assert (tmp_path / "out" / "in" / "big_gb.png").is_file()
+    with pytest.raises(SystemExit) as e:
+        main(["denoise", str(tmp_path / "in"), "--memory-budget", "0"])
+    assert e.value.code == 2

@@ -53,7 +53,13 @@ from gbjax.models._common import (
 __all__ = ["Airbench", "dirac_init", "max_pool", "whitening_kernel", "torch_default_init"]
 
 # PyTorch's default conv/linear initialiser: uniform in +-1/sqrt(fan_in).
-torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+_TORCH_DEFAULT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_init(key, shape, dtype=jnp.float32):
+    """PyTorch's default initialisation of conv and linear weights (uniform in
+    ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``), which the airbench recipe assumes."""
+    return _TORCH_DEFAULT(key, shape, dtype)
 
 
 def dirac_init(base=torch_default_init):

@@ -105,6 +105,7 @@ class PaperConvNet(nnx.Module):
         "without PE" baseline);
       * ``"normalized"``: ``(x - mean) / std`` (Table 5, "normalisation only");
       * ``"embedding"``: pixel embedding (:class:`PixelEmbedding`).
+
     ``stats`` ("dataset" or "batch") selects where mean/std come from for the
     "normalized" and "embedding" kinds.  (B, 28, 28, C) -> (B, num_classes).
     """
