@@ -277,6 +277,17 @@ def synthetic_dataset(name: str, split: str, n: int, seed: int = 0):
     return np.clip(np.round(x), 0, 255).astype(np.uint8), y
 
 
+def eval_indices(n_total: int, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of a fixed random ``n`` of ``n_total`` test images, in random order.
+
+    Not the first ``n``: the CIFAR-10 test images (and ``random_subset``'s
+    draws, which keep that order) are sorted by class, so a prefix would be one
+    or two classes. In random order, every prefix (Square's first
+    ``n_square``, convergence's first ``conv_n``) is a random draw too.
+    """
+    return np.random.default_rng(seed + 0x5EB5E7).permutation(n_total)[: min(n, n_total)]
+
+
 # ----------------------------------------------------------------------------
 # training
 

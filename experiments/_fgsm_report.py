@@ -84,7 +84,8 @@ def assemble(
         "- Scored function: `Defended(classifier, GB)` (GB model) or the classifier, on [0, 1] "
         "images; clean and attacked rows use it alike.",
         "- FGSM (the paper's attack): every test image; GB model under each protocol.",
-        f"- Worst case: the first {n_eval} test images; robust = right clean and at every "
+        f"- Worst case: a fixed random {n_eval} test images (all classes, in random order); "
+        "robust = right clean and at every "
         f"iterate of FGSM, PGD-{mode['pgd_steps']} (random start, step 2.5 eps/steps), "
         f"APGD-CE and APGD-DLR ({mode['apgd_steps']} steps) under every protocol, transfer "
         f"from the unprocessed model (PGD, APGD-CE), and Square ({mode['queries']} queries, "

@@ -314,8 +314,9 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
     def key(label):
         return jax.random.fold_in(jax.random.key(1000 + seed), zlib.crc32(label.encode()))
 
-    n_eval = min(mode["n_eval"], len(x01))
-    xe, ye = x01[:n_eval], y[:n_eval]
+    idx = C.eval_indices(len(x01), mode["n_eval"])  # random: the test set is class-sorted
+    n_eval = len(idx)
+    xe, ye = x01[idx], y[idx]
     fns = F._functions({k: trained[k] for k in ("unprocessed", "gb")}, gb_defence)
     for name in trained:
         if name not in fns:  # adversarially trained: the classifier alone
@@ -333,6 +334,7 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
         rec = dict(
             clean=clean,
             n_eval=n_eval,
+            eval_indices=idx.tolist(),  # 'removed' lists are positions in this list
             stages=log.stages,
             worst_case=(k / n_eval).tolist(),
             worst_case_ci=[attacks.wilson_interval(int(v), n_eval) for v in k],
@@ -369,7 +371,8 @@ def report(r, args, runs) -> dict:
         f"- Classifiers: {F.model_description(r.mode)}; `gb` trained on GB-painted images "
         f"(threshold {args.threshold}, purity {args.purity}); `at_*` trained with N-FGSM at "
         "the eps in their name (x/255).",
-        f"- Worst case on the first {run['gb']['n_eval']} test images: the main job's cascade "
+        f"- Worst case on a fixed random {run['gb']['n_eval']} test images (all classes): the "
+        "main job's cascade "
         "(fgsm_cifar), then the new stages, each on the survivors. Robust = right clean and "
         "at every iterate of every stage. [95% Wilson interval].",
         "",
@@ -412,7 +415,7 @@ def report(r, args, runs) -> dict:
         md.append(
             f"| {name} | {_pct(m.get('test_accuracy', float('nan')))} | "
             f"{_pct(m['pgd_accuracy']) if 'pgd_accuracy' in m else '-'} | "
-            f"{m.get('train_seconds', float('nan')):.0f}"
+            f"{m.get('train_seconds', m.get('wall_time_s', float('nan'))):.0f}"
             f"{' (reused)' if m.get('reused') else ''} |"
         )
     summary = "\n".join(md[md.index("## Worst case (%)") :][: 4 + len(names)])

@@ -31,7 +31,9 @@ Protocol (also written into results.md):
   16}/255, 0.1 and 0.2, each GB protocol separately: *oblivious* (gradient of
   the classifier alone), *end-to-end* (``jax.grad`` through GB with its
   partition fixed), *BPDA* (GB forward, identity backward).
-* Worst case on a fixed random subset (``n_eval``): an image counts as robust
+* Worst case on a fixed random subset (``n_eval``, in random order: the test
+  set is sorted by class; until 2026-12-05 it was the first ``n_eval`` images,
+  i.e. airplanes only in the default mode): an image counts as robust
   only if it is classified correctly clean and at every iterate of every
   attack: FGSM, PGD, APGD-CE and APGD-DLR under each protocol, transfer
   (PGD and APGD-CE crafted on the unprocessed model), and Square (5,000
@@ -362,8 +364,9 @@ def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer):
     def key(label):
         return jax.random.fold_in(jax.random.key(1000 + seed), zlib.crc32(label.encode()))
 
-    n_eval = min(mode["n_eval"], len(x01))
-    xe, ye = x01[:n_eval], y[:n_eval]
+    idx = C.eval_indices(len(x01), mode["n_eval"])  # random: the test set is class-sorted
+    n_eval = len(idx)
+    xe, ye = x01[idx], y[idx]
     out = {}
     for name, (scored, attacked) in _functions(models, gb_defence).items():
         t0 = time.perf_counter()
@@ -391,6 +394,7 @@ def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer):
         k = robust.sum(1)
         rec.update(
             n_eval=n_eval,
+            eval_indices=idx.tolist(),
             stages=stages,
             worst_case=(k / n_eval).tolist(),
             worst_case_ci=[attacks.wilson_interval(int(v), n_eval) for v in k],

@@ -299,8 +299,8 @@ def run(argv=None) -> dict:
         acc = evaluate_noise(models, defs, sets, r.yte, r.mode["attack_batch"])
         r.timer.mark("noise", t0)
         t0 = time.perf_counter()
-        n = min(r.mode["n_attack"], len(r.xte))
-        att = evaluate_attacks(models, defs, r.xte[:n], r.yte[:n], r.mode, seed, r.progress)
+        idx = C.eval_indices(len(r.xte), r.mode["n_attack"])  # the test set is class-sorted
+        att = evaluate_attacks(models, defs, r.xte[idx], r.yte[idx], r.mode, seed, r.progress)
         r.timer.mark("attacks", t0)
         runs[seed] = dict(acc=acc, attacks=att, train_metrics=metrics)
     _grid(r, defs)

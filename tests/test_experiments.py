@@ -429,3 +429,16 @@ def test_adaptive_stage_log_resumes(tmp_path):
     assert again.stages[1]["removed"] == [[2]]
     with pytest.raises(SystemExit):
         mod.StageLog(path, 5)  # another n_eval: refused, not mixed
+
+
+def test_eval_subset_is_random_not_the_class_sorted_prefix():
+    """The CIFAR-10 test folders are sorted by class: the worst-case subset (and each of
+    its prefixes: Square's, convergence's) must be a random draw, not the first n."""
+    C = _common()
+    y = np.repeat(np.arange(10), 1000)  # class-sorted, like our test set
+    idx = C.eval_indices(len(y), 500)
+    assert len(idx) == len(set(idx.tolist())) == 500
+    assert np.array_equal(idx, C.eval_indices(len(y), 500))  # fixed
+    for n in (50, 200, 500):
+        assert np.bincount(y[idx[:n]], minlength=10).min() >= 1
+    assert len(C.eval_indices(30, 500)) == 30
