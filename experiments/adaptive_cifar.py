@@ -418,6 +418,24 @@ def report(r, args, runs) -> dict:
             f"{m.get('train_seconds', m.get('wall_time_s', float('nan'))):.0f}"
             f"{' (reused)' if m.get('reused') else ''} |"
         )
+    zero = [0.0] * len(EPS)
+    C.plot_curves(
+        r.out / "worst_case_vs_eps.png",
+        [
+            dict(
+                title=title,
+                xlabel="eps (x/255)",
+                ylabel="robust accuracy %",
+                x=[e * 255 for e in EPS],
+                curves={n: ([100 * a for a in run[n][key]], zero) for n in names},
+            )
+            for title, key in (
+                ("main job's cascade", "main_job_worst_case"),
+                ("all stages (attacks built against GB)", "worst_case"),
+            )
+        ],
+        title=f"Worst case per model, {run['gb']['n_eval']} random test images ({r.label})",
+    )
     summary = "\n".join(md[md.index("## Worst case (%)") :][: 4 + len(names)])
     csv_rows = [
         dict(model=n, eps=e, stage=s["stage"], accuracy=a)
@@ -426,7 +444,7 @@ def report(r, args, runs) -> dict:
         for e, a in zip(EPS_LABELS, s["accuracy"])
     ]
     return r.finish(
-        results=dict(runs=runs, eps=list(EPS), eps_labels=list(EPS_LABELS)),
+        results=dict(runs=runs, config=r.mode, eps=list(EPS), eps_labels=list(EPS_LABELS)),
         markdown="\n".join(md) + "\n",
         summary=summary,
         csv_rows=csv_rows,

@@ -383,14 +383,16 @@ def test_train_model_reuses_its_run_and_deletes_nothing(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_adaptive_cifar_smoke(tmp_path):
-    """The main job's cascade, then the new stages, for none, GB and two adversarially
-    trained models; every stage only removes images, and the state file holds them."""
+    """The main job's cascade, then the new stages, for none and GB; every stage only
+    removes images, and the state file holds them."""
     mod = _load("adaptive_cifar")
     out = tmp_path / "adaptive"
-    mod.run(["--smoke", "--out", str(out), "--no-progress"] + _data_flags())
+    # adversarial training itself: tests/test_adaptive.py (two smoke trainings fewer here)
+    mod.run(["--smoke", "--skip-at", "--out", str(out), "--no-progress"] + _data_flags())
     r, rows, md = _check_outputs(out, "adaptive_cifar", None)
     run = r["runs"]["0"]
-    assert set(run) == {"unprocessed", "gb", "at_2", "at_8"}
+    assert set(run) == {"unprocessed", "gb"}
+    assert (out / "worst_case_vs_eps.png").is_file()
     for name, rec in run.items():
         acc = np.asarray([s["accuracy"] for s in rec["stages"]])
         assert acc.shape[1] == len(mod.EPS)
@@ -412,7 +414,6 @@ def test_adaptive_cifar_smoke(tmp_path):
     gb_labels = [s["stage"] for s in run["gb"]["stages"]]
     assert any("partition surrogate" in s for s in gb_labels)
     assert any("soft-BPDA" in s for s in gb_labels)
-    assert "pgd_accuracy" in run["at_8"]["train_metrics"]
     assert len(run["gb"]["convergence"]["accuracy"]) == len(mod.MODES["smoke"]["conv_steps"])
     assert "Worst case" in md and "partition surrogate" in md
 
