@@ -375,6 +375,9 @@ def report(r, args, runs) -> dict:
         "main job's cascade "
         "(fgsm_cifar), then the new stages, each on the survivors. Robust = right clean and "
         "at every iterate of every stage. [95% Wilson interval].",
+        "- The papers: the GB paper reports only FGSM at eps 0.2 (GB 73.6%, unprocessed "
+        "68.5%, Table 2), with no adaptive attack and no adversarially trained baseline; "
+        "there is no paper number to put beside these rows.",
         "",
         "## Worst case (%)",
         "",
