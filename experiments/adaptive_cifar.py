@@ -19,7 +19,8 @@ What it does, per seed:
    2022: one gradient step from uniform noise in [-2 eps, 2 eps]) at a small
    budget (``--at-eps``, default 2/255) and at 8/255: ``at_2`` and ``at_8``
    (quick mode: 2 epochs, the same number of gradient computations as the
-   plain models' 4; default mode: the same epochs as the plain models).
+   plain models' 4; default mode: the same epochs as the plain models;
+   ``--at-epochs`` overrides both and names the models ``at_<eps>_<epochs>ep``).
    PGD-10 accuracy on 200 held-out test images is logged at every evaluation,
    so catastrophic overfitting would show in the models' metrics.jsonl.
 2. **The main job's worst-case cascade, unchanged** (FGSM, PGD, APGD-CE,
@@ -113,6 +114,13 @@ def parse_args(argv=None):
     p.add_argument(
         "--at-eps", type=float, default=2 / 255, help="small adversarial-training budget"
     )
+    p.add_argument(
+        "--at-epochs",
+        type=float,
+        default=None,
+        help="override: epochs of the adversarial trainings (the models are then named "
+        "at_<eps>_<epochs>ep, so they never mix with the mode's own)",
+    )
     p.add_argument("--n-eval", type=int, default=None, help="override: worst-case subset size")
     p.add_argument("--train-only", action="store_true", help="train (or restore) and stop")
     p.add_argument("--skip-at", action="store_true", help="no adversarially trained models")
@@ -140,15 +148,15 @@ def model_specs(mode, args) -> dict:
     specs = {"unprocessed": ({}, False), "gb": ({}, True)}
     if not args.skip_at:
         for eps in (args.at_eps, 8 / 255):
-            specs[at_name(eps)] = (
+            specs[at_name(eps, args.at_epochs)] = (
                 dict(eps=eps, method="n-fgsm", eval_n=AT_EVAL_N, eval_steps=AT_EVAL_STEPS),
                 False,
             )
     return specs
 
 
-def at_name(eps: float) -> str:
-    return f"at_{eps * 255:g}"
+def at_name(eps: float, epochs: float | None = None) -> str:
+    return f"at_{eps * 255:g}" + ("" if epochs is None else f"_{epochs:g}ep")
 
 
 def get_models(r, args, xtr_gb, xte_gb, seed):
@@ -167,8 +175,9 @@ def get_models(r, args, xtr_gb, xte_gb, seed):
             out[name], metrics[name] = train.restore_model(done[0]), dict(done[1], reused=True)
         else:
             mode = dict(r.mode)
-            if adv and mode.get("at_epochs") is not None:
-                mode["epochs"] = mode["at_epochs"]
+            at_epochs = args.at_epochs if args.at_epochs is not None else mode.get("at_epochs")
+            if adv and at_epochs is not None:
+                mode["epochs"] = at_epochs
             cfg = F.classifier_config(mode, seed, r.progress)
             cfg.adversarial = adv
             tr, te = (xtr_gb, xte_gb) if pre else (r.xtr, r.xte)
