@@ -45,9 +45,12 @@ gradients, BPDA), :mod:`~gbjax.attacks.losses` (CE, margin, DLR),
 :mod:`~gbjax.attacks.protocols` (the three
 protocols), :mod:`~gbjax.attacks.scored` (per-iterate scoring) and
 :mod:`~gbjax.attacks.evaluation` (robustness over a data set, worst cases,
-sanity checks).
+sanity checks); :func:`cascade` runs attacks as AutoAttack's standard
+evaluation does (each stage on the images still robust, its state saved after
+every stage).
 """
 
+from gbjax.attacks._cascade import CascadeResult, Group, Stage, StageRecord, cascade
 from gbjax.attacks._core import BPDA, as_logits_fn, attack_loss, bpda, loss_gradient
 from gbjax.attacks.adaptive import SoftGB
 from gbjax.attacks.apgd import apgd
@@ -76,6 +79,11 @@ __all__ = [
     "ATTACKS",
     "AttackResult",
     "worst_case",
+    "cascade",
+    "Stage",
+    "Group",
+    "StageRecord",
+    "CascadeResult",
     "wilson_interval",
     "LOSSES",
     "per_example_loss",
