@@ -195,6 +195,26 @@ def test_whitening_makes_patch_covariance_about_identity():
         models.whitening_kernel(np.full((2, 4, 4, 3), np.nan), mean=0, std=1)
 
 
+def test_whitening_gain_is_the_largest_change_of_each_output():
+    rng = np.random.default_rng(2)
+    k = rng.normal(size=(2, 2, 3, 5))
+    std = np.array([50.0, 60.0, 70.0])
+    gain = models.whitening_gain(k, std, eps=2.0)
+
+    def out(x_HWC):  # one 2x2 patch through the kernel, normalised by std
+        return np.einsum("hwc,hwco->o", x_HWC / std, k)
+
+    x = rng.uniform(50, 200, (2, 2, 3))
+    for j in range(5):  # the sign perturbation reaches the gain exactly
+        d = 2.0 * np.sign(k[..., j])
+        np.testing.assert_allclose(out(x + d)[j] - out(x)[j], gain[j], rtol=1e-12)
+    for _ in range(200):  # and no perturbation in the box exceeds it
+        d = rng.uniform(-2.0, 2.0, (2, 2, 3))
+        assert np.all(np.abs(out(x + d) - out(x)) <= gain + 1e-12)
+    with pytest.raises(ValueError, match="std"):
+        models.whitening_gain(k, [1.0, 0.0, 1.0])
+
+
 def test_whitening_layer_output_of_the_model():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (32, 12, 12, 3)).astype(np.uint8)

@@ -20,7 +20,13 @@ from gbjax.models._common import (
     in_float32,
     to_pixels,
 )
-from gbjax.models.airbench import Airbench, dirac_init, max_pool, whitening_kernel
+from gbjax.models.airbench import (
+    Airbench,
+    dirac_init,
+    max_pool,
+    whitening_gain,
+    whitening_kernel,
+)
 from gbjax.models.paper import PaperConvNet, PixelEmbedding, pixel_indices
 from gbjax.models.resnet import ResNet, ResNet18, ResNet20
 
@@ -38,6 +44,7 @@ __all__ = [
     "dirac_init",
     "max_pool",
     "whitening_kernel",
+    "whitening_gain",
     "MNIST_MEAN",
     "MNIST_STD",
     "CIFAR10_MEAN",

@@ -50,7 +50,14 @@ from gbjax.models._common import (
     to_pixels,
 )
 
-__all__ = ["Airbench", "dirac_init", "max_pool", "whitening_kernel", "torch_default_init"]
+__all__ = [
+    "Airbench",
+    "dirac_init",
+    "max_pool",
+    "whitening_kernel",
+    "whitening_gain",
+    "torch_default_init",
+]
 
 # PyTorch's default conv/linear initialiser: uniform in +-1/sqrt(fan_in).
 _TORCH_DEFAULT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -117,6 +124,42 @@ def whitening_kernel(
     scaled = vec / np.sqrt(np.maximum(lam, 0.0) + eps)
     kernel = np.concatenate([scaled, -scaled], axis=1).reshape(k, k, c, 2 * k * k * c)
     return kernel.astype(np.float32)
+
+
+def whitening_gain(kernel_HWIO, std, *, eps: float = 1.0) -> np.ndarray:
+    """How far an L-infinity perturbation can move each whitened feature.
+
+    For each output ``j`` of the whitening convolution (:func:`whitening_kernel`,
+    applied to images normalised by the per-channel ``std``, pixel units), the
+    largest change of that output that a perturbation of at most ``eps`` pixel
+    units per pixel and channel can cause: ``eps * sum_p |kernel[p, j]| / std_c(p)``
+    (reached by ``sign(kernel[:, j])``). The whitened outputs have second moment
+    about 1 on training patches, so the gain is in units of their natural spread:
+    a gain above 1 at ``eps = 2`` (2/255) means an imperceptible perturbation moves
+    that feature by more than its whole natural range, which is how airbench's
+    whitening amplifies small perturbations (docs/methods.md, section 9).
+
+    Args:
+      kernel_HWIO: ``(k, k, C, O)`` whitening kernel.
+      std: per-channel standard deviation (pixel units), shape ``(C,)`` or scalar.
+      eps: the perturbation budget in pixel units (``255 * eps`` for [0, 1] images).
+
+    Returns:
+      ``(O,)`` float64 gains.
+
+    Example:
+      >>> import numpy as np
+      >>> k = np.zeros((1, 1, 1, 2)); k[0, 0, 0] = [2.0, -0.5]
+      >>> whitening_gain(k, std=[4.0], eps=2.0).tolist()
+      [1.0, 0.25]
+    """
+    k = np.asarray(kernel_HWIO, np.float64)
+    if k.ndim != 4:
+        raise ValueError(f"kernel must be (k, k, C, O), got shape {k.shape}")
+    std_C = np.broadcast_to(np.asarray(std, np.float64).reshape(-1), (k.shape[2],))
+    if not np.all(std_C > 0):
+        raise ValueError(f"std must be > 0, got {std!r}")
+    return float(eps) * np.abs(k / std_C[None, None, :, None]).sum(axis=(0, 1, 2))
 
 
 class _ConvGroup(nnx.Module):
