@@ -142,6 +142,17 @@ def _sqdist(x, c):
     return out
 
 
+def _sqdist_pairs(xq_BQF, c_BKF):
+    """(B, Q, K) squared distances of every query to every centre of its row,
+    from exact differences summed left to right (as ``_sqdist``): the same
+    float32 value whatever the shapes."""
+    out = None
+    for f in range(xq_BQF.shape[-1]):
+        d = xq_BQF[..., :, None, f] - c_BKF[..., None, :, f]
+        out = d * d if out is None else out + d * d
+    return out
+
+
 def _argmax_member(score_M, seg_M, S):
     """Per segment, the lowest flat index among members with the largest score."""
     M = score_M.shape[0]
@@ -540,13 +551,20 @@ def _nearest_kept(x_BNF, c_BKF, kept_BK, noise_BN):
     or else M/64 slots (M = B * N), and only those are compared with their
     image's K centres; failing that, per image into N/8 slots; failing that,
     all pixels are compared.
+
+    Every path computes the same squared distances, from exact differences
+    (``_sqdist_pairs``), and takes the lowest id on ties, so the choice does not
+    depend on which path the batch takes. (The expansion ``|c|^2 - 2 x.c``, used
+    before, is cancellation-prone and was computed by differently shaped matrix
+    products on each path: a CIFAR-10 noise pixel whose two nearest kept centres
+    lie at squared distances 233.22221 and 233.22229 took the farther one in a
+    batch and the nearer one alone.)
     """
     B, N, F = x_BNF.shape
     M = B * N
-    csq = jnp.sum(c_BKF * c_BKF, -1)
 
     def nearest(xq_BQF):
-        dd = csq[:, None, :] - 2.0 * jnp.einsum("bqf,bkf->bqk", xq_BQF, c_BKF)
+        dd = _sqdist_pairs(xq_BQF, c_BKF)
         return jnp.argmin(jnp.where(kept_BK[:, None, :], dd, jnp.inf), axis=-1).astype(jnp.int32)
 
     def per_image(_):
@@ -570,7 +588,7 @@ def _nearest_kept(x_BNF, c_BKF, kept_BK, noise_BN):
             src = jnp.minimum(idx, M - 1)
             b = src // N
             xq = x_BNF.reshape(M, F)[src]
-            dd = csq[b] - 2.0 * jnp.einsum("qf,qkf->qk", xq, c_BKF[b])
+            dd = _sqdist_pairs(xq[:, None, :], c_BKF[b])[:, 0]
             near = jnp.argmin(jnp.where(kept_BK[b], dd, jnp.inf), axis=-1).astype(jnp.int32)
             return jnp.zeros(M + 1, jnp.int32).at[idx].set(near)[:M].reshape(B, N)
 
@@ -677,6 +695,7 @@ _STATIC = (
     "features",
     "out_dtype",
     "multilevel",
+    "engine",
 )
 
 
@@ -711,14 +730,27 @@ def _cluster_batch(
     features,
     out_dtype,
     multilevel,
+    engine="xla",
 ):
     """The compiled program: a batch of images in input units -> GBResult.
 
     ``multilevel``: use the working-set levels and the early-capacity stage
     (``gbjax.gb`` chooses by the number of pixels; both give the same output).
+    ``engine``: ``"xla"``, this module's program, or ``"numba"``, the per-image
+    CPU kernel of :mod:`gbjax._gb_cpu` called back from the program (identical
+    output; the features and the painting stay in the program).
     """
     B, H, W, C = images_BHWC.shape
     x_BNF = _features_BNF(images_BHWC, scale, features)
+    if engine == "numba":
+        from gbjax import _gb_cpu
+
+        res = _gb_cpu.cluster_and_paint(
+            x_BNF, jnp.reshape(threshold, (1,)), purity, scale, C=C, K=K,
+            max_rounds=max_rounds, kmeans_iters=kmeans_iters, min_ball_size=min_ball_size,
+            features=features, out_dtype=out_dtype,
+        )  # fmt: skip
+        return _unflatten(jax.tree_util.tree_map(lambda a: a[:, 0], res), H, W)
     _, res = _cluster_and_paint(
         x_BNF, jax.lax.stop_gradient(x_BNF), threshold, purity, scale, None, C=C, K=K,
         max_rounds=max_rounds, kmeans_iters=kmeans_iters, min_ball_size=min_ball_size,
@@ -741,6 +773,7 @@ def _multiscale_batch(
     features,
     out_dtype,
     multilevel,
+    engine="xla",
 ):
     """Every threshold of ``thresholds_T`` (non-increasing) in one pass: GBResult (B, T, ...).
 
@@ -753,6 +786,15 @@ def _multiscale_batch(
     B, H, W, C = images_BHWC.shape
     N = H * W
     x_BNF = _features_BNF(images_BHWC, scale, features)
+    if engine == "numba":  # the kernel continues from threshold to threshold itself
+        from gbjax import _gb_cpu
+
+        res = _gb_cpu.cluster_and_paint(
+            x_BNF, thresholds_T, purity, scale, C=C, K=K, max_rounds=max_rounds,
+            kmeans_iters=kmeans_iters, min_ball_size=min_ball_size, features=features,
+            out_dtype=out_dtype,
+        )  # fmt: skip
+        return _unflatten(res, H, W)
     x_stop = jax.lax.stop_gradient(x_BNF)
 
     def scale_step(carry, threshold):

@@ -100,7 +100,9 @@ __all__ = [
 # Bumped whenever the engine's output for the same input and parameters
 # changes, so that on-disk caches of GB-processed data sets (gbjax.train) miss.
 # 2: centres are correctly rounded means (they were off by an ulp on XLA:CPU).
-OUTPUT_VERSION = 2
+# 3: noise pixels take the exactly nearest kept centre (exact differences, not
+#    |c|^2 - 2 x.c), whatever the batch (issue 28).
+OUTPUT_VERSION = 3
 
 
 # Below this many pixels per compiled call (64 CIFAR-10 images), the
@@ -275,6 +277,7 @@ def gb_cluster(
     memory_budget: int = 2 << 30,
     progress: bool = False,
     max_capacity: int = 4096,
+    engine: str = "auto",
 ) -> GBResult:
     """Granular-ball clustering of one image (H, W, C) or a batch (B, H, W, C).
 
@@ -305,6 +308,15 @@ def gb_cluster(
         single image whose working set (:func:`memory_estimate`) exceeds it is
         refused before anything is allocated: downscale it or raise the budget.
       progress: show a progress bar over chunks.
+      max_capacity: the largest capacity ``capacity="auto"`` may use.
+      engine: which implementation computes the partition: ``"xla"``, one
+        compiled XLA program for the whole batch (any backend); ``"numba"``, a
+        compiled per-image CPU loop (needs numba) called from that program
+        through ``jax.pure_callback``, with the features and the painting (and
+        its gradient) still in JAX; or ``"auto"`` (default): ``"numba"`` when
+        numba is installed and JAX runs on a single CPU device, else ``"xla"``.
+        Both give identical results, ball ids and statistics included; on CPU
+        the kernel is many times faster (docs/methods.md, section 1).
 
     Works inside ``jax.jit``/``jax.grad`` on float inputs (value checks are then
     skipped); the painted image is differentiable in the pixel values with the
@@ -330,15 +342,33 @@ def gb_cluster(
         min_ball_size=min_ball_size, max_rounds=max_rounds, features=features,
         kmeans_iters=kmeans_iters, scale=scale, chunk_size=chunk_size,
         memory_budget=memory_budget, progress=progress, max_capacity=max_capacity,
+        engine=_resolve_engine(engine),
     )  # fmt: skip
     if unbatched:
         res = jax.tree_util.tree_map(lambda a: a[0], res)
     return res
 
 
+_ENGINES = ("auto", "xla", "numba")
+
+
+def _resolve_engine(engine) -> str:
+    """``engine`` as "xla" or "numba" ("auto": numba on a single CPU device)."""
+    if engine not in _ENGINES:
+        raise ValueError(f"engine: expected one of {_ENGINES}, got {engine!r}")
+    from gbjax import _gb_cpu
+
+    if engine == "auto":
+        cpu = jax.default_backend() == "cpu" and jax.local_device_count() == 1
+        return "numba" if cpu and _gb_cpu.available() else "xla"
+    if engine == "numba" and not _gb_cpu.available():
+        raise ValueError("engine='numba' needs numba (pip install numba); use 'xla' or 'auto'")
+    return engine
+
+
 def _cluster(
     x, thresholds, *, multiscale, purity, capacity, min_ball_size, max_rounds, features,
-    kmeans_iters, scale, chunk_size, memory_budget, progress, max_capacity,
+    kmeans_iters, scale, chunk_size, memory_budget, progress, max_capacity, engine,
 ) -> GBResult:  # fmt: skip
     """A validated batch (B, H, W, C) -> GBResult, batch-leading.
 
@@ -348,7 +378,7 @@ def _cluster(
     kw = dict(
         multiscale=multiscale, purity=purity, min_ball_size=min_ball_size,
         max_rounds=max_rounds, features=features, kmeans_iters=kmeans_iters, scale=scale,
-        chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
+        chunk_size=chunk_size, memory_budget=memory_budget, progress=progress, engine=engine,
     )  # fmt: skip
     if capacity == "auto":
         return _auto_capacity(x, thresholds, max_capacity, **kw)
@@ -361,6 +391,7 @@ def _cluster(
         min_ball_size=int(min_ball_size),
         features=features,
         out_dtype=np.dtype(x.dtype),
+        engine=engine,
     )
     if multiscale:
         fn, th = _multiscale_batch, jnp.asarray(thresholds, jnp.float32)
@@ -368,7 +399,8 @@ def _cluster(
         fn, th = _cluster_batch, jnp.float32(thresholds)
     args = (th, jnp.float32(purity), jnp.float32(1.0 if scale is None else scale))
     if _is_traced(x):
-        return fn(x, *args, **static, multilevel=_multilevel(B * H * W))
+        ml = static["engine"] == "xla" and _multilevel(B * H * W)
+        return fn(x, *args, **static, multilevel=ml)
     return _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress)
 
 
@@ -420,6 +452,10 @@ def _auto_capacity(x, thresholds, max_capacity, **kw) -> GBResult:
     return res
 
 
+# Most images per compiled call on CPU by default, per engine.
+_CPU_CHUNK = {"xla": 128, "numba": 1024}
+
+
 def _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress):
     B, H, W, C = x.shape
     ndev = jax.local_device_count()  # this process's devices (multi-process runs)
@@ -437,11 +473,13 @@ def _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress):
         if jax.default_backend() == "cpu":
             # Batch-synchronous loops run as long as the slowest image: on CPU,
             # where larger batches buy no parallelism, smaller chunks are faster.
-            chunk_size = min(chunk_size, 128)
+            # The per-image kernel has no such loops; larger chunks spread the
+            # call's fixed cost and balance its threads better.
+            chunk_size = min(chunk_size, _CPU_CHUNK[static["engine"]])
     else:
         _check_positive_int("chunk_size", chunk_size)
     chunk = min(int(chunk_size), B)
-    if ndev > 1:
+    if ndev > 1 and static["engine"] == "xla":
         chunk = -(-chunk // ndev) * ndev
         from jax.sharding import Mesh, NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -452,7 +490,8 @@ def _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress):
 
     def run(part):
         part = jax.device_put(part, sharding) if sharding is not None else jnp.asarray(part)
-        return fn(part, *args, **static, multilevel=_multilevel(chunk * H * W))
+        ml = static["engine"] == "xla" and _multilevel(chunk * H * W)
+        return fn(part, *args, **static, multilevel=ml)
 
     return map_batches(run, x, batch_size=chunk, shrink=False, progress=progress, desc="gb_cluster")
 
@@ -524,6 +563,7 @@ def gb_multiscale(images, thresholds: Sequence[float] = (40.0, 20.0, 10.0), **kw
     )  # fmt: skip
     del kw["images"], kw["threshold"]
     kw["features"] = features
+    kw["engine"] = _resolve_engine(kw["engine"])
     order = sorted(range(len(thresholds)), key=lambda i: -float(thresholds[i]))
     pos = np.argsort(order)  # pos[i]: where the caller's i-th threshold is in the pass
     unbatched = images.ndim == 3

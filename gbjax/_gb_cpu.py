@@ -1,0 +1,563 @@
+"""The granular-ball CPU kernel: one compiled loop per image (numba), private.
+
+:mod:`gbjax.gb` calls it from inside ``jax.jit`` through ``jax.pure_callback``
+when ``engine="numba"`` (the default on a single CPU device when numba is
+installed, see :func:`gbjax.gb_cluster`). It computes exactly what the XLA
+program of :mod:`gbjax._gb_engine` computes, ball ids and every float32
+statistic included, for the same features: the same float32 operations in the
+same order (no fused multiply-adds, per-ball sums in ascending pixel order as
+XLA:CPU's sequential scatter adds them, centres divided column by column). The
+partition and the choice of paint colour are piecewise constant in the pixels
+and need no gradient; the painting and its gradient stay in JAX
+(:func:`cluster_and_paint`).
+
+Per image the kernel keeps every ball's members contiguous, in ascending pixel
+order, in a permuted copy of the features; a split partitions its ball's range
+stably (side A first, keeping the id; side B after it, taking the next id).
+Each round tests the open balls (those not yet found pure or frozen), ranks the
+candidates when the capacity binds, and splits the chosen ones in id order, so
+the work per image is that of its own rounds: no image waits for another's.
+Images of a batch run in parallel over numba's threads (``prange``).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:  # optional at import time: without numba the XLA program is used
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+AVAILABLE = numba is not None
+
+
+def available() -> bool:
+    """True when numba is importable, so ``engine="numba"`` can run."""
+    return AVAILABLE
+
+
+# --------------------------------------------------------------------------
+# The compiled loop
+# --------------------------------------------------------------------------
+
+if AVAILABLE:
+    _jit = functools.partial(njit, cache=True, nogil=True)
+
+    @_jit
+    def _sq(xp, j, c):
+        """Squared distance of row j of ``xp`` to ``c``, summed left to right in float32."""
+        d = xp[j, 0] - c[0]
+        s = d * d
+        for f in range(1, c.shape[0]):
+            d = xp[j, f] - c[f]
+            s = s + d * d
+        return s
+
+    @_jit
+    def _two_means(xp, s, n, d2, side, kmeans_iters, ca, cb, acc_a, acc_b):
+        """2-means of the members in rows s..s+n of ``xp``; sides in ``side`` (True: B).
+
+        Seeds: A the member with the largest ``d2`` (distance to the centre),
+        B the member farthest from A, lowest row on ties. Lloyd: assign to the
+        nearer centre (ties to A), recompute the means; stop when they equal
+        the centres that made the assignment, a side is empty, or after
+        ``kmeans_iters`` assignments. Returns the size of side B (0 or n: the
+        ball cannot be split).
+        """
+        F = ca.shape[0]
+        ia = s
+        best = d2[s]
+        for j in range(s + 1, s + n):
+            if d2[j] > best:
+                best = d2[j]
+                ia = j
+        for f in range(F):
+            ca[f] = xp[ia, f]
+        ib = s
+        best = _sq(xp, s, ca)
+        for j in range(s + 1, s + n):
+            dd = _sq(xp, j, ca)
+            if dd > best:
+                best = dd
+                ib = j
+        for f in range(F):
+            cb[f] = xp[ib, f]
+        if F == 3:
+            return _lloyd3(xp, s, n, side, kmeans_iters, ca, cb)
+        it = 0
+        while True:
+            for f in range(F):
+                acc_a[f] = np.float32(0.0)
+                acc_b[f] = np.float32(0.0)
+            na = 0
+            nb = 0
+            for j in range(s, s + n):
+                if _sq(xp, j, cb) < _sq(xp, j, ca):
+                    side[j] = True
+                    nb += 1
+                    for f in range(F):
+                        acc_b[f] += xp[j, f]
+                else:
+                    side[j] = False
+                    na += 1
+                    for f in range(F):
+                        acc_a[f] += xp[j, f]
+            it += 1
+            if na == 0 or nb == 0:
+                return nb
+            fa = np.float32(na)
+            fb = np.float32(nb)
+            moved = False
+            for f in range(F):
+                ma = acc_a[f] / fa
+                mb = acc_b[f] / fb
+                if ma != ca[f] or mb != cb[f]:
+                    moved = True
+                acc_a[f] = ma
+                acc_b[f] = mb
+            if not moved or it >= kmeans_iters:
+                return nb
+            for f in range(F):
+                ca[f] = acc_a[f]
+                cb[f] = acc_b[f]
+
+    @_jit
+    def _lloyd3(xp, s, n, side, kmeans_iters, ca, cb):
+        """The Lloyd loop of :func:`_two_means` for three features, in scalars
+        (the same float32 operations in the same order)."""
+        a0, a1, a2 = ca[0], ca[1], ca[2]
+        b0, b1, b2 = cb[0], cb[1], cb[2]
+        zero = np.float32(0.0)
+        it = 0
+        while True:
+            sa0 = sa1 = sa2 = sb0 = sb1 = sb2 = zero
+            nb = 0
+            for j in range(s, s + n):
+                x0 = xp[j, 0]
+                x1 = xp[j, 1]
+                x2 = xp[j, 2]
+                e0 = x0 - a0
+                e1 = x1 - a1
+                e2 = x2 - a2
+                g0 = x0 - b0
+                g1 = x1 - b1
+                g2 = x2 - b2
+                if (g0 * g0 + g1 * g1) + g2 * g2 < (e0 * e0 + e1 * e1) + e2 * e2:
+                    side[j] = True
+                    nb += 1
+                    sb0 += x0
+                    sb1 += x1
+                    sb2 += x2
+                else:
+                    side[j] = False
+                    sa0 += x0
+                    sa1 += x1
+                    sa2 += x2
+            na = n - nb
+            it += 1
+            if na == 0 or nb == 0:
+                return nb
+            fa = np.float32(na)
+            fb = np.float32(nb)
+            m0, m1, m2 = sa0 / fa, sa1 / fa, sa2 / fa
+            q0, q1, q2 = sb0 / fb, sb1 / fb, sb2 / fb
+            moved = m0 != a0 or m1 != a1 or m2 != a2 or q0 != b0 or q1 != b1 or q2 != b2
+            if not moved or it >= kmeans_iters:
+                return nb
+            a0, a1, a2 = m0, m1, m2
+            b0, b1, b2 = q0, q1, q2
+
+    @_jit
+    def _test3(xp, s, n, d2, t2):
+        """Centre, squared member distances (into ``d2``) and within count of
+        rows s..s+n, for three features: the purity test's arithmetic."""
+        zero = np.float32(0.0)
+        s0 = s1 = s2 = zero
+        for j in range(s, s + n):
+            s0 += xp[j, 0]
+            s1 += xp[j, 1]
+            s2 += xp[j, 2]
+        fn = np.float32(n)
+        c0, c1, c2 = s0 / fn, s1 / fn, s2 / fn
+        w = 0
+        for j in range(s, s + n):
+            e0 = xp[j, 0] - c0
+            e1 = xp[j, 1] - c1
+            e2 = xp[j, 2] - c2
+            dd = (e0 * e0 + e1 * e1) + e2 * e2
+            d2[j] = dd
+            if dd < t2:
+                w += 1
+        return w
+
+    @_jit
+    def _partition(xp, perm, s, n, side, bufx, bufp):
+        """Stable partition of rows s..s+n: side A (False) first, then side B."""
+        F = xp.shape[1]
+        w = s
+        m = 0
+        for j in range(s, s + n):
+            if side[j]:
+                for f in range(F):
+                    bufx[m, f] = xp[j, f]
+                bufp[m] = perm[j]
+                m += 1
+            else:
+                if w != j:
+                    for f in range(F):
+                        xp[w, f] = xp[j, f]
+                    perm[w] = perm[j]
+                w += 1
+        for i in range(m):
+            for f in range(F):
+                xp[w + i, f] = bufx[i, f]
+            perm[w + i] = bufp[i]
+
+    @_jit
+    def _before(k1, k2, frac, size):
+        """Capacity ranking: lower within fraction, then larger ball, then lower id."""
+        if frac[k1] != frac[k2]:
+            return frac[k1] < frac[k2]
+        if size[k1] != size[k2]:
+            return size[k1] > size[k2]
+        return k1 < k2
+
+    @_jit
+    def _image(
+        x, thr, purity, K, max_rounds, kmeans_iters, min_ball_size,
+        labels, counts, centres, radii, within, n_out, noise, paint, sat_out, rounds_out,
+    ):  # fmt: skip
+        """One image ``x`` (N, F) at the non-increasing thresholds ``thr`` (T,).
+
+        Each threshold continues from the partition of the one before with all
+        its balls open (the first starts from one ball). Writes row t of every
+        output; ``counts``, ``centres``, ``radii`` and ``within`` must be zeros.
+        """
+        N, F = x.shape
+        xp = x.copy()
+        perm = np.arange(N).astype(np.int32)
+        start = np.zeros(K, np.int32)
+        size = np.zeros(K, np.int32)
+        size[0] = N
+        opn = np.zeros(K, np.bool_)
+        frac = np.zeros(K, np.float32)
+        cand = np.empty(K, np.int32)
+        order = np.empty(K, np.int32)
+        chosen = np.zeros(K, np.bool_)
+        kept = np.zeros(K, np.bool_)
+        d2 = np.empty(N, np.float32)
+        side = np.zeros(N, np.bool_)
+        bufx = np.empty((N, F), np.float32)
+        bufp = np.empty(N, np.int32)
+        acc = np.empty(F, np.float32)
+        cen = np.empty(F, np.float32)
+        ca = np.empty(F, np.float32)
+        cb = np.empty(F, np.float32)
+        acc_a = np.empty(F, np.float32)
+        acc_b = np.empty(F, np.float32)
+        nb = 1
+        for t in range(thr.shape[0]):
+            t2 = thr[t] * thr[t]
+            for k in range(nb):
+                opn[k] = True
+            saturated = False
+            rounds = 0
+            active = True
+            while active and rounds < max_rounds:
+                # the purity test of every open ball
+                nc = 0
+                for k in range(nb):
+                    if not opn[k]:
+                        continue
+                    s = start[k]
+                    n = size[k]
+                    fn = np.float32(n)
+                    if F == 3:
+                        w = _test3(xp, s, n, d2, t2)
+                    else:
+                        for f in range(F):
+                            acc[f] = np.float32(0.0)
+                        for j in range(s, s + n):
+                            for f in range(F):
+                                acc[f] += xp[j, f]
+                        for f in range(F):
+                            cen[f] = acc[f] / fn
+                        w = 0
+                        for j in range(s, s + n):
+                            dd = _sq(xp, j, cen)
+                            d2[j] = dd
+                            if dd < t2:
+                                w += 1
+                    fr = np.float32(w) / fn
+                    if n >= 2 and fr < purity:
+                        frac[k] = fr
+                        cand[nc] = k
+                        nc += 1
+                    else:
+                        opn[k] = False  # pure (or one pixel): never changes again
+                # the capacity
+                free = K - nb
+                for i in range(nc):
+                    chosen[cand[i]] = True
+                if nc > free:
+                    saturated = True
+                    for i in range(nc):  # insertion sort: most impure, largest, lowest id
+                        k = cand[i]
+                        j = i
+                        while j > 0 and _before(k, order[j - 1], frac, size):
+                            order[j] = order[j - 1]
+                            j -= 1
+                        order[j] = k
+                    for i in range(free, nc):
+                        chosen[order[i]] = False  # stays open: impure, tried again
+                # the splits, in id order
+                n_split = 0
+                for i in range(nc):
+                    k = cand[i]
+                    if not chosen[k]:
+                        continue
+                    chosen[k] = False
+                    s = start[k]
+                    n = size[k]
+                    m = _two_means(xp, s, n, d2, side, kmeans_iters, ca, cb, acc_a, acc_b)
+                    if m == 0 or m == n:
+                        opn[k] = False  # frozen: kept as it is
+                        continue
+                    _partition(xp, perm, s, n, side, bufx, bufp)
+                    size[k] = n - m
+                    start[nb] = s + n - m
+                    size[nb] = m
+                    opn[nb] = True
+                    nb += 1
+                    n_split += 1
+                rounds += 1
+                active = n_split > 0
+            # final statistics of every ball, the labels and the paint colour
+            any_kept = False
+            for k in range(nb):
+                s = start[k]
+                n = size[k]
+                for f in range(F):
+                    acc[f] = np.float32(0.0)
+                for j in range(s, s + n):
+                    for f in range(F):
+                        acc[f] += xp[j, f]
+                fn = np.float32(n)
+                for f in range(F):
+                    centres[t, k, f] = acc[f] / fn
+                rs = np.float32(0.0)
+                w = 0
+                for j in range(s, s + n):
+                    dd = _sq(xp, j, centres[t, k])
+                    if dd > 0:
+                        rs += np.sqrt(dd)
+                    if dd < t2:
+                        w += 1
+                    labels[t, perm[j]] = k
+                radii[t, k] = rs / fn
+                within[t, k] = np.float32(w) / fn
+                counts[t, k] = n
+                kept[k] = n >= min_ball_size
+                any_kept = any_kept or kept[k]
+            for p in range(N):
+                k = labels[t, p]
+                noise[t, p] = not kept[k]
+                paint[t, p] = k
+                if kept[k] or not any_kept:
+                    continue
+                best = np.float32(np.inf)
+                for q in range(nb):  # the nearest kept centre, lowest id on ties
+                    if kept[q]:
+                        dd = _sq(x, p, centres[t, q])
+                        if dd < best:
+                            best = dd
+                            paint[t, p] = q
+            n_out[t] = nb
+            sat_out[t] = saturated
+            rounds_out[t] = rounds
+
+    @_jit
+    def _batch_serial(
+        x, thr, purity, K, max_rounds, kmeans_iters, min_ball_size,
+        labels, counts, centres, radii, within, n_out, noise, paint, sat_out, rounds_out,
+    ):  # fmt: skip
+        for i in range(x.shape[0]):
+            _image(
+                x[i], thr[i], purity[i], K, max_rounds, kmeans_iters, min_ball_size,
+                labels[i], counts[i], centres[i], radii[i], within[i], n_out[i], noise[i],
+                paint[i], sat_out[i], rounds_out[i],
+            )  # fmt: skip
+
+    # A separate function, not a second dispatcher of the one above: numba's
+    # on-disk cache keys entries by function, not by the ``parallel`` flag.
+    @_jit(parallel=True)
+    def _batch_parallel(
+        x, thr, purity, K, max_rounds, kmeans_iters, min_ball_size,
+        labels, counts, centres, radii, within, n_out, noise, paint, sat_out, rounds_out,
+    ):  # fmt: skip
+        for i in prange(x.shape[0]):
+            _image(
+                x[i], thr[i], purity[i], K, max_rounds, kmeans_iters, min_ball_size,
+                labels[i], counts[i], centres[i], radii[i], within[i], n_out[i], noise[i],
+                paint[i], sat_out[i], rounds_out[i],
+            )  # fmt: skip
+
+
+# Several host threads may run callbacks at once (e.g. jax.vmap'd or concurrent
+# calls): the kernel already uses every core, so they take turns.
+_LOCK = threading.Lock()
+
+
+def cluster_numpy(x, thresholds, purity, *, K, max_rounds, kmeans_iters, min_ball_size,
+                  parallel=None):  # fmt: skip
+    """The kernel on host arrays: ``x`` (I, N, F), ``thresholds`` (I, T), ``purity`` (I,).
+
+    Returns (labels (I, T, N) int32, counts (I, T, K) int32, centres (I, T, K, F)
+    float32, radii (I, T, K) float32, within (I, T, K) float32, n_balls (I, T)
+    int32, noise (I, T, N) bool, paint (I, T, N) int32, saturated (I, T) bool,
+    rounds (I, T) int32); ``paint`` is the ball whose centre paints each pixel.
+    ``parallel``: run images over numba's threads (default: when there are
+    several images and threads).
+    """
+    x = np.ascontiguousarray(x, np.float32)
+    thresholds = np.ascontiguousarray(thresholds, np.float32)
+    purity = np.ascontiguousarray(purity, np.float32)
+    Ii, N, F = x.shape
+    T = thresholds.shape[1]
+    out = (
+        np.zeros((Ii, T, N), np.int32),
+        np.zeros((Ii, T, K), np.int32),
+        np.zeros((Ii, T, K, F), np.float32),
+        np.zeros((Ii, T, K), np.float32),
+        np.zeros((Ii, T, K), np.float32),
+        np.zeros((Ii, T), np.int32),
+        np.zeros((Ii, T, N), np.bool_),
+        np.zeros((Ii, T, N), np.int32),
+        np.zeros((Ii, T), np.bool_),
+        np.zeros((Ii, T), np.int32),
+    )
+    if parallel is None:
+        parallel = Ii > 1 and numba.get_num_threads() > 1
+    fn = _batch_parallel if parallel else _batch_serial
+    with _LOCK:
+        fn(x, thresholds, purity, int(K), int(max_rounds), int(kmeans_iters),
+           int(min_ball_size), *out)  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------
+# The JAX side: callback, painting and gradient
+# --------------------------------------------------------------------------
+
+
+def _host(x, thresholds, purity, *, K, max_rounds, kmeans_iters, min_ball_size):
+    """pure_callback body: x (*L, B, N, F), thresholds (*L, T), purity (*L,), where
+    L are the axes ``vmap`` adds (``vmap_method="broadcast_all"``)."""
+    x, thresholds, purity = np.asarray(x), np.asarray(thresholds), np.asarray(purity)
+    lead = x.shape[:-2]  # (*L, B)
+    N, F = x.shape[-2:]
+    T = thresholds.shape[-1]
+    th = np.broadcast_to(thresholds[..., None, :], lead + (T,)).reshape(-1, T)
+    pu = np.broadcast_to(purity[..., None], lead).reshape(-1)
+    out = cluster_numpy(
+        x.reshape(-1, N, F), th, pu, K=K, max_rounds=max_rounds,
+        kmeans_iters=kmeans_iters, min_ball_size=min_ball_size,
+    )  # fmt: skip
+    return tuple(a.reshape(lead + a.shape[1:]) for a in out)
+
+
+def _centres_radii(x_BNF, labels_BTN, K):
+    """Centres (B, T, K, F; 0 for empty slots) and radii (B, T, K) of a partition, in JAX."""
+    from gbjax._gb_engine import _ball_stats, _segsum, _sqdist
+
+    B, T, N = labels_BTN.shape
+    F = x_BNF.shape[-1]
+    S = B * T * K
+    x = jnp.broadcast_to(x_BNF[:, None], (B, T, N, F)).reshape(B * T * N, F)
+    g = (labels_BTN + (jnp.arange(B * T, dtype=jnp.int32) * K).reshape(B, T, 1)).reshape(-1)
+    cnt, c = _ball_stats(x, g, S)
+    d2 = _sqdist(x, c[g])
+    safe = d2 > 0
+    dist = jnp.where(safe, jnp.sqrt(jnp.where(safe, d2, 1.0)), 0.0)
+    radii = _segsum(dist, g, S) / jnp.maximum(cnt, 1).astype(jnp.float32)
+    c = c * (cnt > 0)[:, None]
+    return c.reshape(B, T, K, F), radii.reshape(B, T, K)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _differentiable(K, x_BNF, labels_BTN, centres, radii):
+    """``(centres, radii)`` as computed by the kernel, differentiable in ``x_BNF``
+    with the partition held fixed (the derivative of the JAX formulas)."""
+    del x_BNF, labels_BTN
+    return centres, radii
+
+
+@_differentiable.defjvp
+def _differentiable_jvp(K, primals, tangents):
+    x_BNF, labels_BTN, centres, radii = primals
+    _, tangent_out = jax.jvp(lambda z: _centres_radii(z, labels_BTN, K), (x_BNF,), (tangents[0],))
+    return (centres, radii), tangent_out
+
+
+def cluster_and_paint(
+    x_BNF, thresholds_T, purity, scale, *, C, K, max_rounds, kmeans_iters, min_ball_size,
+    features, out_dtype,
+):  # fmt: skip
+    """The kernel's partition and statistics, painted in JAX: a GBResult (B, T, ...).
+
+    Per-pixel fields are flat (B, T, N[, C]). ``centers``, ``radii`` and the
+    painted ``image`` are differentiable in ``x_BNF`` as in the XLA program.
+    """
+    from gbjax._gb_engine import GBResult
+
+    B, N, F = x_BNF.shape
+    T = thresholds_T.shape[0]
+    i32, f32 = jnp.int32, jnp.float32
+    sd = jax.ShapeDtypeStruct
+    shapes = (
+        sd((B, T, N), i32), sd((B, T, K), i32), sd((B, T, K, F), f32), sd((B, T, K), f32),
+        sd((B, T, K), f32), sd((B, T), i32), sd((B, T, N), jnp.bool_), sd((B, T, N), i32),
+        sd((B, T), jnp.bool_), sd((B, T), i32),
+    )  # fmt: skip
+    host = functools.partial(
+        _host, K=K, max_rounds=max_rounds, kmeans_iters=kmeans_iters,
+        min_ball_size=min_ball_size,
+    )  # fmt: skip
+    labels, counts, centres, radii, within, n_balls, noise, paint, saturated, rounds = (
+        jax.pure_callback(
+            host,
+            shapes,
+            jax.lax.stop_gradient(x_BNF),
+            jnp.asarray(thresholds_T, f32),
+            jnp.asarray(purity, f32),
+            vmap_method="broadcast_all",
+        )
+    )
+    centres, radii = _differentiable(K, x_BNF, labels, centres, radii)
+    flat = centres.reshape(B * T * K, F)
+    idx = (paint + (jnp.arange(B * T, dtype=i32) * K).reshape(B, T, 1)).reshape(-1)
+    colour = flat[idx][:, :C] / jnp.float32(features.color)
+    if jnp.issubdtype(out_dtype, jnp.integer):
+        info = jnp.iinfo(out_dtype)
+        img = jnp.clip(jnp.round(colour), info.min, info.max).astype(out_dtype)
+    else:
+        img = (colour / scale).astype(out_dtype)
+    return GBResult(
+        labels=labels,
+        centers=centres,
+        radii=radii,
+        counts=counts,
+        within_fraction=within,
+        n_balls=n_balls,
+        noise=noise,
+        image=img.reshape(B, T, N, C),
+        saturated=saturated,
+        rounds=rounds,
+    )
