@@ -15,8 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gbjax
+from gbjax import _gb_cpu
 from gbjax import _gb_engine as engine
 from gbjax import gb as gbmod
+
+# The two implementations of the partition (gb_cluster's ``engine``): every
+# exactness test runs on both.
+ENGINES = [
+    "xla",
+    pytest.param("numba", marks=pytest.mark.skipif(not _gb_cpu.available(), reason="no numba")),
+]
 
 SETTINGS = settings(
     max_examples=25,
@@ -71,11 +79,14 @@ def plan(multilevel):
         gbmod._MULTILEVEL_MIN_PIXELS = old
 
 
-def assert_matches_oracle(images, threshold, purity, capacity=256, multilevel=None, **kw):
+def assert_matches_oracle(
+    images, threshold, purity, capacity=256, multilevel=None, engine="xla", **kw
+):
     with plan(multilevel):
         res = gbjax.gb_cluster(
-            images, threshold=threshold, purity=purity, capacity=capacity, min_ball_size=1, **kw
-        )
+            images, threshold=threshold, purity=purity, capacity=capacity, min_ball_size=1,
+            engine=engine, **kw,
+        )  # fmt: skip
     for i, img in enumerate(images):
         lab, n, sat = gb_oracle(
             features_np(img, kw.get("features") or gbjax.Features()),
@@ -93,11 +104,13 @@ def assert_matches_oracle(images, threshold, purity, capacity=256, multilevel=No
 
 
 # ----------------------------------------------------------------------------- oracle
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("threshold,purity", [(40.0, 0.9), (20.0, 0.9), (10.0, 0.8), (30.0, 1.0)])
-def test_matches_oracle_structured(threshold, purity):
-    assert_matches_oracle(blobs(0), threshold, purity)
+def test_matches_oracle_structured(threshold, purity, engine):
+    assert_matches_oracle(blobs(0), threshold, purity, engine=engine)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @SETTINGS
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -105,12 +118,13 @@ def test_matches_oracle_structured(threshold, purity):
     purity=st.floats(0.05, 1.0),
     multilevel=st.booleans(),
 )
-def test_matches_oracle_random_rgb(seed, threshold, purity, multilevel):
+def test_matches_oracle_random_rgb(engine, seed, threshold, purity, multilevel):
     x = np.random.default_rng(seed).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     # small K: saturation is exercised
-    assert_matches_oracle(x, threshold, purity, capacity=32, multilevel=multilevel)
+    assert_matches_oracle(x, threshold, purity, capacity=32, multilevel=multilevel, engine=engine)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @SETTINGS
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -118,11 +132,12 @@ def test_matches_oracle_random_rgb(seed, threshold, purity, multilevel):
     purity=st.floats(0.3, 1.0),
     multilevel=st.booleans(),
 )
-def test_matches_oracle_random_grey(seed, threshold, purity, multilevel):
+def test_matches_oracle_random_grey(engine, seed, threshold, purity, multilevel):
     x = np.random.default_rng(seed).integers(0, 256, (2, 6, 5, 1), dtype=np.uint8)
-    assert_matches_oracle(x, threshold, purity, capacity=30, multilevel=multilevel)
+    assert_matches_oracle(x, threshold, purity, capacity=30, multilevel=multilevel, engine=engine)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @SETTINGS
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -130,32 +145,43 @@ def test_matches_oracle_random_grey(seed, threshold, purity, multilevel):
     capacity=st.sampled_from([64, 72]),
     max_rounds=st.sampled_from([None, 3]),
 )
-def test_matches_oracle_through_capacity_stages(seed, threshold, capacity, max_rounds):
+def test_matches_oracle_through_capacity_stages(engine, seed, threshold, capacity, max_rounds):
     # K >= 64 runs the first rounds with K / 8 slots per image and then K
     # (_gb_engine._early_capacities); 256 random pixels at small thresholds saturate K.
     # One flat image in the batch stops early while the two others go on.
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     x[1] = rng.integers(0, 256, 3, dtype=np.uint8)
-    assert engine._early_capacities(capacity)
+    assert gbjax._gb_engine._early_capacities(capacity)
     assert_matches_oracle(
-        x, threshold, 0.9, capacity=capacity, max_rounds=max_rounds, multilevel=True
+        x, threshold, 0.9, capacity=capacity, max_rounds=max_rounds, multilevel=True,
+        engine=engine,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "iters,multilevel,engine",
+    [(i, m, "xla") for i in (1, 3) for m in (False, True)] + [(i, None, "numba") for i in (1, 3)],
+)
+def test_matches_oracle_truncated_kmeans(iters, multilevel, engine):
+    if engine == "numba" and not _gb_cpu.available():
+        pytest.skip("no numba")
+    assert_matches_oracle(
+        blobs(12), 15.0, 0.9, kmeans_iters=iters, multilevel=multilevel, engine=engine
     )
 
 
-@pytest.mark.parametrize("iters", [1, 3])
-@pytest.mark.parametrize("multilevel", [False, True])
-def test_matches_oracle_truncated_kmeans(iters, multilevel):
-    assert_matches_oracle(blobs(12), 15.0, 0.9, kmeans_iters=iters, multilevel=multilevel)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_matches_oracle_spatial_features(engine):
+    assert_matches_oracle(
+        blobs(1, n=2), 25.0, 0.9, features=gbjax.Features(spatial=2.0), engine=engine
+    )
 
 
-def test_matches_oracle_spatial_features():
-    assert_matches_oracle(blobs(1, n=2), 25.0, 0.9, features=gbjax.Features(spatial=2.0))
-
-
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("threshold", [40.0, 20.0, 10.0])
-def test_matches_oracle_cifar(cifar_images, threshold):
-    assert_matches_oracle(cifar_images, threshold, 0.9, multilevel=True)
+def test_matches_oracle_cifar(cifar_images, threshold, engine):
+    assert_matches_oracle(cifar_images, threshold, 0.9, multilevel=True, engine=engine)
 
 
 @pytest.mark.parametrize("threshold", [40.0, 12.0])
@@ -166,9 +192,9 @@ def test_multilevel_plan_equals_flat(threshold):
     rng = np.random.default_rng(5)
     x[:, 5:9, 5:9] = rng.integers(0, 256, (8, 4, 4, 3))  # busy patches: many small balls
     with plan(False):
-        a = gbjax.gb_cluster(x, threshold=threshold, capacity=64)
+        a = gbjax.gb_cluster(x, threshold=threshold, capacity=64, engine="xla")
     with plan(True):
-        b = gbjax.gb_cluster(x, threshold=threshold, capacity=64)
+        b = gbjax.gb_cluster(x, threshold=threshold, capacity=64, engine="xla")
     assert int(np.max(b.n_balls)) > 8  # beyond the early stage's 8 slots per image
     for name, u, v in zip(a._fields, a, b):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=name)
@@ -226,7 +252,8 @@ def test_centres_are_correctly_rounded_means(result):
         np.testing.assert_array_equal(np.asarray(r.centers[i, :n]), sums / cnt[:, None])
 
 
-def test_near_tie_seed_matches_oracle():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_near_tie_seed_matches_oracle(engine):
     # Seven CIFAR-10 pixels (test image 64 of the benchmark subset) whose two
     # farthest members from the mean tie to within 1e-6: 847 / 7 must be 121,
     # not 121.00001, for the 2-means seed to be the oracle's.
@@ -244,7 +271,9 @@ def test_near_tie_seed_matches_oracle():
     )
     img = px.reshape(7, 1, 3)
     for rounds in (1, None):
-        r = gbjax.gb_cluster(img, threshold=10.0, purity=0.9, min_ball_size=1, max_rounds=rounds)
+        r = gbjax.gb_cluster(
+            img, threshold=10.0, purity=0.9, min_ball_size=1, max_rounds=rounds, engine=engine
+        )
         lab, n, _ = gb_oracle(px.astype(np.float32), 10.0, 0.9, max_rounds=rounds)
         np.testing.assert_array_equal(np.asarray(r.labels).ravel(), lab)
         assert int(r.n_balls) == n
@@ -295,13 +324,22 @@ def test_nearest_kept_every_compaction_path(n_noise):
     noise = np.zeros(B * N, bool)
     noise[rng.choice(B * N, n_noise, replace=False)] = True
     noise = noise.reshape(B, N)
+    # a near tie (issue 28): exact squared distances 401.63904 and 401.63644 from
+    # a pixel to two centres (member means), which |c|^2 - 2 x.c inverts
+    b0, i0 = np.argwhere(noise)[0]
+    x[b0, i0] = [204, 225, 36]
+    c[b0, :2] = [np.array(s, np.float32) / np.float32(n) for s, n in
+                 (([2422, 2834, 234], 12), ([6127, 6323, 1385], 28))]  # fmt: skip
+    c[b0, 2:] += 300.0  # every other centre far away
+    kept[b0, :2] = True
     got = np.asarray(jax.jit(engine._nearest_kept)(x, c, kept, noise))
-    d = ((x[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)
+    e = x[:, :, None, :] - c[:, None, :, :]  # exact differences, summed left to right
+    d = (e[..., 0] * e[..., 0] + e[..., 1] * e[..., 1]) + e[..., 2] * e[..., 2]
     d = np.where(kept[:, None, :], d, np.inf)
+    assert got[b0, i0] == 1
     for b, i in zip(*np.nonzero(noise)):
-        # ties within rounding may go either way
-        assert d[b, i, got[b, i]] <= d[b, i].min() * (1 + 1e-5) + 1e-3
-        assert kept[b, got[b, i]]
+        # the exact nearest, lowest id on ties: the same on every path
+        assert got[b, i] == np.argmin(d[b, i])
 
 
 def test_alone_equals_in_batch_and_deterministic():
@@ -369,7 +407,9 @@ def test_multiscale_coarse_to_fine():
     np.testing.assert_array_equal(ms.image[1], r20.image)
 
 
-def assert_multiscale_matches(images, thresholds, capacity=256, multilevel=None, oracle=True):
+def assert_multiscale_matches(
+    images, thresholds, capacity=256, multilevel=None, oracle=True, engine="xla"
+):
     """gb_multiscale against independent gb_cluster calls and the oracle, scale by scale.
 
     Where neither run saturates: the same partition, ball count, painted image
@@ -379,7 +419,7 @@ def assert_multiscale_matches(images, thresholds, capacity=256, multilevel=None,
     or takes a new id from the previous ball count on), so each scale refines
     the one above. Returns the number of (image, threshold) pairs compared.
     """
-    kw = dict(purity=0.9, capacity=capacity, min_ball_size=1)
+    kw = dict(purity=0.9, capacity=capacity, min_ball_size=1, engine=engine)
     with plan(multilevel):
         ms = gbjax.gb_multiscale(images, thresholds=thresholds, **kw)
         singles = [gbjax.gb_cluster(images, threshold=t, **kw) for t in thresholds]
@@ -428,13 +468,22 @@ def assert_multiscale_matches(images, thresholds, capacity=256, multilevel=None,
     return compared
 
 
+# the XLA program with and without its multilevel plan, and the CPU kernel
+PLANS = [(False, "xla"), (True, "xla")] + [
+    pytest.param(
+        None, "numba", marks=pytest.mark.skipif(not _gb_cpu.available(), reason="no numba")
+    )
+]
+
+
 @pytest.mark.parametrize("thresholds", [(40.0, 20.0, 10.0), (12.0, 35.0, 20.0), (25.0, 8.0, 25.0)])
-@pytest.mark.parametrize("multilevel", [False, True])
-def test_multiscale_matches_independent_calls_structured(thresholds, multilevel):
+@pytest.mark.parametrize("multilevel,engine", PLANS)
+def test_multiscale_matches_independent_calls_structured(thresholds, multilevel, engine):
     x = blobs(13, n=8, h=20, w=20)
     rng = np.random.default_rng(13)
     x[:, 5:9, 5:9] = rng.integers(0, 256, (8, 4, 4, 3))  # busy patches: many small balls
-    assert assert_multiscale_matches(x, thresholds, capacity=64, multilevel=multilevel) >= 20
+    n = assert_multiscale_matches(x, thresholds, capacity=64, multilevel=multilevel, engine=engine)
+    assert n >= 20
 
 
 @settings(SETTINGS, max_examples=15)
@@ -450,9 +499,10 @@ def test_multiscale_matches_independent_calls_random(seed, thresholds, multileve
     assert_multiscale_matches(x, tuple(thresholds), capacity=32, multilevel=multilevel)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("thresholds", [(40.0, 20.0, 10.0), (30.0, 15.0, 7.0)])
-def test_multiscale_matches_independent_calls_cifar(cifar_images, thresholds):
-    n = assert_multiscale_matches(cifar_images, thresholds, multilevel=True)
+def test_multiscale_matches_independent_calls_cifar(cifar_images, thresholds, engine):
+    n = assert_multiscale_matches(cifar_images, thresholds, multilevel=True, engine=engine)
     assert n >= 2 * len(cifar_images)
 
 
