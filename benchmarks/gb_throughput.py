@@ -4,7 +4,7 @@
     python benchmarks/gb_throughput.py --data-dir ../shared/data --n 64 --n-ref 8 --n-sklearn 2 \\
         --photos 1                                                          # a quick check
 
-Four parts, all timed in one run (on a shared machine only ratios taken in the
+Five parts, all timed in one run (on a shared machine only ratios taken in the
 same run mean anything):
 
 1. **Single scale**, on ``--n`` CIFAR-10 test images (a fixed random subset,
@@ -40,7 +40,16 @@ same run mean anything):
 
 4. On a GPU (``--n 10000``): images/s and peak device memory.
 
-Measured runtime on a 2-core CPU: about a minute with the defaults (2026-11-23).
+5. The **compiled-loop reference** (issue 28): a plain numba loop, one image per
+   call, one thread (:func:`numba_reference_cluster`), timed on all ``--n``
+   images in the same run against ``gb_cluster`` with its default engine (the
+   numba kernel on CPU), with ``engine="xla"``, and with the kernel on one
+   thread; ratios reference / gbjax and checks that all partitions are
+   identical. ``--profile-xla`` adds where the XLA engine's time goes on one
+   chunk of 128 images (split rounds, painting, time per round).
+
+Measured runtime on a 2-core CPU: about a minute with the defaults (2026-11-23,
+before parts 5 and ``--profile-xla``).
 """
 
 from __future__ import annotations
@@ -157,6 +166,218 @@ def lean_reference_cluster(image_HWC, threshold, purity, capacity=256, kmeans_it
     return labels, len(balls), saturated
 
 
+def _numba_reference():
+    """The compiled-loop reference, built on first use (numba is needed)."""
+    global _NUMBA_REF
+    if _NUMBA_REF is not None:
+        return _NUMBA_REF
+    from numba import njit
+
+    @njit(cache=True, nogil=True)
+    def cluster(x, threshold, purity, capacity, kmeans_iters):  # pragma: no cover - compiled
+        N = x.shape[0]
+        K = capacity
+        t2 = np.float32(threshold) * np.float32(threshold)
+        purity = np.float32(purity)
+        labels = np.zeros(N, np.int32)
+        d2 = np.empty(N, np.float32)
+        side = np.zeros(N, np.bool_)
+        open_ = np.zeros(K, np.bool_)
+        open_[0] = True
+        cnt = np.zeros(K, np.int32)
+        sums = np.zeros((K, 3), np.float32)
+        cen = np.zeros((K, 3), np.float32)
+        within = np.zeros(K, np.int32)
+        frac = np.zeros(K, np.float32)
+        chosen = np.zeros(K, np.bool_)
+        moving = np.zeros(K, np.bool_)
+        best = np.zeros(K, np.float32)
+        arg = np.zeros(K, np.int32)
+        ca = np.zeros((K, 3), np.float32)
+        cb = np.zeros((K, 3), np.float32)
+        sa = np.zeros((K, 3), np.float32)
+        sb = np.zeros((K, 3), np.float32)
+        na = np.zeros(K, np.int32)
+        nbb = np.zeros(K, np.int32)
+        newid = np.zeros(K, np.int32)
+        order = np.zeros(K, np.int32)
+        nb = 1
+        saturated = False
+        for _ in range(K):
+            # purity test of the open balls: one pass for the sums, one for distances
+            for k in range(nb):
+                if open_[k]:
+                    cnt[k] = 0
+                    within[k] = 0
+                    sums[k, 0] = sums[k, 1] = sums[k, 2] = np.float32(0.0)
+            for p in range(N):
+                k = labels[p]
+                if open_[k]:
+                    cnt[k] += 1
+                    sums[k, 0] += x[p, 0]
+                    sums[k, 1] += x[p, 1]
+                    sums[k, 2] += x[p, 2]
+            for k in range(nb):
+                if open_[k]:
+                    n = np.float32(cnt[k])
+                    cen[k, 0] = sums[k, 0] / n
+                    cen[k, 1] = sums[k, 1] / n
+                    cen[k, 2] = sums[k, 2] / n
+            for p in range(N):
+                k = labels[p]
+                if open_[k]:
+                    e0 = x[p, 0] - cen[k, 0]
+                    e1 = x[p, 1] - cen[k, 1]
+                    e2 = x[p, 2] - cen[k, 2]
+                    d = (e0 * e0 + e1 * e1) + e2 * e2
+                    d2[p] = d
+                    if d < t2:
+                        within[k] += 1
+            nc = 0
+            for k in range(nb):
+                chosen[k] = False
+                if open_[k]:
+                    frac[k] = np.float32(within[k]) / np.float32(cnt[k])
+                    if cnt[k] >= 2 and frac[k] < purity:
+                        chosen[k] = True
+                        order[nc] = k
+                        nc += 1
+                    else:
+                        open_[k] = False
+            free = K - nb
+            if nc > free:  # most impure, then largest, then lowest id
+                saturated = True
+                for i in range(1, nc):
+                    k = order[i]
+                    j = i
+                    while j > 0:
+                        q = order[j - 1]
+                        if frac[k] < frac[q] or (
+                            frac[k] == frac[q] and (cnt[k] > cnt[q] or (cnt[k] == cnt[q] and k < q))
+                        ):
+                            order[j] = q
+                            j -= 1
+                        else:
+                            break
+                    order[j] = k
+                for i in range(free, nc):
+                    chosen[order[i]] = False
+            # seeds: farthest from the centre, then farthest from that (lowest index on ties)
+            for k in range(nb):
+                best[k] = np.float32(-1.0)
+            for p in range(N):
+                k = labels[p]
+                if chosen[k] and d2[p] > best[k]:
+                    best[k] = d2[p]
+                    arg[k] = p
+            for k in range(nb):
+                if chosen[k]:
+                    ca[k, 0], ca[k, 1], ca[k, 2] = x[arg[k], 0], x[arg[k], 1], x[arg[k], 2]
+                    best[k] = np.float32(-1.0)
+            for p in range(N):
+                k = labels[p]
+                if chosen[k]:
+                    e0 = x[p, 0] - ca[k, 0]
+                    e1 = x[p, 1] - ca[k, 1]
+                    e2 = x[p, 2] - ca[k, 2]
+                    d = (e0 * e0 + e1 * e1) + e2 * e2
+                    if d > best[k]:
+                        best[k] = d
+                        arg[k] = p
+            any_moving = False
+            for k in range(nb):
+                moving[k] = chosen[k]
+                any_moving = any_moving or chosen[k]
+                if chosen[k]:
+                    cb[k, 0], cb[k, 1], cb[k, 2] = x[arg[k], 0], x[arg[k], 1], x[arg[k], 2]
+            # Lloyd, every chosen ball at once, until each one stops
+            it = 0
+            while any_moving:
+                for k in range(nb):
+                    if moving[k]:
+                        na[k] = nbb[k] = 0
+                        sa[k, 0] = sa[k, 1] = sa[k, 2] = np.float32(0.0)
+                        sb[k, 0] = sb[k, 1] = sb[k, 2] = np.float32(0.0)
+                for p in range(N):
+                    k = labels[p]
+                    if moving[k]:
+                        x0, x1, x2 = x[p, 0], x[p, 1], x[p, 2]
+                        e0, e1, e2 = x0 - ca[k, 0], x1 - ca[k, 1], x2 - ca[k, 2]
+                        g0, g1, g2 = x0 - cb[k, 0], x1 - cb[k, 1], x2 - cb[k, 2]
+                        b = (g0 * g0 + g1 * g1) + g2 * g2 < (e0 * e0 + e1 * e1) + e2 * e2
+                        side[p] = b
+                        if b:
+                            nbb[k] += 1
+                            sb[k, 0] += x0
+                            sb[k, 1] += x1
+                            sb[k, 2] += x2
+                        else:
+                            na[k] += 1
+                            sa[k, 0] += x0
+                            sa[k, 1] += x1
+                            sa[k, 2] += x2
+                it += 1
+                any_moving = False
+                for k in range(nb):
+                    if not moving[k]:
+                        continue
+                    if na[k] == 0 or nbb[k] == 0:
+                        moving[k] = False
+                        continue
+                    fa, fb = np.float32(na[k]), np.float32(nbb[k])
+                    moved = False
+                    for f in range(3):
+                        ma, mb = sa[k, f] / fa, sb[k, f] / fb
+                        if ma != ca[k, f] or mb != cb[k, f]:
+                            moved = True
+                        ca[k, f] = ma
+                        cb[k, f] = mb
+                    moving[k] = moved and it < kmeans_iters
+                    any_moving = any_moving or moving[k]
+            # side B of every ball that split takes the next id, parents in id order
+            n_split = 0
+            for k in range(nb):
+                newid[k] = -1
+                if chosen[k]:
+                    if na[k] == 0 or nbb[k] == 0:
+                        open_[k] = False  # cannot split: kept as it is
+                    else:
+                        newid[k] = nb + n_split
+                        open_[nb + n_split] = True
+                        n_split += 1
+            if n_split == 0:
+                break
+            for p in range(N):
+                k = labels[p]
+                if newid[k] >= 0 and side[p]:
+                    labels[p] = newid[k]
+            nb += n_split
+        return labels, nb, saturated
+
+    _NUMBA_REF = cluster
+    return cluster
+
+
+_NUMBA_REF = None
+
+
+def numba_reference_cluster(image_HWC, threshold, purity, capacity=256, kmeans_iters=20):
+    """The compiled-loop reference: one image, flat arrays, a plain loop, one thread.
+
+    The same algorithm and choices as gbjax (and :func:`lean_reference_cluster`),
+    as a performance engineer would write it for one image: numba, float32,
+    per-ball accumulators indexed by a flat label array, every open ball's
+    purity test in two passes over the pixels, every chosen ball's Lloyd steps
+    in one pass per step. Partition only (no statistics, no noise painting):
+    the floor a CPU implementation of GB can be measured against. Colour
+    features of a 3-channel integer image. Returns (labels (H*W,), n_balls,
+    saturated).
+    """
+    x = np.ascontiguousarray(image_HWC.reshape(-1, 3), dtype=np.float32)
+    lab, n, sat = _numba_reference()(x, threshold, purity, capacity, kmeans_iters)
+    return lab, int(n), bool(sat)
+
+
 # ---------------------------------------------------------------------------- images
 def synthetic_photo(h, w, seed):
     """A smooth shaded image with a dozen sharp-edged shapes and mild noise (uint8)."""
@@ -207,10 +428,10 @@ def photos(h, w, count):
 
 
 # ---------------------------------------------------------------------------- timing
-def time_gbjax(x, threshold, chunk_size=None, repeats=2, capacity=256):
+def time_gbjax(x, threshold, chunk_size=None, repeats=2, capacity=256, engine="auto"):
     """Best of ``repeats`` steady-state calls on all of ``x``; compile time is
     the first call's excess over that (same shapes, so the same compilation)."""
-    kw = dict(threshold=threshold, chunk_size=chunk_size, capacity=capacity)
+    kw = dict(threshold=threshold, chunk_size=chunk_size, capacity=capacity, engine=engine)
     t0 = time.perf_counter()
     jax.block_until_ready(gbjax.gb_cluster(x, **kw))
     first = time.perf_counter() - t0
@@ -236,6 +457,41 @@ def interleaved(fns, repeats):
     return out
 
 
+def time_numba_reference(images, threshold, repeats):
+    """Best of ``repeats`` passes of the compiled-loop reference over ``images``
+    (after a warm-up call, which compiles it or loads it from numba's cache)."""
+    numba_reference_cluster(images[0], threshold, 0.9)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = [numba_reference_cluster(im, threshold, 0.9) for im in images]
+        best = min(best, time.perf_counter() - t0)
+    return best, res
+
+
+def _per_image(a, b):
+    """Pairs of per-image GBResults of two batch results."""
+    a = [np.asarray(v) for v in a]
+    b = [np.asarray(v) for v in b]
+    for i in range(len(a[0])):
+        yield (
+            gbjax.GBResult(*(v[i] for v in a)),
+            gbjax.GBResult(*(v[i] for v in b)),
+        )
+
+
+def same_gbresult(a, b):
+    """Every field equal, radii to 1e-4 (XLA:CPU may round its sums by an ulp)."""
+    for name, u, v in zip(a._fields, a, b):
+        u, v = np.asarray(u), np.asarray(v)
+        if name == "radii":
+            if not np.allclose(u, v, rtol=1e-6, atol=1e-4):
+                return False
+        elif not np.array_equal(u, v):
+            return False
+    return True
+
+
 def time_lean(images, threshold):
     t0 = time.perf_counter()
     res = [lean_reference_cluster(im, threshold, 0.9) for im in images]
@@ -246,11 +502,13 @@ def time_lean(images, threshold):
 def single_scale(x, args):
     rows = []
     dev = jax.devices()[0]
+    default_engine = gbjax.gb._resolve_engine("auto")
     for t in args.thresholds:
         sec, comp, r = time_gbjax(x, t, args.chunk_size, args.repeats)
         nb, sat = np.asarray(r.n_balls), np.asarray(r.saturated)
         row = dict(
             threshold=t,
+            engine=default_engine,
             gbjax_ms_per_image=1e3 * sec / len(x),
             gbjax_images_per_s=len(x) / sec,
             compile_s=comp,
@@ -258,6 +516,40 @@ def single_scale(x, args):
             gbjax_balls_max=int(nb.max()),
             saturated=int(sat.sum()),
         )
+        if default_engine != "xla":
+            xsec, xcomp, xr = time_gbjax(x, t, args.chunk_size, args.repeats, engine="xla")
+            row.update(
+                xla_ms_per_image=1e3 * xsec / len(x),
+                xla_compile_s=xcomp,
+                xla_same_as_default=f"{sum(same_gbresult(*ab) for ab in _per_image(xr, r))}"
+                f"/{len(x)}",
+            )
+            if args.one_thread:
+                import numba
+
+                n_threads = numba.get_num_threads()
+                numba.set_num_threads(1)
+                try:
+                    row["numba_1thread_ms_per_image"] = (
+                        1e3 * time_gbjax(x, t, args.chunk_size, args.repeats)[0] / len(x)
+                    )
+                finally:
+                    numba.set_num_threads(n_threads)
+        else:
+            xsec, xr = sec, r
+            row["xla_ms_per_image"] = row["gbjax_ms_per_image"]
+        if args.compiled_ref:
+            csec, cres = time_numba_reference(x, t, args.repeats)
+            labels = np.asarray(r.labels).reshape(len(x), -1)
+            xlabels = np.asarray(xr.labels).reshape(len(x), -1)
+            xnb, xsat = np.asarray(xr.n_balls), np.asarray(xr.saturated)
+            row.update(
+                compiled_ref_ms_per_image=1e3 * csec / len(x),
+                compiled_ref_same_as_default=f"{sum(np.array_equal(lab, labels[i]) and n == nb[i] and s == sat[i] for i, (lab, n, s) in enumerate(cres))}/{len(x)}",  # noqa: E501
+                compiled_ref_same_as_xla=f"{sum(np.array_equal(lab, xlabels[i]) and n == xnb[i] and s == xsat[i] for i, (lab, n, s) in enumerate(cres))}/{len(x)}",  # noqa: E501
+                ratio_ref_over_default=csec / sec,
+                ratio_ref_over_xla=csec / xsec,
+            )
         if args.n_ref > 0:
             ref = x[: args.n_ref]
             # Same-process warm-up (imports, caches), then timed.
@@ -296,6 +588,40 @@ def single_scale(x, args):
             row["peak_device_bytes"] = stats.get("peak_bytes_in_use")
         rows.append(row)
 
+    if any("compiled_ref_ms_per_image" in r for r in rows):
+        print(
+            "compiled-loop reference (numba, one image per call, one thread) against gb_cluster,"
+            f" same {len(x)} images, same run (ratio = reference ms / gb_cluster ms):"
+        )
+        print(
+            f"{'thr':>4} {'ref ms/img':>10} {'default ms/img':>14} {'ratio':>6}"
+            f" {'xla ms/img':>10} {'ratio':>6} {'1-thread ms/img':>15}"
+            f" {'same ref=def':>12} {'ref=xla':>9} {'def=xla':>9}"
+        )
+        for r in rows:
+            one = r.get("numba_1thread_ms_per_image")
+            print(
+                f"{r['threshold']:4.0f} {r['compiled_ref_ms_per_image']:10.4f}"
+                f" {r['gbjax_ms_per_image']:14.4f} {r['ratio_ref_over_default']:6.2f}"
+                f" {r['xla_ms_per_image']:10.4f} {r['ratio_ref_over_xla']:6.2f}"
+                f" {'-' if one is None else f'{one:.4f}':>15}"
+                f" {r['compiled_ref_same_as_default']:>12} {r['compiled_ref_same_as_xla']:>9}"
+                f" {r.get('xla_same_as_default', '-'):>9}"
+            )
+        print(
+            f"(default: gb_cluster's default engine here, {rows[0]['engine']!r}; xla:"
+            " engine='xla'; 1-thread: the default engine with numba.set_num_threads(1); same:"
+            " identical partitions, ids, n_balls and saturated (ref) or every GBResult field"
+            " (def=xla, radii to 1e-4))"
+        )
+        head = [r for r in rows if r["threshold"] == HEADLINE_THRESHOLD]
+        if head:
+            print(
+                f"HEADLINE: compiled-loop reference / gb_cluster = "
+                f"{head[0]['ratio_ref_over_default']:.2f} at threshold {HEADLINE_THRESHOLD:g}"
+                f" (default engine {rows[0]['engine']!r}; XLA engine"
+                f" {head[0]['ratio_ref_over_xla']:.2f}; goal >= 1.0)\n"
+            )
     print(
         f"{'thr':>4} {'gbjax ms/img':>12} {'img/s':>7} {'compile s':>9} {'balls':>10}"
         f" {'lean ms/img':>11} {'vs lean':>8} {'same':>7} {'sklearn ms/img':>14} {'vs sklearn':>10}"
@@ -329,16 +655,126 @@ def single_scale(x, args):
     head = [r for r in rows if r["threshold"] == HEADLINE_THRESHOLD and "speedup_vs_lean" in r]
     if head:
         print(
-            f"HEADLINE: gbjax is {head[0]['speedup_vs_lean']:.1f}x the lean per-image reference"
+            f"gbjax is {head[0]['speedup_vs_lean']:.1f}x the lean (numpy) per-image reference"
             f" at threshold {HEADLINE_THRESHOLD:g} ({len(x)} images for gbjax,"
             f" {args.n_ref} for the reference; goal >= 100x)"
         )
     return rows
 
 
+def _best_of(f, repeats):
+    jax.block_until_ready(f())  # compile / warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def profile_xla(x, args):
+    """Where the XLA engine's time goes on one chunk (gb_cluster's default of 128
+    images on CPU): the split rounds against the final statistics and painting,
+    the rounds the chunk runs against each image's own, and the time per round
+    (from programs capped at 1, 2, ... rounds; each cap compiles once)."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from gbjax import _gb_cpu
+    from gbjax import _gb_engine as E
+
+    B = min(128, len(x))
+    xb = jnp.asarray(x[:B])
+    feats = jax.jit(lambda im: E._features_BNF(im, jnp.float32(1.0), gbjax.Features()))(xb)
+    static = dict(K=256, kmeans_iters=20, multilevel=gbjax.gb._multilevel(xb.size // 3))
+    paint = jax.jit(
+        functools.partial(
+            E._paint,
+            C=3,
+            K=256,
+            min_ball_size=2,
+            features=gbjax.Features(),
+            out_dtype=np.dtype(np.uint8),
+        )  # fmt: skip
+    )
+    fx = np.asarray(feats)
+    out = []
+    print(f"\nXLA engine profile, one call of {B} images (best of {args.repeats}):")
+    print(
+        f"{'thr':>4} {'total ms/img':>12} {'rounds ms/img':>13} {'paint ms/img':>12}"
+        f" {'chunk rounds':>12} {'mean own rounds':>15} {'kernel ms/img':>13}"
+    )
+    pu = jnp.float32(0.9)
+    labels_fn = jax.jit(functools.partial(E._cluster_labels, max_rounds=256, **static))
+
+    def whole(th):
+        return E._cluster_batch(
+            xb, th, pu, jnp.float32(1.0), max_rounds=256, min_ball_size=2,
+            features=gbjax.Features(), out_dtype=np.dtype(np.uint8), **static,
+        )  # fmt: skip
+
+    def kernel_call(t):
+        return _gb_cpu.cluster_numpy(
+            fx, np.full((B, 1), t, np.float32), np.full(B, 0.9, np.float32), K=256,
+            max_rounds=256, kmeans_iters=20, min_ball_size=2,
+        )  # fmt: skip
+
+    for t in args.thresholds:
+        th = jnp.float32(t)
+        total = _best_of(functools.partial(whole, th), args.repeats)
+        rounds_s = _best_of(functools.partial(labels_fn, feats, th, pu), args.repeats)
+        labels, nb, sat, rounds = labels_fn(feats, th, pu)
+        paint_s = _best_of(
+            functools.partial(paint, feats, labels, nb, sat, rounds, th, jnp.float32(1.0)),
+            args.repeats,
+        )
+        kernel = _best_of(functools.partial(kernel_call, t), args.repeats)
+        r = np.asarray(rounds)
+        row = dict(
+            threshold=t,
+            images=B,
+            total_ms_per_image=1e3 * total / B,
+            rounds_ms_per_image=1e3 * rounds_s / B,
+            paint_ms_per_image=1e3 * paint_s / B,
+            chunk_rounds=int(r.max()),
+            mean_image_rounds=float(r.mean()),
+            kernel_ms_per_image=1e3 * kernel / B,
+        )
+        out.append(row)
+        print(
+            f"{t:4.0f} {row['total_ms_per_image']:12.4f} {row['rounds_ms_per_image']:13.4f}"
+            f" {row['paint_ms_per_image']:12.4f} {row['chunk_rounds']:12d}"
+            f" {row['mean_image_rounds']:15.2f} {row['kernel_ms_per_image']:13.4f}"
+        )
+    # per round at the headline threshold: programs capped at 1, 2, ... rounds
+    th = jnp.float32(HEADLINE_THRESHOLD)
+    caps = []
+    prev = 0.0
+    R = int(np.asarray(labels_fn(feats, th, jnp.float32(0.9))[3]).max())
+    for m in range(1, R + 1):
+        f = jax.jit(functools.partial(E._cluster_labels, max_rounds=m, **static))
+        sec = _best_of(lambda f=f: f(feats, th, jnp.float32(0.9)), args.repeats)
+        nb = np.asarray(f(feats, th, jnp.float32(0.9))[1])
+        caps.append(dict(round=m, ms_per_image=1e3 * (sec - prev) / B, balls_mean=float(nb.mean())))
+        prev = sec
+    print(
+        f"per round at threshold {HEADLINE_THRESHOLD:g} (time of a program capped at r rounds"
+        " minus the one capped at r - 1, ms per image; mean balls per image after it):"
+    )
+    print("  " + "  ".join(f"{c['round']}: {c['ms_per_image']:.4f} ({c['balls_mean']:.1f})"
+                           for c in caps))  # fmt: skip
+    print(
+        "(total: the whole program; rounds: the split rounds alone; paint: the final statistics,"
+        " noise search and painting alone; chunk rounds: rounds the call runs, those of its"
+        " slowest image; kernel: the numba kernel on the same images, threads as configured)"
+    )
+    return dict(thresholds=out, per_round=caps)
+
+
 def multiscale(x, args):
     ths = (40.0, 20.0, 10.0)
-    kw = dict(chunk_size=args.chunk_size)
+    kw = dict(chunk_size=args.chunk_size, engine=args.engine)
     t = interleaved(
         {
             "three gb_cluster calls": lambda: [gbjax.gb_cluster(x, threshold=v, **kw) for v in ths],
@@ -370,7 +806,7 @@ def photo_sized(args):
     for h, w in ((512, 512), (768, 1024)):
         x, kind = photos(h, w, args.photos)
         mp = h * w / 1e6
-        kw = dict(threshold=t, capacity="auto", chunk_size=args.chunk_size)
+        kw = dict(threshold=t, capacity="auto", chunk_size=args.chunk_size, engine=args.engine)
         t0 = time.perf_counter()
         r = jax.block_until_ready(gbjax.gb_cluster(x, **kw))
         first = time.perf_counter() - t0
@@ -433,6 +869,26 @@ def main(argv=None):
         default=None,
         help="images per compiled call (default: gb_cluster's choice)",
     )
+    p.add_argument(
+        "--no-compiled-ref",
+        dest="compiled_ref",
+        action="store_false",
+        help="skip the compiled-loop (numba) reference",
+    )
+    p.add_argument(
+        "--no-one-thread",
+        dest="one_thread",
+        action="store_false",
+        help="skip timing the numba engine on one thread",
+    )
+    p.add_argument(
+        "--engine", default="auto", help="gb_cluster's engine for the multiscale and photo parts"
+    )
+    p.add_argument(
+        "--profile-xla",
+        action="store_true",
+        help="also profile the XLA engine on one chunk (rounds, painting, time per round)",
+    )
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
 
@@ -454,6 +910,8 @@ def main(argv=None):
         f" scikit-learn reference on {args.n_sklearn}\n"
     )
     out = dict(single_scale=single_scale(x, args))
+    if args.profile_xla:
+        out["profile_xla"] = profile_xla(x, args)
     if not args.no_multiscale:
         out["multiscale"] = multiscale(x, args)
     if args.photos > 0:

@@ -839,3 +839,18 @@ def test_benchmark_lean_reference_matches_oracle(request):
                 lab, n, sat = gb_oracle(features_np(img), t, 0.9, capacity=capacity)
                 np.testing.assert_array_equal(got[0], lab)
                 assert got[1:] == (n, sat)
+
+
+@pytest.mark.skipif(not _gb_cpu.available(), reason="no numba")
+def test_benchmark_compiled_loop_reference_matches_oracle():
+    # The compiled-loop (numba) reference of benchmarks/gb_throughput.py is the
+    # speed anchor of issue 28: the same partitions, ids and flags as the oracle.
+    ref = _benchmark_module().numba_reference_cluster
+    rng = np.random.default_rng(22)
+    for images, capacity in ((blobs(22, n=2), 256), (rng.integers(0, 256, (2, 9, 9, 3)), 24)):
+        for t in (40.0, 20.0, 10.0):
+            for img in images.astype(np.uint8):
+                lab, n, sat = gb_oracle(features_np(img), t, 0.9, capacity=capacity)
+                got = ref(img, t, 0.9, capacity=capacity)
+                np.testing.assert_array_equal(got[0], lab)
+                assert got[1:] == (n, sat)
