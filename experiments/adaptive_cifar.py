@@ -191,98 +191,31 @@ def get_models(r, args, xtr_gb, xte_gb, seed):
 # stages
 
 
-class StageLog:
-    """The per-image robust flags of one model after each stage, saved as it goes."""
-
-    def __init__(self, path: pathlib.Path, n: int):
-        self.path = path
-        self.stages: list[dict] = []
-        self.robust = None
-        if path.is_file():
-            rec = json.loads(path.read_text())
-            self.stages = rec["stages"]
-            self.robust = np.asarray(rec["robust"], bool)
-            if self.robust.shape[1] != n:
-                raise SystemExit(f"error: {path} was made with another n_eval; use another --out")
-
-    def done(self, label: str) -> bool:
-        return any(s["stage"] == label for s in self.stages)
-
-    def add(self, label: str, robust: np.ndarray, seconds: float) -> None:
-        before = np.ones_like(robust) if self.robust is None else self.robust
-        removed = [np.flatnonzero(b & ~a).tolist() for b, a in zip(before, robust)]
-        self.robust = robust
-        self.stages.append(
-            dict(
-                stage=label,
-                accuracy=robust.mean(1).tolist(),
-                removed=removed,
-                seconds=round(seconds, 1),
-            )
-        )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(stages=self.stages, robust=self.robust.tolist())))
-        tmp.replace(self.path)
-
-
-def _baseline_cascade(name, scored, attacked, x, y, mode, key, progress, unprocessed, log):
-    """The main job's cascade (fgsm_cifar), recorded as one stage per attack."""
-    if log.done("main job cascade"):
-        return
-    t0 = time.perf_counter()
-    robust, stages = F._cascade(
-        name, scored, attacked, x, y, mode, key, progress, unprocessed, eps_list=EPS
-    )
-    log.add("main job cascade", robust, time.perf_counter() - t0)
-    log.stages[-1]["sub_stages"] = stages
-
-
-def _stage(log, label, fn, x, y, key, mode, progress, **kw):
-    from gbjax import attacks
-
-    if log.done(label):
-        return
-    t0 = time.perf_counter()
-    res = attacks.accuracy_under_attack(
-        fn,
-        x,
-        y,
-        eps_list=EPS,
-        robust_so_far=log.robust,
-        key=key(label),
-        per_image=True,
-        progress=progress,
-        desc=label,
-        batch_size=mode["attack_batch"],
-        **kw,
-    )
-    log.add(label, res.robust, time.perf_counter() - t0)
-
-
-def adaptive_stages(name, scored, classifier, gb_defence, x, y, mode, key, progress, log):
-    """The new stages, in cost order, each on the survivors of the ones before."""
+def adaptive_stages(name, scored, classifier, gb_defence, mode):
+    """The new stages, in cost order (``gbjax.attacks.cascade`` runs each on the survivors
+    of the ones before)."""
     from gbjax import attacks, defences
+    from gbjax.attacks import Stage
 
-    chunk = F._chunk(name)
+    stages = []
     if gb_defence is not None:
-        for tau in mode["taus"]:
-            fn = defences.Defended(
-                classifier, attacks.bpda(gb_defence, attacks.SoftGB(gb_defence, tau=tau))
+        surrogates = {
+            f"APGD-CE soft-BPDA tau={tau:g}": attacks.SoftGB(gb_defence, tau=tau)
+            for tau in mode["taus"]
+        }
+        surrogates["APGD-CE partition surrogate"] = attacks.SoftGB(
+            gb_defence, tau=mode["taus"][-1], soft_purity=True
+        )
+        for label, surrogate in surrogates.items():
+            fn = defences.Defended(classifier, attacks.bpda(gb_defence, surrogate))
+            steps, chunk = mode["apgd_steps"], F._chunk(name)
+            stages.append(
+                Stage(label, "apgd-ce", fn, eval_logits_fn=scored, steps=steps, chunk=chunk)
             )
-            _stage(log, f"APGD-CE soft-BPDA tau={tau:g}", fn, x, y, key, mode, progress,
-                   attack="apgd-ce", steps=mode["apgd_steps"], eval_logits_fn=scored,
-                   chunk=chunk)  # fmt: skip
-        surrogate = attacks.SoftGB(gb_defence, tau=mode["taus"][-1], soft_purity=True)
-        fn = defences.Defended(classifier, attacks.bpda(gb_defence, surrogate))
-        _stage(log, "APGD-CE partition surrogate", fn, x, y, key, mode, progress,
-               attack="apgd-ce", steps=mode["apgd_steps"], eval_logits_fn=scored,
-               chunk=chunk)  # fmt: skip
-    _stage(log, f"SPSA-{mode['spsa_steps']}x{mode['spsa_samples']}", scored, x, y, key, mode,
-           progress, attack="spsa", steps=mode["spsa_steps"],
-           samples=mode["spsa_samples"])  # fmt: skip
-    _stage(log, f"Square-{mode['square_queries']} (all)", scored, x, y, key, mode, progress,
-           attack="square", queries=mode["square_queries"])  # fmt: skip
+    steps, samples, q = mode["spsa_steps"], mode["spsa_samples"], mode["square_queries"]
+    stages.append(Stage(f"SPSA-{steps}x{samples}", "spsa", scored, steps=steps, samples=samples))
+    stages.append(Stage(f"Square-{q} (all)", "square", scored, queries=q))
+    return stages
 
 
 def convergence(classifier, scored, gb_defence, x, y, mode, key, progress):
@@ -333,21 +266,32 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
     res = {}
     for name, (scored, attacked) in fns.items():
         t0 = time.perf_counter()
-        log = StageLog(out / "state" / f"{name}_seed{seed}.json", n_eval)
         clean = evaluate.accuracy(scored, x01, y, batch_size=mode["attack_batch"])
-        _baseline_cascade(name, scored, attacked, xe, ye, mode, key, progress,
-                          trained["unprocessed"], log)  # fmt: skip
+        # the main job's cascade (fgsm_cifar), recorded as one stage, then the new stages
+        main = F.cascade_stages(name, scored, attacked, mode, trained["unprocessed"], n_eval)
         gb = gb_defence if name == "gb" else None
-        adaptive_stages(name, scored, trained[name], gb, xe, ye, mode, key, progress, log)
-        k = log.robust.sum(1)
+        stages = [attacks.Group("main job cascade", main)]
+        stages += adaptive_stages(name, scored, trained[name], gb, mode)
+        worst = attacks.cascade(
+            stages,
+            xe,
+            ye,
+            eps_list=EPS,
+            key=jax.random.key(1000 + seed),  # stage s gets key(s's name), as below
+            batch_size=mode["attack_batch"],
+            state=out / "state" / f"{name}_seed{seed}.json",  # a stopped run resumes here
+            progress=progress,
+            desc=name,
+        )
+        k = worst.robust.sum(1)
         rec = dict(
             clean=clean,
             n_eval=n_eval,
             eval_indices=idx.tolist(),  # 'removed' lists are positions in this list
-            stages=log.stages,
+            stages=worst.records(),
             worst_case=(k / n_eval).tolist(),
             worst_case_ci=[attacks.wilson_interval(int(v), n_eval) for v in k],
-            main_job_worst_case=log.stages[0]["accuracy"],
+            main_job_worst_case=worst.stages[0].accuracy.tolist(),
         )
         if name == "gb":
             nc = min(mode["conv_n"], n_eval)

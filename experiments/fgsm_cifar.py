@@ -15,7 +15,10 @@ to 500 steps; one seed (``--seeds 0,1,2`` for three). ``--quick``: the ``fast``
 variant for 4 epochs, FGSM on 1,000 test images, the worst case on 100 with
 PGD-10 and APGD-20 (Square: 300 queries on 50). The subset sizes were chosen
 to fit 3 h and 20 min on 2 cores; the quick mode overruns (27 min measured, 14
-of them two trainings). Every size can be overridden.
+of them two trainings). Every size can be overridden. The worst case is
+``gbjax.attacks.cascade``, its state saved after every stage in ``OUT/state/``:
+a stopped run started again with the same ``--out`` reuses its trained models
+and continues the worst case at its next stage.
 
 Protocol (also written into results.md):
 
@@ -181,66 +184,39 @@ def _chunk(name):
     return 1 if name == "gb" else None
 
 
-def _cascade(name, scored, attacked, x, y, mode, key, progress, unprocessed, eps_list=EPS):
-    """Per-eps worst case on ``x``: stages in cost order, each on the survivors."""
-    from gbjax import attacks
+def cascade_stages(name, scored, attacked, mode, unprocessed, n):
+    """The worst-case cascade's stages for ``n`` images, in cost order
+    (``gbjax.attacks.cascade`` runs each on the images still robust)."""
+    from gbjax.attacks import Stage
 
-    kw = dict(
-        eps_list=eps_list,
-        batch_size=mode["attack_batch"],
-        eval_logits_fn=scored,
-        per_image=True,
-        progress=progress,
-        chunk=_chunk(name),
-    )
-    robust = None
-    stages = []
+    chunk, pgd, apgd = _chunk(name), mode["pgd_steps"], mode["apgd_steps"]
 
-    def stage(label, fn, attack, **extra):
-        nonlocal robust
-        res = attacks.accuracy_under_attack(
-            fn,
-            x,
-            y,
-            attack=attack,
-            robust_so_far=robust,
-            key=key(label),
-            desc=f"{name}: {label}",
-            **kw,
-            **extra,
-        )
-        robust = res.robust
-        stages.append(dict(stage=label, accuracy=res.accuracy.tolist()))
+    def stage(label, fn, attack, **options):
+        return Stage(label, attack, fn, eval_logits_fn=scored, chunk=chunk, **options)
 
-    for prot, fn in attacked.items():
-        stage(f"FGSM {prot}", fn, "fgsm")
-    for prot, fn in attacked.items():
-        stage(f"PGD-{mode['pgd_steps']} {prot}", fn, "pgd", steps=mode["pgd_steps"])
+    stages = [stage(f"FGSM {prot}", fn, "fgsm") for prot, fn in attacked.items()]
+    stages += [stage(f"PGD-{pgd} {prot}", fn, "pgd", steps=pgd) for prot, fn in attacked.items()]
     if name == "gb":
-        stage(f"transfer PGD-{mode['pgd_steps']}", unprocessed, "pgd", steps=mode["pgd_steps"])
+        stages.append(stage(f"transfer PGD-{pgd}", unprocessed, "pgd", steps=pgd))
     for loss in ("ce", "dlr"):
-        for prot, fn in attacked.items():
-            stage(f"APGD-{loss.upper()} {prot}", fn, f"apgd-{loss}", steps=mode["apgd_steps"])
+        stages += [
+            stage(f"APGD-{loss.upper()} {prot}", fn, f"apgd-{loss}", steps=apgd)
+            for prot, fn in attacked.items()
+        ]
     if name == "gb":
-        stage("transfer APGD-CE", unprocessed, "apgd-ce", steps=mode["apgd_steps"])
-    n_sq = min(mode["n_square"], len(x))
-    sq = attacks.accuracy_under_attack(
+        stages.append(stage("transfer APGD-CE", unprocessed, "apgd-ce", steps=apgd))
+    # score-based, on the scored function; on a prefix of the (random) subset
+    n_sq, q = min(mode["n_square"], n), mode["queries"]
+    square = Stage(
+        f"Square-{q} (first {n_sq})",
+        "square",
         scored,
-        x[:n_sq],
-        y[:n_sq],
-        attack="square",
-        robust_so_far=robust[:, :n_sq],
-        queries=mode["queries"],
-        key=key("square"),
-        desc=f"{name}: Square",
-        **{k: v for k, v in kw.items() if k != "eval_logits_fn"},
+        first=n_sq,
+        fold="square",
+        queries=q,
+        chunk=chunk,
     )
-    robust = robust.copy()
-    robust[:, :n_sq] = sq.robust
-    stages.append(
-        dict(stage=f"Square-{mode['queries']} (first {n_sq})", accuracy=robust.mean(1).tolist())
-    )
-    return robust, stages
+    return stages + [square]
 
 
 def _controls(name, scored, attacked, x, y, mode, key, progress):
@@ -354,7 +330,7 @@ def _convergence(name, scored, attacked, x, y, mode, key, progress):
     return out
 
 
-def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer):
+def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer, out_dir):
     import zlib
 
     import jax
@@ -388,14 +364,22 @@ def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer):
         }
         timer.mark(f"fgsm_{name}", t0)
         t0 = time.perf_counter()
-        robust, stages = _cascade(
-            name, scored, attacked, xe, ye, mode, key, progress, models["unprocessed"]
+        worst = attacks.cascade(
+            cascade_stages(name, scored, attacked, mode, models["unprocessed"], n_eval),
+            xe,
+            ye,
+            eps_list=EPS,
+            key=jax.random.key(1000 + seed),  # stage s gets key(s's name), as below
+            batch_size=mode["attack_batch"],
+            state=out_dir / "state" / f"{name}_seed{seed}.json",  # a stopped run resumes here
+            progress=progress,
+            desc=name,
         )
-        k = robust.sum(1)
+        k = worst.robust.sum(1)
         rec.update(
             n_eval=n_eval,
-            eval_indices=idx.tolist(),
-            stages=stages,
+            eval_indices=idx.tolist(),  # 'removed' lists are positions in this list
+            stages=worst.records(),  # per stage: accuracy, images removed, seconds
             worst_case=(k / n_eval).tolist(),
             worst_case_ci=[attacks.wilson_interval(int(v), n_eval) for v in k],
             clean_eval=float(np.mean(np.asarray(evaluate.predict(scored, xe)) == ye)),
@@ -457,7 +441,7 @@ def run(argv=None) -> dict:
             models.in_float32(trained[name])  # attacks and their scoring run in float32
             metrics[name]["train_seconds"] = r.timer.mark(f"train_{name}", t0)
         ev = evaluate_pair(
-            trained, defences.GB(**gbkw), x01, r.yte, mode, seed, r.progress, r.timer
+            trained, defences.GB(**gbkw), x01, r.yte, mode, seed, r.progress, r.timer, r.out
         )
         runs[seed] = {m: dict(ev[m], train_metrics=metrics[m]) for m in ev}
     from _fgsm_report import assemble

@@ -208,6 +208,35 @@ def evaluate_noise(models, defs, sets, y, batch):
     return acc
 
 
+def attack_stages(name, protocols, defended, scored, mode):
+    """One defence's cascade, in cost order: each gradient attack under each protocol
+    (``protocols``: {protocol: attacked function}), then Square on ``defended``."""
+    from gbjax.attacks import Stage
+
+    chunk = 1 if name == "GB" else None
+    steps_of = {
+        "fgsm": 1,
+        "pgd": mode["pgd_steps"],
+        "apgd-ce": mode["apgd_steps"],
+        "apgd-dlr": mode["apgd_steps"],
+    }
+    stages = [
+        Stage(
+            f"{attack} {prot}",
+            attack,
+            fn,
+            eval_logits_fn=scored,
+            fold=10 * i + j,
+            steps=steps_of[attack],
+            chunk=chunk,
+        )
+        for i, attack in enumerate(mode.get("attacks", tuple(steps_of)))
+        for j, (prot, fn) in enumerate(protocols.items())
+    ]
+    square = Stage("square", "square", defended, fold=9, queries=mode["queries"], chunk=chunk)
+    return stages + [square]
+
+
 def evaluate_attacks(models, defs, x, y, mode, seed, progress):
     import jax
 
@@ -231,53 +260,20 @@ def evaluate_attacks(models, defs, x, y, mode, seed, progress):
             pairs = {p: attacks.make_attack_logits(clf, d, p) for p in names}
             protocols = {p: a for p, (a, _) in pairs.items()}
             scored = pairs["bpda"][1]
-        chunk = 1 if name == "GB" else None
-        kw = dict(
-            eps_list=ATTACK_EPS,
-            batch_size=mode["attack_batch"],
-            eval_logits_fn=scored,
-            per_image=True,
-            progress=progress,
-            chunk=chunk,
-        )
-        robust, stages = None, []
         t0 = time.perf_counter()
-        key = jax.random.key(30_000 + seed)
-        steps_of = {
-            "fgsm": 1,
-            "pgd": mode["pgd_steps"],
-            "apgd-ce": mode["apgd_steps"],
-            "apgd-dlr": mode["apgd_steps"],
-        }
-        for i, attack in enumerate(mode.get("attacks", tuple(steps_of))):
-            for j, (prot, attacked) in enumerate(protocols.items()):
-                res = attacks.accuracy_under_attack(
-                    attacked,
-                    x01,
-                    y,
-                    attack=attack,
-                    steps=steps_of[attack],
-                    robust_so_far=robust,
-                    key=jax.random.fold_in(key, 10 * i + j),
-                    desc=f"{name}: {attack} {prot}",
-                    **kw,
-                )
-                robust = res.robust
-                stages.append(dict(stage=f"{attack} {prot}", accuracy=res.accuracy.tolist()))
-        sq = attacks.accuracy_under_attack(
-            scored or clf,
+        res = attacks.cascade(
+            attack_stages(name, protocols, scored or clf, scored, mode),
             x01,
             y,
-            attack="square",
-            queries=mode["queries"],
-            robust_so_far=robust,
-            key=jax.random.fold_in(key, 9),
-            **{k: v for k, v in kw.items() if k != "eval_logits_fn"},
+            eps_list=ATTACK_EPS,
+            key=jax.random.key(30_000 + seed),
+            batch_size=mode["attack_batch"],
+            progress=progress,
+            desc=name,
         )
-        stages.append(dict(stage="square", accuracy=sq.accuracy.tolist()))
         out[name] = {
-            "worst_case": sq.accuracy.tolist(),
-            "stages": stages,  # the cascade: robust to every attack so far
+            "worst_case": res.accuracy.tolist(),
+            "stages": res.records(),  # the cascade: robust to every attack so far
             "protocol": "+".join(protocols),
             "seconds": time.perf_counter() - t0,  # this defence's whole cascade, compiles included
         }

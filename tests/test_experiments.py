@@ -418,20 +418,6 @@ def test_adaptive_cifar_smoke(tmp_path):
     assert "Worst case" in md and "partition surrogate" in md
 
 
-def test_adaptive_stage_log_resumes(tmp_path):
-    mod = _load("adaptive_cifar")
-    path = tmp_path / "state" / "gb_seed0.json"
-    log = mod.StageLog(path, 4)
-    log.add("a", np.array([[True, False, True, True]]), 1.0)
-    log.add("b", np.array([[True, False, False, True]]), 2.0)
-    again = mod.StageLog(path, 4)
-    assert again.done("a") and again.done("b") and not again.done("c")
-    np.testing.assert_array_equal(again.robust, [[True, False, False, True]])
-    assert again.stages[1]["removed"] == [[2]]
-    with pytest.raises(SystemExit):
-        mod.StageLog(path, 5)  # another n_eval: refused, not mixed
-
-
 def test_eval_subset_is_random_not_the_class_sorted_prefix():
     """The CIFAR-10 test folders are sorted by class: the worst-case subset (and each of
     its prefixes: Square's, convergence's) must be a random draw, not the first n."""
