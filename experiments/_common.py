@@ -15,7 +15,8 @@ experiment's run, or files of the user's own is refused; one holding an
 unfinished run of the same arguments (``run.json``) is continued, its finished
 trainings reused (:func:`train_model`). ``--overwrite`` starts over in a folder
 of this experiment, deleting only what the experiment wrote there (its results
-files and the trainer's files in its checkpoint folders). ``--merge`` never
+files, the trainer's files in its checkpoint folders and the attack cascades'
+saved states, ``state/*.json``). ``--merge`` never
 writes into one of its inputs.
 """
 
@@ -45,6 +46,7 @@ import numpy as np  # noqa: E402
 SYNTHETIC_ENV = "GBJAX_SYNTHETIC_DATA"
 RUN_FILE = "run.json"  # in each output folder: the experiment and its arguments
 RESULT_FILES = ("results.json", "results.md", "results.csv")
+STATE_DIR = "state"  # the experiments' attack-cascade states (gbjax.attacks.cascade)
 SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 
@@ -247,6 +249,9 @@ def prepare_out(experiment: str, args, path: pathlib.Path, how: str) -> pathlib.
                 pass
         for name in RESULT_FILES:
             (path / name).unlink(missing_ok=True)
+        # gbjax.attacks.cascade states: a rerun would resume them, with the old models' flags
+        for f in sorted((path / STATE_DIR).glob("*.json")):
+            f.unlink()
     path.mkdir(parents=True, exist_ok=True)
     started = _dt.datetime.now().isoformat(timespec="seconds")
     rec = dict(run_identity(experiment, args), argv=sys.argv, started=started)
