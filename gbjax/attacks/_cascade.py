@@ -280,8 +280,10 @@ def cascade(
       accuracy, seconds).
 
     Raises:
-      ValueError: on invalid stages or inputs, or a ``state`` file made with
-        other images, budgets or stages (nothing is run then).
+      TypeError: a stage that is neither a :class:`Stage` nor a :class:`Group`.
+      ValueError: invalid inputs, two stages of one name, a missing ``key``, or
+        a ``state`` file made with other images, budgets or stages (in each
+        case before any stage runs).
 
     Example:
       A two-class model on one-pixel images (class 1 when the pixel exceeds
