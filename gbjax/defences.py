@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gbjax import _jpeg
+from gbjax import _jpeg, _kmeans, gb
+from gbjax._callables import PytreeCallable, as_logits_fn
 from gbjax._jpeg import jpeg_quant_table
-from gbjax.attacks._core import PytreeCallable, as_logits_fn
 
 __all__ = [
     "GB",
@@ -103,8 +103,6 @@ class GB:
 
     def cluster(self, x):
         """The :class:`gbjax.GBResult` of ``x`` (float [0, 1])."""
-        from gbjax import gb
-
         check_images01(x)
         return gb.gb_cluster(
             x, threshold=self.threshold, purity=self.purity, capacity=self.capacity,
@@ -376,8 +374,6 @@ class KMeans(_Preprocessor):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _kmeans_fit(defence, x):
-    from gbjax import _kmeans
-
     B, H, W, C = x.shape
     k = min(defence.k, H * W)
 

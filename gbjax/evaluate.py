@@ -15,8 +15,9 @@ import numpy as np
 import optax
 
 from gbjax import _xla
+from gbjax._batching import map_batches
+from gbjax._callables import as_logits_fn
 from gbjax.augment import TTA_LEVELS, tta_logits
-from gbjax.data.batching import map_batches
 
 __all__ = ["predict_logits", "predict", "accuracy", "evaluate"]
 
@@ -69,8 +70,6 @@ def predict_logits(
     ``tta``: ``"none"``, ``"flip"`` or ``"flip_translate"``
     (:func:`gbjax.augment.tta_views`).
     """
-    from gbjax.attacks import as_logits_fn
-
     _check(x)
     if tta not in TTA_LEVELS:
         raise ValueError(f"tta must be one of {TTA_LEVELS}, got {tta!r}")

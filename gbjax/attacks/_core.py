@@ -1,81 +1,20 @@
-"""Shared attack machinery: logits-function pytrees, argument checks, losses,
-gradients (with EOT) and BPDA. See :mod:`gbjax.attacks` for the conventions."""
+"""Shared attack machinery: argument checks, losses, gradients (with EOT) and
+BPDA. Logits-function pytrees are :mod:`gbjax._callables`; the conventions are in
+:mod:`gbjax.attacks`."""
 
 from __future__ import annotations
 
 import math
 import numbers
-import sys
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.tree_util import Partial
 
 from gbjax import _xla
+from gbjax._callables import PytreeCallable, as_logits_fn, is_nnx_module
 from gbjax.attacks.losses import loss_by_index, per_example_loss
-
-LogitsFn = Callable[..., jax.Array]
-
-
-class PytreeCallable:
-    """Marker base of callables that are pytrees already (BPDA, defended models):
-    :func:`as_logits_fn` passes them through unchanged."""
-
-
-# ---------------------------------------------------------------------------
-# Making logits functions jit-friendly pytrees
-# ---------------------------------------------------------------------------
-
-
-class _NNXCall:
-    """Hashable callable ``(state, *args) -> merge(graphdef, state)(*args)``.
-
-    Equality and hash follow the graph definition, so two modules with the same
-    structure produce equal ``Partial`` tree definitions and share a compile.
-    """
-
-    def __init__(self, graphdef):
-        self.graphdef = graphdef
-
-    def __call__(self, state, *args, **kwargs):
-        from flax import nnx
-
-        return nnx.merge(self.graphdef, state)(*args, **kwargs)
-
-    def __eq__(self, other):
-        return isinstance(other, _NNXCall) and self.graphdef == other.graphdef
-
-    def __hash__(self):
-        return hash((_NNXCall, self.graphdef))
-
-
-def _is_nnx_module(obj) -> bool:
-    nnx = sys.modules.get("flax.nnx")
-    return nnx is not None and isinstance(obj, nnx.Module)
-
-
-def as_logits_fn(fn) -> Callable[..., jax.Array]:
-    """Returns ``fn`` as a pytree callable that can be passed through ``jit``.
-
-    ``Partial`` objects and pytree callables (:class:`BPDA`,
-    :class:`gbjax.defences.Defended`) are returned unchanged; an ``nnx.Module`` becomes
-    ``Partial(<graphdef call>, state)`` (its state as of this call); any other
-    callable becomes ``Partial(fn)`` (compiled once per function object).
-    """
-    if isinstance(fn, (Partial, PytreeCallable)):
-        return fn
-    if _is_nnx_module(fn):
-        from flax import nnx
-
-        graphdef, state = nnx.split(fn)
-        return Partial(_NNXCall(graphdef), state)
-    if callable(fn):
-        return Partial(fn)
-    raise TypeError(f"logits_fn must be callable or an nnx.Module, got {type(fn).__name__}")
-
 
 # ---------------------------------------------------------------------------
 # Argument checks (only on concrete values; tracers pass through)
@@ -482,7 +421,7 @@ def bpda(forward, backward=None) -> BPDA:
         g = bpda(lambda x: jnp.round(x * 8) / 8)
         jax.grad(lambda x: g(x).sum())(x)   # == ones_like(x)
     """
-    if not callable(forward) and not _is_nnx_module(forward):
+    if not callable(forward) and not is_nnx_module(forward):
         raise TypeError("forward must be callable")
     if backward is not None and not callable(backward):
         raise TypeError("backward must be callable or None")

@@ -27,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gbjax import _xla
+from gbjax._batching import bucket_size, fixed_batches, take
 from gbjax.attacks import scored
 from gbjax.attacks._core import (
+    BPDA,
     _check_clip,
     _check_eot,
     _check_nonneg,
@@ -41,7 +43,7 @@ from gbjax.attacks.apgd import apgd_run
 from gbjax.attacks.gradient import _check_loss, _check_restarts, _restart_key
 from gbjax.attacks.spsa import spsa_run
 from gbjax.attacks.square import square_run
-from gbjax.data.batching import bucket_size, fixed_batches, take
+from gbjax.defences import Defended
 
 __all__ = [
     "ATTACKS",
@@ -337,9 +339,6 @@ def _same_forward(attack_fn, eval_fn) -> bool:
     function, or the BPDA pair of :func:`make_attack_logits`), so one pass serves both."""
     if attack_fn is eval_fn:
         return True
-    from gbjax.attacks._core import BPDA
-    from gbjax.defences import Defended
-
     return (
         isinstance(attack_fn, Defended)
         and isinstance(eval_fn, Defended)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gbjax import _xla
+from gbjax._batching import bucket_size, fixed_batches
 from gbjax.attacks._core import (
     _check_positive,
     _check_steps,
@@ -36,7 +37,6 @@ from gbjax.attacks._core import (
     check_attack_labels,
 )
 from gbjax.attacks.square import _margin
-from gbjax.data.batching import bucket_size, fixed_batches
 
 __all__ = ["spsa", "spsa_run"]
 

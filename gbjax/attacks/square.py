@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gbjax import _xla
+from gbjax._batching import bucket_size, fixed_batches
 from gbjax.attacks._core import (
     _check_clip,
     _check_nonneg,
@@ -38,7 +39,6 @@ from gbjax.attacks._core import (
     as_logits_fn,
     check_attack_labels,
 )
-from gbjax.data.batching import bucket_size, fixed_batches
 
 __all__ = ["square", "p_schedule"]
 

@@ -79,7 +79,7 @@ Modules
     :func:`fixed_batches` and :func:`map_batches`.
 """
 
-from gbjax.data.batching import fixed_batches, map_batches
+from gbjax._batching import fixed_batches, map_batches
 from gbjax.data.decode import CIFAR10_CLASSES, IMAGE_EXTENSIONS, CorruptDataError
 from gbjax.data.preprocess import gb_processed
 from gbjax.data.sources import (

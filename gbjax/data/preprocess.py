@@ -20,6 +20,10 @@ import warnings
 
 import numpy as np
 
+# ``gb`` as a module, its functions looked up at call time: gb still imports
+# gbjax.data.batching (so this package) while it loads (TODO(issue 27): gb.py ->
+# gbjax._batching once the CPU-kernel work lands).
+from gbjax import gb
 from gbjax.data.cache import load_arrays, save_arrays
 
 __all__ = ["gb_processed"]
@@ -33,8 +37,6 @@ def _cache_root(cache_dir) -> pathlib.Path:
 
 
 def _key(images: np.ndarray, params: dict) -> str:
-    from gbjax import gb
-
     h = hashlib.sha256()
     h.update(f"gb-output-v{gb.OUTPUT_VERSION}".encode())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
@@ -54,8 +56,6 @@ def gb_processed(
     SHA-256 checked on every read: a corrupt or unreadable entry is recomputed
     (with a warning) and replaced, never served.
     """
-    from gbjax import gb
-
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(

@@ -1,0 +1,136 @@
+"""Fixed-shape batching: the one helper every batched loop in gbjax uses.
+
+A jitted function compiles once per input shape, so a loop over a data set in
+batches of ``B`` must not hand it a smaller last batch. :func:`fixed_batches`
+cuts ``range(N)`` into index arrays of exactly ``B`` entries, the last padded
+by repeating index ``N - 1`` (real data, so no NaNs from zeros through a
+normalisation or a clustering), and says how many entries are real.
+:func:`map_batches` applies a function batch by batch and stitches the real
+rows of the results together. Used by GB chunking, evaluation, attacks and
+training's evaluations.
+
+Public as :mod:`gbjax.data.batching` (and :func:`gbjax.data.fixed_batches`,
+:func:`gbjax.data.map_batches`); kept here, on the ground floor, so that every
+layer can batch without importing the data package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Batch", "fixed_batches", "take", "map_batches", "bucket_size"]
+
+
+class Batch(NamedTuple):
+    """One batch of :func:`fixed_batches`."""
+
+    index: np.ndarray  # (B,) int indices into the data, the tail padded with N - 1
+    start: int  # first index
+    valid: int  # number of real rows (the first `valid` of `index`)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """``(B,)`` bool, true on real rows."""
+        return np.arange(len(self.index)) < self.valid
+
+
+def _check_size(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return int(v)
+
+
+def bucket_size(n: int, batch_size: int, *, minimum: int = 32) -> int:
+    """A batch size for ``n`` rows from few distinct values: ``batch_size``, or the
+    smallest power of two >= ``n`` (at least ``minimum``) when that is smaller.
+
+    For loops over a shrinking set (images still robust, say) that must not
+    compile once per set size.
+    """
+    n, batch_size = _check_size("n", n), _check_size("batch_size", batch_size)
+    return min(batch_size, max(minimum, 1 << (n - 1).bit_length()))
+
+
+def fixed_batches(n: int, batch_size: int, *, shrink: bool = True) -> Iterator[Batch]:
+    """Batches of ``min(batch_size, n)`` indices covering ``0..n-1`` in order.
+
+    Every batch has the same length; the last one is padded by repeating ``n - 1``.
+    ``shrink=False`` keeps ``batch_size`` even when ``n`` is smaller (for a batch
+    that must divide evenly over devices).
+    """
+    n = _check_size("n", n)
+    bs = _check_size("batch_size", batch_size)
+    if shrink:
+        bs = min(bs, n)
+    for start in range(0, n, bs):
+        valid = min(bs, n - start)
+        idx = np.minimum(np.arange(start, start + bs), n - 1)
+        yield Batch(idx, start, valid)
+
+
+def take(arrays: Any, batch: Batch) -> Any:
+    """The rows of ``batch`` of every leaf of ``arrays`` (numpy stays on the host,
+    ``jax.Array`` is gathered on its device; a contiguous full batch is a slice)."""
+
+    def one(a):
+        if batch.valid == len(batch.index):
+            return a[batch.start : batch.start + batch.valid]
+        if isinstance(a, jax.Array):
+            return jnp.take(a, jnp.asarray(batch.index), axis=0)
+        return np.asarray(a)[batch.index]
+
+    return jax.tree.map(one, arrays)
+
+
+def map_batches(
+    fn: Callable[..., Any],
+    arrays: Any,
+    *,
+    batch_size: int,
+    progress: bool = False,
+    desc: str | None = None,
+    shrink: bool = True,
+) -> Any:
+    """``fn(batch)`` over fixed-size batches of ``arrays``, results concatenated.
+
+    ``arrays`` is an array or a pytree of arrays sharing the leading axis ``N``;
+    ``fn`` receives the same structure with leading axis ``B`` and returns a
+    pytree of arrays with leading axis ``B``. The padded rows of the last batch
+    are dropped, so the result has leading axis ``N``. Results stay where ``fn``
+    put them (device arrays are concatenated on device). ``shrink``: as in
+    :func:`fixed_batches`.
+    """
+    leaves = jax.tree.leaves(arrays)
+    if not leaves:
+        raise ValueError("arrays must contain at least one array")
+    n = int(np.shape(leaves[0])[0])
+    if any(int(np.shape(a)[0]) != n for a in leaves):
+        raise ValueError(f"arrays must share the leading axis; got {[np.shape(a) for a in leaves]}")
+    if n == 0:
+        raise ValueError("arrays are empty")
+    batches = list(fixed_batches(n, batch_size, shrink=shrink))
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc=desc or "batches", unit="batch", leave=False)
+    outs = []
+    for b in it:
+        out = fn(take(arrays, b))
+        if b.valid < len(b.index):
+            out = jax.tree.map(lambda a, v=b.valid: a[:v], out)
+        outs.append(out)
+    if len(outs) == 1:
+        return outs[0]
+
+    def cat(*parts):
+        if isinstance(parts[0], jax.Array):
+            return jnp.concatenate(parts, axis=0)
+        return np.concatenate(parts, axis=0)
+
+    return jax.tree.map(cat, *outs)
