@@ -1,5 +1,5 @@
-"""Reading a training run's workdir: the time to a target accuracy, and the model
-of its checkpoint (re-exported by :mod:`gbjax.train`)."""
+"""A training run's model and workdir: the configured model, the time to a target
+accuracy, and the model of a checkpoint (re-exported by :mod:`gbjax.train`)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,33 @@ import os
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gbjax import models
+from gbjax._workdir import verified_step
 from gbjax.config import Config
 
-__all__ = ["time_to_target", "restore_model"]
+__all__ = ["build_model", "time_to_target", "restore_model"]
+
+
+def build_model(
+    config: Config, *, input_shape, num_classes: int, mean, std, rngs: nnx.Rngs
+) -> nnx.Module:
+    """The configured model.  ``mean``/``std``: training-set statistics in pixel
+    units (per channel); the paper network uses their channel average."""
+    dtype = None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype)
+    return models.build(
+        config.model,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        data_mean=mean,
+        data_std=std,
+        dtype=dtype,
+        rngs=rngs,
+        **config.model_kwargs,
+    )
 
 
 def time_to_target(workdir: str | os.PathLike, target: float) -> dict | None:
@@ -55,9 +76,6 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> nnx.Mo
     raises :class:`gbjax._workdir.CorruptCheckpointError`."""
     import orbax.checkpoint as ocp
 
-    from gbjax._workdir import verified_step
-    from gbjax.train import _split, build_model
-
     workdir = pathlib.Path(workdir)
     step = verified_step(workdir, step)
     rec = json.loads((workdir / "config.json").read_text())
@@ -75,7 +93,7 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> nnx.Mo
         )
     )
     model.eval()
-    graphdef, params, stats, consts = _split(model)
+    graphdef, params, stats, consts = models.split_state(model)
     target = {"params": params, "batch_stats": stats, "consts": consts}
     mngr = ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),

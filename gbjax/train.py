@@ -56,8 +56,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gbjax import _workdir, _xla, attacks, augment, evaluate, models, optim
-from gbjax._runs import restore_model, time_to_target
+from gbjax import _workdir, _xla, attacks, augment, data, evaluate, models, optim
+from gbjax._runs import build_model, restore_model, time_to_target
 from gbjax._workdir import WorkdirBusyError, WorkdirError, WorkdirMismatchError
 from gbjax.config import Config, apply_overrides, load_config, validate_config
 
@@ -108,8 +108,6 @@ def _as_nhwc_uint8(x) -> np.ndarray:
 
 def load_datasets(config: Config):
     """-> (train_x uint8 NHWC, train_y int32, test_x, test_y), preprocessed."""
-    from gbjax import data
-
     if config.data is not None:
         (xtr, ytr), (xte, yte) = config.data["train"], config.data["test"]
     else:
@@ -133,37 +131,6 @@ def load_datasets(config: Config):
 
 # ----------------------------------------------------------------------------
 # model
-
-
-def build_model(
-    config: Config, *, input_shape, num_classes: int, mean, std, rngs: nnx.Rngs
-) -> nnx.Module:
-    """The configured model.  ``mean``/``std``: training-set statistics in pixel
-    units (per channel); the paper network uses their channel average."""
-    H, W, C = input_shape
-    kw = dict(config.model_kwargs)
-    dtype = None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype)
-    mean = np.asarray(mean, np.float32).reshape(-1)
-    std = np.asarray(std, np.float32).reshape(-1)
-    if config.model == "paper_convnet":
-        if H != W:
-            raise ValueError(f"paper_convnet needs square images, got {H}x{W}")
-        kw.setdefault("mean", float(mean.mean()))
-        kw.setdefault("std", float(std.mean()))
-        return models.PaperConvNet(
-            num_classes=num_classes, in_channels=C, image_size=H, rngs=rngs, **kw
-        )
-    kw.setdefault("mean", mean)
-    kw.setdefault("std", std)
-    if config.model == "airbench":
-        return models.Airbench(num_classes=num_classes, in_channels=C, dtype=dtype, rngs=rngs, **kw)
-    if config.model == "resnet":
-        missing = {"stage_sizes", "widths"} - set(kw)
-        if missing:
-            raise ValueError(f"invalid config: model='resnet' needs model_kwargs {sorted(missing)}")
-        return models.ResNet(num_classes=num_classes, in_channels=C, dtype=dtype, rngs=rngs, **kw)
-    ctor = {"resnet18": models.ResNet18, "resnet20": models.ResNet20}[config.model]
-    return ctor(num_classes, in_channels=C, dtype=dtype, rngs=rngs, **kw)
 
 
 def _statistics(config: Config, xtr: np.ndarray):
@@ -232,11 +199,6 @@ def loss_and_correct(logits, labels, num_classes: int, label_smoothing: float):
 # the step
 
 
-def _split(model):
-    """(graphdef, params, batch statistics, constants)."""
-    return nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-
-
 class Trainer:
     """The compiled training step and shardings of one configuration.
 
@@ -267,9 +229,9 @@ class Trainer:
         self.total_steps = total_steps
         self.steps_per_epoch = num_train // config.batch_size
         model.train()
-        self.train_graphdef, params, stats, consts = _split(model)
+        self.train_graphdef, params, stats, consts = models.split_state(model)
         model.eval()
-        self.eval_graphdef = _split(model)[0]
+        self.eval_graphdef = models.split_state(model)[0]
         self.tx = optim.make_optimizer(
             config, total_steps, params=params, steps_per_epoch=self.steps_per_epoch
         )
@@ -349,7 +311,7 @@ class Trainer:
             if cfg.debug_nan_step >= 0:
                 loss = loss * jnp.where(step == cfg.debug_nan_step, jnp.nan, 1.0)
                 total = total * jnp.where(step == cfg.debug_nan_step, jnp.nan, 1.0)
-            new_stats = _split(model)[2]
+            new_stats = models.split_state(model)[2]
             return loss, (total, jnp.sum(correct_B), new_stats)
 
         (_, (total, correct, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -278,3 +278,43 @@ def test_in_float32_computes_in_float32_with_the_same_parameters():
     jax.tree.map(np.testing.assert_array_equal, params_before, nnx.state(m, nnx.Param))
     assert not np.array_equal(low, high)  # bfloat16 rounding is gone
     np.testing.assert_allclose(high, low, rtol=0.1, atol=0.1)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_registry_builds_every_config_model_name():
+    from gbjax.config import MODELS
+
+    assert models.registered() == MODELS
+    kw = {"resnet": {"stage_sizes": (1,), "widths": (8,)}, "airbench": {"widths": (8, 8, 8)}}
+    for name in MODELS:
+        m = nnx.eval_shape(
+            lambda name=name: models.build(
+                name,
+                input_shape=(32, 32, 3),
+                num_classes=10,
+                data_mean=np.full(3, 120.0),
+                data_std=np.full(3, 60.0),
+                rngs=rngs(),
+                **kw.get(name, {}),
+            )
+        )
+        assert isinstance(m, nnx.Module)
+        graphdef, params, stats, consts = models.split_state(m)
+        assert jax.tree.leaves(params)
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        models.build(
+            "vgg", input_shape=(32, 32, 3), num_classes=10, data_mean=0.0, data_std=1.0, rngs=rngs()
+        )
+    with pytest.raises(ValueError, match="already registered"):
+        models.register("airbench", lambda **kw: None)
+    with pytest.raises(ValueError, match="needs model_kwargs"):
+        models.build(
+            "resnet",
+            input_shape=(32, 32, 3),
+            num_classes=10,
+            data_mean=0.0,
+            data_std=1.0,
+            rngs=rngs(),
+        )

@@ -6,6 +6,10 @@
 * :class:`Airbench`: the airbench94-class network that trains CIFAR-10 to about
   94% in minutes on a GPU and within an hour on a 2-core CPU.
 
+Models are built by name with :func:`build` (the names of ``Config.model``;
+:func:`register` adds one), and :func:`split_state` splits a model into the
+parts a training state holds.
+
 Every model takes NHWC images as uint8 pixels (0..255) or floats in [0, 1] and
 normalises inside (see :mod:`gbjax.models._common`), so attack budgets stay in
 pixel space; outputs are logits.
@@ -20,6 +24,7 @@ from gbjax.models._common import (
     in_float32,
     to_pixels,
 )
+from gbjax.models._registry import build, register, registered, split_state
 from gbjax.models.airbench import (
     Airbench,
     dirac_init,
@@ -49,4 +54,8 @@ __all__ = [
     "MNIST_STD",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "build",
+    "register",
+    "registered",
+    "split_state",
 ]
