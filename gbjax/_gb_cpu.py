@@ -149,17 +149,17 @@ if AVAILABLE:
                 g0 = x0 - b0
                 g1 = x1 - b1
                 g2 = x2 - b2
-                if (g0 * g0 + g1 * g1) + g2 * g2 < (e0 * e0 + e1 * e1) + e2 * e2:
-                    side[j] = True
-                    nb += 1
-                    sb0 += x0
-                    sb1 += x1
-                    sb2 += x2
-                else:
-                    side[j] = False
-                    sa0 += x0
-                    sa1 += x1
-                    sa2 += x2
+                b = (g0 * g0 + g1 * g1) + g2 * g2 < (e0 * e0 + e1 * e1) + e2 * e2
+                side[j] = b
+                nb += b
+                # branch-free: adding an exact 0 leaves each side's sum as it was
+                w = np.float32(b)
+                sb0 += x0 * w
+                sb1 += x1 * w
+                sb2 += x2 * w
+                sa0 += x0 - x0 * w
+                sa1 += x1 - x1 * w
+                sa2 += x2 - x2 * w
             na = n - nb
             it += 1
             if na == 0 or nb == 0:
@@ -193,8 +193,7 @@ if AVAILABLE:
             e2 = xp[j, 2] - c2
             dd = (e0 * e0 + e1 * e1) + e2 * e2
             d2[j] = dd
-            if dd < t2:
-                w += 1
+            w += dd < t2
         return w
 
     @_jit
