@@ -747,29 +747,86 @@ def profile_xla(x, args):
             f" {row['paint_ms_per_image']:12.4f} {row['chunk_rounds']:12d}"
             f" {row['mean_image_rounds']:15.2f} {row['kernel_ms_per_image']:13.4f}"
         )
-    # per round at the headline threshold: programs capped at 1, 2, ... rounds
     th = jnp.float32(HEADLINE_THRESHOLD)
-    caps = []
-    prev = 0.0
-    R = int(np.asarray(labels_fn(feats, th, jnp.float32(0.9))[3]).max())
-    for m in range(1, R + 1):
-        f = jax.jit(functools.partial(E._cluster_labels, max_rounds=m, **static))
-        sec = _best_of(lambda f=f: f(feats, th, jnp.float32(0.9)), args.repeats)
-        nb = np.asarray(f(feats, th, jnp.float32(0.9))[1])
-        caps.append(dict(round=m, ms_per_image=1e3 * (sec - prev) / B, balls_mean=float(nb.mean())))
-        prev = sec
-    print(
-        f"per round at threshold {HEADLINE_THRESHOLD:g} (time of a program capped at r rounds"
-        " minus the one capped at r - 1, ms per image; mean balls per image after it):"
+    text = (
+        E._cluster_batch.lower(
+            xb,
+            th,
+            pu,
+            jnp.float32(1.0),
+            max_rounds=256,
+            min_ball_size=2,
+            features=gbjax.Features(),
+            out_dtype=np.dtype(np.uint8),
+            **static,
+        )  # fmt: skip
+        .compile()
+        .as_text()
     )
-    print("  " + "  ".join(f"{c['round']}: {c['ms_per_image']:.4f} ({c['balls_mean']:.1f})"
-                           for c in caps))  # fmt: skip
+    ops = _trace_ops(functools.partial(whole, th), text, B)
     print(
         "(total: the whole program; rounds: the split rounds alone; paint: the final statistics,"
         " noise search and painting alone; chunk rounds: rounds the call runs, those of its"
         " slowest image; kernel: the numba kernel on the same images, threads as configured)"
     )
-    return dict(thresholds=out, per_round=caps)
+    return dict(thresholds=out, ops_at_headline_threshold=ops)
+
+
+def _trace_ops(fn, text, B):
+    """One call of ``fn`` (the XLA program) under ``jax.profiler``: the time of its
+    XLA:CPU thunks (leaf operations; loops and branches excluded, their bodies
+    counted), grouped by where they run (the split rounds' loop, the 2-means
+    loop nested in it, or outside both) and by kind of operation. ``text``: the
+    program's optimised HLO, which names the thunks."""
+    import collections
+    import glob
+    import gzip
+    import re
+    import tempfile
+
+    jax.block_until_ready(fn())
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(fn())
+        paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+        if not paths:
+            print("(no profiler trace written: per-op profile skipped)")
+            return None
+        with gzip.open(paths[0]) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    info = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\(.*?op_name=\"([^\"]+)\"",
+                         text, re.M):  # fmt: skip
+        info[m.group(1)] = (m.group(2), m.group(3))
+    by = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name not in info:
+            continue
+        opcode, op_name = info[name]
+        if opcode in ("while", "conditional", "call"):
+            continue
+        depth = op_name.count("while/body")
+        where = ("outside the loops", "split rounds", "2-means (Lloyd) steps")[min(depth, 2)]
+        kind = "scatter (segment sums)" if "scatter" in name else (
+            "gather" if "gather" in name else "sort" if "sort" in name else
+            "reduce" if "reduce" in name else "elementwise and other")  # fmt: skip
+        by[(where, kind)] += e.get("dur", 0)
+    total = sum(by.values())
+    rows = [
+        dict(where=w, kind=k, ms_per_image=v / 1e3 / B, share=v / total)
+        for (w, k), v in by.most_common()
+    ]
+    print(
+        f"XLA:CPU operations of one call at threshold {HEADLINE_THRESHOLD:g} (jax.profiler;"
+        f" leaf thunks, {total / 1e3 / B:.4f} ms per image in all):"
+    )
+    for r in rows:
+        print(
+            f"  {r['where']:<24} {r['kind']:<24} {r['ms_per_image']:8.4f} ms/img {r['share']:6.1%}"
+        )
+    return rows
 
 
 def multiscale(x, args):
