@@ -550,6 +550,10 @@ def single_scale(x, args):
                 ratio_ref_over_default=csec / sec,
                 ratio_ref_over_xla=csec / xsec,
             )
+            if "numba_1thread_ms_per_image" in row:
+                row["ratio_ref_over_1thread"] = (
+                    row["compiled_ref_ms_per_image"] / row["numba_1thread_ms_per_image"]
+                )
         if args.n_ref > 0:
             ref = x[: args.n_ref]
             # Same-process warm-up (imports, caches), then timed.
@@ -595,16 +599,18 @@ def single_scale(x, args):
         )
         print(
             f"{'thr':>4} {'ref ms/img':>10} {'default ms/img':>14} {'ratio':>6}"
-            f" {'xla ms/img':>10} {'ratio':>6} {'1-thread ms/img':>15}"
+            f" {'xla ms/img':>10} {'ratio':>6} {'1-thread ms/img':>15} {'ratio':>6}"
             f" {'same ref=def':>12} {'ref=xla':>9} {'def=xla':>9}"
         )
         for r in rows:
             one = r.get("numba_1thread_ms_per_image")
+            r1 = r.get("ratio_ref_over_1thread")
             print(
                 f"{r['threshold']:4.0f} {r['compiled_ref_ms_per_image']:10.4f}"
                 f" {r['gbjax_ms_per_image']:14.4f} {r['ratio_ref_over_default']:6.2f}"
                 f" {r['xla_ms_per_image']:10.4f} {r['ratio_ref_over_xla']:6.2f}"
                 f" {'-' if one is None else f'{one:.4f}':>15}"
+                f" {'-' if r1 is None else f'{r1:.2f}':>6}"
                 f" {r['compiled_ref_same_as_default']:>12} {r['compiled_ref_same_as_xla']:>9}"
                 f" {r.get('xla_same_as_default', '-'):>9}"
             )
