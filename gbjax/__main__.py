@@ -44,16 +44,30 @@ them.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+# Imported up front, Flax and the trainer included: a fast ``--help`` is not worth
+# a hidden import graph (issue 27).
+from gbjax import __version__, _kmeans, distributed, gb, train
+from gbjax._cli import (
+    add_cluster_arguments,
+    capacity,
+    config_missing,
+    fraction,
+    non_negative,
+    positive_float,
+    positive_int,
+    run_cluster,
+)
+from gbjax.data import CorruptDataError, DataNotFoundError
+from gbjax.data.decode import _walk_tree
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -66,7 +80,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 def _folder_images(root: Path, unreadable: list) -> list[Path]:
     """Image files below ``root`` (symlinked folders followed); folders that cannot be
     listed are appended to ``unreadable`` as ``(path, reason)``."""
-    from gbjax.data.decode import _walk_tree
 
     def on_error(err: OSError) -> None:
         unreadable.append((Path(err.filename), f"cannot read folder ({err.strerror or err})"))
@@ -274,16 +287,13 @@ def compare_figure(image_HWC, path, *, purity=0.9, seed=0, **gb_kwargs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gbjax._kmeans import kmeans_quantize
-    from gbjax.gb import gb_multiscale
-
     keys = jax.random.split(jax.random.key(seed), 3)
     panels = [("original", image_HWC)]
     panels += [
-        (f"k-means k={k}", kmeans_quantize(image_HWC, k, key=kk))
+        (f"k-means k={k}", _kmeans.kmeans_quantize(image_HWC, k, key=kk))
         for k, kk in zip((2, 10, 50), keys)
     ]
-    ms = gb_multiscale(image_HWC, thresholds=(40, 20, 10), purity=purity, **gb_kwargs)
+    ms = gb.gb_multiscale(image_HWC, thresholds=(40, 20, 10), purity=purity, **gb_kwargs)
     panels += [
         (f"GB t={t} ({int(n)} balls)", np.asarray(im))
         for t, im, n in zip((40, 20, 10), ms.image, ms.n_balls)
@@ -348,14 +358,12 @@ def _write_job(job, img, painted, args, kw) -> None:
 
 def _cluster_and_write(groups, args, kw, failed, bar):
     """``(written, saturated)``; every image that fails is added to ``failed``."""
-    from gbjax.gb import gb_cluster
-
     written = saturated = 0
     for items in groups.values():
         for s in range(0, len(items), args.batch_size):
             chunk = items[s : s + args.batch_size]
             try:
-                res = gb_cluster(np.stack([im for im, _ in chunk]), **kw)
+                res = gb.gb_cluster(np.stack([im for im, _ in chunk]), **kw)
                 painted, n_balls = np.asarray(res.image), np.asarray(res.n_balls)
                 saturated += int(np.sum(np.asarray(res.saturated)))
             except Exception as e:  # one group failing must not hide the others' results
@@ -381,8 +389,6 @@ def _cluster_and_write(groups, args, kw, failed, bar):
 def _denoise(args):
     from tqdm.auto import tqdm
 
-    from gbjax.gb import Features, gb_cluster
-
     pairs, unreadable = _collect(args.inputs)
     out = Path(args.output)
     jobs = _plan(pairs, out, args.compare)
@@ -392,10 +398,10 @@ def _denoise(args):
         purity=args.purity,
         capacity=args.capacity,
         min_ball_size=args.min_ball_size,
-        features=Features(spatial=args.spatial, texture=args.texture),
+        features=gb.Features(spatial=args.spatial, texture=args.texture),
         memory_budget=int(args.memory_budget * 2**30),
     )
-    gb_cluster(np.zeros((2, 2, 3), np.uint8), **kw)  # validate the options before any work
+    gb.gb_cluster(np.zeros((2, 2, 3), np.uint8), **kw)  # validate the options before any work
 
     failed = []
     for folder, why in unreadable:
@@ -430,30 +436,6 @@ def _denoise(args):
 # --------------------------------------------------------------------------- #
 # Arguments
 # --------------------------------------------------------------------------- #
-
-
-def _checked(convert, ok, want: str):
-    """An argparse ``type``: ``convert(text)`` that must satisfy ``ok``, else a parser error."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
-_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-_non_negative = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-_fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-_capacity = _checked(
-    lambda t: t if t == "auto" else int(t), lambda v: v == "auto" or v >= 1, "'auto' or an int >= 1"
-)
 
 
 _DENOISE_DESCRIPTION = __doc__.split("``denoise``\n-----------\n", 1)[1]
@@ -549,24 +531,24 @@ def _add_denoise_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("inputs", nargs="+", metavar="IN", help="image files (PNG/JPEG) or folders")
     d.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     d.add_argument(
-        "--threshold", type=_positive_float, default=20.0, help="pixel units (default 20)"
+        "--threshold", type=positive_float, default=20.0, help="pixel units (default 20)"
     )
-    d.add_argument("--purity", type=_fraction, default=0.9, help="in (0, 1] (default 0.9)")
+    d.add_argument("--purity", type=fraction, default=0.9, help="in (0, 1] (default 0.9)")
     d.add_argument(
         "--capacity",
         default=256,
-        type=_capacity,
+        type=capacity,
         help="ball slots per image (default 256), or 'auto': grow it for images that fill it",
     )
     d.add_argument(
-        "--min-ball-size", type=_positive_int, default=2, help="smaller balls are noise (default 2)"
+        "--min-ball-size", type=positive_int, default=2, help="smaller balls are noise (default 2)"
     )
-    d.add_argument("--spatial", type=_non_negative, default=0.0, help="weight of pixel coordinates")
-    d.add_argument("--texture", type=_non_negative, default=0.0, help="weight of local contrast")
-    d.add_argument("--batch-size", type=_positive_int, default=256, help="images per compiled call")
+    d.add_argument("--spatial", type=non_negative, default=0.0, help="weight of pixel coordinates")
+    d.add_argument("--texture", type=non_negative, default=0.0, help="weight of local contrast")
+    d.add_argument("--batch-size", type=positive_int, default=256, help="images per compiled call")
     d.add_argument(
         "--memory-budget",
-        type=_positive_float,
+        type=positive_float,
         default=2.0,
         help="GiB of working memory per compiled call (default 2); a single image whose "
         "working set exceeds it is refused before any work (large photos: raise it)",
@@ -605,52 +587,7 @@ def _add_train_arguments(t: argparse.ArgumentParser) -> None:
     )
 
 
-def add_cluster_arguments(c: argparse.ArgumentParser) -> None:
-    """The options of ``gbjax cluster`` (shared with ``python -m gbjax.distributed``).
-
-    Args:
-      c: the (sub)parser to add them to.
-    """
-    from gbjax.data import DATASETS
-
-    c.add_argument(
-        "dataset",
-        nargs="?",
-        choices=DATASETS,
-        help=f"one of {', '.join(DATASETS)} (or give --config)",
-    )
-    c.add_argument(
-        "--config",
-        metavar="CFG[:ARG]",
-        help="take the data set, subsets, GB parameters and cache folder from this training "
-        "configuration",
-    )
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of --config (a Python literal)")  # fmt: skip
-    c.add_argument(
-        "--split",
-        action="append",
-        choices=("train", "test"),
-        help="split to process; repeatable (default: train and test)",
-    )
-    c.add_argument("--data-dir", metavar="DIR", help="data folder (default $GBJAX_DATA_DIR)")
-    c.add_argument("--cache-dir", metavar="DIR", help="GB cache (default $GBJAX_CACHE_DIR)")
-    c.add_argument(
-        "--num", type=_positive_int, metavar="N", help="a fixed random subset of N images"
-    )
-    g = c.add_argument_group("GB parameters (those given enter the cache key)")
-    g.add_argument("--threshold", type=_positive_float, help="pixel units (gb_cluster: 20)")
-    g.add_argument("--purity", type=_fraction, help="in (0, 1] (gb_cluster: 0.9)")
-    g.add_argument("--capacity", type=_positive_int, help="ball slots per image (256)")
-    g.add_argument("--min-ball-size", type=_positive_int, help="smaller balls are noise (2)")
-    g.add_argument("--spatial", type=_non_negative, help="weight of pixel coordinates (0)")
-    g.add_argument("--texture", type=_non_negative, help="weight of local contrast (0)")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
 def _parser() -> argparse.ArgumentParser:
-    from gbjax.distributed import add_process_flags
-
     parser = argparse.ArgumentParser(
         prog="gbjax",
         description="gbjax from the command line: granular-ball clustering of image files, "
@@ -689,13 +626,11 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_cluster_arguments(c)
-    add_process_flags(c)
+    distributed.add_process_flags(c)
     return parser
 
 
 def _version() -> str:
-    from gbjax import __version__
-
     return __version__
 
 
@@ -706,123 +641,11 @@ def _version() -> str:
 
 def _train(argv: list[str]) -> int:
     """``gbjax train``: :func:`gbjax.train.main` on the arguments after ``train``."""
-    from gbjax.data import CorruptDataError, DataNotFoundError
-    from gbjax.train import main as train_main
-
     try:
-        return train_main(argv)
+        return train.main(argv)
     except (DataNotFoundError, CorruptDataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-def _config_missing(spec: str) -> str | None:
-    """Why ``--config spec`` cannot be loaded (a missing file or module), else None."""
-    import importlib.util
-
-    path = spec.partition(":")[0]
-    if path.endswith(".py"):
-        return None if Path(path).is_file() else f"config file {path} not found"
-    try:
-        found = importlib.util.find_spec(path) is not None
-    except (ImportError, ValueError):
-        found = False
-    return None if found else f"config module {path} not found (a file needs the .py ending)"
-
-
-_GB_OPTIONS = ("threshold", "purity", "capacity", "min_ball_size", "spatial", "texture")
-
-
-def _cluster_jobs(args):
-    """``[(split, images)]`` and the ``gb_processed`` keyword arguments of ``args``."""
-    import dataclasses
-
-    from gbjax import data
-
-    if args.config is not None:
-        from gbjax.config import apply_overrides, load_config
-        from gbjax.train import load_datasets
-
-        if args.dataset is not None or args.num is not None or args.data_dir is not None:
-            raise ValueError("--config takes the data set, --num and --data-dir from the config")
-        gb_given = [k for k in _GB_OPTIONS if getattr(args, k) is not None]
-        if gb_given:
-            raise ValueError(f"--config takes the GB parameters from the config (gave {gb_given})")
-        missing = _config_missing(args.config)
-        if missing:
-            raise ValueError(missing)
-        config = apply_overrides(load_config(args.config), args.set)
-        if config.preprocess != "gb":
-            raise ValueError(
-                f"the config does not use GB preprocessing (preprocess={config.preprocess!r}); "
-                'add --set preprocess="\'gb\'" --set gb="{...}"'
-            )
-        plain = dataclasses.replace(config, preprocess="none", progress=not args.quiet)
-        xtr, _, xte, _ = load_datasets(plain)
-        splits = {"train": xtr, "test": xte}
-        jobs = [(s, splits[s]) for s in (args.split or ("train", "test"))]
-        cache_dir = args.cache_dir if args.cache_dir is not None else config.cache_dir
-        return jobs, dict(cache_dir=cache_dir, **config.gb)
-    if args.set:
-        raise ValueError("--set needs --config")
-    if args.dataset is None:
-        raise ValueError("give a data set (positional) or --config")
-    jobs = []
-    for split in args.split or ("train", "test"):
-        x, y = data.load(args.dataset, split, data_dir=args.data_dir, progress=not args.quiet)
-        x, _ = data.random_subset(x, y, args.num)
-        jobs.append((split, x[..., None] if x.ndim == 3 else x))
-    kw = {k: getattr(args, k) for k in _GB_OPTIONS[:4] if getattr(args, k) is not None}
-    feats = {k: getattr(args, k) for k in ("spatial", "texture") if getattr(args, k) is not None}
-    if feats:
-        kw["features"] = feats
-    return jobs, dict(cache_dir=args.cache_dir, **kw)
-
-
-def run_cluster(args, *, multi_process: bool = False) -> int:
-    """``gbjax cluster``: GB-process the chosen splits into the cache.
-
-    Args:
-      args: the parsed options of :func:`add_cluster_arguments`.
-      multi_process: split the clustering over the processes of a run joined
-        with :func:`gbjax.distributed.initialize`.
-
-    Returns:
-      The exit status: 0 done, 1 clustering failed, 2 refused before any work.
-    """
-    from gbjax.data import CorruptDataError, DataNotFoundError, gb_processed
-    from gbjax.data.preprocess import _cache_root, _key
-    from gbjax.distributed import gb_processed_distributed
-
-    try:
-        jobs, kw = _cluster_jobs(args)
-    except (ValueError, DataNotFoundError, CorruptDataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cache_dir = kw.pop("cache_dir")
-    show = not args.quiet
-    if multi_process:
-        import jax
-
-        show = show and jax.process_index() == 0
-    for split, images in jobs:
-        t0 = time.perf_counter()
-        try:
-            if multi_process:
-                out = gb_processed_distributed(images, cache_dir=cache_dir, progress=show, **kw)
-            else:
-                out = gb_processed(images, cache_dir=cache_dir, progress=show, **kw)
-        except ValueError as e:  # GB parameters refused by gb_cluster
-            print(f"error: {split}: {e}", file=sys.stderr)
-            return 2
-        except Exception as e:
-            print(f"error: {split}: clustering failed ({type(e).__name__}: {e})", file=sys.stderr)
-            return 1
-        path = _cache_root(cache_dir) / f"gb_{_key(images, kw)}.npz"
-        if show:
-            dt = time.perf_counter() - t0
-            print(f"{split}: {len(out)} images {tuple(out.shape[1:])} -> {path} ({dt:.1f} s)")
-    return 0
 
 
 def main(argv=None):
@@ -839,7 +662,7 @@ def main(argv=None):
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":
-        missing = _config_missing(args.config)
+        missing = config_missing(args.config)
         if missing:
             parser.error(missing)
         # forwarded verbatim: gbjax.train.main parses them again (and any flag it adds)
@@ -847,13 +670,13 @@ def main(argv=None):
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "cluster":
-        from gbjax.distributed import start_from_flags
-
         try:
-            joined = start_from_flags(args)
+            joined = distributed.start_from_flags(args)
         except ValueError as e:
             parser.error(str(e))
-        return run_cluster(args, multi_process=joined)
+        return run_cluster(
+            args, across_processes=distributed.gb_processed_distributed if joined else None
+        )
     try:
         return _denoise(args)
     except ValueError as e:

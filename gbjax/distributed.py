@@ -55,6 +55,14 @@ import time
 
 import numpy as np
 
+from gbjax import _cli, _xla, gb, train
+from gbjax._batching import map_batches
+from gbjax.config import apply_overrides, load_config, validate_config
+from gbjax.data import CorruptDataError, DataNotFoundError
+from gbjax.data.cache import save_arrays
+from gbjax.data.preprocess import _cache_root, _key, _read_entry, _write_entry
+from gbjax.train import NonFiniteLossError, Trainer, TrainResult, init_model, total_steps_of
+
 __all__ = [
     "initialize",
     "process_shard",
@@ -205,9 +213,6 @@ def gb_denoise_local(
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from gbjax.data.batching import map_batches
-    from gbjax.gb import Features, gb_denoise, memory_estimate
-
     images = _check_uint8_nhwc(images)
     _check_gb_kwargs(gb_kwargs)
     if len(images) == 0:
@@ -216,8 +221,8 @@ def gb_denoise_local(
     if chunk_size is None:
         features = gb_kwargs.get("features")
         if isinstance(features, dict):
-            features = Features(**features)
-        per = memory_estimate(
+            features = gb.Features(**features)
+        per = gb.memory_estimate(
             1,
             H,
             W,
@@ -239,7 +244,7 @@ def gb_denoise_local(
     # its input, here this process's, and eager-only checks are skipped (uint8 values
     # are in range by type; the options are checked while tracing).
     painted = jax.jit(
-        lambda x: gb_denoise(x, memory_budget=memory_budget, **gb_kwargs),
+        lambda x: gb.gb_denoise(x, memory_budget=memory_budget, **gb_kwargs),
         in_shardings=sharding,
         out_shardings=sharding,
     )
@@ -301,8 +306,6 @@ def gb_processed_distributed(
     Returns:
       The painted data set, uint8 numpy ``(N, H, W, C)``, on every process.
     """
-    from gbjax.data.preprocess import _cache_root, _key, _read_entry, _write_entry
-
     images = _check_uint8_nhwc(images)
     _check_gb_kwargs(gb_kwargs)
     path = _cache_root(cache_dir) / f"gb_{_key(images, gb_kwargs)}.npz"
@@ -353,9 +356,7 @@ def _feed(host: np.ndarray, rows: np.ndarray, sharding):
 
 def _load_data(config):
     """``(xtr, ytr, xte, yte)`` as :func:`gbjax.train.load_datasets`, with GB across processes."""
-    from gbjax.train import load_datasets
-
-    xtr, ytr, xte, yte = load_datasets(dataclasses.replace(config, preprocess="none"))
+    xtr, ytr, xte, yte = train.load_datasets(dataclasses.replace(config, preprocess="none"))
     if config.preprocess == "gb":
         kw = dict(cache_dir=config.cache_dir, progress=config.progress, **config.gb)
         xtr = gb_processed_distributed(xtr, **kw)
@@ -403,16 +404,6 @@ def train_data_parallel(config, *, evaluate: bool = True, log=None):
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
-
-    from gbjax import _xla
-    from gbjax.config import validate_config
-    from gbjax.train import (
-        NonFiniteLossError,
-        Trainer,
-        TrainResult,
-        init_model,
-        total_steps_of,
-    )
 
     ndev = jax.device_count()
     if config.num_devices not in (None, ndev):
@@ -520,8 +511,6 @@ exit status: 0 done; 1 the work failed (non-finite loss, a process lost);
 def _save_params(path: str, model) -> None:
     from flax import nnx
 
-    from gbjax.data.cache import save_arrays
-
     flat = nnx.to_flat_state(nnx.state(model))
     save_arrays(path, {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in flat})
 
@@ -579,8 +568,6 @@ def main(argv=None) -> int:
     Returns:
       The exit status: 0 done; 1 the work failed; 2 refused before any work.
     """
-    from gbjax.__main__ import add_cluster_arguments, run_cluster
-
     p = argparse.ArgumentParser(
         prog="python -m gbjax.distributed",
         description="gbjax across processes: GB preprocessing and data-parallel training.",
@@ -594,7 +581,7 @@ def main(argv=None) -> int:
         help="a data set to its GB-processed copy in the cache, split over processes",
         allow_abbrev=False,
     )
-    add_cluster_arguments(c)
+    _cli.add_cluster_arguments(c)
     add_process_flags(c)
     t = sub.add_parser(
         "train", help="data-parallel training over all processes", allow_abbrev=False
@@ -610,16 +597,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     if args.command == "cluster":
-        return run_cluster(args, multi_process=joined)
+        across = gb_processed_distributed if joined else None
+        return _cli.run_cluster(args, across_processes=across)
     return _run_train(args)
 
 
 def _run_train(args) -> int:
     import jax
-
-    from gbjax.config import apply_overrides, load_config
-    from gbjax.data import CorruptDataError, DataNotFoundError
-    from gbjax.train import NonFiniteLossError
 
     try:
         config = apply_overrides(load_config(args.config), args.set)
