@@ -37,8 +37,9 @@ on CPU, where short loops are unrolled by default (``steps`` then static; see
 Preprocessing defences are attacked three ways (:func:`make_attack_logits`):
 ``"oblivious"``, ``"end_to_end"`` and ``"bpda"`` (:func:`bpda`).
 
-Modules: :mod:`~gbjax.attacks._core` (logits-function pytrees, checks,
-gradients, BPDA), :mod:`~gbjax.attacks.losses` (CE, margin, DLR),
+Modules: :mod:`~gbjax.attacks._core` (checks, gradients, BPDA; the
+logits-function pytrees of :func:`as_logits_fn` are :mod:`gbjax._callables`),
+:mod:`~gbjax.attacks.losses` (CE, margin, DLR),
 :mod:`~gbjax.attacks.gradient` (FGSM, PGD), :mod:`~gbjax.attacks.apgd`,
 :mod:`~gbjax.attacks.square`, :mod:`~gbjax.attacks.spsa` (gradient-free),
 :mod:`~gbjax.attacks.adaptive` (smooth surrogates of GB for BPDA),
@@ -50,8 +51,9 @@ evaluation does (each stage on the images still robust, its state saved after
 every stage).
 """
 
+from gbjax._callables import as_logits_fn
 from gbjax.attacks._cascade import CascadeResult, Group, Stage, StageRecord, cascade
-from gbjax.attacks._core import BPDA, as_logits_fn, attack_loss, bpda, loss_gradient
+from gbjax.attacks._core import BPDA, attack_loss, bpda, loss_gradient
 from gbjax.attacks.adaptive import SoftGB
 from gbjax.attacks.apgd import apgd
 from gbjax.attacks.evaluation import (
