@@ -50,28 +50,83 @@ def available() -> bool:
 if AVAILABLE:
     _jit = functools.partial(njit, cache=True, nogil=True)
 
+    # Members are kept feature-major, X (F, N), so that the loops over a ball's
+    # members read contiguous memory and compile to vector instructions. When
+    # there are three features and they are integers whose sums stay exact in
+    # float32 (uint8 colour, the default: ``integral``), sums taken as integers
+    # are the same in any order, so the 2-means and purity loops add integers
+    # (vectorised) instead of floats (which must be added one by one, in pixel
+    # order, to match XLA's sums).
+
     @_jit
-    def _sq(xp, j, c):
-        """Squared distance of row j of ``xp`` to ``c``, summed left to right in float32."""
-        d = xp[j, 0] - c[0]
+    def _sq(X, j, c):
+        """Squared distance of member j of ``X`` to ``c``, summed left to right in float32."""
+        d = X[0, j] - c[0]
         s = d * d
         for f in range(1, c.shape[0]):
-            d = xp[j, f] - c[f]
+            d = X[f, j] - c[f]
             s = s + d * d
         return s
 
     @_jit
-    def _two_means(xp, s, n, d2, side, kmeans_iters, ca, cb, acc_a, acc_b):
-        """2-means of the members in rows s..s+n of ``xp``; sides in ``side`` (True: B).
+    def _sq_row(x, p, c):
+        """Squared distance of row p of ``x`` (N, F) to ``c``, as :func:`_sq`."""
+        d = x[p, 0] - c[0]
+        s = d * d
+        for f in range(1, c.shape[0]):
+            d = x[p, f] - c[f]
+            s = s + d * d
+        return s
+
+    @_jit
+    def _test(X, integral, s, n, d2, t2, cen, tot):
+        """Purity test of members s..s+n: the centre (into ``cen``; integer sums
+        into ``tot`` when ``integral``), squared distances (into ``d2``) and the
+        number of members strictly within the threshold."""
+        F = X.shape[0]
+        fn = np.float32(n)
+        if integral:
+            s0 = s1 = s2 = 0
+            for j in range(s, s + n):
+                s0 += np.int32(X[0, j])
+                s1 += np.int32(X[1, j])
+                s2 += np.int32(X[2, j])
+            tot[0], tot[1], tot[2] = s0, s1, s2
+            c0, c1, c2 = np.float32(s0) / fn, np.float32(s1) / fn, np.float32(s2) / fn
+            cen[0], cen[1], cen[2] = c0, c1, c2
+            w = 0
+            for j in range(s, s + n):
+                e0 = X[0, j] - c0
+                e1 = X[1, j] - c1
+                e2 = X[2, j] - c2
+                dd = (e0 * e0 + e1 * e1) + e2 * e2
+                d2[j] = dd
+                w += dd < t2
+            return w
+        for f in range(F):
+            acc = np.float32(0.0)
+            for j in range(s, s + n):
+                acc += X[f, j]
+            cen[f] = acc / fn
+        w = 0
+        for j in range(s, s + n):
+            dd = _sq(X, j, cen)
+            d2[j] = dd
+            w += dd < t2
+        return w
+
+    @_jit
+    def _two_means(X, integral, s, n, d2, side, kmeans_iters, ca, cb, acc_a, acc_b, tot):
+        """2-means of members s..s+n; sides in ``side`` (True: B).
 
         Seeds: A the member with the largest ``d2`` (distance to the centre),
-        B the member farthest from A, lowest row on ties. Lloyd: assign to the
+        B the member farthest from A, lowest index on ties. Lloyd: assign to the
         nearer centre (ties to A), recompute the means; stop when they equal
         the centres that made the assignment, a side is empty, or after
         ``kmeans_iters`` assignments. Returns the size of side B (0 or n: the
-        ball cannot be split).
+        ball cannot be split). ``tot``: the members' integer sums (``integral``).
         """
-        F = ca.shape[0]
+        F = X.shape[0]
         ia = s
         best = d2[s]
         for j in range(s + 1, s + n):
@@ -79,18 +134,30 @@ if AVAILABLE:
                 best = d2[j]
                 ia = j
         for f in range(F):
-            ca[f] = xp[ia, f]
+            ca[f] = X[f, ia]
         ib = s
-        best = _sq(xp, s, ca)
-        for j in range(s + 1, s + n):
-            dd = _sq(xp, j, ca)
-            if dd > best:
-                best = dd
-                ib = j
-        for f in range(F):
-            cb[f] = xp[ib, f]
         if F == 3:
-            return _lloyd3(xp, s, n, side, kmeans_iters, ca, cb)
+            a0, a1, a2 = ca[0], ca[1], ca[2]
+            best = np.float32(-1.0)
+            for j in range(s, s + n):
+                e0 = X[0, j] - a0
+                e1 = X[1, j] - a1
+                e2 = X[2, j] - a2
+                dd = (e0 * e0 + e1 * e1) + e2 * e2
+                if dd > best:
+                    best = dd
+                    ib = j
+        else:
+            best = _sq(X, s, ca)
+            for j in range(s + 1, s + n):
+                dd = _sq(X, j, ca)
+                if dd > best:
+                    best = dd
+                    ib = j
+        for f in range(F):
+            cb[f] = X[f, ib]
+        if integral:
+            return _lloyd3_integral(X, s, n, side, kmeans_iters, ca, cb, tot)
         it = 0
         while True:
             for f in range(F):
@@ -99,16 +166,16 @@ if AVAILABLE:
             na = 0
             nb = 0
             for j in range(s, s + n):
-                if _sq(xp, j, cb) < _sq(xp, j, ca):
+                if _sq(X, j, cb) < _sq(X, j, ca):
                     side[j] = True
                     nb += 1
                     for f in range(F):
-                        acc_b[f] += xp[j, f]
+                        acc_b[f] += X[f, j]
                 else:
                     side[j] = False
                     na += 1
                     for f in range(F):
-                        acc_a[f] += xp[j, f]
+                        acc_a[f] += X[f, j]
             it += 1
             if na == 0 or nb == 0:
                 return nb
@@ -129,20 +196,22 @@ if AVAILABLE:
                 cb[f] = acc_b[f]
 
     @_jit
-    def _lloyd3(xp, s, n, side, kmeans_iters, ca, cb):
-        """The Lloyd loop of :func:`_two_means` for three features, in scalars
-        (the same float32 operations in the same order)."""
+    def _lloyd3_integral(X, s, n, side, kmeans_iters, ca, cb, tot):
+        """The Lloyd loop of :func:`_two_means` for three integer features: the
+        same float32 distances and comparisons; side B's sums in integers and
+        side A's as the total minus B's (both exact, so the means are those of
+        float32 sums in pixel order)."""
         a0, a1, a2 = ca[0], ca[1], ca[2]
         b0, b1, b2 = cb[0], cb[1], cb[2]
-        zero = np.float32(0.0)
+        t0, t1, t2 = tot[0], tot[1], tot[2]
         it = 0
         while True:
-            sa0 = sa1 = sa2 = sb0 = sb1 = sb2 = zero
             nb = 0
+            sb0 = sb1 = sb2 = 0
             for j in range(s, s + n):
-                x0 = xp[j, 0]
-                x1 = xp[j, 1]
-                x2 = xp[j, 2]
+                x0 = X[0, j]
+                x1 = X[1, j]
+                x2 = X[2, j]
                 e0 = x0 - a0
                 e1 = x1 - a1
                 e2 = x2 - a2
@@ -151,23 +220,21 @@ if AVAILABLE:
                 g2 = x2 - b2
                 b = (g0 * g0 + g1 * g1) + g2 * g2 < (e0 * e0 + e1 * e1) + e2 * e2
                 side[j] = b
-                nb += b
-                # branch-free: adding an exact 0 leaves each side's sum as it was
-                w = np.float32(b)
-                sb0 += x0 * w
-                sb1 += x1 * w
-                sb2 += x2 * w
-                sa0 += x0 - x0 * w
-                sa1 += x1 - x1 * w
-                sa2 += x2 - x2 * w
+                m = np.int32(b)
+                nb += m
+                sb0 += np.int32(x0) * m
+                sb1 += np.int32(x1) * m
+                sb2 += np.int32(x2) * m
             na = n - nb
             it += 1
             if na == 0 or nb == 0:
                 return nb
             fa = np.float32(na)
             fb = np.float32(nb)
-            m0, m1, m2 = sa0 / fa, sa1 / fa, sa2 / fa
-            q0, q1, q2 = sb0 / fb, sb1 / fb, sb2 / fb
+            m0 = np.float32(t0 - sb0) / fa
+            m1 = np.float32(t1 - sb1) / fa
+            m2 = np.float32(t2 - sb2) / fa
+            q0, q1, q2 = np.float32(sb0) / fb, np.float32(sb1) / fb, np.float32(sb2) / fb
             moved = m0 != a0 or m1 != a1 or m2 != a2 or q0 != b0 or q1 != b1 or q2 != b2
             if not moved or it >= kmeans_iters:
                 return nb
@@ -175,48 +242,26 @@ if AVAILABLE:
             b0, b1, b2 = q0, q1, q2
 
     @_jit
-    def _test3(xp, s, n, d2, t2):
-        """Centre, squared member distances (into ``d2``) and within count of
-        rows s..s+n, for three features: the purity test's arithmetic."""
-        zero = np.float32(0.0)
-        s0 = s1 = s2 = zero
-        for j in range(s, s + n):
-            s0 += xp[j, 0]
-            s1 += xp[j, 1]
-            s2 += xp[j, 2]
-        fn = np.float32(n)
-        c0, c1, c2 = s0 / fn, s1 / fn, s2 / fn
-        w = 0
-        for j in range(s, s + n):
-            e0 = xp[j, 0] - c0
-            e1 = xp[j, 1] - c1
-            e2 = xp[j, 2] - c2
-            dd = (e0 * e0 + e1 * e1) + e2 * e2
-            d2[j] = dd
-            w += dd < t2
-        return w
-
-    @_jit
-    def _partition(xp, perm, s, n, side, bufx, bufp):
-        """Stable partition of rows s..s+n: side A (False) first, then side B."""
-        F = xp.shape[1]
+    def _partition(X, perm, s, n, side, bufx, bufp):
+        """Stable partition of members s..s+n: side A (False) first, then side B."""
+        F = X.shape[0]
         w = s
         m = 0
         for j in range(s, s + n):
             if side[j]:
                 for f in range(F):
-                    bufx[m, f] = xp[j, f]
+                    bufx[f, m] = X[f, j]
                 bufp[m] = perm[j]
                 m += 1
             else:
-                if w != j:
-                    for f in range(F):
-                        xp[w, f] = xp[j, f]
-                    perm[w] = perm[j]
+                for f in range(F):
+                    X[f, w] = X[f, j]
+                perm[w] = perm[j]
                 w += 1
+        for f in range(F):
+            for i in range(m):
+                X[f, w + i] = bufx[f, i]
         for i in range(m):
-            for f in range(F):
-                xp[w + i, f] = bufx[i, f]
             perm[w + i] = bufp[i]
 
     @_jit
@@ -240,7 +285,17 @@ if AVAILABLE:
         output; ``counts``, ``centres``, ``radii`` and ``within`` must be zeros.
         """
         N, F = x.shape
-        xp = x.copy()
+        X = np.empty((F, N), np.float32)
+        integral = F == 3
+        big = np.float32(0.0)
+        for j in range(N):
+            for f in range(F):
+                v = x[j, f]
+                X[f, j] = v
+                integral = integral and v == np.floor(v)
+                big = max(big, abs(v))
+        # integer sums exact in float32 (and in int32): every sum below 2**24
+        integral = integral and np.float64(big) * N < 2.0**24
         perm = np.arange(N).astype(np.int32)
         start = np.zeros(K, np.int32)
         size = np.zeros(K, np.int32)
@@ -251,11 +306,11 @@ if AVAILABLE:
         order = np.empty(K, np.int32)
         chosen = np.zeros(K, np.bool_)
         kept = np.zeros(K, np.bool_)
+        tot = np.zeros((K, 3), np.int64)
         d2 = np.empty(N, np.float32)
         side = np.zeros(N, np.bool_)
-        bufx = np.empty((N, F), np.float32)
+        bufx = np.empty((F, N), np.float32)
         bufp = np.empty(N, np.int32)
-        acc = np.empty(F, np.float32)
         cen = np.empty(F, np.float32)
         ca = np.empty(F, np.float32)
         cb = np.empty(F, np.float32)
@@ -275,26 +330,9 @@ if AVAILABLE:
                 for k in range(nb):
                     if not opn[k]:
                         continue
-                    s = start[k]
                     n = size[k]
-                    fn = np.float32(n)
-                    if F == 3:
-                        w = _test3(xp, s, n, d2, t2)
-                    else:
-                        for f in range(F):
-                            acc[f] = np.float32(0.0)
-                        for j in range(s, s + n):
-                            for f in range(F):
-                                acc[f] += xp[j, f]
-                        for f in range(F):
-                            cen[f] = acc[f] / fn
-                        w = 0
-                        for j in range(s, s + n):
-                            dd = _sq(xp, j, cen)
-                            d2[j] = dd
-                            if dd < t2:
-                                w += 1
-                    fr = np.float32(w) / fn
+                    w = _test(X, integral, start[k], n, d2, t2, cen, tot[k])
+                    fr = np.float32(w) / np.float32(n)
                     if n >= 2 and fr < purity:
                         frac[k] = fr
                         cand[nc] = k
@@ -325,11 +363,14 @@ if AVAILABLE:
                     chosen[k] = False
                     s = start[k]
                     n = size[k]
-                    m = _two_means(xp, s, n, d2, side, kmeans_iters, ca, cb, acc_a, acc_b)
+                    m = _two_means(
+                        X, integral, s, n, d2, side, kmeans_iters, ca, cb, acc_a, acc_b,
+                        tot[k],
+                    )  # fmt: skip
                     if m == 0 or m == n:
                         opn[k] = False  # frozen: kept as it is
                         continue
-                    _partition(xp, perm, s, n, side, bufx, bufp)
+                    _partition(X, perm, s, n, side, bufx, bufp)
                     size[k] = n - m
                     start[nb] = s + n - m
                     size[nb] = m
@@ -343,22 +384,26 @@ if AVAILABLE:
             for k in range(nb):
                 s = start[k]
                 n = size[k]
-                for f in range(F):
-                    acc[f] = np.float32(0.0)
-                for j in range(s, s + n):
-                    for f in range(F):
-                        acc[f] += xp[j, f]
                 fn = np.float32(n)
+                c = centres[t, k]
                 for f in range(F):
-                    centres[t, k, f] = acc[f] / fn
+                    if integral:  # exact either way; integers add in vector registers
+                        iacc = 0
+                        for j in range(s, s + n):
+                            iacc += np.int32(X[f, j])
+                        c[f] = np.float32(iacc) / fn
+                    else:
+                        acc = np.float32(0.0)
+                        for j in range(s, s + n):
+                            acc += X[f, j]
+                        c[f] = acc / fn
                 rs = np.float32(0.0)
                 w = 0
                 for j in range(s, s + n):
-                    dd = _sq(xp, j, centres[t, k])
+                    dd = _sq(X, j, c)
                     if dd > 0:
                         rs += np.sqrt(dd)
-                    if dd < t2:
-                        w += 1
+                    w += dd < t2
                     labels[t, perm[j]] = k
                 radii[t, k] = rs / fn
                 within[t, k] = np.float32(w) / fn
@@ -374,7 +419,7 @@ if AVAILABLE:
                 best = np.float32(np.inf)
                 for q in range(nb):  # the nearest kept centre, lowest id on ties
                     if kept[q]:
-                        dd = _sq(x, p, centres[t, q])
+                        dd = _sq_row(x, p, centres[t, q])
                         if dd < best:
                             best = dd
                             paint[t, p] = q
