@@ -109,6 +109,16 @@ if AVAILABLE:
                 acc += X[f, j]
             cen[f] = acc / fn
         w = 0
+        if F == 3:
+            c0, c1, c2 = cen[0], cen[1], cen[2]
+            for j in range(s, s + n):
+                e0 = X[0, j] - c0
+                e1 = X[1, j] - c1
+                e2 = X[2, j] - c2
+                dd = (e0 * e0 + e1 * e1) + e2 * e2
+                d2[j] = dd
+                w += dd < t2
+            return w
         for j in range(s, s + n):
             dd = _sq(X, j, cen)
             d2[j] = dd
@@ -158,6 +168,8 @@ if AVAILABLE:
             cb[f] = X[f, ib]
         if integral:
             return _lloyd3_integral(X, s, n, side, kmeans_iters, ca, cb, tot)
+        if F == 3:
+            return _lloyd3_float(X, s, n, side, kmeans_iters, ca, cb)
         it = 0
         while True:
             for f in range(F):
@@ -235,6 +247,52 @@ if AVAILABLE:
             m1 = np.float32(t1 - sb1) / fa
             m2 = np.float32(t2 - sb2) / fa
             q0, q1, q2 = np.float32(sb0) / fb, np.float32(sb1) / fb, np.float32(sb2) / fb
+            moved = m0 != a0 or m1 != a1 or m2 != a2 or q0 != b0 or q1 != b1 or q2 != b2
+            if not moved or it >= kmeans_iters:
+                return nb
+            a0, a1, a2 = m0, m1, m2
+            b0, b1, b2 = q0, q1, q2
+
+    @_jit
+    def _lloyd3_float(X, s, n, side, kmeans_iters, ca, cb):
+        """The Lloyd loop of :func:`_two_means` for three float features, in
+        scalars: each side's sums in float32, in pixel order (branch-free: adding
+        an exact 0 leaves a sum unchanged)."""
+        a0, a1, a2 = ca[0], ca[1], ca[2]
+        b0, b1, b2 = cb[0], cb[1], cb[2]
+        zero = np.float32(0.0)
+        it = 0
+        while True:
+            sa0 = sa1 = sa2 = sb0 = sb1 = sb2 = zero
+            nb = 0
+            for j in range(s, s + n):
+                x0 = X[0, j]
+                x1 = X[1, j]
+                x2 = X[2, j]
+                e0 = x0 - a0
+                e1 = x1 - a1
+                e2 = x2 - a2
+                g0 = x0 - b0
+                g1 = x1 - b1
+                g2 = x2 - b2
+                b = (g0 * g0 + g1 * g1) + g2 * g2 < (e0 * e0 + e1 * e1) + e2 * e2
+                side[j] = b
+                nb += b
+                w = np.float32(b)
+                sb0 += x0 * w
+                sb1 += x1 * w
+                sb2 += x2 * w
+                sa0 += x0 - x0 * w
+                sa1 += x1 - x1 * w
+                sa2 += x2 - x2 * w
+            na = n - nb
+            it += 1
+            if na == 0 or nb == 0:
+                return nb
+            fa = np.float32(na)
+            fb = np.float32(nb)
+            m0, m1, m2 = sa0 / fa, sa1 / fa, sa2 / fa
+            q0, q1, q2 = sb0 / fb, sb1 / fb, sb2 / fb
             moved = m0 != a0 or m1 != a1 or m2 != a2 or q0 != b0 or q1 != b1 or q2 != b2
             if not moved or it >= kmeans_iters:
                 return nb
