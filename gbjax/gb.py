@@ -65,6 +65,12 @@ most 2-means splits converge in a few steps while the batch waits for the
 slowest), and the first rounds use few balls. So the pixels still in play are
 compacted into smaller fixed buffers as they thin out, and the first rounds run
 with K / 8 ball slots per image (see ``_cluster_labels``).
+
+Engines (``engine=``): on a single CPU device with numba installed, the
+partition is computed by a compiled per-image loop (:mod:`gbjax._gb_cpu`,
+called through ``jax.pure_callback``), which has none of the batch-wide loops
+and is several times faster there; the XLA program above serves GPUs, TPUs and
+CPU without numba. Both give the same results (docs/methods.md, section 1.6).
 """
 
 from __future__ import annotations
