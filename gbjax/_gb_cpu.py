@@ -17,7 +17,9 @@ stably (side A first, keeping the id; side B after it, taking the next id).
 Each round tests the open balls (those not yet found pure or frozen), ranks the
 candidates when the capacity binds, and splits the chosen ones in id order, so
 the work per image is that of its own rounds: no image waits for another's.
-Images of a batch run in parallel over numba's threads (``prange``).
+Images of a batch run in parallel over numba's threads (``prange``;
+``NUMBA_NUM_THREADS=1`` or ``numba.set_num_threads(1)`` makes it serial). numba
+compiles the kernel on first use and caches it on disk (``cache=True``).
 """
 
 from __future__ import annotations
