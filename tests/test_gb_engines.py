@@ -68,9 +68,9 @@ def test_engines_identical_gb_cluster(seed, threshold, purity, static):
               min_ball_size=min_ball_size, max_rounds=max_rounds)  # fmt: skip
     a, b = gbjax.gb_cluster(x, engine="xla", **kw), gbjax.gb_cluster(x, engine="numba", **kw)
     if not np.array_equal(a.labels, b.labels):
-        # XLA:CPU sometimes rewrites a centre's division as a product and can then
-        # resolve a float32 near tie differently (docs/methods.md 1.3): the kernel
-        # must then be the one that matches the oracle.
+        # XLA:CPU's rounding depends on how it fuses the program and can resolve a
+        # float32 near tie differently (docs/methods.md 1.3): the kernel must then
+        # be the one that matches the oracle.
         for i, img in enumerate(x):
             lab, n, sat = gb_oracle(
                 img.reshape(-1, 3).astype(np.float32), threshold, purity, capacity=capacity,
