@@ -81,29 +81,35 @@ if AVAILABLE:
         return s
 
     @_jit
-    def _test(X, integral, s, n, d2, t2, cen, tot):
+    def _test(X, integral, s, n, d2, t2, cen, tot, known):
         """Purity test of members s..s+n: the centre (into ``cen``; integer sums
-        into ``tot`` when ``integral``), squared distances (into ``d2``) and the
-        number of members strictly within the threshold."""
+        into ``tot`` when ``integral``, or taken from it when ``known``), squared
+        distances (into ``d2``) and the number of members strictly within the
+        threshold."""
         F = X.shape[0]
         fn = np.float32(n)
         if integral:
-            s0 = s1 = s2 = 0
-            for j in range(s, s + n):
-                s0 += np.int32(X[0, j])
-                s1 += np.int32(X[1, j])
-                s2 += np.int32(X[2, j])
-            tot[0], tot[1], tot[2] = s0, s1, s2
+            x0, x1, x2 = X[0, s : s + n], X[1, s : s + n], X[2, s : s + n]
+            dd = d2[s : s + n]
+            if known:
+                s0, s1, s2 = tot[0], tot[1], tot[2]
+            else:
+                s0 = s1 = s2 = np.int32(0)
+                for j in range(n):
+                    s0 = np.int32(s0 + np.int32(x0[j]))
+                    s1 = np.int32(s1 + np.int32(x1[j]))
+                    s2 = np.int32(s2 + np.int32(x2[j]))
+                tot[0], tot[1], tot[2] = s0, s1, s2
             c0, c1, c2 = np.float32(s0) / fn, np.float32(s1) / fn, np.float32(s2) / fn
             cen[0], cen[1], cen[2] = c0, c1, c2
-            w = 0
-            for j in range(s, s + n):
-                e0 = X[0, j] - c0
-                e1 = X[1, j] - c1
-                e2 = X[2, j] - c2
-                dd = (e0 * e0 + e1 * e1) + e2 * e2
-                d2[j] = dd
-                w += dd < t2
+            w = np.int32(0)
+            for j in range(n):
+                e0 = x0[j] - c0
+                e1 = x1[j] - c1
+                e2 = x2[j] - c2
+                e = (e0 * e0 + e1 * e1) + e2 * e2
+                dd[j] = e
+                w = np.int32(w + np.int32(e < t2))
             return w
         for f in range(F):
             acc = np.float32(0.0)
@@ -113,13 +119,15 @@ if AVAILABLE:
         w = 0
         if F == 3:
             c0, c1, c2 = cen[0], cen[1], cen[2]
-            for j in range(s, s + n):
-                e0 = X[0, j] - c0
-                e1 = X[1, j] - c1
-                e2 = X[2, j] - c2
-                dd = (e0 * e0 + e1 * e1) + e2 * e2
-                d2[j] = dd
-                w += dd < t2
+            x0, x1, x2 = X[0, s : s + n], X[1, s : s + n], X[2, s : s + n]
+            dd = d2[s : s + n]
+            for j in range(n):
+                e0 = x0[j] - c0
+                e1 = x1[j] - c1
+                e2 = x2[j] - c2
+                e = (e0 * e0 + e1 * e1) + e2 * e2
+                dd[j] = e
+                w += e < t2
             return w
         for j in range(s, s + n):
             dd = _sq(X, j, cen)
@@ -128,7 +136,7 @@ if AVAILABLE:
         return w
 
     @_jit
-    def _two_means(X, integral, s, n, d2, side, kmeans_iters, ca, cb, acc_a, acc_b, tot):
+    def _two_means(X, integral, s, n, d2, tmp, side, kmeans_iters, ca, cb, acc_a, acc_b, tot, sumb):
         """2-means of members s..s+n; sides in ``side`` (True: B).
 
         Seeds: A the member with the largest ``d2`` (distance to the centre),
@@ -139,27 +147,37 @@ if AVAILABLE:
         ball cannot be split). ``tot``: the members' integer sums (``integral``).
         """
         F = X.shape[0]
-        ia = s
-        best = d2[s]
-        for j in range(s + 1, s + n):
-            if d2[j] > best:
-                best = d2[j]
-                ia = j
+        # d2 >= 0 (a sum of squares, never NaN): non-negative float32 values
+        # order as their bit patterns do, and integer maxima vectorise.
+        di = d2[s : s + n].view(np.int32)
+        top = di[0]
+        for j in range(1, n):
+            top = max(top, di[j])
+        ia = 0
+        while di[ia] != top:  # the first member with the largest d2
+            ia += 1
+        ia += s
         for f in range(F):
             ca[f] = X[f, ia]
-        ib = s
         if F == 3:
             a0, a1, a2 = ca[0], ca[1], ca[2]
-            best = np.float32(-1.0)
-            for j in range(s, s + n):
-                e0 = X[0, j] - a0
-                e1 = X[1, j] - a1
-                e2 = X[2, j] - a2
-                dd = (e0 * e0 + e1 * e1) + e2 * e2
-                if dd > best:
-                    best = dd
-                    ib = j
+            x0, x1, x2 = X[0, s : s + n], X[1, s : s + n], X[2, s : s + n]
+            ti = tmp[:n].view(np.int32)
+            tf = tmp[:n]
+            for j in range(n):
+                e0 = x0[j] - a0
+                e1 = x1[j] - a1
+                e2 = x2[j] - a2
+                tf[j] = (e0 * e0 + e1 * e1) + e2 * e2
+            top = ti[0]
+            for j in range(1, n):
+                top = max(top, ti[j])
+            ib = 0
+            while ti[ib] != top:  # the first member farthest from A
+                ib += 1
+            ib += s
         else:
+            ib = s
             best = _sq(X, s, ca)
             for j in range(s + 1, s + n):
                 dd = _sq(X, j, ca)
@@ -169,7 +187,7 @@ if AVAILABLE:
         for f in range(F):
             cb[f] = X[f, ib]
         if integral:
-            return _lloyd3_integral(X, s, n, side, kmeans_iters, ca, cb, tot)
+            return _lloyd3_integral(X, s, n, side, kmeans_iters, ca, cb, tot, sumb)
         if F == 3:
             return _lloyd3_float(X, s, n, side, kmeans_iters, ca, cb)
         it = 0
@@ -210,7 +228,7 @@ if AVAILABLE:
                 cb[f] = acc_b[f]
 
     @_jit
-    def _lloyd3_integral(X, s, n, side, kmeans_iters, ca, cb, tot):
+    def _lloyd3_integral(X, s, n, side, kmeans_iters, ca, cb, tot, sumb):
         """The Lloyd loop of :func:`_two_means` for three integer features: the
         same float32 distances and comparisons; side B's sums in integers and
         side A's as the total minus B's (both exact, so the means are those of
@@ -218,14 +236,16 @@ if AVAILABLE:
         a0, a1, a2 = ca[0], ca[1], ca[2]
         b0, b1, b2 = cb[0], cb[1], cb[2]
         t0, t1, t2 = tot[0], tot[1], tot[2]
+        y0, y1, y2 = X[0, s : s + n], X[1, s : s + n], X[2, s : s + n]
+        sd = side[s : s + n]
         it = 0
         while True:
-            nb = 0
-            sb0 = sb1 = sb2 = 0
-            for j in range(s, s + n):
-                x0 = X[0, j]
-                x1 = X[1, j]
-                x2 = X[2, j]
+            # int32 accumulators (numba would widen to int64, halving the lanes)
+            nb = sb0 = sb1 = sb2 = np.int32(0)
+            for j in range(n):
+                x0 = y0[j]
+                x1 = y1[j]
+                x2 = y2[j]
                 e0 = x0 - a0
                 e1 = x1 - a1
                 e2 = x2 - a2
@@ -233,12 +253,13 @@ if AVAILABLE:
                 g1 = x1 - b1
                 g2 = x2 - b2
                 b = (g0 * g0 + g1 * g1) + g2 * g2 < (e0 * e0 + e1 * e1) + e2 * e2
-                side[j] = b
+                sd[j] = b
                 m = np.int32(b)
-                nb += m
-                sb0 += np.int32(x0) * m
-                sb1 += np.int32(x1) * m
-                sb2 += np.int32(x2) * m
+                nb = np.int32(nb + m)
+                sb0 = np.int32(sb0 + np.int32(x0) * m)
+                sb1 = np.int32(sb1 + np.int32(x1) * m)
+                sb2 = np.int32(sb2 + np.int32(x2) * m)
+            sumb[0], sumb[1], sumb[2] = sb0, sb1, sb2
             na = n - nb
             it += 1
             if na == 0 or nb == 0:
@@ -263,14 +284,16 @@ if AVAILABLE:
         a0, a1, a2 = ca[0], ca[1], ca[2]
         b0, b1, b2 = cb[0], cb[1], cb[2]
         zero = np.float32(0.0)
+        y0, y1, y2 = X[0, s : s + n], X[1, s : s + n], X[2, s : s + n]
+        sd = side[s : s + n]
         it = 0
         while True:
             sa0 = sa1 = sa2 = sb0 = sb1 = sb2 = zero
             nb = 0
-            for j in range(s, s + n):
-                x0 = X[0, j]
-                x1 = X[1, j]
-                x2 = X[2, j]
+            for j in range(n):
+                x0 = y0[j]
+                x1 = y1[j]
+                x2 = y2[j]
                 e0 = x0 - a0
                 e1 = x1 - a1
                 e2 = x2 - a2
@@ -278,7 +301,7 @@ if AVAILABLE:
                 g1 = x1 - b1
                 g2 = x2 - b2
                 b = (g0 * g0 + g1 * g1) + g2 * g2 < (e0 * e0 + e1 * e1) + e2 * e2
-                side[j] = b
+                sd[j] = b
                 nb += b
                 w = np.float32(b)
                 sb0 += x0 * w
@@ -303,26 +326,38 @@ if AVAILABLE:
 
     @_jit
     def _partition(X, perm, s, n, side, bufx, bufp):
-        """Stable partition of members s..s+n: side A (False) first, then side B."""
+        """Stable partition of members s..s+n: side A (False) first, then side B.
+
+        Branch-free: every member is written to both destinations and only the
+        cursor of its side moves (the sides alternate unpredictably)."""
         F = X.shape[0]
-        w = s
+        sd = side[s : s + n]
+        pm = perm[s : s + n]
+        w = 0
         m = 0
-        for j in range(s, s + n):
-            if side[j]:
-                for f in range(F):
-                    bufx[f, m] = X[f, j]
-                bufp[m] = perm[j]
-                m += 1
-            else:
-                for f in range(F):
-                    X[f, w] = X[f, j]
-                perm[w] = perm[j]
-                w += 1
-        for f in range(F):
-            for i in range(m):
-                X[f, w + i] = bufx[f, i]
+        for j in range(n):
+            b = sd[j]
+            v = pm[j]
+            pm[w] = v
+            bufp[m] = v
+            w += not b
+            m += b
         for i in range(m):
-            perm[w + i] = bufp[i]
+            pm[w + i] = bufp[i]
+        for f in range(F):
+            xf = X[f, s : s + n]
+            bf = bufx[f]
+            w = 0
+            m = 0
+            for j in range(n):
+                b = sd[j]
+                v = xf[j]
+                xf[w] = v
+                bf[m] = v
+                w += not b
+                m += b
+            for i in range(m):
+                xf[w + i] = bf[i]
 
     @_jit
     def _before(k1, k2, frac, size):
@@ -368,10 +403,15 @@ if AVAILABLE:
         kept = np.zeros(K, np.bool_)
         tot = np.zeros((K, 3), np.int64)
         d2 = np.empty(N, np.float32)
+        tmp = np.empty(N, np.float32)
         side = np.zeros(N, np.bool_)
         bufx = np.empty((F, N), np.float32)
         bufp = np.empty(N, np.int32)
-        cen = np.empty(F, np.float32)
+        cenk = np.empty((K, F), np.float32)  # the centre of each ball's last test
+        wk = np.zeros(K, np.int32)  # and its within count
+        fresh = np.zeros(K, np.bool_)  # the last test (and d2) still hold
+        known = np.zeros(K, np.bool_)  # tot holds the ball's integer sums
+        sumb = np.zeros(3, np.int64)
         ca = np.empty(F, np.float32)
         cb = np.empty(F, np.float32)
         acc_a = np.empty(F, np.float32)
@@ -381,6 +421,7 @@ if AVAILABLE:
             t2 = thr[t] * thr[t]
             for k in range(nb):
                 opn[k] = True
+                fresh[k] = False
             saturated = False
             rounds = 0
             active = True
@@ -391,7 +432,10 @@ if AVAILABLE:
                     if not opn[k]:
                         continue
                     n = size[k]
-                    w = _test(X, integral, start[k], n, d2, t2, cen, tot[k])
+                    w = _test(X, integral, start[k], n, d2, t2, cenk[k], tot[k], known[k])
+                    wk[k] = w
+                    fresh[k] = True
+                    known[k] = integral
                     fr = np.float32(w) / np.float32(n)
                     if n >= 2 and fr < purity:
                         frac[k] = fr
@@ -424,8 +468,8 @@ if AVAILABLE:
                     s = start[k]
                     n = size[k]
                     m = _two_means(
-                        X, integral, s, n, d2, side, kmeans_iters, ca, cb, acc_a, acc_b,
-                        tot[k],
+                        X, integral, s, n, d2, tmp, side, kmeans_iters, ca, cb, acc_a, acc_b,
+                        tot[k], sumb,
                     )  # fmt: skip
                     if m == 0 or m == n:
                         opn[k] = False  # frozen: kept as it is
@@ -435,6 +479,12 @@ if AVAILABLE:
                     start[nb] = s + n - m
                     size[nb] = m
                     opn[nb] = True
+                    fresh[k] = fresh[nb] = False
+                    if integral:  # the sides' sums, from the last assignment
+                        for f in range(3):
+                            tot[nb, f] = sumb[f]
+                            tot[k, f] -= sumb[f]
+                    known[nb] = known[k] = integral
                     nb += 1
                     n_split += 1
                 rounds += 1
@@ -445,26 +495,22 @@ if AVAILABLE:
                 s = start[k]
                 n = size[k]
                 fn = np.float32(n)
-                c = centres[t, k]
+                if fresh[k]:  # tested at this threshold since its last change
+                    w = wk[k]
+                else:
+                    w = _test(X, integral, s, n, d2, t2, cenk[k], tot[k], known[k])
+                    known[k] = integral
                 for f in range(F):
-                    if integral:  # exact either way; integers add in vector registers
-                        iacc = 0
-                        for j in range(s, s + n):
-                            iacc += np.int32(X[f, j])
-                        c[f] = np.float32(iacc) / fn
-                    else:
-                        acc = np.float32(0.0)
-                        for j in range(s, s + n):
-                            acc += X[f, j]
-                        c[f] = acc / fn
+                    centres[t, k, f] = cenk[k, f]
                 rs = np.float32(0.0)
-                w = 0
-                for j in range(s, s + n):
-                    dd = _sq(X, j, c)
-                    if dd > 0:
-                        rs += np.sqrt(dd)
-                    w += dd < t2
-                    labels[t, perm[j]] = k
+                dd = d2[s : s + n]
+                lab = labels[t]
+                pm = perm[s : s + n]
+                for j in range(n):
+                    v = dd[j]
+                    if v > 0:
+                        rs += np.sqrt(v)
+                    lab[pm[j]] = k
                 radii[t, k] = rs / fn
                 within[t, k] = np.float32(w) / fn
                 counts[t, k] = n
