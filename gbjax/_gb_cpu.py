@@ -360,6 +360,35 @@ if AVAILABLE:
                 xf[w + i] = bf[i]
 
     @_jit
+    def _partition_packed(X, key, s, n, side, bufk, lo, bf, bp):
+        """:func:`_partition` for packed members (``key``: each member's three
+        integer features, less ``lo``, in ``bf`` bits each above its pixel index
+        in ``bp`` bits): one array to move instead of four, then the features
+        unpacked (exact: integers below 2**24)."""
+        sd = side[s : s + n]
+        kk = key[s : s + n]
+        w = 0
+        m = 0
+        for j in range(n):
+            b = sd[j]
+            v = kk[j]
+            kk[w] = v
+            bufk[m] = v
+            w += not b
+            m += b
+        for i in range(m):
+            kk[w + i] = bufk[i]
+        mask = (np.int64(1) << bf) - 1
+        x0, x1, x2 = X[0, s : s + n], X[1, s : s + n], X[2, s : s + n]
+        for j in range(n):
+            v = kk[j] >> bp
+            x2[j] = np.float32((v & mask) + lo)
+            v >>= bf
+            x1[j] = np.float32((v & mask) + lo)
+            v >>= bf
+            x0[j] = np.float32((v & mask) + lo)
+
+    @_jit
     def _before(k1, k2, frac, size):
         """Capacity ranking: lower within fraction, then larger ball, then lower id."""
         if frac[k1] != frac[k2]:
@@ -383,15 +412,41 @@ if AVAILABLE:
         X = np.empty((F, N), np.float32)
         integral = F == 3
         big = np.float32(0.0)
+        vmin = np.float32(np.inf)
+        vmax = np.float32(-np.inf)
         for j in range(N):
             for f in range(F):
                 v = x[j, f]
                 X[f, j] = v
                 integral = integral and v == np.floor(v)
                 big = max(big, abs(v))
+                vmin = min(vmin, v)
+                vmax = max(vmax, v)
         # integer sums exact in float32 (and in int32): every sum below 2**24
         integral = integral and np.float64(big) * N < 2.0**24
         perm = np.arange(N).astype(np.int32)
+        # integer features packed with the pixel index into one int64 per
+        # member when they fit, for the partitions
+        packed = False
+        lo = np.int64(0)
+        bf = np.int64(0)
+        bp = np.int64(0)
+        if integral:
+            lo = np.int64(vmin)
+            span = np.int64(vmax) - lo
+            while (np.int64(1) << bf) <= span:
+                bf += 1
+            while (np.int64(1) << bp) < N:
+                bp += 1
+            packed = 3 * bf + bp <= 62
+        key = np.empty(N if packed else 0, np.int64)
+        bufk = np.empty(N if packed else 0, np.int64)
+        if packed:
+            for j in range(N):
+                u0 = np.int64(X[0, j]) - lo
+                u1 = np.int64(X[1, j]) - lo
+                u2 = np.int64(X[2, j]) - lo
+                key[j] = (((((u0 << bf) | u1) << bf) | u2) << bp) | j
         start = np.zeros(K, np.int32)
         size = np.zeros(K, np.int32)
         size[0] = N
@@ -474,7 +529,10 @@ if AVAILABLE:
                     if m == 0 or m == n:
                         opn[k] = False  # frozen: kept as it is
                         continue
-                    _partition(X, perm, s, n, side, bufx, bufp)
+                    if packed:
+                        _partition_packed(X, key, s, n, side, bufk, lo, bf, bp)
+                    else:
+                        _partition(X, perm, s, n, side, bufx, bufp)
                     size[k] = n - m
                     start[nb] = s + n - m
                     size[nb] = m
@@ -490,6 +548,10 @@ if AVAILABLE:
                 rounds += 1
                 active = n_split > 0
             # final statistics of every ball, the labels and the paint colour
+            if packed:
+                pmask = (np.int64(1) << bp) - 1
+                for j in range(N):
+                    perm[j] = key[j] & pmask
             any_kept = False
             for k in range(nb):
                 s = start[k]
