@@ -578,19 +578,37 @@ if AVAILABLE:
                 counts[t, k] = n
                 kept[k] = n >= min_ball_size
                 any_kept = any_kept or kept[k]
+            lab = labels[t]
+            pt = paint[t]
+            nz = noise[t]
             for p in range(N):
-                k = labels[t, p]
-                noise[t, p] = not kept[k]
-                paint[t, p] = k
+                k = lab[p]
+                nz[p] = not kept[k]
+                pt[p] = k
+            for k in range(nb):
                 if kept[k] or not any_kept:
                     continue
-                best = np.float32(np.inf)
-                for q in range(nb):  # the nearest kept centre, lowest id on ties
-                    if kept[q]:
-                        dd = _sq_row(x, p, centres[t, q])
-                        if dd < best:
-                            best = dd
-                            paint[t, p] = q
+                for j in range(start[k], start[k] + size[k]):
+                    p = perm[j]
+                    best = np.float32(np.inf)
+                    if F == 3:
+                        p0, p1, p2 = x[p, 0], x[p, 1], x[p, 2]
+                        for q in range(nb):  # the nearest kept centre, lowest id on ties
+                            if kept[q]:
+                                e0 = p0 - cenk[q, 0]
+                                e1 = p1 - cenk[q, 1]
+                                e2 = p2 - cenk[q, 2]
+                                dd = (e0 * e0 + e1 * e1) + e2 * e2
+                                if dd < best:
+                                    best = dd
+                                    pt[p] = q
+                    else:
+                        for q in range(nb):
+                            if kept[q]:
+                                dd = _sq_row(x, p, cenk[q])
+                                if dd < best:
+                                    best = dd
+                                    pt[p] = q
             n_out[t] = nb
             sat_out[t] = saturated
             rounds_out[t] = rounds
