@@ -80,7 +80,7 @@ if AVAILABLE:
             s = s + d * d
         return s
 
-    @_jit
+    @_jit(inline="always")
     def _test(X, integral, s, n, d2, t2, cen, tot, known):
         """Purity test of members s..s+n: the centre (into ``cen``; integer sums
         into ``tot`` when ``integral``, or taken from it when ``known``), squared
@@ -135,8 +135,10 @@ if AVAILABLE:
             w += dd < t2
         return w
 
-    @_jit
-    def _two_means(X, integral, s, n, d2, tmp, side, kmeans_iters, ca, cb, acc_a, acc_b, tot, sumb):
+    @_jit(inline="always")
+    def _two_means(
+        X, integral, s, n, d2, d2i, tmp, tmpi, side, kmeans_iters, ca, cb, acc_a, acc_b, tot, sumb
+    ):  # fmt: skip
         """2-means of members s..s+n; sides in ``side`` (True: B).
 
         Seeds: A the member with the largest ``d2`` (distance to the centre),
@@ -149,7 +151,7 @@ if AVAILABLE:
         F = X.shape[0]
         # d2 >= 0 (a sum of squares, never NaN): non-negative float32 values
         # order as their bit patterns do, and integer maxima vectorise.
-        di = d2[s : s + n].view(np.int32)
+        di = d2i[s : s + n]
         top = di[0]
         for j in range(1, n):
             top = max(top, di[j])
@@ -162,7 +164,7 @@ if AVAILABLE:
         if F == 3:
             a0, a1, a2 = ca[0], ca[1], ca[2]
             x0, x1, x2 = X[0, s : s + n], X[1, s : s + n], X[2, s : s + n]
-            ti = tmp[:n].view(np.int32)
+            ti = tmpi[:n]
             tf = tmp[:n]
             for j in range(n):
                 e0 = x0[j] - a0
@@ -227,7 +229,7 @@ if AVAILABLE:
                 ca[f] = acc_a[f]
                 cb[f] = acc_b[f]
 
-    @_jit
+    @_jit(inline="always")
     def _lloyd3_integral(X, s, n, side, kmeans_iters, ca, cb, tot, sumb):
         """The Lloyd loop of :func:`_two_means` for three integer features: the
         same float32 distances and comparisons; side B's sums in integers and
@@ -276,7 +278,7 @@ if AVAILABLE:
             a0, a1, a2 = m0, m1, m2
             b0, b1, b2 = q0, q1, q2
 
-    @_jit
+    @_jit(inline="always")
     def _lloyd3_float(X, s, n, side, kmeans_iters, ca, cb):
         """The Lloyd loop of :func:`_two_means` for three float features, in
         scalars: each side's sums in float32, in pixel order (branch-free: adding
@@ -324,7 +326,7 @@ if AVAILABLE:
             a0, a1, a2 = m0, m1, m2
             b0, b1, b2 = q0, q1, q2
 
-    @_jit
+    @_jit(inline="always")
     def _partition(X, perm, s, n, side, bufx, bufp):
         """Stable partition of members s..s+n: side A (False) first, then side B.
 
@@ -359,7 +361,7 @@ if AVAILABLE:
             for i in range(m):
                 xf[w + i] = bf[i]
 
-    @_jit
+    @_jit(inline="always")
     def _partition_packed(X, key, s, n, side, bufk, lo, bf, bp):
         """:func:`_partition` for packed members (``key``: each member's three
         integer features, less ``lo``, in ``bf`` bits each above its pixel index
@@ -459,6 +461,8 @@ if AVAILABLE:
         tot = np.zeros((K, 3), np.int64)
         d2 = np.empty(N, np.float32)
         tmp = np.empty(N, np.float32)
+        d2i = d2.view(np.int32)  # the same memory, as integers (see _two_means)
+        tmpi = tmp.view(np.int32)
         side = np.zeros(N, np.bool_)
         bufx = np.empty((F, N), np.float32)
         bufp = np.empty(N, np.int32)
@@ -523,8 +527,8 @@ if AVAILABLE:
                     s = start[k]
                     n = size[k]
                     m = _two_means(
-                        X, integral, s, n, d2, tmp, side, kmeans_iters, ca, cb, acc_a, acc_b,
-                        tot[k], sumb,
+                        X, integral, s, n, d2, d2i, tmp, tmpi, side, kmeans_iters, ca, cb,
+                        acc_a, acc_b, tot[k], sumb,
                     )  # fmt: skip
                     if m == 0 or m == n:
                         opn[k] = False  # frozen: kept as it is
