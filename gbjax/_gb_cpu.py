@@ -412,30 +412,44 @@ if AVAILABLE:
         """
         N, F = x.shape
         X = np.empty((F, N), np.float32)
+        if F == 3:
+            for j in range(N):
+                X[0, j] = x[j, 0]
+                X[1, j] = x[j, 1]
+                X[2, j] = x[j, 2]
+        else:
+            for j in range(N):
+                for f in range(F):
+                    X[f, j] = x[j, f]
+        # integer sums exact in float32 (and in int32): every value an integer
+        # and every sum below 2**24 (in branch-free, vectorised passes)
         integral = F == 3
-        big = np.float32(0.0)
-        vmin = np.float32(np.inf)
-        vmax = np.float32(-np.inf)
-        for j in range(N):
-            for f in range(F):
-                v = x[j, f]
-                X[f, j] = v
-                integral = integral and v == np.floor(v)
-                big = max(big, abs(v))
-                vmin = min(vmin, v)
-                vmax = max(vmax, v)
-        # integer sums exact in float32 (and in int32): every sum below 2**24
-        integral = integral and np.float64(big) * N < 2.0**24
+        lo = hi = np.int64(0)
+        xf = X.reshape(N * F)
+        if integral:
+            bad = np.int32(0)
+            for i in range(N * F):
+                v = xf[i]
+                bad |= np.int32(v != np.floor(v)) | np.int32(not abs(v) < np.float32(2.0**24))
+            integral = bad == 0
+        if integral:
+            imin = np.int32(xf[0])
+            imax = imin
+            for i in range(N * F):
+                u = np.int32(xf[i])
+                imin = min(imin, u)
+                imax = max(imax, u)
+            lo = np.int64(imin)
+            hi = np.int64(imax)
+            integral = max(-lo, hi) * N < 2**24
         perm = np.arange(N).astype(np.int32)
         # integer features packed with the pixel index into one int64 per
         # member when they fit, for the partitions
         packed = False
-        lo = np.int64(0)
         bf = np.int64(0)
         bp = np.int64(0)
         if integral:
-            lo = np.int64(vmin)
-            span = np.int64(vmax) - lo
+            span = hi - lo
             while (np.int64(1) << bf) <= span:
                 bf += 1
             while (np.int64(1) << bp) < N:
