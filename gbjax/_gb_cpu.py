@@ -136,6 +136,17 @@ if AVAILABLE:
         return w
 
     @_jit(inline="always")
+    def _first_max(di):
+        """The first index of the largest of ``di``: the bits of float32 values
+        >= 0 (sums of squares, never NaN), which order as the values do. One
+        vectorised maximum of (value, -index) pairs packed in int64."""
+        low = np.int64(0xFFFFFFFF)
+        top = np.int64(-1)
+        for j in range(di.shape[0]):
+            top = max(top, (np.int64(di[j]) << 32) | (low - j))
+        return low - (top & low)
+
+    @_jit(inline="always")
     def _two_means(
         X, integral, s, n, d2, d2i, tmp, tmpi, side, kmeans_iters, ca, cb, acc_a, acc_b, tot, sumb
     ):  # fmt: skip
@@ -149,16 +160,7 @@ if AVAILABLE:
         ball cannot be split). ``tot``: the members' integer sums (``integral``).
         """
         F = X.shape[0]
-        # d2 >= 0 (a sum of squares, never NaN): non-negative float32 values
-        # order as their bit patterns do, and integer maxima vectorise.
-        di = d2i[s : s + n]
-        top = di[0]
-        for j in range(1, n):
-            top = max(top, di[j])
-        ia = 0
-        while di[ia] != top:  # the first member with the largest d2
-            ia += 1
-        ia += s
+        ia = s + _first_max(d2i[s : s + n])
         for f in range(F):
             ca[f] = X[f, ia]
         if F == 3:
@@ -171,13 +173,7 @@ if AVAILABLE:
                 e1 = x1[j] - a1
                 e2 = x2[j] - a2
                 tf[j] = (e0 * e0 + e1 * e1) + e2 * e2
-            top = ti[0]
-            for j in range(1, n):
-                top = max(top, ti[j])
-            ib = 0
-            while ti[ib] != top:  # the first member farthest from A
-                ib += 1
-            ib += s
+            ib = s + _first_max(ti)
         else:
             ib = s
             best = _sq(X, s, ca)
