@@ -409,10 +409,11 @@ if AVAILABLE:
         N, F = x.shape
         X = np.empty((F, N), np.float32)
         if F == 3:
+            xr = x.reshape(N * 3)  # flat indices vectorise the transposition
             for j in range(N):
-                X[0, j] = x[j, 0]
-                X[1, j] = x[j, 1]
-                X[2, j] = x[j, 2]
+                X[0, j] = xr[3 * j]
+                X[1, j] = xr[3 * j + 1]
+                X[2, j] = xr[3 * j + 2]
         else:
             for j in range(N):
                 for f in range(F):
