@@ -168,3 +168,29 @@ def test_painting_does_not_depend_on_the_batch_cifar(engine):
         e = f[p] - cen[kept]
         d = (e[:, 0] * e[:, 0] + e[:, 1] * e[:, 1]) + e[:, 2] * e[:, 2]
         np.testing.assert_array_equal(img[p], np.clip(np.round(cen[kept[np.argmin(d)]]), 0, 255))
+
+
+@pytest.mark.parametrize(
+    "lo, hi, n, offset",
+    [
+        (-3000, 3000, 300, 0.0),  # integers, packed with an offset
+        (0, 2**21, 4, 0.0),  # integers too wide to pack with the index
+        (0, 2**21, 4, 0.5),  # not integers
+        (0, 9, 40, 0.0),  # many ties
+    ],
+)
+def test_kernel_matches_oracle_on_raw_integer_features(lo, hi, n, offset):
+    # The kernel's integer paths (sums as integers, members packed into one
+    # int64 for the partitions when they fit) against the float32 oracle.
+    rng = np.random.default_rng(n)
+    x = (rng.integers(lo, hi, (6, n, 3)) + offset).astype(np.float32)
+    span = np.float32(hi - lo)
+    for threshold in (span / 4, span / 16):
+        out = _gb_cpu.cluster_numpy(
+            x, np.full((len(x), 1), threshold, np.float32), np.full(len(x), 0.9, np.float32),
+            K=16, max_rounds=16, kmeans_iters=20, min_ball_size=1, parallel=False,
+        )  # fmt: skip
+        for i in range(len(x)):
+            lab, nb, sat = gb_oracle(x[i], threshold, 0.9, capacity=16)
+            np.testing.assert_array_equal(out[0][i, 0], lab)
+            assert (out[5][i, 0], out[8][i, 0]) == (nb, sat)
