@@ -17,6 +17,12 @@ stably (side A first, keeping the id; side B after it, taking the next id).
 Each round tests the open balls (those not yet found pure or frozen), ranks the
 candidates when the capacity binds, and splits the chosen ones in id order, so
 the work per image is that of its own rounds: no image waits for another's.
+Only members of the balls being tested or split are visited. The loops run
+over contiguous per-ball slices (which numba vectorises; indexing the whole
+arrays at a run-time offset would not be); a split hands its sides' integer
+sums to their next tests; the final statistics reuse each ball's last test at
+that threshold; and with integer features the partitions move one int64 per
+member (its features and pixel index packed) instead of four arrays.
 Images of a batch run in parallel over numba's threads (``prange``;
 ``NUMBA_NUM_THREADS=1`` or ``numba.set_num_threads(1)`` makes it serial). numba
 compiles the kernel on first use and caches it on disk (``cache=True``).
