@@ -9,3 +9,19 @@ sys.path.insert(0, os.path.dirname(__file__))
 # Deterministic property tests: the same examples on every run and in CI.
 settings.register_profile("gbjax", derandomize=True, print_blob=True)
 settings.load_profile("gbjax")
+
+# XLA compiles dominate the suite's time on 2 CPU cores, and many tests compile the
+# same programs (same models, shapes and attacks). JAX's persistent compilation cache
+# (keyed by the program, the jax version and the flags; shared by the xdist workers)
+# lets a test reuse another's executable. Results are unaffected: a hit returns the
+# executable the same program would compile to. $GBJAX_TEST_JAX_CACHE overrides the
+# folder; an empty value turns the cache off.
+_JAX_CACHE = os.environ.get(
+    "GBJAX_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "jax-tests")
+)
+if _JAX_CACHE:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(_JAX_CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
