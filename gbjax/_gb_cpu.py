@@ -329,39 +329,29 @@ if AVAILABLE:
             b0, b1, b2 = q0, q1, q2
 
     @_jit(inline="always")
-    def _partition(X, perm, s, n, side, bufx, bufp):
-        """Stable partition of members s..s+n: side A (False) first, then side B.
-
-        Branch-free: every member is written to both destinations and only the
-        cursor of its side moves (the sides alternate unpredictably)."""
-        F = X.shape[0]
-        sd = side[s : s + n]
-        pm = perm[s : s + n]
+    def _stable_split(a, sd, buf, n):
+        """Reorders ``a[:n]`` stably: the entries whose ``sd`` is False first, then
+        the others. Branch-free: every entry is written to both destinations and
+        only the cursor of its side moves (the sides alternate unpredictably)."""
         w = 0
         m = 0
         for j in range(n):
             b = sd[j]
-            v = pm[j]
-            pm[w] = v
-            bufp[m] = v
+            v = a[j]
+            a[w] = v
+            buf[m] = v
             w += not b
             m += b
         for i in range(m):
-            pm[w + i] = bufp[i]
-        for f in range(F):
-            xf = X[f, s : s + n]
-            bf = bufx[f]
-            w = 0
-            m = 0
-            for j in range(n):
-                b = sd[j]
-                v = xf[j]
-                xf[w] = v
-                bf[m] = v
-                w += not b
-                m += b
-            for i in range(m):
-                xf[w + i] = bf[i]
+            a[w + i] = buf[i]
+
+    @_jit(inline="always")
+    def _partition(X, perm, s, n, side, bufx, bufp):
+        """Stable partition of members s..s+n: side A (False) first, then side B."""
+        sd = side[s : s + n]
+        _stable_split(perm[s : s + n], sd, bufp, n)
+        for f in range(X.shape[0]):
+            _stable_split(X[f, s : s + n], sd, bufx[f], n)
 
     @_jit(inline="always")
     def _partition_packed(X, key, s, n, side, bufk, lo, bf, bp):
@@ -369,19 +359,8 @@ if AVAILABLE:
         integer features, less ``lo``, in ``bf`` bits each above its pixel index
         in ``bp`` bits): one array to move instead of four, then the features
         unpacked (exact: integers below 2**24)."""
-        sd = side[s : s + n]
         kk = key[s : s + n]
-        w = 0
-        m = 0
-        for j in range(n):
-            b = sd[j]
-            v = kk[j]
-            kk[w] = v
-            bufk[m] = v
-            w += not b
-            m += b
-        for i in range(m):
-            kk[w + i] = bufk[i]
+        _stable_split(kk, side[s : s + n], bufk, n)
         mask = (np.int64(1) << bf) - 1
         x0, x1, x2 = X[0, s : s + n], X[1, s : s + n], X[2, s : s + n]
         for j in range(n):
@@ -766,7 +745,7 @@ def cluster_and_paint(
     Per-pixel fields are flat (B, T, N[, C]). ``centers``, ``radii`` and the
     painted ``image`` are differentiable in ``x_BNF`` as in the XLA program.
     """
-    from gbjax._gb_engine import GBResult
+    from gbjax._gb_engine import GBResult, painted_image
 
     B, N, F = x_BNF.shape
     T = thresholds_T.shape[0]
@@ -795,11 +774,7 @@ def cluster_and_paint(
     flat = centres.reshape(B * T * K, F)
     idx = (paint + (jnp.arange(B * T, dtype=i32) * K).reshape(B, T, 1)).reshape(-1)
     colour = flat[idx][:, :C] / jnp.float32(features.color)
-    if jnp.issubdtype(out_dtype, jnp.integer):
-        info = jnp.iinfo(out_dtype)
-        img = jnp.clip(jnp.round(colour), info.min, info.max).astype(out_dtype)
-    else:
-        img = (colour / scale).astype(out_dtype)
+    img = painted_image(colour, out_dtype, scale)
     return GBResult(
         labels=labels,
         centers=centres,

@@ -605,6 +605,15 @@ def _nearest_kept(x_BNF, c_BKF, kept_BK, noise_BN):
     return out(None)
 
 
+def painted_image(colour, out_dtype, scale):
+    """Painted colours (pixel units) as the input's dtype: rounded and clipped for
+    integers, divided by ``scale`` for floats. Shared by both engines."""
+    if jnp.issubdtype(out_dtype, jnp.integer):
+        info = jnp.iinfo(out_dtype)
+        return jnp.clip(jnp.round(colour), info.min, info.max).astype(out_dtype)
+    return (colour / scale).astype(out_dtype)
+
+
 def _paint(
     x_BNF,
     labels,
@@ -653,11 +662,7 @@ def _paint(
         paint = jnp.where(noise & any_kept, nearest, g)
 
     colour = c[paint][:, :C] / jnp.float32(features.color)
-    if jnp.issubdtype(out_dtype, jnp.integer):
-        info = jnp.iinfo(out_dtype)
-        img = jnp.clip(jnp.round(colour), info.min, info.max).astype(out_dtype)
-    else:
-        img = (colour / scale).astype(out_dtype)
+    img = painted_image(colour, out_dtype, scale)
     return GBResult(
         labels=labels,
         centers=(c * (cnt > 0)[:, None]).reshape(B, K, F),
