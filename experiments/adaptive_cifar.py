@@ -17,7 +17,8 @@ What it does, per seed:
    when there, else trained here with the main job's recipe. Beside them, the
    same network and recipe trained *adversarially* (N-FGSM, de Jorge et al.
    2022: one gradient step from uniform noise in [-2 eps, 2 eps]) at a small
-   budget (``--at-eps``, default 2/255) and at 8/255: ``at_2`` and ``at_8``
+   budget and at 8/255 (``--at``, default ``2,8``): ``at_2`` and ``at_8``; an entry
+   ``8:pgd3`` trains with PGD-3 (Madry et al. 2018) instead, named ``at_8_pgd3``
    (quick mode: 2 epochs, the same number of gradient computations as the
    plain models' 4; default mode: the same epochs as the plain models;
    ``--at-epochs`` overrides both and names the models ``at_<eps>_<epochs>ep``).
@@ -112,7 +113,11 @@ def parse_args(argv=None):
         help="the main job's output folder: reuse its trained models (checkpoints/<name>_seed<k>)",
     )
     p.add_argument(
-        "--at-eps", type=float, default=2 / 255, help="small adversarial-training budget"
+        "--at",
+        type=_at_list,
+        default=_at_list("2,8"),
+        help="adversarially trained models: comma-separated eps in x/255, each optionally "
+        "':fgsm-rs' or ':pgd<steps>' (default N-FGSM), e.g. '2,8:pgd3' (default '2,8')",
     )
     p.add_argument(
         "--at-epochs",
@@ -143,20 +148,41 @@ def _finished(workdir: pathlib.Path) -> dict | None:
     return None
 
 
+def _at_list(text: str) -> tuple[dict, ...]:
+    """``'2,8:pgd3'`` -> ``({'eps': 2/255, 'method': 'n-fgsm'}, {'eps': 8/255,
+    'method': 'pgd', 'steps': 3})``; argparse reports a ValueError as a bad value."""
+    out = []
+    for entry in text.split(","):
+        eps_text, _, method = entry.strip().partition(":")
+        eps = float(eps_text) / 255
+        if not 0 < eps <= 1:
+            raise ValueError(f"eps {eps_text!r} must be in (0, 255] (x/255)")
+        spec = dict(eps=eps, method=method or "n-fgsm")
+        if method.startswith("pgd"):
+            spec.update(method="pgd", steps=int(method[3:] or 3))
+        elif spec["method"] not in ("n-fgsm", "fgsm-rs"):
+            raise ValueError(f"unknown method {method!r}: use fgsm-rs or pgd<steps>")
+        out.append(spec)
+    return tuple(out)
+
+
 def model_specs(mode, args) -> dict:
     """{name: (adversarial settings, preprocessed)} of the models of this run."""
     specs = {"unprocessed": ({}, False), "gb": ({}, True)}
     if not args.skip_at:
-        for eps in (args.at_eps, 8 / 255):
-            specs[at_name(eps, args.at_epochs)] = (
-                dict(eps=eps, method="n-fgsm", eval_n=AT_EVAL_N, eval_steps=AT_EVAL_STEPS),
+        for spec in args.at:
+            specs[at_name(spec, args.at_epochs)] = (
+                dict(spec, eval_n=AT_EVAL_N, eval_steps=AT_EVAL_STEPS),
                 False,
             )
     return specs
 
 
-def at_name(eps: float, epochs: float | None = None) -> str:
-    return f"at_{eps * 255:g}" + ("" if epochs is None else f"_{epochs:g}ep")
+def at_name(spec: dict, epochs: float | None = None) -> str:
+    """``at_<eps x 255>[_<epochs>ep][_<method>]``, the method left out for N-FGSM."""
+    method = spec.get("method", "n-fgsm")
+    tag = {"n-fgsm": "", "pgd": f"_pgd{spec.get('steps', 3)}"}.get(method, f"_{method}")
+    return f"at_{spec['eps'] * 255:g}" + ("" if epochs is None else f"_{epochs:g}ep") + tag
 
 
 def get_models(r, args, xtr_gb, xte_gb, seed):
@@ -208,7 +234,7 @@ def adaptive_stages(name, scored, classifier, gb_defence, mode):
         )
         for label, surrogate in surrogates.items():
             fn = defences.Defended(classifier, attacks.bpda(gb_defence, surrogate))
-            steps, chunk = mode["apgd_steps"], F._chunk(name)
+            steps, chunk = mode["apgd_steps"], F.chunk_for(name)
             stages.append(
                 Stage(label, "apgd-ce", fn, eval_logits_fn=scored, steps=steps, chunk=chunk)
             )
@@ -259,7 +285,7 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
     idx = C.eval_indices(len(x01), mode["n_eval"])  # random: the test set is class-sorted
     n_eval = len(idx)
     xe, ye = x01[idx], y[idx]
-    fns = F._functions({k: trained[k] for k in ("unprocessed", "gb")}, gb_defence)
+    fns = F.model_functions({k: trained[k] for k in ("unprocessed", "gb")}, gb_defence)
     for name in trained:
         if name not in fns:  # adversarially trained: the classifier alone
             fns[name] = (defences.Defended(trained[name]), {"none": trained[name]})

@@ -165,7 +165,7 @@ def classifier_config(mode, seed, progress):
 # evaluation of one trained pair
 
 
-def _functions(models, gb_defence):
+def model_functions(models, gb_defence):
     """{model: (scored function, {protocol: attacked function})}."""
     from gbjax import attacks, defences
 
@@ -178,7 +178,7 @@ def _functions(models, gb_defence):
     return out
 
 
-def _chunk(name):
+def chunk_for(name):
     """Steps per compiled call: 1 when GB is in the program (several copies of the
     engine in one XLA program compile for minutes on CPU), else the default."""
     return 1 if name == "gb" else None
@@ -189,7 +189,7 @@ def cascade_stages(name, scored, attacked, mode, unprocessed, n):
     (``gbjax.attacks.cascade`` runs each on the images still robust)."""
     from gbjax.attacks import Stage
 
-    chunk, pgd, apgd = _chunk(name), mode["pgd_steps"], mode["apgd_steps"]
+    chunk, pgd, apgd = chunk_for(name), mode["pgd_steps"], mode["apgd_steps"]
 
     def stage(label, fn, attack, **options):
         return Stage(label, attack, fn, eval_logits_fn=scored, chunk=chunk, **options)
@@ -226,7 +226,7 @@ def _controls(name, scored, attacked, x, y, mode, key, progress):
         batch_size=mode["attack_batch"],
         eval_logits_fn=scored,
         progress=progress,
-        chunk=_chunk(name),
+        chunk=chunk_for(name),
     )
     noise = attacks.accuracy_under_attack(
         scored,
@@ -296,7 +296,7 @@ def _convergence(name, scored, attacked, x, y, mode, key, progress):
         batch_size=mode["attack_batch"],
         eval_logits_fn=scored,
         progress=progress,
-        chunk=_chunk(name),
+        chunk=chunk_for(name),
     )
     out = {
         "protocol": prot,
@@ -344,7 +344,7 @@ def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer, out_d
     n_eval = len(idx)
     xe, ye = x01[idx], y[idx]
     out = {}
-    for name, (scored, attacked) in _functions(models, gb_defence).items():
+    for name, (scored, attacked) in model_functions(models, gb_defence).items():
         t0 = time.perf_counter()
         rec = dict(clean=evaluate.accuracy(scored, x01, y, batch_size=mode["attack_batch"]))
         rec["fgsm"] = {
@@ -355,7 +355,7 @@ def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer, out_d
                 eps_list=EPS,
                 attack="fgsm",
                 eval_logits_fn=scored,
-                chunk=_chunk(name),
+                chunk=chunk_for(name),
                 batch_size=mode["attack_batch"],
                 progress=progress,
                 desc=f"{name}: FGSM {prot}",

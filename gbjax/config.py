@@ -53,8 +53,9 @@ class Config:
     augment: str = "none"
     crop_pad: int = 4
     # Adversarial training (docs/methods.md, section 9): {} for none, else
-    # {"eps": 8 / 255, "method": "n-fgsm" | "fgsm-rs", "eval_n": 200, "eval_steps": 10}.
-    # Each step trains on one-step adversarial examples of the current model;
+    # {"eps": 8 / 255, "method": "n-fgsm" | "fgsm-rs" | "pgd", "steps": 3, "eval_n": 200,
+    # "eval_steps": 10}. Each step trains on adversarial examples of the current model
+    # (one gradient step, or ``steps`` projected steps for "pgd");
     # eval_n > 0 logs PGD accuracy at eps on the last eval_n test images each evaluation.
     adversarial: dict = dataclasses.field(default_factory=dict)
     # --- model
@@ -112,8 +113,8 @@ class Config:
         return d
 
 
-ADVERSARIAL_METHODS = ("n-fgsm", "fgsm-rs")
-_ADVERSARIAL_KEYS = ("eps", "method", "eval_n", "eval_steps")
+ADVERSARIAL_METHODS = ("n-fgsm", "fgsm-rs", "pgd")
+_ADVERSARIAL_KEYS = ("eps", "method", "steps", "eval_n", "eval_steps")
 
 
 def _validate_adversarial(adv, bad) -> None:
@@ -129,7 +130,7 @@ def _validate_adversarial(adv, bad) -> None:
         bad(f"adversarial['eps'] must be a number in (0, 1] (images in [0, 1]), got {eps!r}")
     if adv.get("method", "n-fgsm") not in ADVERSARIAL_METHODS:
         bad(f"adversarial['method'] must be one of {ADVERSARIAL_METHODS}, got {adv['method']!r}")
-    for k, lo in (("eval_n", 0), ("eval_steps", 1)):
+    for k, lo in (("steps", 1), ("eval_n", 0), ("eval_steps", 1)):
         v = adv.get(k, lo)
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             bad(f"adversarial[{k!r}] must be an integer >= {lo}, got {v!r}")

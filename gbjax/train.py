@@ -342,23 +342,32 @@ class Trainer:
         return out
 
     def _adversarial(self, state, step, x_BHWC, y_B):
-        """One-step adversarial images of the current model, in [0, 1] floats.
+        """Adversarial images of the current model, in [0, 1] floats.
 
         ``n-fgsm`` (de Jorge et al. 2022): start from uniform noise in
         ``[-2 eps, 2 eps]``, one signed-gradient step of size ``eps``, no
         projection back to the eps-ball (only to [0, 1]); it avoids the
         catastrophic overfitting of plain FGSM training without extra cost.
         ``fgsm-rs`` (Wong, Rice & Kolter 2020): start uniform in ``[-eps, eps]``,
-        step ``1.25 eps``, projected to the eps-ball. The gradient is taken in
+        step ``1.25 eps``, projected to the eps-ball. ``pgd`` (Madry et al. 2018):
+        start uniform in ``[-eps, eps]``, ``steps`` signed-gradient steps of size
+        ``2.5 eps / steps``, each projected to the eps-ball; ``steps`` + 1
+        gradient computations per training step. The gradient is taken in
         train mode (batch statistics, as the step itself); the statistics that
-        this extra forward pass would update are discarded.
+        these extra forward passes would update are discarded.
         """
         adv = self.config.adversarial
         eps = jnp.float32(adv["eps"])
-        fgsm_rs = adv.get("method", "n-fgsm") == "fgsm-rs"
+        method = adv.get("method", "n-fgsm")
         x = models.to_pixels(x_BHWC) / 255.0
         key = jax.random.fold_in(self.adv_key, step)
-        radius, step_size = (eps, 1.25 * eps) if fgsm_rs else (2.0 * eps, eps)
+        if method == "n-fgsm":
+            radius, step_size, n_steps, project = 2.0 * eps, eps, 1, False
+        elif method == "fgsm-rs":
+            radius, step_size, n_steps, project = eps, 1.25 * eps, 1, True
+        else:
+            n_steps = int(adv.get("steps", 3))
+            radius, step_size, project = eps, 2.5 * eps / n_steps, True
         delta = jax.random.uniform(key, x.shape, jnp.float32, -radius, radius)
 
         def loss(x_in):
@@ -367,10 +376,12 @@ class Trainer:
             logits = model(x_in)
             return jnp.sum(loss_and_correct(logits, y_B, self.num_classes, 0.0)[0])
 
-        g = jax.grad(loss)(jnp.clip(x + delta, 0.0, 1.0))
-        delta = delta + step_size * jnp.sign(g)
-        if fgsm_rs:
-            delta = jnp.clip(delta, -eps, eps)
+        def one_step(_, delta):
+            g = jax.grad(loss)(jnp.clip(x + delta, 0.0, 1.0))
+            delta = delta + step_size * jnp.sign(g)
+            return jnp.clip(delta, -eps, eps) if project else delta
+
+        delta = jax.lax.fori_loop(0, n_steps, one_step, delta)
         return jax.lax.stop_gradient(jnp.clip(x + delta, 0.0, 1.0))
 
     def robust_accuracy(self, state, x, y) -> float:

@@ -177,22 +177,23 @@ def _bands(n, seed):
 
 
 def test_adversarial_training_lowers_pgd_loss(tmp_path):
-    """N-FGSM training at 8/255 against a plainly trained twin (same data, seed and
-    steps): its PGD loss on held-out images is lower."""
+    """N-FGSM and PGD-2 training at 8/255 against a plainly trained twin (same data,
+    seed and steps): their PGD loss on held-out images is lower."""
     xtr, ytr = _bands(512, 0)
     xte, yte = _bands(128, 1)
     out = {}
-    for name, adv in (("plain", {}), ("adv", dict(eps=8 / 255, eval_n=32, eval_steps=3))):
+    at = dict(eps=8 / 255, eval_n=32, eval_steps=3)
+    for name, adv in (("plain", {}), ("adv", at), ("pgd", dict(at, method="pgd", steps=2))):
         c = airbench_cifar10.get_config("smoke")
         c.data = {"train": (xtr, ytr), "test": (xte, yte)}
         c.num_train = c.num_test = None
         c.num_steps, c.progress, c.adversarial = 16, False, adv
         out[name] = train_and_evaluate(c, tmp_path / name)
-    assert "pgd_accuracy" in out["adv"].metrics and "pgd_accuracy" not in out["plain"].metrics
+    assert "pgd_accuracy" in out["pgd"].metrics and "pgd_accuracy" not in out["plain"].metrics
     x01 = jnp.asarray(xte, jnp.float32) / 255.0
     losses = {}
     for name, res in out.items():
         adv = A.pgd(res.model, x01, jnp.asarray(yte), eps=8 / 255, step_size=2 / 255,
                     steps=10, key=jax.random.key(0))  # fmt: skip
         losses[name] = float(jnp.mean(A.attack_loss(res.model, adv, jnp.asarray(yte))))
-    assert losses["adv"] < losses["plain"], losses
+    assert losses["adv"] < losses["plain"] and losses["pgd"] < losses["plain"], losses

@@ -382,6 +382,17 @@ def test_train_model_reuses_its_run_and_deletes_nothing(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_adaptive_cifar_at_specs():
+    """``--at`` entries name the models apart, and bad entries are refused."""
+    mod = _load("adaptive_cifar")
+    specs = mod._at_list("2, 8:pgd3,4:fgsm-rs")
+    assert [mod.at_name(s) for s in specs] == ["at_2", "at_8_pgd3", "at_4_fgsm-rs"]
+    assert mod.at_name(specs[1], 4) == "at_8_4ep_pgd3" and specs[1]["steps"] == 3
+    for bad in ("0", "2:pgdx", "2:madry", "x"):
+        with pytest.raises(ValueError):
+            mod._at_list(bad)
+
+
 def test_adaptive_cifar_smoke(tmp_path):
     """The main job's cascade, then the new stages, for none and GB; every stage only
     removes images, and the state file holds them."""
