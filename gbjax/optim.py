@@ -1,7 +1,8 @@
 """Optimisers as optax transforms: schedules, parameter groups and lookahead.
 
-Three generic pieces, used by :func:`make_optimizer` for every model and usable
-on their own:
+Three generic pieces, usable on their own; :func:`gbjax.train.make_optimizer`
+builds a :class:`gbjax.config.Config`'s optimiser from them (this module knows no
+configuration):
 
 * :func:`piecewise_linear`: the one-cycle / triangular learning-rate factor
   (linear from ``start`` up to 1 over a warm-up fraction, then linear down to
@@ -40,9 +41,6 @@ __all__ = [
     "lookahead_mix",
     "lookahead_sync",
     "LookaheadState",
-    "make_schedule",
-    "make_optimizer",
-    "lookahead_decay",
 ]
 
 DEFAULT_GROUP = "default"
@@ -238,89 +236,3 @@ def lookahead(
         return new_updates, LookaheadState(count=count, slow=slow)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-# ---------------------------------------------------------------------------
-# from a gbjax.Config
-
-
-def make_schedule(config, total_steps: int) -> Callable[[jax.Array], jax.Array]:
-    """The learning rate at update ``t`` for ``config.schedule``."""
-    lr = config.learning_rate
-    if config.schedule == "constant":
-        return optax.constant_schedule(lr)
-    if config.schedule == "cosine":
-        warm = int(round(config.warmup_fraction * total_steps))
-        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warm, 0), total_steps, end_value=0.0)
-    factor = piecewise_linear(
-        total_steps,
-        warmup_steps=int(round(config.warmup_fraction * total_steps)),
-        start=config.schedule_start_factor,
-        end=config.schedule_end_factor,
-    )
-    return lambda t: lr * factor(t)
-
-
-def _group_specs(config, steps_per_epoch: int) -> dict[str, GroupSpec]:
-    specs = {}
-    for name, g in config.param_groups.items():
-        g = dict(g)
-        epochs = g.pop("trainable_epochs", None)
-        if epochs is not None:
-            g["trainable_steps"] = int(round(epochs * steps_per_epoch))
-        specs[name] = GroupSpec(**g)
-    return specs
-
-
-def make_optimizer(
-    config, total_steps: int, params: Any = None, steps_per_epoch: int = 1
-) -> optax.GradientTransformation:
-    """The optimiser of ``config`` (a :class:`gbjax.Config`).
-
-    ``config.optimizer`` ("sgd" with momentum/Nesterov, "adam", "adamw") with
-    ``config.schedule``; coupled weight decay ``config.weight_decay`` on the
-    default group's kernels (ndim > 1); ``config.param_groups`` (needs
-    ``params`` to label the leaves) and ``config.lookahead_every``.
-    """
-    sched = make_schedule(config, total_steps)
-
-    def make_chain(lr_scale, weight_decay, mask):
-        def lr(t):
-            return lr_scale * sched(t)
-
-        if config.optimizer == "adamw":
-            return optax.adamw(lr, weight_decay=weight_decay, mask=mask)
-        if config.optimizer == "adam":
-            opt = optax.adam(lr)
-        else:
-            m = config.momentum or None
-            opt = optax.sgd(lr, momentum=m, nesterov=bool(config.nesterov and m))
-        if weight_decay:
-            opt = optax.chain(optax.add_decayed_weights(weight_decay, mask), opt)
-        return opt
-
-    def kernels(p):
-        return jax.tree.map(lambda a: a.ndim > 1, p)
-
-    if config.param_groups:
-        if params is None:
-            raise ValueError("param_groups need the parameters: make_optimizer(..., params=...)")
-        tx = grouped(
-            make_chain,
-            params,
-            _group_specs(config, steps_per_epoch),
-            weight_decay=config.weight_decay,
-            decay_mask=kernels,
-        )
-    else:
-        tx = make_chain(1.0, config.weight_decay, kernels)
-    if config.lookahead_every:
-        tx = optax.chain(tx, lookahead(config.lookahead_every, lookahead_decay(config, total_steps),
-                                       final_step=total_steps))  # fmt: skip
-    return tx
-
-
-def lookahead_decay(config, total_steps: int) -> Callable[[jax.Array], jax.Array]:
-    """Airbench's decay ``d(t) = lookahead_decay * (t / T) ** lookahead_power``."""
-    base, power = config.lookahead_decay, config.lookahead_power
-    return lambda t: base * (jnp.asarray(t, jnp.float32) / total_steps) ** power

@@ -1,13 +1,30 @@
-"""Training: a thin CLI over :func:`train_and_evaluate`, which returns the model.
+"""Training, in the shape of flax's examples/imagenet: the train state, step and
+evaluation as small public pieces, and :func:`train_and_evaluate` as the loop.
 
-    python -m gbjax.train --config gbjax/configs/airbench_cifar10.py --workdir /tmp/ab
-    python -m gbjax.train --config gbjax/configs/pe_mnist.py:smoke --workdir /tmp/s \\
+    python -m gbjax train --config gbjax/configs/airbench_cifar10.py --workdir /tmp/ab
+    python -m gbjax train --config gbjax/configs/pe_mnist.py:smoke --workdir /tmp/s \\
         --set num_epochs=1 --set seed=3
 
-From Python::
+(``python -m gbjax.train`` is the same command.) From Python::
 
     model, metrics = gbjax.train_and_evaluate(config, workdir)
     gbjax.evaluate.accuracy(model, x_test, y_test)
+
+Pieces
+------
+* :func:`create_train_state`: the train state of a model under an optimiser (a
+  dict pytree of arrays); :func:`train_step`: one update on a batch;
+  :func:`eval_step`: ``{"accuracy", "loss"}`` of a state on a test set.
+* :func:`make_optimizer` / :func:`make_schedule`: a :class:`Config` as optax
+  (the transforms themselves are in :mod:`gbjax.optim`).
+* Recipe specifics are hooks, not cases in the step: the augmentation is looked
+  up in :data:`AUGMENTATIONS`; a model with an ``init_from_data(images)`` method
+  (airbench's whitening layer) gets it called on ``whiten_num_images`` random
+  training images; lookahead over BatchNorm statistics, adversarial training and
+  ``debug_nan_step`` are functions built from the config once, by
+  :class:`Trainer`.
+* :class:`Trainer` binds the pieces for one configuration: one jitted step with
+  its shardings and PRNG streams.
 
 Design
 ------
@@ -16,11 +33,11 @@ Design
   ``(seed, epoch)``; augmentation keys are a pure function of ``(seed, step)``.
   So a run killed and restarted with the same command resumes from its latest
   checkpoint and ends bit-for-bit where an uninterrupted run ends (same machine).
-* :class:`Trainer` holds one jitted training step (functional NNX: ``nnx.split``
-  once, ``nnx.merge`` inside ``jax.jit``) that donates the train state. The
-  BatchNorm train and eval modes are two graph definitions over the same state;
-  :meth:`Trainer.model` gives the eval-mode model of a state, and evaluation is
-  :func:`gbjax.evaluate.evaluate`, as everywhere else.
+* Functional NNX: ``nnx.split`` once, ``nnx.merge`` inside ``jax.jit``; the
+  step donates the train state. The BatchNorm train and eval modes are two
+  graph definitions over the same state; :meth:`Trainer.model` gives the
+  eval-mode model of a state, and evaluation is :func:`gbjax.evaluate.evaluate`,
+  as everywhere else.
 * Data parallel: a 1-D ``jax.sharding.Mesh`` over the devices; the batch is
   sharded over ``"data"``, parameters and the data set are replicated.
 * Metrics (JSON lines) go to ``workdir/metrics.jsonl``; each line has
@@ -40,13 +57,14 @@ Design
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
-import pathlib
 import sys
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +74,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gbjax import _workdir, _xla, attacks, augment, data, evaluate, models, optim
+from gbjax import _train_loop, _workdir, _xla, attacks, augment, data, evaluate, models, optim
 from gbjax._runs import build_model, restore_model, time_to_target
 from gbjax._workdir import WorkdirBusyError, WorkdirError, WorkdirMismatchError
 from gbjax.config import Config, apply_overrides, load_config, validate_config
@@ -69,13 +87,21 @@ __all__ = [
     "WorkdirError",
     "WorkdirMismatchError",
     "WorkdirBusyError",
+    "AUGMENTATIONS",
     "build_model",
     "init_model",
     "load_datasets",
+    "create_train_state",
+    "train_step",
+    "eval_step",
+    "make_optimizer",
+    "make_schedule",
+    "lookahead_decay",
     "train_and_evaluate",
     "restore_model",
     "time_to_target",
     "root_key",
+    "add_arguments",
     "main",
 ]
 
@@ -147,8 +173,9 @@ def init_model(config: Config, xtr: np.ndarray, num_classes: int) -> nnx.Module:
     """The model of ``config`` initialised for training images ``xtr`` (uint8 NHWC).
 
     Parameters come from ``fold_in(root_key(seed), 0)``; data statistics (mean,
-    std, and the airbench whitening layer from ``whiten_num_images`` random
-    training images) from ``xtr``.
+    std) from ``xtr``. A model with an ``init_from_data(images)`` method (the
+    airbench whitening layer) gets it called on ``whiten_num_images`` random
+    training images (drawn with ``numpy.random.default_rng(seed)``).
     """
     mean, std = _statistics(config, xtr)
 
@@ -165,10 +192,11 @@ def init_model(config: Config, xtr: np.ndarray, num_classes: int) -> nnx.Module:
         )
 
     model = make(jax.random.fold_in(root_key(config.seed), 0))
-    if isinstance(model, models.Airbench):
+    init_from_data = getattr(model, "init_from_data", None)
+    if init_from_data is not None:
         rng = np.random.default_rng(config.seed)
         n = min(config.whiten_num_images, len(xtr))
-        model.init_whitening(xtr[np.sort(rng.permutation(len(xtr))[:n])])
+        init_from_data(xtr[np.sort(rng.permutation(len(xtr))[:n])])
     return model
 
 
@@ -179,9 +207,10 @@ def root_key(seed: int) -> jax.Array:
     implementation) costs ~15 s of XLA compilation here; RngBitGenerator keys
     compile in well under a second.  Streams are derived with ``fold_in``:
     0 -> parameter init, 1 -> epoch permutations (fold_in epoch), 2 ->
-    augmentation (fold_in step), 3 -> the alternating-flip draw.  Note: "rbg"
-    bits may depend on the sharding, so a data-parallel run with augmentation is
-    statistically, not bitwise, equivalent to a single-device one.
+    augmentation (fold_in step), 3 -> the alternating-flip draw, 4 ->
+    adversarial examples (fold_in step).  Note: "rbg" bits may depend on the
+    sharding, so a data-parallel run with augmentation is statistically, not
+    bitwise, equivalent to a single-device one.
     """
     return jax.random.key(seed, impl="rbg")
 
@@ -196,23 +225,321 @@ def loss_and_correct(logits, labels, num_classes: int, label_smoothing: float):
 
 
 # ----------------------------------------------------------------------------
-# the step
+# the optimiser of a Config
+
+
+def make_schedule(config: Config, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """The learning rate at update ``t`` for ``config.schedule``."""
+    lr = config.learning_rate
+    if config.schedule == "constant":
+        return optax.constant_schedule(lr)
+    if config.schedule == "cosine":
+        warm = int(round(config.warmup_fraction * total_steps))
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warm, 0), total_steps, end_value=0.0)
+    factor = optim.piecewise_linear(
+        total_steps,
+        warmup_steps=int(round(config.warmup_fraction * total_steps)),
+        start=config.schedule_start_factor,
+        end=config.schedule_end_factor,
+    )
+    return lambda t: lr * factor(t)
+
+
+def lookahead_decay(config: Config, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """Airbench's decay ``d(t) = lookahead_decay * (t / T) ** lookahead_power``."""
+    base, power = config.lookahead_decay, config.lookahead_power
+    return lambda t: base * (jnp.asarray(t, jnp.float32) / total_steps) ** power
+
+
+def _group_specs(config: Config, steps_per_epoch: int) -> dict[str, optim.GroupSpec]:
+    specs = {}
+    for name, g in config.param_groups.items():
+        g = dict(g)
+        epochs = g.pop("trainable_epochs", None)
+        if epochs is not None:
+            g["trainable_steps"] = int(round(epochs * steps_per_epoch))
+        specs[name] = optim.GroupSpec(**g)
+    return specs
+
+
+def make_optimizer(
+    config: Config, total_steps: int, params: Any = None, steps_per_epoch: int = 1
+) -> optax.GradientTransformation:
+    """The optimiser of ``config``, from the transforms of :mod:`gbjax.optim`.
+
+    ``config.optimizer`` ("sgd" with momentum/Nesterov, "adam", "adamw") with
+    ``config.schedule``; coupled weight decay ``config.weight_decay`` on the
+    default group's kernels (ndim > 1); ``config.param_groups`` (needs
+    ``params`` to label the leaves; ``trainable_epochs`` counts
+    ``steps_per_epoch`` updates an epoch) and ``config.lookahead_every``.
+    """
+    sched = make_schedule(config, total_steps)
+
+    def make_chain(lr_scale, weight_decay, mask):
+        def lr(t):
+            return lr_scale * sched(t)
+
+        if config.optimizer == "adamw":
+            return optax.adamw(lr, weight_decay=weight_decay, mask=mask)
+        if config.optimizer == "adam":
+            opt = optax.adam(lr)
+        else:
+            m = config.momentum or None
+            opt = optax.sgd(lr, momentum=m, nesterov=bool(config.nesterov and m))
+        if weight_decay:
+            opt = optax.chain(optax.add_decayed_weights(weight_decay, mask), opt)
+        return opt
+
+    def kernels(p):
+        return jax.tree.map(lambda a: a.ndim > 1, p)
+
+    if config.param_groups:
+        if params is None:
+            raise ValueError("param_groups need the parameters: make_optimizer(..., params=...)")
+        tx = optim.grouped(
+            make_chain,
+            params,
+            _group_specs(config, steps_per_epoch),
+            weight_decay=config.weight_decay,
+            decay_mask=kernels,
+        )
+    else:
+        tx = make_chain(1.0, config.weight_decay, kernels)
+    if config.lookahead_every:
+        decay = lookahead_decay(config, total_steps)
+        tx = optax.chain(tx, optim.lookahead(config.lookahead_every, decay, final_step=total_steps))
+    return tx
+
+
+# ----------------------------------------------------------------------------
+# the recipe's hooks, chosen once per configuration
+
+
+def _flip_translate(key, x_BHWC, flip_B, epoch, pad):
+    x_BHWC = augment.alternating_flip(x_BHWC, flip_B, epoch)
+    return augment.random_translate(key, x_BHWC, pad, mode="reflect")
+
+
+#: ``Config.augment`` -> ``fn(key, x_BHWC, flip_B, epoch, pad) -> x_BHWC``, where
+#: ``flip_B`` is the batch's share of the fixed alternating-flip draw.
+AUGMENTATIONS: dict[str, Callable] = {
+    "none": lambda key, x_BHWC, flip_B, epoch, pad: x_BHWC,
+    "crop_flip": lambda key, x_BHWC, flip_B, epoch, pad: augment.random_crop_flip(
+        key, x_BHWC, pad=pad
+    ),
+    "flip_translate": _flip_translate,
+    "translate": lambda key, x_BHWC, flip_B, epoch, pad: augment.random_translate(
+        key, x_BHWC, pad, mode="reflect"
+    ),
+}
+
+
+def _objective(config: Config, num_classes: int) -> Callable:
+    """``fn(logits, labels, step) -> (loss to differentiate, summed loss, number
+    correct)``: cross-entropy with ``label_smoothing``, summed or averaged over
+    the batch (``loss_reduction``), and poisoned with NaN at ``debug_nan_step``."""
+
+    def objective(logits, labels_B, step):
+        loss_B, correct_B = loss_and_correct(logits, labels_B, num_classes, config.label_smoothing)
+        total = jnp.sum(loss_B)
+        loss = total if config.loss_reduction == "sum" else total / labels_B.shape[0]
+        return loss, total, jnp.sum(correct_B)
+
+    if config.debug_nan_step < 0:
+        return objective
+
+    def poisoned(logits, labels_B, step):  # a testing aid for the non-finite guard
+        loss, total, correct = objective(logits, labels_B, step)
+        loss = loss * jnp.where(step == config.debug_nan_step, jnp.nan, 1.0)
+        total = total * jnp.where(step == config.debug_nan_step, jnp.nan, 1.0)
+        return loss, total, correct
+
+    return poisoned
+
+
+def _stats_lookahead(config: Config, total_steps: int) -> Callable | None:
+    """With ``lookahead_every``: ``fn(state) -> state`` after an update, moving the
+    BatchNorm statistics as :func:`gbjax.optim.lookahead` moves the parameters
+    (slow copy in ``state["slow_stats"]``)."""
+    if not config.lookahead_every:
+        return None
+    decay = lookahead_decay(config, total_steps)
+
+    def follow(state):
+        sync, d = optim.lookahead_sync(
+            state["step"], sync_period=config.lookahead_every, decay=decay, final_step=total_steps
+        )
+        fast = state["batch_stats"]
+        slow = optim.lookahead_mix(state["slow_stats"], fast, sync, d)
+        stats = jax.tree.map(lambda s, f: jnp.where(sync, s, f), slow, fast)
+        return dict(state, slow_stats=slow, batch_stats=stats)
+
+    return follow
+
+
+def adversarial_images(
+    state, x_BHWC, y_B, key, *, graphdef, num_classes: int, eps: float,
+    method: str = "n-fgsm", steps: int = 3,
+) -> jax.Array:  # fmt: skip
+    """Adversarial images of the model of ``state`` (train mode), in [0, 1] floats.
+
+    ``n-fgsm`` (de Jorge et al. 2022): start from uniform noise in
+    ``[-2 eps, 2 eps]``, one signed-gradient step of size ``eps``, no
+    projection back to the eps-ball (only to [0, 1]); it avoids the
+    catastrophic overfitting of plain FGSM training without extra cost.
+    ``fgsm-rs`` (Wong, Rice & Kolter 2020): start uniform in ``[-eps, eps]``,
+    step ``1.25 eps``, projected to the eps-ball. ``pgd`` (Madry et al. 2018):
+    start uniform in ``[-eps, eps]``, ``steps`` signed-gradient steps of size
+    ``2.5 eps / steps``, each projected to the eps-ball; ``steps`` + 1
+    gradient computations per training step. The gradient is taken in
+    train mode (batch statistics, as the step itself); the statistics that
+    these extra forward passes would update are discarded.
+    """
+    eps = jnp.float32(eps)
+    x = models.to_pixels(x_BHWC) / 255.0
+    if method == "n-fgsm":
+        radius, step_size, n_steps, project = 2.0 * eps, eps, 1, False
+    elif method == "fgsm-rs":
+        radius, step_size, n_steps, project = eps, 1.25 * eps, 1, True
+    else:
+        n_steps = int(steps)
+        radius, step_size, project = eps, 2.5 * eps / n_steps, True
+    delta = jax.random.uniform(key, x.shape, jnp.float32, -radius, radius)
+
+    def loss(x_in):
+        stats = jax.tree.map(lambda a: a, state["batch_stats"])
+        model = nnx.merge(graphdef, state["params"], stats, state["consts"])
+        logits = model(x_in)
+        return jnp.sum(loss_and_correct(logits, y_B, num_classes, 0.0)[0])
+
+    def one_step(_, delta):
+        g = jax.grad(loss)(jnp.clip(x + delta, 0.0, 1.0))
+        delta = delta + step_size * jnp.sign(g)
+        return jnp.clip(delta, -eps, eps) if project else delta
+
+    delta = jax.lax.fori_loop(0, n_steps, one_step, delta)
+    return jax.lax.stop_gradient(jnp.clip(x + delta, 0.0, 1.0))
+
+
+# ----------------------------------------------------------------------------
+# state, step, evaluation
+
+
+def create_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation, *, slow_stats: bool = False
+) -> dict:
+    """The train state of ``model`` under the optimiser ``tx``.
+
+    Args:
+      model: the initialised model (its graph definition is not part of the
+        state: take it with :func:`gbjax.models.split_state`).
+      tx: the optimiser (:func:`make_optimizer`).
+      slow_stats: also keep a slow copy of the BatchNorm statistics, for
+        lookahead over them.
+
+    Returns:
+      A dict of arrays: ``step``, ``params``, ``batch_stats``, ``consts``,
+      ``opt_state``, the logging window's sums ``loss_sum``, ``correct_sum``,
+      ``count`` (zeroed at each sync point), and ``slow_stats`` if asked for.
+    """
+    _, params, stats, consts = models.split_state(model)
+    zero = lambda: jnp.zeros((), jnp.float32)  # noqa: E731 (distinct buffers: donated)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "batch_stats": stats,
+        "consts": consts,
+        "opt_state": tx.init(params),
+        "loss_sum": zero(),
+        "correct_sum": zero(),
+        "count": zero(),
+    }
+    if slow_stats:
+        state["slow_stats"] = jax.tree.map(jnp.copy, stats)
+    return state
+
+
+def train_step(state: dict, images_BHWC, labels_B, *, graphdef, tx, objective) -> dict:
+    """One optimiser update of ``state`` on a batch (pure; jit it).
+
+    Args:
+      state: a train state (:func:`create_train_state`).
+      images_BHWC, labels_B: the batch (uint8 pixels or floats in [0, 1]).
+      graphdef: the model's train-mode graph definition
+        (:func:`gbjax.models.split_state`).
+      tx: the optimiser the state was created with.
+      objective: ``fn(logits, labels, step) -> (loss to differentiate, summed
+        loss, number correct)``.
+
+    Returns:
+      The next state: ``step`` + 1, updated parameters, optimiser state and
+      BatchNorm statistics, and the batch added to the logging window's sums.
+    """
+    step = state["step"]
+
+    def loss_fn(params):
+        # fresh Variable objects at this trace level (BatchStat is mutated here)
+        stats = jax.tree.map(lambda a: a, state["batch_stats"])
+        model = nnx.merge(graphdef, params, stats, state["consts"])
+        loss, total, correct = objective(model(images_BHWC), labels_B, step)
+        return loss, (total, correct, models.split_state(model)[2])
+
+    (_, (total, correct, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"]
+    )
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return dict(
+        state,
+        step=step + 1,
+        params=optax.apply_updates(state["params"], updates),
+        opt_state=opt_state,
+        loss_sum=state["loss_sum"] + total,
+        correct_sum=state["correct_sum"] + correct.astype(jnp.float32),
+        count=state["count"] + labels_B.shape[0],
+        batch_stats=new_stats,
+    )
+
+
+def state_model(state: dict, graphdef) -> nnx.Module:
+    """The model of ``state`` under ``graphdef`` (it shares the state's arrays)."""
+    return nnx.merge(graphdef, state["params"], state["batch_stats"], state["consts"])
+
+
+def eval_step(
+    state: dict, images, labels, *, graphdef, batch_size: int = 500, tta: str = "none"
+) -> dict:
+    """``{"accuracy", "loss"}`` of the model of ``state`` on ``(images, labels)``.
+
+    Args:
+      state: a train state (:func:`create_train_state`).
+      images, labels: the test set (uint8 pixels or floats in [0, 1]).
+      graphdef: the model's eval-mode graph definition.
+      batch_size, tta: as :func:`gbjax.evaluate.evaluate`.
+
+    Returns:
+      ``gbjax.evaluate.evaluate`` of the eval-mode model: fraction correct and
+      mean cross-entropy (no label smoothing).
+    """
+    model = state_model(state, graphdef)
+    return evaluate.evaluate(model, images, labels, batch_size=batch_size, tta=tta)
 
 
 class Trainer:
-    """The compiled training step and shardings of one configuration.
+    """The pieces above, bound for one configuration: its optimiser, hooks,
+    PRNG streams, shardings and one jitted training step.
 
     Public pieces, all usable from a benchmark:
 
-    * ``init_state``: the train state (a dict pytree of arrays);
+    * ``init_state``: the train state (:func:`create_train_state`, replicated);
     * ``put_data(x, y)``: the training set on device (``{"images", "labels",
       "flip"}``, replicated);
     * ``epoch_permutation(epoch)``: the order of one epoch;
-    * ``train_step(state, data, perm) -> state``: one jitted step; it donates
-      ``state``, so keep only the returned one;
+    * ``train_step(state, data, perm) -> state``: one jitted step (gather the
+      batch, augment, attack, :func:`train_step`, lookahead of the statistics);
+      it donates ``state``, so keep only the returned one;
     * ``model(state)``: the eval-mode model of a state (shares its arrays);
     * ``evaluate(state, x, y, tta=...)``: ``{"accuracy", "loss"}`` through
-      :func:`gbjax.evaluate.evaluate`.
+      :func:`eval_step`.
     """
 
     def __init__(
@@ -229,10 +556,10 @@ class Trainer:
         self.total_steps = total_steps
         self.steps_per_epoch = num_train // config.batch_size
         model.train()
-        self.train_graphdef, params, stats, consts = models.split_state(model)
+        self.train_graphdef, params = models.split_state(model)[:2]
         model.eval()
         self.eval_graphdef = models.split_state(model)[0]
-        self.tx = optim.make_optimizer(
+        self.tx = make_optimizer(
             config, total_steps, params=params, steps_per_epoch=self.steps_per_epoch
         )
         key = root_key(config.seed)
@@ -240,19 +567,18 @@ class Trainer:
         self.aug_key = jax.random.fold_in(key, 2)
         self.flip_key = jax.random.fold_in(key, 3)
         self.adv_key = jax.random.fold_in(key, 4)
-        zero = lambda: jnp.zeros((), jnp.float32)  # distinct buffers: donated
-        state = {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "batch_stats": stats,
-            "consts": consts,
-            "opt_state": self.tx.init(params),
-            "loss_sum": zero(),
-            "correct_sum": zero(),
-            "count": zero(),
-        }
-        if config.lookahead_every:
-            state["slow_stats"] = jax.tree.map(jnp.copy, stats)
+        # the recipe's hooks
+        self.augment = AUGMENTATIONS[config.augment]
+        self.objective = _objective(config, num_classes)
+        self.after_update = _stats_lookahead(config, total_steps)
+        self.attack = None
+        if config.adversarial:
+            adv = config.adversarial
+            self.attack = functools.partial(
+                adversarial_images, graphdef=self.train_graphdef, num_classes=num_classes,
+                eps=adv["eps"], method=adv.get("method", "n-fgsm"), steps=adv.get("steps", 3),
+            )  # fmt: skip
+        state = create_train_state(model, self.tx, slow_stats=bool(config.lookahead_every))
         self.init_state = jax.device_put(state, self.repl)
         self.train_step = jax.jit(
             self._train_step,
@@ -276,113 +602,29 @@ class Trainer:
     def epoch_permutation(self, epoch: int) -> jax.Array:
         return self._perm(epoch)
 
-    def _augment(self, step, x_BHWC, flip_B):
-        cfg = self.config
-        key = jax.random.fold_in(self.aug_key, step)
-        if cfg.augment == "crop_flip":
-            return augment.random_crop_flip(key, x_BHWC, pad=cfg.crop_pad)
-        if cfg.augment == "flip_translate":
-            x_BHWC = augment.alternating_flip(x_BHWC, flip_B, step // self.steps_per_epoch)
-            return augment.random_translate(key, x_BHWC, cfg.crop_pad, mode="reflect")
-        if cfg.augment == "translate":
-            return augment.random_translate(key, x_BHWC, cfg.crop_pad, mode="reflect")
-        return x_BHWC
-
-    def _train_step(self, state, data, perm_N):
-        cfg, B = self.config, self.config.batch_size
-        step = state["step"]
+    def _batch(self, state, data, perm_N):
+        """The step's batch, sharded over ``"data"``: its rows of the epoch
+        permutation, augmented, and attacked when training adversarially."""
+        step, B = state["step"], self.config.batch_size
         start = (step % self.steps_per_epoch) * B
         idx_B = jax.lax.dynamic_slice(perm_N, (start,), (B,))
-        shard = lambda a: jax.lax.with_sharding_constraint(a, self.batch_sharding)
+        shard = lambda a: jax.lax.with_sharding_constraint(a, self.batch_sharding)  # noqa: E731
         x_BHWC = shard(data["images"][idx_B])
         y_B = shard(data["labels"][idx_B])
-        x_BHWC = shard(self._augment(step, x_BHWC, data["flip"][idx_B]))
-        if cfg.adversarial:
-            x_BHWC = shard(self._adversarial(state, step, x_BHWC, y_B))
+        flip_B = data["flip"][idx_B]
+        key = jax.random.fold_in(self.aug_key, step)
+        epoch = step // self.steps_per_epoch
+        x_BHWC = shard(self.augment(key, x_BHWC, flip_B, epoch, self.config.crop_pad))
+        if self.attack is not None:
+            x_BHWC = shard(self.attack(state, x_BHWC, y_B, jax.random.fold_in(self.adv_key, step)))
+        return x_BHWC, y_B
 
-        def loss_fn(params):
-            # fresh Variable objects at this trace level (BatchStat is mutated here)
-            stats = jax.tree.map(lambda a: a, state["batch_stats"])
-            model = nnx.merge(self.train_graphdef, params, stats, state["consts"])
-            logits = model(x_BHWC)
-            loss_B, correct_B = loss_and_correct(logits, y_B, self.num_classes, cfg.label_smoothing)
-            total = jnp.sum(loss_B)
-            loss = total if cfg.loss_reduction == "sum" else total / B
-            if cfg.debug_nan_step >= 0:
-                loss = loss * jnp.where(step == cfg.debug_nan_step, jnp.nan, 1.0)
-                total = total * jnp.where(step == cfg.debug_nan_step, jnp.nan, 1.0)
-            new_stats = models.split_state(model)[2]
-            return loss, (total, jnp.sum(correct_B), new_stats)
-
-        (_, (total, correct, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"]
+    def _train_step(self, state, data, perm_N):
+        x_BHWC, y_B = self._batch(state, data, perm_N)
+        state = train_step(
+            state, x_BHWC, y_B, graphdef=self.train_graphdef, tx=self.tx, objective=self.objective
         )
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        out = dict(
-            state,
-            step=step + 1,
-            params=optax.apply_updates(state["params"], updates),
-            opt_state=opt_state,
-            loss_sum=state["loss_sum"] + total,
-            correct_sum=state["correct_sum"] + correct.astype(jnp.float32),
-            count=state["count"] + B,
-        )
-        if cfg.lookahead_every:
-            # BatchNorm statistics follow the parameters' lookahead (gbjax.optim.lookahead)
-            sync, d = optim.lookahead_sync(
-                step + 1,
-                sync_period=cfg.lookahead_every,
-                decay=optim.lookahead_decay(cfg, self.total_steps),
-                final_step=self.total_steps,
-            )
-            slow = optim.lookahead_mix(state["slow_stats"], new_stats, sync, d)
-            new_stats = jax.tree.map(lambda s, f: jnp.where(sync, s, f), slow, new_stats)
-            out["slow_stats"] = slow
-        out["batch_stats"] = new_stats
-        return out
-
-    def _adversarial(self, state, step, x_BHWC, y_B):
-        """Adversarial images of the current model, in [0, 1] floats.
-
-        ``n-fgsm`` (de Jorge et al. 2022): start from uniform noise in
-        ``[-2 eps, 2 eps]``, one signed-gradient step of size ``eps``, no
-        projection back to the eps-ball (only to [0, 1]); it avoids the
-        catastrophic overfitting of plain FGSM training without extra cost.
-        ``fgsm-rs`` (Wong, Rice & Kolter 2020): start uniform in ``[-eps, eps]``,
-        step ``1.25 eps``, projected to the eps-ball. ``pgd`` (Madry et al. 2018):
-        start uniform in ``[-eps, eps]``, ``steps`` signed-gradient steps of size
-        ``2.5 eps / steps``, each projected to the eps-ball; ``steps`` + 1
-        gradient computations per training step. The gradient is taken in
-        train mode (batch statistics, as the step itself); the statistics that
-        these extra forward passes would update are discarded.
-        """
-        adv = self.config.adversarial
-        eps = jnp.float32(adv["eps"])
-        method = adv.get("method", "n-fgsm")
-        x = models.to_pixels(x_BHWC) / 255.0
-        key = jax.random.fold_in(self.adv_key, step)
-        if method == "n-fgsm":
-            radius, step_size, n_steps, project = 2.0 * eps, eps, 1, False
-        elif method == "fgsm-rs":
-            radius, step_size, n_steps, project = eps, 1.25 * eps, 1, True
-        else:
-            n_steps = int(adv.get("steps", 3))
-            radius, step_size, project = eps, 2.5 * eps / n_steps, True
-        delta = jax.random.uniform(key, x.shape, jnp.float32, -radius, radius)
-
-        def loss(x_in):
-            stats = jax.tree.map(lambda a: a, state["batch_stats"])
-            model = nnx.merge(self.train_graphdef, state["params"], stats, state["consts"])
-            logits = model(x_in)
-            return jnp.sum(loss_and_correct(logits, y_B, self.num_classes, 0.0)[0])
-
-        def one_step(_, delta):
-            g = jax.grad(loss)(jnp.clip(x + delta, 0.0, 1.0))
-            delta = delta + step_size * jnp.sign(g)
-            return jnp.clip(delta, -eps, eps) if project else delta
-
-        delta = jax.lax.fori_loop(0, n_steps, one_step, delta)
-        return jax.lax.stop_gradient(jnp.clip(x + delta, 0.0, 1.0))
+        return state if self.after_update is None else self.after_update(state)
 
     def robust_accuracy(self, state, x, y) -> float:
         """PGD accuracy at ``adversarial['eps']`` (``eval_steps`` steps, one random
@@ -405,35 +647,17 @@ class Trainer:
 
     def model(self, state) -> nnx.Module:
         """The eval-mode model of ``state``."""
-        return nnx.merge(self.eval_graphdef, state["params"], state["batch_stats"], state["consts"])
+        return state_model(state, self.eval_graphdef)
 
     def evaluate(self, state, x, y, *, tta: str = "none") -> dict:
-        return evaluate.evaluate(
-            self.model(state), x, y, batch_size=self.config.eval_batch_size, tta=tta
-        )
+        return eval_step(
+            state, x, y, graphdef=self.eval_graphdef, batch_size=self.config.eval_batch_size,
+            tta=tta,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------
 # the loop
-
-
-def _checkpoint_manager(workdir: pathlib.Path, config: Config):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.max_checkpoints_to_keep,
-            create=True,
-            # synchronous: the train step donates (reuses) the state's buffers
-            enable_async_checkpointing=False,
-        ),
-    )
-
-
-def _write_jsonl(path: pathlib.Path, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def total_steps_of(config: Config, num_train: int) -> int:
@@ -477,165 +701,107 @@ def train_and_evaluate(
 
 
 def _train(config, wd, data, num_classes, total_steps, t_start, stop_after_step) -> TrainResult:
-    """The run of :func:`train_and_evaluate` in the open, locked workdir ``wd``."""
-    import orbax.checkpoint as ocp
-
-    workdir = wd.path
-    xtr, ytr, xte, yte = data
-    model = init_model(config, xtr, num_classes)
-    trainer = Trainer(
-        config, model, num_classes=num_classes, num_train=len(xtr), total_steps=total_steps
-    )
-    steps_per_epoch = trainer.steps_per_epoch
-
-    metrics_path = workdir / "metrics.jsonl"
-    train_data = trainer.put_data(xtr, ytr)
-
-    mngr = _checkpoint_manager(workdir, config)
-    state = trainer.init_state
-    start_step = 0
-    latest = wd.resume_step  # the latest checkpoint that verified
-    if latest is not None:
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
-        )
-        state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-        start_step = int(state["step"])
-        if start_step >= total_steps:  # nothing to train: the run's own final metrics
-            mngr.close()
-            ev = lambda: trainer.evaluate(state, xte, yte, tta=config.eval_tta)  # noqa: E731
-            return TrainResult(_returned_model(trainer, state), wd.finished_metrics(start_step, ev))
-        _write_jsonl(metrics_path, {"event": "resumed", "step": start_step})
-    elif metrics_path.exists():  # killed before its first checkpoint: starts over
-        _write_jsonl(metrics_path, {"event": "resumed", "step": 0})
-    last_good = latest
-
+    """The loop of :func:`train_and_evaluate`, in the open, locked workdir ``wd``."""
     from tqdm.auto import tqdm
 
+    xtr, ytr, xte, yte = data
+    trainer = Trainer(
+        config, init_model(config, xtr, num_classes), num_classes=num_classes,
+        num_train=len(xtr), total_steps=total_steps,
+    )  # fmt: skip
+    spe = trainer.steps_per_epoch
+    metrics_path = wd.path / "metrics.jsonl"
+    train_data = trainer.put_data(xtr, ytr)
+    mngr = _train_loop.checkpoint_manager(wd.path, config.max_checkpoints_to_keep)
+    state = _train_loop.restore_state(mngr, wd.resume_step, trainer.init_state)
+    start_step = int(state["step"])
+    if start_step >= total_steps:  # nothing to train: the run's own final metrics
+        mngr.close()
+        ev = lambda: trainer.evaluate(state, xte, yte, tta=config.eval_tta)  # noqa: E731
+        return TrainResult(_returned_model(trainer, state), wd.finished_metrics(start_step, ev))
+    if start_step or metrics_path.exists():  # resumed (or killed before a checkpoint)
+        _train_loop.append_jsonl(metrics_path, {"event": "resumed", "step": start_step})
+    cadence = _train_loop.Cadence(
+        spe, total_steps, config.log_every_steps, config.eval_every_epochs,
+        config.checkpoint_every_steps, stop_after_step,
+    )  # fmt: skip
+    timer, schedule = _train_loop.StepTimer(), make_schedule(config, total_steps)
     bar = tqdm(
         total=total_steps, initial=start_step, disable=not config.progress,
         desc=f"{config.model}", unit="step", dynamic_ncols=True,
     )  # fmt: skip
-    B = config.batch_size
     summary: dict = {}
-    compile_time = None
-    train_time, train_steps = 0.0, 0  # compile-free timing of the train steps
+    last_good, last_sync_step = wd.resume_step, start_step
     epoch, perm = -1, None
-    t_mark, steps_since_mark = None, 0
-    last_sync_step = start_step
-    schedule = optim.make_schedule(config, total_steps)
     try:
         for step in range(start_step, total_steps):
-            if step // steps_per_epoch != epoch:
-                epoch = step // steps_per_epoch
+            if step // spe != epoch:
+                epoch = step // spe
                 perm = trainer.epoch_permutation(epoch)
-            if t_mark is None:  # first step of this process: measure compile + run
-                t0 = time.perf_counter()
-                state = trainer.train_step(state, train_data, perm)
-                jax.block_until_ready(state["loss_sum"])
-                compile_time = time.perf_counter() - t0
-                t_mark, steps_since_mark = time.perf_counter(), 0
-            else:
-                state = trainer.train_step(state, train_data, perm)
-                steps_since_mark += 1
+            state = timer.run(trainer.train_step, state, train_data, perm)
             bar.update(1)
             done = step + 1
-            last = done == total_steps
-            end_of_epoch = done % steps_per_epoch == 0
-            do_eval = last or (
-                end_of_epoch
-                and config.eval_every_epochs
-                and (done // steps_per_epoch) % config.eval_every_epochs == 0
-            )
-            do_ckpt = done % config.checkpoint_every_steps == 0 or last
-            if not (
-                done % config.log_every_steps == 0 or do_eval or do_ckpt or done == stop_after_step
-            ):
+            if not cadence.sync(done):
                 continue
             # ---- sync point: check, log, evaluate, checkpoint
-            loss_sum = float(state["loss_sum"])
-            now = time.perf_counter()
-            if steps_since_mark:
-                train_time += now - t_mark
-                train_steps += steps_since_mark
-            if not np.isfinite(loss_sum) or not bool(trainer.all_finite(state["params"])):
-                where = (
-                    f"checkpoint at step {last_good} in {workdir / 'checkpoints'}"
-                    if last_good is not None
-                    else "no checkpoint was written"
-                )
-                _write_jsonl(
-                    metrics_path,
-                    {"event": "non_finite_loss", "step": done, "last_good_checkpoint": last_good},
-                )
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({loss_sum}) between steps "
-                    f"{last_sync_step + 1} and {done}; stopping. Last good {where}."
-                )
-            count = float(state["count"])
-            rec = {
-                "step": done,
-                "epoch": done / steps_per_epoch,
-                "train_loss": loss_sum / max(count, 1.0),
-                "train_accuracy": float(state["correct_sum"]) / max(count, 1.0),
-                "learning_rate": float(schedule(done - 1)),
-            }
-            if steps_since_mark:
-                dt = (now - t_mark) / steps_since_mark
-                rec.update(images_per_sec=B / dt, step_time_ms=1e3 * dt)
-            state = dict(
-                state,
-                **{
-                    k: jax.device_put(jnp.zeros((), jnp.float32), trainer.repl)
-                    for k in ("loss_sum", "correct_sum", "count")
-                },
-            )
-            if do_eval:
-                tta = config.eval_tta if (last or config.eval_tta_every_epoch) else "none"
-                ev = trainer.evaluate(state, xte, yte, tta=tta)
-                rec.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"], tta=tta)
-                if tta != "none":
-                    rec["test_accuracy_plain"] = trainer.evaluate(state, xte, yte)["accuracy"]
-                n_adv = config.adversarial.get("eval_n", 0) if config.adversarial else 0
-                if n_adv:  # held out: the last n_adv test images
-                    rec["pgd_accuracy"] = trainer.robust_accuracy(state, xte[-n_adv:], yte[-n_adv:])
-            # Time to a target: the summed time of this process's train steps (the
-            # first, compiling step and all evaluations excluded), and all wall time.
-            rec.update(train_time_s=train_time, elapsed_s=time.perf_counter() - t_start)
-            _write_jsonl(metrics_path, rec)
+            rec = _train_loop.window_record(state, done, spe, schedule, timer, config.batch_size)
+            if not (math.isfinite(rec["train_loss"]) and trainer.all_finite(state["params"])):
+                _non_finite(metrics_path, rec["train_loss"], last_sync_step, done, last_good, wd)
+            state = _train_loop.zero_window(state, trainer.repl)
+            if cadence.evaluate(done):
+                rec.update(_evaluate(trainer, state, xte, yte, final=done == total_steps))
+            rec.update(train_time_s=timer.train_time, elapsed_s=time.perf_counter() - t_start)
+            _train_loop.append_jsonl(metrics_path, rec)
             summary.update(rec)
-            bar.set_postfix(
-                loss=f"{rec['train_loss']:.4f}",
-                acc=f"{rec['train_accuracy']:.3f}",
-                img_s=f"{rec.get('images_per_sec', 0):.0f}",
-                **({"test": f"{rec['test_accuracy']:.4f}"} if do_eval else {}),
-            )
-            if do_ckpt:
-                mngr.save(done, args=ocp.args.StandardSave(state))
-                mngr.wait_until_finished()
-                wd.seal(done)  # its checksum, verified on resume
+            bar.set_postfix(_train_loop.bar_postfix(rec))
+            if cadence.checkpoint(done):
+                _train_loop.save_checkpoint(mngr, wd, done, state)
                 last_good = done
             last_sync_step = done
-            t_mark, steps_since_mark = time.perf_counter(), 0
-            if done == stop_after_step:
+            timer.restart()
+            if cadence.stop(done):
                 break
     finally:
         bar.close()
         mngr.wait_until_finished()
         mngr.close()
-
-    summary.pop("epoch", None)
-    summary.pop("learning_rate", None)
-    if train_steps:
-        summary["images_per_sec"] = B * train_steps / train_time
-        summary["step_time_ms"] = 1e3 * train_time / train_steps
-    summary.update(
-        step=int(state["step"]),
-        compile_time_s=compile_time,
-        wall_time_s=time.perf_counter() - t_start,
-    )
-    _write_jsonl(metrics_path, {"event": "summary", **summary})
+    summary = _train_loop.run_summary(summary, state, timer, config.batch_size, t_start)
+    _train_loop.append_jsonl(metrics_path, {"event": "summary", **summary})
     return TrainResult(_returned_model(trainer, state), summary)
+
+
+# ---- the loop's helpers
+
+
+def _non_finite(metrics_path, loss, last_sync_step, done, last_good, wd):
+    """Logs the non-finite loss and raises :class:`NonFiniteLossError`."""
+    where = (
+        f"checkpoint at step {last_good} in {wd.path / 'checkpoints'}"
+        if last_good is not None
+        else "no checkpoint was written"
+    )
+    _train_loop.append_jsonl(
+        metrics_path, {"event": "non_finite_loss", "step": done, "last_good_checkpoint": last_good}
+    )
+    raise NonFiniteLossError(
+        f"non-finite training loss ({loss}) between steps "
+        f"{last_sync_step + 1} and {done}; stopping. Last good {where}."
+    )
+
+
+def _evaluate(trainer: Trainer, state, xte, yte, *, final: bool) -> dict:
+    """The test metrics of ``state`` (with ``eval_tta`` at the end, or every epoch
+    when ``eval_tta_every_epoch``), and its PGD accuracy when training adversarially."""
+    config = trainer.config
+    tta = config.eval_tta if (final or config.eval_tta_every_epoch) else "none"
+    ev = trainer.evaluate(state, xte, yte, tta=tta)
+    out = dict(test_accuracy=ev["accuracy"], test_loss=ev["loss"], tta=tta)
+    if tta != "none":
+        out["test_accuracy_plain"] = trainer.evaluate(state, xte, yte)["accuracy"]
+    n_adv = config.adversarial.get("eval_n", 0) if config.adversarial else 0
+    if n_adv:  # held out: the last n_adv test images
+        out["pgd_accuracy"] = trainer.robust_accuracy(state, xte[-n_adv:], yte[-n_adv:])
+    return out
 
 
 def _returned_model(trainer: Trainer, state) -> nnx.Module:
@@ -650,21 +816,32 @@ def _returned_model(trainer: Trainer, state) -> nnx.Module:
     return model
 
 
-def main(argv=None):
-    """The ``python -m gbjax.train`` / ``gbjax train`` command line: trains a config in
-    a workdir (see the module docstring); exit 2 on bad arguments or a refused workdir."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--config", required=True, help="path/to/config.py[:arg] or module[:arg]")
-    p.add_argument("--workdir", required=True)
-    p.add_argument(
+# ----------------------------------------------------------------------------
+# command line (python -m gbjax train; python -m gbjax.train is the same)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training command's arguments (``--config``, ``--workdir``, ``--set``,
+    ``--overwrite``), added to ``parser``."""
+    parser.add_argument("--config", required=True, help="path/to/config.py[:arg] or module[:arg]")
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.json")
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field (Python literal)",
+        help="override a config field (a Python literal); repeatable",
     )  # fmt: skip
-    p.add_argument(
+    parser.add_argument(
         "--overwrite", action="store_true",
         help="start over in a workdir made with another configuration (deletes only the "
         "trainer's files there: config.json, metrics.jsonl, checkpoints)",
     )  # fmt: skip
+
+
+def main(argv=None):
+    """The ``python -m gbjax train`` / ``python -m gbjax.train`` command line: trains a
+    config in a workdir (see the module docstring); exit 2 on bad arguments or a
+    refused workdir, 1 on a non-finite loss."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    add_arguments(p)
     args = p.parse_args(argv)
     try:
         config = apply_overrides(load_config(args.config), args.set)

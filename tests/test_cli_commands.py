@@ -1,5 +1,7 @@
 """The `gbjax` command line's `train` and `cluster` subcommands, help texts and exit codes."""
 
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -47,6 +49,17 @@ def test_train_delegates_to_gbjax_train(monkeypatch):
     argv = ["--config", "gbjax.configs.pe_mnist:smoke", "--workdir", "w", "--set", "seed=1"]
     assert main(["train", *argv]) == 0
     assert seen == [argv]
+
+
+@pytest.mark.parametrize("module", [["gbjax", "train"], ["gbjax.train"]])
+def test_train_entry_points_help(module):
+    """``python -m gbjax train`` beside ``denoise``; ``python -m gbjax.train`` its alias."""
+    out = subprocess.run(
+        [sys.executable, "-m", *module, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in ("--config", "--workdir", "--set", "--overwrite"):
+        assert flag in out.stdout
 
 
 def test_train_exit_codes(monkeypatch, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Tests for gbjax.optim against hand-computed updates (numpy, float64)."""
+"""Tests for gbjax.optim, and a Config's optimiser (gbjax.train.make_optimizer), against
+hand-computed updates (numpy, float64)."""
 
 import dataclasses
 
@@ -8,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from gbjax import optim
+from gbjax import optim, train
 from gbjax.config import Config
 
 RNG = np.random.default_rng(0)
@@ -82,7 +83,7 @@ def test_make_optimizer_groups_match_hand_computed_sgd():
     )  # fmt: skip
     total, spe = 8, 1  # trainable_epochs=2 -> 2 steps
     params = _params()
-    tx = optim.make_optimizer(cfg, total, params=params, steps_per_epoch=spe)
+    tx = train.make_optimizer(cfg, total, params=params, steps_per_epoch=spe)
     state = tx.init(params)
     grads_seq = [jax.tree.map(lambda a: jnp.asarray(RNG.normal(size=a.shape), a.dtype), params)
                  for _ in range(total)]  # fmt: skip
@@ -90,7 +91,7 @@ def test_make_optimizer_groups_match_hand_computed_sgd():
     for g in grads_seq:
         u, state = tx.update(g, state, p)
         p = optax.apply_updates(p, u)
-    sched = optim.make_schedule(cfg, total)
+    sched = train.make_schedule(cfg, total)
     fp, fg = _flat(params), [_flat(g) for g in grads_seq]
     groups = {
         "conv/kernel": (1.0, 0.3, None),  # default group: decay on ndim > 1 ...
@@ -140,4 +141,4 @@ def test_lookahead_mix_keeps_integer_leaves_and_unsynced_values():
 def test_param_groups_need_params():
     cfg = dataclasses.replace(Config(), param_groups={"b": dict(pattern="bias")})
     with pytest.raises(ValueError, match="params"):
-        optim.make_optimizer(cfg, 10)
+        train.make_optimizer(cfg, 10)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gbjax import evaluate, train
+from gbjax import config, evaluate, models, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -125,6 +125,54 @@ def test_overrides():
 
 
 # ---------------------------------------------------------------- training
+
+
+def test_public_pieces_compose_into_the_trainers_step():
+    """create_train_state, train_step and eval_step (the flax imagenet shape) give
+    what Trainer's jitted step gives on the same batch."""
+    cfg = tiny(num_steps=3)
+    xtr, ytr, xte, yte = train.load_datasets(cfg)
+    model = train.init_model(cfg, xtr, 10)
+    trainer = train.Trainer(cfg, model, num_classes=10, num_train=len(xtr), total_steps=3)
+    model.train()
+    graphdef = models.split_state(model)[0]
+    tx = train.make_optimizer(cfg, 3)
+    state = train.create_train_state(model, tx)
+    step = jax.jit(
+        lambda s, x, y: train.train_step(
+            s, x, y, graphdef=graphdef, tx=tx, objective=trainer.objective
+        )
+    )
+    data, ref = trainer.put_data(xtr, ytr), trainer.init_state
+    for t in range(3):
+        perm = trainer.epoch_permutation(0)
+        rows = np.asarray(perm)[t * cfg.batch_size : (t + 1) * cfg.batch_size]
+        state = step(state, xtr[rows], ytr[rows])
+        ref = trainer.train_step(ref, data, perm)
+    assert int(state["step"]) == 3 and float(state["count"]) == 3 * cfg.batch_size
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        (state["params"], state["loss_sum"]),
+        (ref["params"], ref["loss_sum"]),
+    )
+    ev = train.eval_step(state, xte, yte, graphdef=trainer.eval_graphdef, batch_size=100)
+    assert ev == trainer.evaluate(ref, xte, yte)
+
+
+def test_recipe_hooks():
+    # every Config.augment has its function; a model's init_from_data is called on
+    # whiten_num_images random training images (airbench: its whitening layer)
+    assert set(train.AUGMENTATIONS) == set(config.AUGMENT)
+    cfg = tiny(model="airbench", model_kwargs=dict(widths=(8, 8, 8)), whiten_num_images=50)
+    x = synthetic(64, 0, size=8, channels=3)[0]
+    model = train.init_model(cfg, x, 10)
+    rows = np.sort(np.random.default_rng(cfg.seed).permutation(64)[:50])
+    kernel = models.whitening_kernel(
+        x[rows], mean=np.asarray(model.mean[...]), std=np.asarray(model.std[...]), kernel_size=2,
+        eps=5e-4,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(model.whiten_kernel[...]), kernel, rtol=1e-6)
+    assert not hasattr(train.init_model(tiny(), DATA["train"][0], 10), "init_from_data")
 
 
 def test_tiny_training_learns_and_logs(tmp_path):

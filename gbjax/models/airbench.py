@@ -252,6 +252,11 @@ class Airbench(nnx.Module):
             )
         self.whiten_kernel[...] = jnp.asarray(kernel)
 
+    def init_from_data(self, images_NHWC) -> None:
+        """The data-dependent initialisation that :func:`gbjax.train.init_model`
+        looks for: :meth:`init_whitening` on these training images."""
+        self.init_whitening(images_NHWC)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         h = (to_pixels(x) - self.mean[...]) / self.std[...]
         kernel = self.whiten_kernel[...]
