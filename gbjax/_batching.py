@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gbjax._checks import check_int
+
 __all__ = ["Batch", "fixed_batches", "take", "map_batches", "bucket_size"]
 
 
@@ -39,12 +41,6 @@ class Batch(NamedTuple):
         return np.arange(len(self.index)) < self.valid
 
 
-def _check_size(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    return int(v)
-
-
 def bucket_size(n: int, batch_size: int, *, minimum: int = 32) -> int:
     """A batch size for ``n`` rows from few distinct values: ``batch_size``, or the
     smallest power of two >= ``n`` (at least ``minimum``) when that is smaller.
@@ -52,7 +48,7 @@ def bucket_size(n: int, batch_size: int, *, minimum: int = 32) -> int:
     For loops over a shrinking set (images still robust, say) that must not
     compile once per set size.
     """
-    n, batch_size = _check_size("n", n), _check_size("batch_size", batch_size)
+    n, batch_size = check_int("n", n), check_int("batch_size", batch_size)
     return min(batch_size, max(minimum, 1 << (n - 1).bit_length()))
 
 
@@ -63,8 +59,8 @@ def fixed_batches(n: int, batch_size: int, *, shrink: bool = True) -> Iterator[B
     ``shrink=False`` keeps ``batch_size`` even when ``n`` is smaller (for a batch
     that must divide evenly over devices).
     """
-    n = _check_size("n", n)
-    bs = _check_size("batch_size", batch_size)
+    n = check_int("n", n)
+    bs = check_int("batch_size", batch_size)
     if shrink:
         bs = min(bs, n)
     for start in range(0, n, bs):

@@ -705,18 +705,18 @@ def _host(x, thresholds, purity, *, K, max_rounds, kmeans_iters, min_ball_size):
 
 def _centres_radii(x_BNF, labels_BTN, K):
     """Centres (B, T, K, F; 0 for empty slots) and radii (B, T, K) of a partition, in JAX."""
-    from gbjax._gb_engine import _ball_stats, _segsum, _sqdist
+    from gbjax._gb_engine import ball_stats, segsum, sqdist
 
     B, T, N = labels_BTN.shape
     F = x_BNF.shape[-1]
     S = B * T * K
     x = jnp.broadcast_to(x_BNF[:, None], (B, T, N, F)).reshape(B * T * N, F)
     g = (labels_BTN + (jnp.arange(B * T, dtype=jnp.int32) * K).reshape(B, T, 1)).reshape(-1)
-    cnt, c = _ball_stats(x, g, S)
-    d2 = _sqdist(x, c[g])
+    cnt, c = ball_stats(x, g, S)
+    d2 = sqdist(x, c[g])
     safe = d2 > 0
     dist = jnp.where(safe, jnp.sqrt(jnp.where(safe, d2, 1.0)), 0.0)
-    radii = _segsum(dist, g, S) / jnp.maximum(cnt, 1).astype(jnp.float32)
+    radii = segsum(dist, g, S) / jnp.maximum(cnt, 1).astype(jnp.float32)
     c = c * (cnt > 0)[:, None]
     return c.reshape(B, T, K, F), radii.reshape(B, T, K)
 

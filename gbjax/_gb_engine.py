@@ -1,7 +1,7 @@
 """The compiled granular-ball program behind :mod:`gbjax.gb` (private).
 
 Data types (:class:`Features`, :class:`GBResult`), per-pixel features, and
-``_cluster_batch``: one ``jax.jit`` program that clusters a batch of images on
+``cluster_batch``: one ``jax.jit`` program that clusters a batch of images on
 fixed-capacity ball arrays and paints them. The algorithm, its choices and its
 exactness are described in :mod:`gbjax.gb` and docs/methods.md, section 1.
 
@@ -128,11 +128,11 @@ def image_features(image_HWC: jax.Array, features: Features = Features()) -> jax
 # ns) and lost to this scatter (3-5 ns) on XLA:CPU.
 
 
-def _segsum(v, seg, k):
+def segsum(v, seg, k):
     return jax.ops.segment_sum(v, seg, num_segments=k)
 
 
-def _sqdist(x, c):
+def sqdist(x, c):
     # Written out column by column: XLA's CPU backend reduces a minor axis of
     # size 3 about 10x slower than these fused elementwise ops.
     d = x - c
@@ -144,7 +144,7 @@ def _sqdist(x, c):
 
 def _sqdist_pairs(xq_BQF, c_BKF):
     """(B, Q, K) squared distances of every query to every centre of its row,
-    from exact differences summed left to right (as ``_sqdist``): the same
+    from exact differences summed left to right (as ``sqdist``): the same
     float32 value whatever the shapes."""
     out = None
     for f in range(xq_BQF.shape[-1]):
@@ -173,9 +173,9 @@ def _means(sums_SF, cnt_S):
     return jnp.stack([sums_SF[..., f] / n for f in range(sums_SF.shape[-1])], axis=-1)
 
 
-def _ball_stats(x_MF, seg_M, S):
-    cnt = _segsum(jnp.ones_like(seg_M), seg_M, S)
-    sums = _segsum(x_MF, seg_M, S)
+def ball_stats(x_MF, seg_M, S):
+    cnt = segsum(jnp.ones_like(seg_M), seg_M, S)
+    sums = segsum(x_MF, seg_M, S)
     c = _means(sums, cnt.astype(jnp.float32))
     return cnt, c
 
@@ -291,8 +291,8 @@ def _lloyd(x, x1, g, ab, chosen, cnt, *, S1, F, sizes, kmeans_iters):
         def step(st):
             ab, active, cnt2, it, _, cnt = st
             cg = ab[gg]
-            side = _sqdist(xg, cg[:, 1]) < _sqdist(xg, cg[:, 0])
-            s2 = _segsum(x1g, 2 * gg + side.astype(jnp.int32), 2 * C1).reshape(C1, 2, F + 1)
+            side = sqdist(xg, cg[:, 1]) < sqdist(xg, cg[:, 0])
+            s2 = segsum(x1g, 2 * gg + side.astype(jnp.int32), 2 * C1).reshape(C1, 2, F + 1)
             it = it + 1
             means = _means(s2[:, :, :F], s2[:, :, F])
             nonempty = jnp.all(s2[:, :, F] > 0, axis=1)
@@ -421,11 +421,11 @@ def _cluster_labels(
 
         def step(st: _Rounds) -> _Rounds:
             gs, open_, n_balls, saturated = st.ball, st.open, st.n_balls, st.saturated
-            sums1 = _segsum(x1s, gs, Sc + 1)[:Sc]  # integer-valued features: exact sums and counts
+            sums1 = segsum(x1s, gs, Sc + 1)[:Sc]  # integer-valued features: exact sums and counts
             cnt = sums1[:, F].astype(jnp.int32)
             c = _means(sums1[:, :F], sums1[:, F])
-            d2 = _sqdist(xs, _ext(c, 0.0)[gs])
-            within = _segsum((d2 < t2).astype(jnp.int32), gs, Sc + 1)[:Sc]
+            d2 = sqdist(xs, _ext(c, 0.0)[gs])
+            within = segsum((d2 < t2).astype(jnp.int32), gs, Sc + 1)[:Sc]
             frac = within.astype(jnp.float32) / jnp.maximum(cnt, 1).astype(jnp.float32)
             cand = open_ & (cnt >= 2) & (frac < purity)
             if Kc < K:  # at most Kc / 2 balls per image: the capacity cannot bind
@@ -439,7 +439,7 @@ def _cluster_labels(
 
             # Deterministic 2-means seeds: farthest from the centre, then farthest from it.
             a = xs[_argmax_member(d2, gs, Sc + 1)]
-            b = xs[_argmax_member(_sqdist(xs, a[gs]), gs, Sc + 1)]
+            b = xs[_argmax_member(sqdist(xs, a[gs]), gs, Sc + 1)]
             ab, cnt2 = _lloyd(
                 xs,
                 x1s,
@@ -453,7 +453,7 @@ def _cluster_labels(
                 kmeans_iters=kmeans_iters,
             )
             cg = ab[gs]
-            side = _sqdist(xs, cg[:, 1]) < _sqdist(xs, cg[:, 0])
+            side = sqdist(xs, cg[:, 1]) < sqdist(xs, cg[:, 0])
 
             ok = chosen & jnp.all(cnt2[:Sc] > 0, axis=1)
             okBK = ok.reshape(B, Kc)
@@ -637,14 +637,14 @@ def _paint(
     S = B * K
     x = x_BNF.reshape(B * N, F)
     g = (labels + (jnp.arange(B, dtype=jnp.int32) * K)[:, None]).reshape(-1)
-    cnt, c = _ball_stats(x, g, S)
-    d2 = _sqdist(x, c[g])
+    cnt, c = ball_stats(x, g, S)
+    d2 = sqdist(x, c[g])
     safe = d2 > 0
     dist = jnp.where(safe, jnp.sqrt(jnp.where(safe, d2, 1.0)), 0.0)
     cntf = jnp.maximum(cnt, 1).astype(jnp.float32)
-    radii = _segsum(dist, g, S) / cntf
+    radii = segsum(dist, g, S) / cntf
     within = (
-        _segsum((d2 < jnp.asarray(threshold, jnp.float32) ** 2).astype(jnp.float32), g, S) / cntf
+        segsum((d2 < jnp.asarray(threshold, jnp.float32) ** 2).astype(jnp.float32), g, S) / cntf
     )
 
     kept = (cnt >= min_ball_size).reshape(B, K)
@@ -722,7 +722,7 @@ def _cluster_and_paint(
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _cluster_batch(
+def cluster_batch(
     images_BHWC,
     threshold,
     purity,
@@ -765,7 +765,7 @@ def _cluster_batch(
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _multiscale_batch(
+def multiscale_batch(
     images_BHWC,
     thresholds_T,
     purity,

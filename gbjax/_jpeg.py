@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gbjax._checks import check_int
+
 __all__ = ["jpeg_quant_table", "jpeg_codec", "rgb_to_ycc", "ycc_to_rgb", "downsample",
            "upsample"]  # fmt: skip
 
@@ -23,16 +25,6 @@ __all__ = ["jpeg_quant_table", "jpeg_codec", "rgb_to_ycc", "ycc_to_rgb", "downsa
 def _straight_through(v, forward):
     """``forward`` (a rounded version of ``v``) forward, identity backward."""
     return v + jax.lax.stop_gradient(forward - v)
-
-
-def _check_quality(quality) -> int:
-    if (
-        isinstance(quality, bool)
-        or not isinstance(quality, (int, np.integer))
-        or not (1 <= quality <= 100)
-    ):
-        raise ValueError(f"quality: expected an int in 1..100, got {quality!r}")
-    return int(quality)
 
 
 # libjpeg's jcparam.c: the IJG (JPEG standard Annex K) tables, natural order.
@@ -53,7 +45,7 @@ def jpeg_quant_table(quality: int, chroma: bool = False) -> np.ndarray:
     Scale ``s = 5000 // q`` for ``q < 50``, else ``200 - 2 q``; entries
     ``(T s + 50) // 100`` clipped to 1..255.
     """
-    quality = _check_quality(quality)
+    quality = check_int("quality", quality, 1, 100)
     s = 5000 // quality if quality < 50 else 200 - 2 * quality
     base = _JPEG_CHROMA if chroma else _JPEG_LUMA
     return np.clip((base * s + 50) // 100, 1, 255)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gbjax._checks import check_int
+
 __all__ = ["init_quantiles", "init_kmeanspp", "lloyd", "kmeans_quantize"]
 
 
@@ -101,10 +103,8 @@ def kmeans_quantize(image_HWC, k: int, *, key: jax.Array | None = None, iters: i
     image_HWC = np.asarray(image_HWC)
     if image_HWC.ndim != 3:
         raise ValueError(f"image_HWC: expected (H, W, C), got shape {image_HWC.shape}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k: expected an int >= 1, got {k!r}")
-    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
-        raise ValueError(f"iters: expected an int >= 1, got {iters!r}")
+    check_int("k", k)
+    check_int("iters", iters)
     H, W, C = image_HWC.shape
     x = jnp.asarray(image_HWC.reshape(-1, C), jnp.float32)
     c, lab = _kmeans(x, key, k=min(int(k), H * W), iters=int(iters))

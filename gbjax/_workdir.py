@@ -40,6 +40,7 @@ import sys
 
 import numpy as np
 
+from gbjax._files import write_atomic
 from gbjax.config import Config
 
 FORMAT = 1
@@ -263,7 +264,7 @@ def seal(workdir: pathlib.Path, step: int) -> None:
     """Writes the checksum of checkpoint ``step`` (after it was written)."""
     step_dir = workdir / "checkpoints" / str(step)
     rec = {"step": step, "sha256": _files_digest(step_dir)}
-    _write_atomic(step_dir / SUM_NAME, json.dumps(rec) + "\n")
+    write_atomic(step_dir / SUM_NAME, json.dumps(rec) + "\n")
 
 
 _NO_SUM = f"it has no {SUM_NAME} (the run was killed while writing it?)"
@@ -323,12 +324,6 @@ def _move_aside(workdir: pathlib.Path, step: int) -> pathlib.Path:
 
 # ----------------------------------------------------------------------------
 # the open workdir
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _lock(workdir: pathlib.Path):
@@ -457,12 +452,12 @@ def open_workdir(workdir: str | os.PathLike, record: dict, *, overwrite: bool = 
         if bad:
             say(f"resuming from step {step}" if step is not None else "starting from scratch")
         if old is None:
-            _write_atomic(path / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
+            write_atomic(path / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
         elif old["total_steps"] != record["total_steps"] and (
             step is None or record["total_steps"] > step
         ):  # a new length that _length_problem allows: remember it
             old = dict(old, **{k: record.get(k) for k in (*LENGTH_FIELDS, "total_steps")})
-            _write_atomic(path / CONFIG_NAME, json.dumps(old, indent=2) + "\n")
+            write_atomic(path / CONFIG_NAME, json.dumps(old, indent=2) + "\n")
         return Workdir(path, record, lock, step)
     except BaseException:
         fcntl.flock(lock, fcntl.LOCK_UN)

@@ -20,6 +20,8 @@ import os
 
 import jax
 
+from gbjax._checks import is_traced
+
 __all__ = ["conv_options", "conv_jit", "relieve_map_pressure"]
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
@@ -48,7 +50,7 @@ def conv_jit(fun=None, **jit_kwargs):
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
-        if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs))):
+        if any(is_traced(a) for a in jax.tree.leaves((args, kwargs))):
             return nested(*args, **kwargs)
         if not compiled:
             compiled.append(jax.jit(fun, compiler_options=conv_options(), **jit_kwargs))

@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from gbjax._checks import check_int
 
 __all__ = [
     "random_translate",
@@ -47,12 +48,6 @@ def _check_batch(x_BHWC) -> None:
         raise ValueError(f"x_BHWC must have shape (B, H, W, C), got {x_BHWC.shape}")
 
 
-def _check_pad(pad) -> int:
-    if not isinstance(pad, (int, np.integer)) or isinstance(pad, bool) or pad < 0:
-        raise ValueError(f"pad must be a non-negative int, got {pad!r}")
-    return int(pad)
-
-
 def flip_lr(x_BHWC: jax.Array) -> jax.Array:
     """Mirror every image left-right."""
     return x_BHWC[:, :, ::-1, :]
@@ -66,7 +61,7 @@ def random_translate(key: jax.Array, x_BHWC: jax.Array, pad: int, *, mode: str =
     size. Shape and dtype are preserved; ``pad`` is static.
     """
     _check_batch(x_BHWC)
-    pad = _check_pad(pad)
+    pad = check_int("pad", pad, 0)
     if pad == 0:
         return x_BHWC
     b, h, w, c = x_BHWC.shape

@@ -35,6 +35,7 @@ import numpy as np
 
 from gbjax import _jpeg, _kmeans, gb
 from gbjax._callables import PytreeCallable, as_logits_fn
+from gbjax._checks import check_int, check_number, is_traced
 from gbjax._jpeg import jpeg_quant_table
 
 __all__ = [
@@ -64,7 +65,7 @@ def check_images01(x, name: str = "x") -> None:
         raise ValueError(f"{name} must be a (B, H, W, C) batch, got shape {np.shape(x)}")
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise ValueError(f"{name} must be float in [0, 1], got dtype {jnp.result_type(x)}")
-    if isinstance(x, jax.core.Tracer):
+    if is_traced(x):
         return
     a = np.asarray(x)
     if a.size == 0:
@@ -167,27 +168,6 @@ class Defended(PytreeCallable):
 # ---------------------------------------------------------------------------
 
 
-def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
-    if (
-        isinstance(v, bool)
-        or not isinstance(v, (int, np.integer))
-        or v < lo
-        or (hi is not None and v > hi)
-    ):
-        rng = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name}: expected an int {rng}, got {v!r}")
-    return int(v)
-
-
-def _check_float(name: str, v, *, positive: bool = True) -> float:
-    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-    if not (ok and math.isfinite(v) and (v > 0 if positive else v >= 0)):
-        raise ValueError(
-            f"{name}: expected a finite number {'>' if positive else '>='} 0, got {v!r}"
-        )
-    return float(v)
-
-
 def _straight_through(v, forward):
     """``forward`` (a rounded version of ``v``) forward, identity backward."""
     return v + jax.lax.stop_gradient(forward - v)
@@ -244,7 +224,7 @@ class Median(_Preprocessor):
     differentiable: typing.ClassVar[bool] = True
 
     def __post_init__(self):
-        if _check_int("size", self.size, 1) % 2 == 0:
+        if check_int("size", self.size, 1) % 2 == 0:
             raise ValueError(f"size: expected an odd int >= 1, got {self.size!r}")
         if self.size > MAX_MEDIAN_SIZE:
             raise ValueError(
@@ -296,7 +276,7 @@ class BitDepth(_Preprocessor):
     differentiable: typing.ClassVar[bool] = False
 
     def __post_init__(self):
-        object.__setattr__(self, "bits", _check_int("bits", self.bits, 1, 8))
+        object.__setattr__(self, "bits", check_int("bits", self.bits, 1, 8))
 
     def _forward(self, x):
         n = 2**self.bits - 1
@@ -324,7 +304,7 @@ class JPEG(_Preprocessor):
     differentiable: typing.ClassVar[bool] = True
 
     def __post_init__(self):
-        object.__setattr__(self, "quality", _check_int("quality", self.quality, 1, 100))
+        object.__setattr__(self, "quality", check_int("quality", self.quality, 1, 100))
 
     def _forward(self, x):
         B, H, W, C = x.shape
@@ -359,8 +339,8 @@ class KMeans(_Preprocessor):
     differentiable: typing.ClassVar[bool] = True
 
     def __post_init__(self):
-        object.__setattr__(self, "k", _check_int("k", self.k, 1))
-        object.__setattr__(self, "iters", _check_int("iters", self.iters, 1))
+        object.__setattr__(self, "k", check_int("k", self.k, 1))
+        object.__setattr__(self, "iters", check_int("iters", self.iters, 1))
 
     def fit(self, x):
         """``(initial_centres (B, k, C), centres (B, k, C), labels (B, H*W))`` of ``x``."""
@@ -448,9 +428,9 @@ class TV(_Preprocessor):
     differentiable: typing.ClassVar[bool] = True
 
     def __post_init__(self):
-        object.__setattr__(self, "weight", _check_float("weight", self.weight))
-        object.__setattr__(self, "n_iter", _check_int("n_iter", self.n_iter, 1))
-        object.__setattr__(self, "eps", _check_float("eps", self.eps, positive=False))
+        object.__setattr__(self, "weight", check_number("weight", self.weight))
+        object.__setattr__(self, "n_iter", check_int("n_iter", self.n_iter, 1))
+        object.__setattr__(self, "eps", check_number("eps", self.eps, strict=False))
 
     def _forward(self, x):
         out = _tv_chambolle(jnp.moveaxis(x, -1, 1), self.weight, self.eps, self.n_iter)
@@ -469,8 +449,8 @@ class GaussianBlur(_Preprocessor):
     differentiable: typing.ClassVar[bool] = True
 
     def __post_init__(self):
-        object.__setattr__(self, "sigma", _check_float("sigma", self.sigma))
-        object.__setattr__(self, "truncate", _check_float("truncate", self.truncate))
+        object.__setattr__(self, "sigma", check_number("sigma", self.sigma))
+        object.__setattr__(self, "truncate", check_number("truncate", self.truncate))
         r = int(self.truncate * self.sigma + 0.5)
         if r > MAX_BLUR_RADIUS:
             raise ValueError(

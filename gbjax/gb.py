@@ -83,14 +83,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gbjax._batching import map_batches
+from gbjax._checks import check_int, check_number, is_traced
 from gbjax._gb_engine import (
     Features,
     GBResult,
-    _cluster_batch,
-    _multiscale_batch,
+    cluster_batch,
     image_features,
+    multiscale_batch,
 )
-from gbjax.data.batching import map_batches
 
 __all__ = [
     "Features",
@@ -129,24 +130,8 @@ def _multilevel(pixels: int) -> bool:
 # --------------------------------------------------------------------------
 
 
-def _is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _check_positive_int(name, v, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {v!r}")
-    return int(v)
-
-
 def _check_threshold(threshold, name="threshold"):
-    if not (
-        isinstance(threshold, (int, float, np.number))
-        and not isinstance(threshold, (bool, np.bool_))
-        and math.isfinite(threshold)
-        and threshold > 0
-    ):
-        raise ValueError(f"{name}: expected a finite number > 0 (pixel units), got {threshold!r}")
+    check_number(name, threshold, unit="pixel units")
 
 
 # Without ``scale``, float images whose largest value is at most this look like
@@ -156,11 +141,7 @@ _AMBIGUOUS_FLOAT_MAX = 2.0
 
 
 def _check_memory_budget(memory_budget) -> None:
-    ok = isinstance(memory_budget, (int, float, np.number)) and not isinstance(
-        memory_budget, (bool, np.bool_)
-    )
-    if not (ok and math.isfinite(memory_budget) and memory_budget > 0):
-        raise ValueError(f"memory_budget: expected a number of bytes > 0, got {memory_budget!r}")
+    check_number("memory_budget", memory_budget, unit="bytes")
 
 
 def _fits_int32(dt) -> bool:
@@ -176,7 +157,7 @@ def _narrow_integers(images):
     dt = np.dtype(images.dtype)
     if not np.issubdtype(dt, np.integer) or _fits_int32(dt):
         return images
-    if _is_traced(images):
+    if is_traced(images):
         return images.astype(jnp.int32)
     return np.asarray(images).astype(np.uint8)
 
@@ -202,11 +183,11 @@ def _validate(
     if not (isinstance(purity, (int, float, np.number)) and 0 < purity <= 1):
         raise ValueError(f"purity: expected a number in (0, 1], got {purity!r}")
     if capacity != "auto":
-        _check_positive_int("capacity", capacity)
-    _check_positive_int("min_ball_size", min_ball_size)
+        check_int("capacity", capacity)
+    check_int("min_ball_size", min_ball_size)
     if max_rounds is not None:
-        _check_positive_int("max_rounds", max_rounds)
-    _check_positive_int("kmeans_iters", kmeans_iters)
+        check_int("max_rounds", max_rounds)
+    check_int("kmeans_iters", kmeans_iters)
     if features is None:
         features = Features()
     elif isinstance(features, dict):
@@ -220,7 +201,7 @@ def _validate(
             raise ValueError(
                 "scale: only for float images (integer images are in pixel units 0..255)"
             )
-    if not _is_traced(images):
+    if not is_traced(images):
         a = np.asarray(images)
         if np.issubdtype(dt, np.floating):
             if not np.all(np.isfinite(a)):
@@ -400,11 +381,11 @@ def _cluster(
         engine=engine,
     )
     if multiscale:
-        fn, th = _multiscale_batch, jnp.asarray(thresholds, jnp.float32)
+        fn, th = multiscale_batch, jnp.asarray(thresholds, jnp.float32)
     else:
-        fn, th = _cluster_batch, jnp.float32(thresholds)
+        fn, th = cluster_batch, jnp.float32(thresholds)
     args = (th, jnp.float32(purity), jnp.float32(1.0 if scale is None else scale))
-    if _is_traced(x):
+    if is_traced(x):
         ml = static["engine"] == "xla" and _multilevel(B * H * W)
         return fn(x, *args, **static, multilevel=ml)
     return _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress)
@@ -433,9 +414,9 @@ _PER_BALL = ("centers", "radii", "counts", "within_fraction")
 
 
 def _auto_capacity(x, thresholds, max_capacity, **kw) -> GBResult:
-    if _is_traced(x):
+    if is_traced(x):
         raise ValueError("capacity='auto' needs concrete images: it re-runs the saturated ones")
-    max_capacity = _check_positive_int("max_capacity", max_capacity)
+    max_capacity = check_int("max_capacity", max_capacity)
     k_axis = 2 if kw["multiscale"] else 1  # the ball axis of batch-leading results
     K = min(256, max_capacity)
     res = _cluster(x, thresholds, capacity=K, max_capacity=K, **kw)
@@ -483,7 +464,7 @@ def _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress):
             # call's fixed cost and balance its threads better.
             chunk_size = min(chunk_size, _CPU_CHUNK[static["engine"]])
     else:
-        _check_positive_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
     chunk = min(int(chunk_size), B)
     if ndev > 1 and static["engine"] == "xla":
         chunk = -(-chunk // ndev) * ndev

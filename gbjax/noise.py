@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gbjax._checks import fail, is_traced
+
 __all__ = [
     "CORRUPTIONS",
     "CIFAR10C_PARAMS",
@@ -65,7 +67,7 @@ CORRUPTIONS = tuple(CIFAR10C_PARAMS)
 
 def _concrete(value: Any) -> float | None:
     """``float(value)`` for a concrete scalar, None for a tracer (checked elsewhere)."""
-    if isinstance(value, jax.core.Tracer):
+    if is_traced(value):
         return None
     try:
         arr = np.asarray(value)
@@ -79,7 +81,7 @@ def _concrete(value: Any) -> float | None:
 def _check_range(name: str, value: Any, lo: float, hi: float) -> None:
     v = _concrete(value)
     if v is not None and not (lo <= v <= hi):
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+        fail(name, f"a value in [{lo}, {hi}]", value)
 
 
 def _check_finite(name: str, value: Any, *, nonneg: bool = False) -> None:
@@ -87,9 +89,9 @@ def _check_finite(name: str, value: Any, *, nonneg: bool = False) -> None:
     if v is None:
         return
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        fail(name, "a finite number", value)
     if nonneg and v < 0:
-        raise ValueError(f"{name} must be non-negative, got {value!r}")
+        fail(name, "a number >= 0", value)
 
 
 def _check_image(x: Any) -> jax.Array:

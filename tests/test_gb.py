@@ -532,9 +532,9 @@ def test_multiscale_unbatched_auto_capacity_and_one_compilation():
     assert one.image.shape == (2,) + x.shape[1:] and one.n_balls.shape == (2,)
     np.testing.assert_array_equal(one.labels[1], ms.labels[0, 0])  # largest threshold: same ids
     np.testing.assert_array_equal(one.image[0], ms.image[1, 0])
-    n0 = engine._multiscale_batch._cache_size()
+    n0 = engine.multiscale_batch._cache_size()
     gbjax.gb_multiscale(x[0], thresholds=(9.0, 33.0), capacity=512)  # traced thresholds
-    assert engine._multiscale_batch._cache_size() == n0
+    assert engine.multiscale_batch._cache_size() == n0
 
 
 def test_multiscale_inside_jit_and_grad():
@@ -581,10 +581,10 @@ def test_painted_image_is_differentiable_with_fixed_partition():
 def test_compiles_once_per_shape_and_static_params():
     x = blobs(10, n=3)
     gbjax.gb_cluster(x, threshold=20.0)
-    n0 = engine._cluster_batch._cache_size()
+    n0 = engine.cluster_batch._cache_size()
     for t, p in [(10.0, 0.8), (33.0, 0.95), (40.0, 1.0)]:
         gbjax.gb_cluster(x, threshold=t, purity=p)
-    assert engine._cluster_batch._cache_size() == n0
+    assert engine.cluster_batch._cache_size() == n0
 
 
 def _count_eqns(jaxpr):
@@ -605,7 +605,7 @@ def test_jaxpr_has_no_per_image_or_per_ball_unrolling():
     def n_eqns(B, H, W, K, multilevel=True):
         x = jnp.zeros((B, H, W, 3), jnp.uint8)
         jaxpr = jax.make_jaxpr(
-            lambda z: engine._cluster_batch(
+            lambda z: engine.cluster_batch(
                 z,
                 20.0,
                 0.9,

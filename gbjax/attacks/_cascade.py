@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from gbjax._workdir import _write_atomic
+from gbjax._checks import check_int
+from gbjax._files import write_atomic
 from gbjax.attacks.evaluation import ATTACKS, accuracy_under_attack
 
 __all__ = ["Stage", "Group", "StageRecord", "CascadeResult", "cascade"]
@@ -106,12 +107,7 @@ class Stage:
                 f"stage {name!r}: unknown option(s) {unknown}; a stage takes the keyword "
                 f"arguments of accuracy_under_attack except those the cascade sets: {OPTIONS}"
             )
-        if first is not None and (
-            not isinstance(first, numbers.Integral) or isinstance(first, bool) or first < 1
-        ):
-            raise ValueError(
-                f"stage {name!r}: first must be None or an integer >= 1, got {first!r}"
-            )
+        check_int(f"stage {name!r}: first", first, optional=True)
         if fold is not None and not isinstance(fold, str):
             if not isinstance(fold, numbers.Integral) or isinstance(fold, bool):
                 raise ValueError(f"stage {name!r}: fold must be None, a string or an integer")
@@ -437,7 +433,7 @@ def _save(path, records, robust, eps, images, plan) -> None:
         plan=plan,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(rec))
+    write_atomic(path, json.dumps(rec))
 
 
 def _refuse(path, why):

@@ -5,7 +5,6 @@ BPDA. Logits-function pytrees are :mod:`gbjax._callables`; the conventions are i
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import optax
 
 from gbjax import _xla
 from gbjax._callables import PytreeCallable, as_logits_fn, is_nnx_module
+from gbjax._checks import check_int, concrete, fail, is_traced
 from gbjax.attacks.losses import loss_by_index, per_example_loss
 
 # ---------------------------------------------------------------------------
@@ -21,65 +21,27 @@ from gbjax.attacks.losses import loss_by_index, per_example_loss
 # ---------------------------------------------------------------------------
 
 
-def _concrete(v):
-    """Returns a Python/NumPy value for ``v`` or ``None`` when it is traced."""
-    if isinstance(v, jax.core.Tracer):
-        return None
-    try:
-        return np.asarray(v)
-    except Exception:  # pragma: no cover - exotic array types
-        return None
-
-
-def _check_nonneg(name: str, v) -> None:
-    c = _concrete(v)
-    if c is None:
-        return
-    if c.ndim != 0 or not np.isfinite(c) or c < 0:
-        raise ValueError(f"{name} must be a finite scalar >= 0, got {v!r}")
-
-
-def _check_positive(name: str, v) -> None:
-    c = _concrete(v)
-    if c is None:
-        return
-    if c.ndim != 0 or not np.isfinite(c) or c <= 0:
-        raise ValueError(f"{name} must be a finite scalar > 0, got {v!r}")
-
-
-def _check_steps(steps) -> None:
-    c = _concrete(steps)
-    if c is None:
-        return
-    if c.ndim != 0 or not np.issubdtype(c.dtype, np.integer) or c < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-
-
-def _check_clip(clip) -> tuple[float, float]:
+def check_clip(clip) -> tuple[float, float]:
     try:
         lo, hi = clip
         lo, hi = float(lo), float(hi)
     except (TypeError, ValueError):
-        raise ValueError(f"clip must be a pair (low, high) of numbers, got {clip!r}") from None
+        lo = hi = None
+    if lo is None:
+        fail("clip", "a pair (low, high) of numbers", clip)
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"clip must satisfy finite low < high, got {clip!r}")
+        fail("clip", "finite low < high", clip)
     return lo, hi
 
 
-def _check_eot(eot_samples, key) -> None:
-    if eot_samples is None:
+def check_eot(eot_samples, key) -> None:
+    if check_int("eot_samples", eot_samples, optional=True) is None:
         return
-    if (
-        isinstance(eot_samples, bool)
-        or not isinstance(eot_samples, numbers.Integral)
-        or eot_samples < 1
-    ):
-        raise ValueError(f"eot_samples must be None or an integer >= 1, got {eot_samples!r}")
     if key is None:
         raise ValueError("eot_samples needs an explicit PRNG key: pass key=jax.random.key(...)")
 
 
-def _check_xy(x, y, clip=(0.0, 1.0)) -> None:
+def check_xy(x, y, clip=(0.0, 1.0)) -> None:
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise ValueError(
             f"x must be a float array in [0, 1] (got dtype {jnp.result_type(x)}); "
@@ -111,7 +73,7 @@ def check_images01(x, name: str = "x", clip=(0.0, 1.0)) -> None:
     """Refuses concrete float images outside [0, 1] (the library's convention: ``eps``
     is measured on that scale), or outside ``clip`` where an attack was given a wider
     pixel range on purpose. uint8 images, tracers and empty arrays pass."""
-    if isinstance(x, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    if is_traced(x) or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         return
     if np.size(x) == 0:
         return
@@ -132,7 +94,7 @@ def check_labels(y, num_classes: int, source: str = "the model's logits") -> Non
     """Refuses concrete labels outside ``[0, num_classes)``: an out-of-range label
     makes the losses NaN (every attack then returns NaN images) and can never be
     predicted, so the scores would be silently wrong."""
-    c = _concrete(y)
+    c = concrete(y)
     if c is None or c.size == 0:
         return
     lo, hi = int(c.min()), int(c.max())
@@ -146,7 +108,7 @@ def check_labels(y, num_classes: int, source: str = "the model's logits") -> Non
 
 
 def _logits_of(fn, x, key):
-    return _call(fn, x, key)
+    return call(fn, x, key)
 
 
 _logits_shape = jax.jit(_logits_of)  # only traced (eval_shape), never compiled
@@ -168,7 +130,7 @@ def num_classes_of(fn, x, key=None) -> int:
 
 def check_attack_labels(fn, x, y, key=None, eot_samples=None) -> None:
     """Labels in range for an attack on ``fn`` (the class count traced from ``fn``)."""
-    if _concrete(y) is None:
+    if concrete(y) is None:
         return
     check_labels(y, num_classes_of(fn, x, None if eot_samples is None else key))
 
@@ -241,8 +203,8 @@ def check_scoring_inputs(
     check_labels(y, k)
 
 
-def _is_zero(v) -> bool:
-    c = _concrete(v)
+def is_zero(v) -> bool:
+    c = concrete(v)
     return c is not None and c.ndim == 0 and c == 0
 
 
@@ -251,7 +213,7 @@ def _is_zero(v) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _call(fn, x, key):
+def call(fn, x, key):
     return fn(x) if key is None else fn(x, key)
 
 
@@ -270,18 +232,16 @@ def chunk_plan(steps: int, chunk: int | None = None) -> tuple[int, bool]:
     on_cpu = jax.default_backend() == "cpu"
     if chunk is None:
         chunk = min(int(steps), CPU_CHUNK) if on_cpu else int(steps)
-    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
-    return int(chunk), on_cpu
+    return check_int("chunk", chunk), on_cpu
 
 
-def _value_grad(fn, x, y, key, eot_samples, loss="ce", target=None):
+def value_grad(fn, x, y, key, eot_samples, loss="ce", target=None):
     """``(loss_B, grad, logits)``: the per-example ``loss`` at ``x``, the gradient of
     its sum w.r.t. ``x``, and the logits (``None`` with EOT, where the loss and
     gradient are means over ``eot_samples`` draws and the logits are random)."""
 
     def f(x_, k):
-        logits = _call(fn, x_, k)
+        logits = call(fn, x_, k)
         if isinstance(loss, str):
             per = per_example_loss(loss, logits, y, target)
         else:  # a traced index into LOSSES: one program for several losses
@@ -303,13 +263,13 @@ def _value_grad(fn, x, y, key, eot_samples, loss="ce", target=None):
     return per / eot_samples, g / eot_samples, None
 
 
-def _grad_impl(fn, x, y, key, eot_samples, loss="ce"):
-    return _value_grad(fn, x, y, key, eot_samples, loss)[1]
+def grad_impl(fn, x, y, key, eot_samples, loss="ce"):
+    return value_grad(fn, x, y, key, eot_samples, loss)[1]
 
 
 @_xla.conv_jit(static_argnames=("eot_samples",))
 def _loss_gradient_jit(fn, x, y, key, *, eot_samples):
-    return _grad_impl(fn, x, y, key, eot_samples)
+    return grad_impl(fn, x, y, key, eot_samples)
 
 
 def loss_gradient(logits_fn, x, y, *, key=None, eot_samples=None):
@@ -319,7 +279,7 @@ def loss_gradient(logits_fn, x, y, *, key=None, eot_samples=None):
     for ``k`` in ``jax.random.split(key, n)`` and the ``n`` gradients are
     averaged (EOT).  Returns an array shaped like ``x``.
     """
-    _check_eot(eot_samples, key)
+    check_eot(eot_samples, key)
     fn = as_logits_fn(logits_fn)
     check_attack_labels(fn, x, y, key, eot_samples)
     return _loss_gradient_jit(fn, x, y, key, eot_samples=eot_samples)
@@ -327,7 +287,7 @@ def loss_gradient(logits_fn, x, y, *, key=None, eot_samples=None):
 
 @_xla.conv_jit
 def _attack_loss_jit(fn, x, y, key):
-    return _ce_per_example(_call(fn, x, key), y)
+    return _ce_per_example(call(fn, x, key), y)
 
 
 def attack_loss(logits_fn, x, y, *, key=None):
@@ -426,3 +386,80 @@ def bpda(forward, backward=None) -> BPDA:
     if backward is not None and not callable(backward):
         raise TypeError("backward must be callable or None")
     return BPDA(forward, backward)
+
+
+# ---------------------------------------------------------------------------
+# Steps shared by the attacks: FGSM and PGD (gradient, scored, apgd), restarts
+# and the margin (square, spsa)
+# ---------------------------------------------------------------------------
+
+
+def fgsm_impl(fn, x, y, key, eps, lo, hi, targeted, eot_samples, loss="ce"):
+    g = grad_impl(fn, x, y, key, eot_samples, loss)
+    direction = -jnp.sign(g) if targeted else jnp.sign(g)
+    x_adv = jnp.clip(x + eps * direction, lo, hi).astype(x.dtype)
+    return jnp.where(eps == 0, x, x_adv)
+
+
+def projection(x, eps, lo, hi):
+    """Projection onto ``{|v - x|_inf <= eps}`` intersected with ``[lo, hi]``."""
+    eps = jnp.asarray(eps, x.dtype)
+    return lambda v: jnp.clip(jnp.clip(v, x - eps, x + eps), lo, hi).astype(x.dtype)
+
+
+def pgd_start(x, key, eps, lo, hi, random_start):
+    """``(x0, key)``: the start (uniform in the eps-ball when ``random_start``) and
+    the key for the steps."""
+    if not random_start:
+        return x, key
+    key, start_key = jax.random.split(key)
+    eps = jnp.asarray(eps, x.dtype)
+    return projection(x, eps, lo, hi)(
+        x + jax.random.uniform(start_key, x.shape, x.dtype, -eps, eps)
+    ), key
+
+
+def pgd_step(fn, x, y, eps, step_size, lo, hi, targeted, eot_samples, loss):
+    """``step(i, x_adv, key) -> (x_next, loss_B, logits)``: one signed-gradient
+    step from ``x_adv``; the loss and logits are those at ``x_adv`` (logits
+    ``None`` with EOT)."""
+    project = projection(x, eps, lo, hi)
+
+    def step(i, x_adv, key):
+        k = None if eot_samples is None else jax.random.fold_in(key, i)
+        per, g, logits = value_grad(fn, x_adv, y, k, eot_samples, loss)
+        direction = -jnp.sign(g) if targeted else jnp.sign(g)
+        return project(x_adv + step_size * direction), per, logits
+
+    return step
+
+
+def restart_key(key, r):
+    # Restart 0 uses the caller's key unchanged, so restarts=1 is plain PGD and
+    # restart r's iterate does not depend on how many restarts follow it.
+    return key if r == 0 else jax.random.fold_in(key, r)
+
+
+def check_loss(loss, allowed=("ce", "margin")) -> str:
+    if loss not in allowed:
+        fail("loss", f"one of {allowed}", loss)
+    return loss
+
+
+def check_restarts(restarts, random_start, eot_samples) -> int:
+    restarts = check_int("restarts", restarts)
+    if restarts > 1 and not random_start and eot_samples is None:
+        raise ValueError(
+            "restarts > 1 needs random_start=True (or a randomised model with "
+            "eot_samples): otherwise every restart is the same run"
+        )
+    return int(restarts)
+
+
+def margins(fn, x, y):
+    """``z_y - max_{j != y} z_j`` per example; -inf where the logits hold NaN or inf."""
+    z = fn(x).astype(jnp.float32)
+    true = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+    others = jnp.max(jnp.where(jax.nn.one_hot(y, z.shape[-1], dtype=bool), -jnp.inf, z), -1)
+    # NaN or inf logits are never a class: the margin is -inf (misclassified, kept)
+    return jnp.where(jnp.all(jnp.isfinite(z), -1), true - others, -jnp.inf)

@@ -32,20 +32,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from gbjax import _xla
+from gbjax._checks import check_int, check_scalar
 from gbjax.attacks._core import (
-    _call,
-    _check_clip,
-    _check_eot,
-    _check_nonneg,
-    _check_xy,
-    _is_zero,
-    _value_grad,
     as_logits_fn,
+    call,
     check_attack_labels,
+    check_clip,
+    check_eot,
+    check_loss,
+    check_xy,
     chunk_plan,
     correct_from_logits,
+    is_zero,
+    projection,
+    value_grad,
 )
-from gbjax.attacks.gradient import _project
 from gbjax.attacks.losses import LOSSES, ranked_targets
 
 __all__ = ["apgd", "APGD_LOSSES", "checkpoints"]
@@ -87,7 +88,7 @@ class _State(NamedTuple):
 
 def _correct(eval_fn, x, y, logits, key):
     if logits is None:
-        logits = _call(eval_fn, x, key)
+        logits = call(eval_fn, x, key)
     return correct_from_logits(logits, y)  # NaN or inf logits count as wrong
 
 
@@ -99,7 +100,7 @@ def _hit(fn, x, y, target, logits, key, misclassified, loss_id):
     """Success for the returned images: misclassified, or classified as the target
     (the targeted loss, index 3 of LOSSES)."""
     if logits is None:
-        logits = _call(fn, x, key)
+        logits = call(fn, x, key)
     on_target = correct_from_logits(logits, target)
     return jnp.where(loss_id == LOSSES.index("dlr-targeted"), on_target, misclassified)
 
@@ -114,7 +115,7 @@ def _init(fn, eval_fn, x, y, target, key, eps, lo, hi, loss, *, eot_samples, sha
         ]
     )
     x0 = jnp.clip(x + eps * t, lo, hi).astype(x.dtype)
-    per, g, logits = _value_grad(fn, x0, y, k_grad, eot_samples, loss, target)
+    per, g, logits = value_grad(fn, x0, y, k_grad, eot_samples, loss, target)
     ek = None if eot_samples is None else k_eval
     correct = _correct(eval_fn, x0, y, logits if shared else None, ek)
     hit = _hit(fn, x0, y, target, logits, k_eval, ~correct, loss)
@@ -129,7 +130,7 @@ def _init(fn, eval_fn, x, y, target, key, eps, lo, hi, loss, *, eot_samples, sha
 
 def _chunk(fn, eval_fn, st, x, y, target, key, eps, i0, steps, is_ckpt, window, lo, hi, loss, *,
            n, unroll, eot_samples, shared):  # fmt: skip
-    project = _project(x, eps, lo, hi)
+    project = projection(x, eps, lo, hi)
 
     def body(j, st):
         i = i0 + j
@@ -139,7 +140,7 @@ def _chunk(fn, eval_fn, st, x, y, target, key, eps, i0, steps, is_ckpt, window, 
         x_new = project(st.x_adv + a * (z - st.x_adv) + (1.0 - a) * (st.x_adv - st.x_prev))
         kg = None if eot_samples is None else jax.random.fold_in(key, 2 * i)
         ke = None if eot_samples is None else jax.random.fold_in(key, 2 * i + 1)
-        per, g, logits = _value_grad(fn, x_new, y, kg, eot_samples, loss, target)
+        per, g, logits = value_grad(fn, x_new, y, kg, eot_samples, loss, target)
         correct = _correct(eval_fn, x_new, y, logits if shared else None, ke)
         hit = _hit(fn, x_new, y, target, logits, ke, ~correct, loss)
         improved = per > st.loss_best
@@ -196,7 +197,7 @@ def apgd_run(fn, eval_fn, x, y, key, eps, *, steps, loss, target_rank=1, lo=0.0,
     k_targets, key = jax.random.split(key)
     if loss == "dlr-targeted":
         tk = None if eot_samples is None else k_targets
-        logits_fn = fn if tk is None else (lambda v: _call(fn, v, tk))
+        logits_fn = fn if tk is None else (lambda v: call(fn, v, tk))
         target = _targets(as_logits_fn(logits_fn), x, y, rank=int(target_rank))
     static = dict(eot_samples=eot_samples, shared=shared)
     loss_id = jnp.int32(LOSSES.index(loss))
@@ -247,19 +248,17 @@ def apgd(
       Per example the last successful iterate (misclassified; with
       ``"dlr-targeted"``, classified as the target), else the highest-loss one.
     """
-    if loss not in APGD_LOSSES:
-        raise ValueError(f"loss must be one of {APGD_LOSSES}, got {loss!r}")
+    check_loss(loss, APGD_LOSSES)
     if key is None:
         raise ValueError("apgd needs an explicit PRNG key for its random start: key=...")
-    _check_nonneg("eps", eps)
-    lo, hi = _check_clip(clip)
-    _check_eot(eot_samples, key)
-    _check_xy(x, y, clip=(lo, hi))
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_scalar("eps", eps, strict=False)
+    lo, hi = check_clip(clip)
+    check_eot(eot_samples, key)
+    check_xy(x, y, clip=(lo, hi))
+    check_int("steps", steps)
     fn = as_logits_fn(logits_fn)
     check_attack_labels(fn, x, y, key, eot_samples)
-    if _is_zero(eps):
+    if is_zero(eps):
         return jnp.asarray(x)
     _, out = apgd_run(fn, fn, jnp.asarray(x), jnp.asarray(y), key, jnp.float32(eps),
                       steps=int(steps), loss=loss, target_rank=target_rank, lo=lo, hi=hi,

@@ -28,19 +28,19 @@ import numpy as np
 
 from gbjax import _xla
 from gbjax._batching import bucket_size, fixed_batches, take
+from gbjax._checks import check_count, check_int, check_scalar, fail
 from gbjax.attacks import scored
 from gbjax.attacks._core import (
     BPDA,
-    _check_clip,
-    _check_eot,
-    _check_nonneg,
-    _check_positive,
-    _check_steps,
     as_logits_fn,
+    check_clip,
+    check_eot,
+    check_loss,
+    check_restarts,
     check_scoring_inputs,
+    restart_key,
 )
 from gbjax.attacks.apgd import apgd_run
-from gbjax.attacks.gradient import _check_loss, _check_restarts, _restart_key
 from gbjax.attacks.spsa import spsa_run
 from gbjax.attacks.square import square_run
 from gbjax.defences import Defended
@@ -99,7 +99,7 @@ def _chunk_from_unroll(unroll, steps):
     if isinstance(unroll, (bool, np.bool_)):
         return int(steps)  # one compiled loop, unrolled or not (see chunk_plan)
     if not isinstance(unroll, numbers.Integral) or unroll < 1:
-        raise ValueError(f"unroll must be None, a bool or an integer >= 1, got {unroll!r}")
+        fail("unroll", "None, a bool or an int >= 1", unroll)
     return int(steps) if unroll == 1 else int(unroll)
 
 
@@ -184,32 +184,30 @@ def accuracy_under_attack(
     if not eps_list:
         raise ValueError("eps_list must not be empty")
     for e in eps_list:
-        _check_nonneg("eps", e)
-    lo, hi = _check_clip(clip)
-    _check_eot(eot_samples, key)
+        check_scalar("eps", e, strict=False)
+    lo, hi = check_clip(clip)
+    check_eot(eot_samples, key)
     steps = _DEFAULT_STEPS.get(attack, 1) if steps is None else steps
     if attack in ("pgd", "apgd-ce", "apgd-dlr", "apgd-t"):
-        _check_steps(steps)
+        check_count("steps", steps)
         steps = int(steps)
-        restarts = _check_restarts(restarts, random_start or attack != "pgd", eot_samples)
+        restarts = check_restarts(restarts, random_start or attack != "pgd", eot_samples)
     elif restarts != 1:
         raise ValueError(f"restarts applies to PGD and APGD only, not {attack!r}")
-    _check_positive("rel_step", rel_step)
-    _check_loss(loss)
+    check_scalar("rel_step", rel_step)
+    check_loss(loss)
     if chunk is None:
         chunk = _chunk_from_unroll(unroll, steps)
     needs_key = (attack == "pgd" and random_start) or attack.startswith(
         ("apgd", "square", "spsa", "noise")
     )
     if attack == "spsa":
-        _check_steps(steps)
+        check_count("steps", steps)
         steps = int(steps)
-        if not isinstance(samples, numbers.Integral) or isinstance(samples, bool) or samples < 2:
-            raise ValueError(f"samples must be an integer >= 2, got {samples!r}")
+        check_int("samples", samples, 2)
     if needs_key and key is None:
         raise ValueError(f"attack {attack!r} needs an explicit PRNG key (key=...)")
-    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     n = int(np.shape(x)[0])
     if np.ndim(y) != 1 or np.shape(y)[0] != n:
         raise ValueError(f"y must have shape ({n},), got {np.shape(y)}")
@@ -300,7 +298,7 @@ def _attack_set(attack, attack_fn, eval_fn, x, y, robust, key, eps, *, steps, re
         idx = np.flatnonzero(robust)
         if len(idx) == 0:
             break
-        k_run = None if key is None else jax.random.fold_in(_restart_key(key, r), run)
+        k_run = None if key is None else jax.random.fold_in(restart_key(key, r), run)
         bs = bucket_size(len(idx), batch_size)  # few distinct shapes as the set shrinks
         for b in fixed_batches(len(idx), bs, shrink=False):
             rows = idx[b.index]

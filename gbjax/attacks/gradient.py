@@ -9,71 +9,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from gbjax import _xla
+from gbjax._checks import check_count, check_scalar, concrete, fail
 from gbjax.attacks._core import (
-    _call,
-    _check_clip,
-    _check_eot,
-    _check_nonneg,
-    _check_positive,
-    _check_steps,
-    _check_xy,
-    _concrete,
-    _grad_impl,
-    _is_zero,
-    _value_grad,
     as_logits_fn,
+    call,
     check_attack_labels,
+    check_clip,
+    check_eot,
+    check_loss,
+    check_restarts,
+    check_xy,
     correct_from_logits,
+    fgsm_impl,
+    is_zero,
+    pgd_start,
+    pgd_step,
+    restart_key,
 )
 from gbjax.attacks.losses import per_example_loss
-
-
-def _fgsm_impl(fn, x, y, key, eps, lo, hi, targeted, eot_samples, loss="ce"):
-    g = _grad_impl(fn, x, y, key, eot_samples, loss)
-    direction = -jnp.sign(g) if targeted else jnp.sign(g)
-    x_adv = jnp.clip(x + eps * direction, lo, hi).astype(x.dtype)
-    return jnp.where(eps == 0, x, x_adv)
-
-
-def _project(x, eps, lo, hi):
-    """Projection onto ``{|v - x|_inf <= eps}`` intersected with ``[lo, hi]``."""
-    eps = jnp.asarray(eps, x.dtype)
-    return lambda v: jnp.clip(jnp.clip(v, x - eps, x + eps), lo, hi).astype(x.dtype)
-
-
-def _pgd_start(x, key, eps, lo, hi, random_start):
-    """``(x0, key)``: the start (uniform in the eps-ball when ``random_start``) and
-    the key for the steps."""
-    if not random_start:
-        return x, key
-    key, start_key = jax.random.split(key)
-    eps = jnp.asarray(eps, x.dtype)
-    return _project(x, eps, lo, hi)(
-        x + jax.random.uniform(start_key, x.shape, x.dtype, -eps, eps)
-    ), key
-
-
-def _pgd_step(fn, x, y, eps, step_size, lo, hi, targeted, eot_samples, loss):
-    """``step(i, x_adv, key) -> (x_next, loss_B, logits)``: one signed-gradient
-    step from ``x_adv``; the loss and logits are those at ``x_adv`` (logits
-    ``None`` with EOT)."""
-    project = _project(x, eps, lo, hi)
-
-    def step(i, x_adv, key):
-        k = None if eot_samples is None else jax.random.fold_in(key, i)
-        per, g, logits = _value_grad(fn, x_adv, y, k, eot_samples, loss)
-        direction = -jnp.sign(g) if targeted else jnp.sign(g)
-        return project(x_adv + step_size * direction), per, logits
-
-    return step
 
 
 def _pgd_impl(
     fn, x, y, key, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples, unroll=1,
     loss="ce",
 ):  # fmt: skip
-    x_adv, key = _pgd_start(x, key, eps, lo, hi, random_start)
-    step = _pgd_step(fn, x, y, eps, step_size, lo, hi, targeted, eot_samples, loss)
+    x_adv, key = pgd_start(x, key, eps, lo, hi, random_start)
+    step = pgd_step(fn, x, y, eps, step_size, lo, hi, targeted, eot_samples, loss)
 
     def body(i, x_adv):
         return step(i, x_adv, key)[0]
@@ -83,12 +44,6 @@ def _pgd_impl(
     else:
         x_adv = jax.lax.fori_loop(0, steps, body, x_adv, unroll=unroll)  # static steps
     return jnp.where(eps == 0, x, x_adv)
-
-
-def _restart_key(key, r):
-    # Restart 0 uses the caller's key unchanged, so restarts=1 is plain PGD and
-    # restart r's iterate does not depend on how many restarts follow it.
-    return key if r == 0 else jax.random.fold_in(key, r)
 
 
 def _pgd_restarts_impl(
@@ -120,7 +75,7 @@ def _pgd_restarts_impl(
     def score(x_adv, k):
         # With EOT the candidates are scored on one draw of the randomised model.
         k = None if eot_samples is None else jax.random.fold_in(k, 0x7FFFFFFF)
-        logits = _call(fn, x_adv, k)
+        logits = call(fn, x_adv, k)
         # NaN or inf logits are never a class: not on target, and a success if untargeted
         on_label = correct_from_logits(logits, y)
         hit = on_label if targeted else ~on_label
@@ -131,7 +86,7 @@ def _pgd_restarts_impl(
     # A static loop: restarts are few, and on CPU a while loop around the
     # (unrolled) PGD body would run its convolutions several times slower.
     for r in range(1, restarts):
-        k = _restart_key(key, r)
+        k = restart_key(key, r)
         cand = _pgd_impl(
             fn, x, y, k, eps, step_size, steps, lo, hi, random_start, targeted, eot_samples,
             unroll, loss,
@@ -143,7 +98,7 @@ def _pgd_restarts_impl(
     return best
 
 
-_fgsm_jit = _xla.conv_jit(_fgsm_impl, static_argnames=("targeted", "eot_samples", "loss"))
+_fgsm_jit = _xla.conv_jit(fgsm_impl, static_argnames=("targeted", "eot_samples", "loss"))
 _pgd_jit = _xla.conv_jit(
     _pgd_restarts_impl,
     static_argnames=("random_start", "targeted", "eot_samples", "restarts", "loss"),
@@ -155,23 +110,6 @@ _pgd_jit_unrolled = _xla.conv_jit(
 )  # fmt: skip
 
 
-def _check_loss(loss, allowed=("ce", "margin")) -> str:
-    if loss not in allowed:
-        raise ValueError(f"loss must be one of {allowed}, got {loss!r}")
-    return loss
-
-
-def _check_restarts(restarts, random_start, eot_samples) -> int:
-    if not isinstance(restarts, numbers.Integral) or isinstance(restarts, bool) or restarts < 1:
-        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
-    if restarts > 1 and not random_start and eot_samples is None:
-        raise ValueError(
-            "restarts > 1 needs random_start=True (or a randomised model with "
-            "eot_samples): otherwise every restart is the same run"
-        )
-    return int(restarts)
-
-
 # XLA:CPU runs convolutions inside a while loop several times slower than the
 # same ops outside one (jax-ml/jax#12868; about 3.5x for a small CNN here, and
 # partial unrolling does not help), so on CPU short PGD loops are unrolled.
@@ -181,7 +119,7 @@ _CPU_UNROLL_MAX_STEPS = 50
 def _resolve_unroll(unroll, steps) -> int:
     """``fori_loop`` unroll factor: 1 means a while loop with ``steps`` traced;
     anything larger needs a concrete ``steps`` (``steps`` itself = full unroll)."""
-    c = _concrete(steps)
+    c = concrete(steps)
     if unroll is None:
         on_cpu = jax.default_backend() == "cpu"
         unroll = bool(on_cpu and c is not None and c <= _CPU_UNROLL_MAX_STEPS)
@@ -192,7 +130,7 @@ def _resolve_unroll(unroll, steps) -> int:
             raise ValueError("unroll=True needs a concrete integer steps, not a traced value")
         return max(int(c), 1)
     if not isinstance(unroll, numbers.Integral) or unroll < 1:
-        raise ValueError(f"unroll must be None, a bool or an integer >= 1, got {unroll!r}")
+        fail("unroll", "None, a bool or an int >= 1", unroll)
     if unroll > 1 and c is None:
         raise ValueError("unroll > 1 needs a concrete integer steps, not a traced value")
     return int(unroll)
@@ -231,14 +169,14 @@ def fgsm(
     Returns:
       Adversarial images, same shape and dtype as ``x``.
     """
-    _check_nonneg("eps", eps)
-    lo, hi = _check_clip(clip)
-    _check_eot(eot_samples, key)
-    _check_xy(x, y, clip=(lo, hi))
-    _check_loss(loss)
+    check_scalar("eps", eps, strict=False)
+    lo, hi = check_clip(clip)
+    check_eot(eot_samples, key)
+    check_xy(x, y, clip=(lo, hi))
+    check_loss(loss)
     fn = as_logits_fn(logits_fn)
     check_attack_labels(fn, x, y, key, eot_samples)
-    if _is_zero(eps):
+    if is_zero(eps):
         return jnp.asarray(x)
     return _fgsm_jit(
         fn,
@@ -306,23 +244,23 @@ def pgd(
     Returns:
       Adversarial images, same shape and dtype as ``x``.
     """
-    _check_nonneg("eps", eps)
-    _check_positive("step_size", step_size)
-    _check_steps(steps)
-    lo, hi = _check_clip(clip)
-    _check_eot(eot_samples, key)
+    check_scalar("eps", eps, strict=False)
+    check_scalar("step_size", step_size)
+    check_count("steps", steps)
+    lo, hi = check_clip(clip)
+    check_eot(eot_samples, key)
     if random_start and key is None:
         raise ValueError(
             "random_start=True needs an explicit PRNG key: pass key=jax.random.key(...) "
             "or random_start=False"
         )
-    _check_xy(x, y, clip=(lo, hi))
-    restarts = _check_restarts(restarts, random_start, eot_samples)
+    check_xy(x, y, clip=(lo, hi))
+    restarts = check_restarts(restarts, random_start, eot_samples)
     unroll = _resolve_unroll(unroll, steps)
-    _check_loss(loss)
+    check_loss(loss)
     fn = as_logits_fn(logits_fn)
     check_attack_labels(fn, x, y, key, eot_samples)
-    if _is_zero(eps):
+    if is_zero(eps):
         return jnp.asarray(x)
     common = dict(
         random_start=bool(random_start),

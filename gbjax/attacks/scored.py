@@ -21,13 +21,19 @@ import jax
 import jax.numpy as jnp
 
 from gbjax import _xla
-from gbjax.attacks._core import _call, chunk_plan, correct_from_logits
-from gbjax.attacks.gradient import _fgsm_impl, _pgd_start, _pgd_step
+from gbjax.attacks._core import (
+    call,
+    chunk_plan,
+    correct_from_logits,
+    fgsm_impl,
+    pgd_start,
+    pgd_step,
+)
 
 
 def _correct(eval_fn, x, y, logits, key):
     if logits is None:
-        logits = _call(eval_fn, x, key)
+        logits = call(eval_fn, x, key)
     return correct_from_logits(logits, y)  # a NaN or inf logit counts as wrong
 
 
@@ -48,7 +54,7 @@ def correct(eval_fn, x, y, key, *, eot_samples):
 @_xla.conv_jit(static_argnames=("eot_samples", "loss", "targeted"))
 def fgsm_robust(fn, eval_fn, x, y, key, eps, lo, hi, *, eot_samples, loss, targeted=False):
     ka, ek = _keys(key, eot_samples)
-    x_adv = _fgsm_impl(fn, x, y, ka, eps, lo, hi, targeted, eot_samples, loss)
+    x_adv = fgsm_impl(fn, x, y, ka, eps, lo, hi, targeted, eot_samples, loss)
     return _correct(eval_fn, x_adv, y, None, ek)
 
 
@@ -62,7 +68,7 @@ def sign_noise(x, key, eps, lo, hi):
 
 def _pgd_chunk(fn, eval_fn, x_adv, robust, x, y, key, eval_key, eps, step_size, i0, steps, lo,
                hi, *, n, unroll, eot_samples, loss, targeted, shared):  # fmt: skip
-    step = _pgd_step(fn, x, y, eps, step_size, lo, hi, targeted, eot_samples, loss)
+    step = pgd_step(fn, x, y, eps, step_size, lo, hi, targeted, eot_samples, loss)
 
     def body(j, carry):
         x_adv, robust = carry
@@ -84,7 +90,7 @@ _pgd_chunk_jit = _xla.conv_jit(_pgd_chunk, static_argnames=("n", "unroll") + _PG
 
 @_xla.conv_jit(static_argnames=("random_start",))
 def _pgd_begin(x, key, eps, lo, hi, *, random_start):
-    return _pgd_start(x, key, eps, lo, hi, random_start)
+    return pgd_start(x, key, eps, lo, hi, random_start)
 
 
 def pgd_robust(fn, eval_fn, x, y, key, eps, step_size, steps, lo, hi, *, random_start=True,

@@ -29,14 +29,8 @@ import numpy as np
 
 from gbjax import _xla
 from gbjax._batching import bucket_size, fixed_batches
-from gbjax.attacks._core import (
-    _check_positive,
-    _check_steps,
-    _check_xy,
-    as_logits_fn,
-    check_attack_labels,
-)
-from gbjax.attacks.square import _margin
+from gbjax._checks import check_count, check_int, check_scalar
+from gbjax.attacks._core import as_logits_fn, check_attack_labels, check_xy, margins
 
 __all__ = ["spsa", "spsa_run"]
 
@@ -48,7 +42,7 @@ def _estimate(fn, x, y, key, delta, *, group):
     """Sum over ``group`` antithetic pairs of ``(L(x + d v) - L(x - d v)) / (2 d) * v``."""
     v = jnp.where(jax.random.bernoulli(key, 0.5, (group,) + x.shape), 1.0, -1.0)
     xs = jnp.concatenate([x[None] + delta * v, x[None] - delta * v]).astype(x.dtype)
-    m = _margin(fn, xs.reshape((-1,) + x.shape[1:]), jnp.tile(y, 2 * group))
+    m = margins(fn, xs.reshape((-1,) + x.shape[1:]), jnp.tile(y, 2 * group))
     m = m.reshape(2, group, x.shape[0])
     diff = (m[0] - m[1]) / (2.0 * delta)
     return jnp.sum(diff[:, :, None, None, None] * v, axis=0)
@@ -64,7 +58,7 @@ def _update(fn, x, x_adv, y, g, m, s, t, eps, lr, lo, hi, robust):
     s_hat = s / (1 - _B2**t)
     x_adv = x_adv - lr * m_hat / (jnp.sqrt(s_hat) + _ADAM_EPS)
     x_adv = jnp.clip(jnp.clip(x_adv, x - eps, x + eps), lo, hi).astype(x.dtype)
-    robust = robust & (_margin(fn, x_adv, y) > 0)
+    robust = robust & (margins(fn, x_adv, y) > 0)
     return x_adv, m, s, robust
 
 
@@ -163,14 +157,13 @@ def spsa(
       >>> bool(jnp.all(jnp.abs(adv - x) <= 0.1 + 1e-6))
       True
     """
-    _check_xy(x, y)
-    _check_steps(steps)
-    _check_positive("eps", eps)
-    for name, v, least in (("samples", samples, 2), ("batch_size", batch_size, 1)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
-    _check_positive("lr", lr)
-    _check_positive("delta", delta)
+    check_xy(x, y)
+    check_count("steps", steps)
+    check_scalar("eps", eps)
+    check_int("samples", samples, 2)
+    check_int("batch_size", batch_size)
+    check_scalar("lr", lr)
+    check_scalar("delta", delta)
     if key is None:
         raise ValueError("spsa needs an explicit PRNG key (key=...)")
     lo, hi = float(clip[0]), float(clip[1])

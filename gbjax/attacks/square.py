@@ -31,13 +31,14 @@ import numpy as np
 
 from gbjax import _xla
 from gbjax._batching import bucket_size, fixed_batches
+from gbjax._checks import check_int, check_scalar
 from gbjax.attacks._core import (
-    _check_clip,
-    _check_nonneg,
-    _check_xy,
-    _is_zero,
     as_logits_fn,
     check_attack_labels,
+    check_clip,
+    check_xy,
+    is_zero,
+    margins,
 )
 
 __all__ = ["square", "p_schedule"]
@@ -52,20 +53,12 @@ def p_schedule(p_init: float, i, queries: int):
     return p_init / (2.0 ** halvings.astype(jnp.float32))
 
 
-def _margin(fn, x, y):
-    z = fn(x).astype(jnp.float32)
-    true = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
-    others = jnp.max(jnp.where(jax.nn.one_hot(y, z.shape[-1], dtype=bool), -jnp.inf, z), -1)
-    # NaN or inf logits are never a class: the margin is -inf (misclassified, kept)
-    return jnp.where(jnp.all(jnp.isfinite(z), -1), true - others, -jnp.inf)
-
-
 @_xla.conv_jit
 def _start(fn, x, y, key, eps, lo, hi):
     b, _, w, c = x.shape
     s = jnp.where(jax.random.bernoulli(key, 0.5, (b, 1, w, c)), 1.0, -1.0)
     x0 = jnp.clip(x + eps * s, lo, hi).astype(x.dtype)
-    return x0, _margin(fn, x0, y)
+    return x0, margins(fn, x0, y)
 
 
 @_xla.conv_jit(static_argnames=("n",))
@@ -90,7 +83,7 @@ def _queries(fn, x, y, x_best, margin, key, eps, i0, queries, p_init, lo, hi, *,
         same = jnp.all(jnp.where(mask, jnp.abs(cand - x_best) < 1e-7, True), axis=(1, 2, 3))
         flipped = jnp.clip(x + jnp.where(mask, -eps * sign, delta), lo, hi)
         cand = jnp.where(same[:, None, None, None], flipped, cand).astype(x.dtype)
-        m = _margin(fn, cand, y)
+        m = margins(fn, cand, y)
         active = (i < queries) & (margin > 0)
         better = active & (m < margin)
         x_best = jnp.where(better[:, None, None, None], cand, x_best)
@@ -162,16 +155,15 @@ def square(
     """
     if key is None:
         raise ValueError("square needs an explicit PRNG key: key=jax.random.key(...)")
-    _check_nonneg("eps", eps)
-    lo, hi = _check_clip(clip)
-    _check_xy(x, y, clip=(lo, hi))
-    if not isinstance(queries, (int, np.integer)) or queries < 1:
-        raise ValueError(f"queries must be an integer >= 1, got {queries!r}")
+    check_scalar("eps", eps, strict=False)
+    lo, hi = check_clip(clip)
+    check_xy(x, y, clip=(lo, hi))
+    check_int("queries", queries)
     if not 0 < p_init <= 1:
         raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
     fn = as_logits_fn(logits_fn)
     check_attack_labels(fn, x, y)
-    if _is_zero(eps):
+    if is_zero(eps):
         return jnp.asarray(x)
     _, out = square_run(fn, x, y, key, eps, queries=int(queries),
                         p_init=float(p_init), lo=lo, hi=hi, batch_size=batch_size,
