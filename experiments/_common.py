@@ -234,7 +234,7 @@ def check_out(experiment: str, args) -> tuple[pathlib.Path, str]:
 def prepare_out(experiment: str, args, path: pathlib.Path, how: str) -> pathlib.Path:
     """Creates (``new``), continues or clears (``overwrite``: only what the experiment
     wrote) the output folder checked by :func:`check_out`; records ``run.json``."""
-    from gbjax import _workdir
+    from gbjax import _files, _workdir
 
     if how == "continue":
         print(f"[{experiment}] continuing the unfinished run in {path}: finished trainings reused")
@@ -255,9 +255,7 @@ def prepare_out(experiment: str, args, path: pathlib.Path, how: str) -> pathlib.
     path.mkdir(parents=True, exist_ok=True)
     started = _dt.datetime.now().isoformat(timespec="seconds")
     rec = dict(run_identity(experiment, args), argv=sys.argv, started=started)
-    tmp = path / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(rec, indent=2, default=str))
-    os.replace(tmp, path / RUN_FILE)
+    _files.write_atomic(path / RUN_FILE, json.dumps(rec, indent=2, default=str))
     return path
 
 

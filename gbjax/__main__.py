@@ -55,7 +55,7 @@ import numpy as np
 
 # Imported up front, Flax and the trainer included: a fast ``--help`` is not worth
 # a hidden import graph (issue 27).
-from gbjax import __version__, _kmeans, distributed, gb, train
+from gbjax import __version__, _files, _kmeans, distributed, gb, train
 from gbjax._cli import (
     add_cluster_arguments,
     capacity,
@@ -67,7 +67,7 @@ from gbjax._cli import (
     run_cluster,
 )
 from gbjax.data import CorruptDataError, DataNotFoundError
-from gbjax.data.decode import _walk_tree
+from gbjax.data._decode import walk_tree
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -85,7 +85,7 @@ def _folder_images(root: Path, unreadable: list) -> list[Path]:
         unreadable.append((Path(err.filename), f"cannot read folder ({err.strerror or err})"))
 
     files = []
-    for dirpath, _, filenames in _walk_tree(str(root), skip_hidden=False, on_error=on_error):
+    for dirpath, _, filenames in walk_tree(str(root), skip_hidden=False, on_error=on_error):
         files += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES]
     return files
 
@@ -271,12 +271,8 @@ def _write(path, img_HWC):
     img = img_HWC[..., 0] if img_HWC.shape[-1] == 1 else img_HWC
     if np.issubdtype(img.dtype, np.floating):  # 16-bit greyscale in 0..255 units
         img = np.clip(np.round(img * 257.0), 0, 65535).astype(np.uint16)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with _files.atomic_path(path) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def compare_figure(image_HWC, path, *, purity=0.9, seed=0, **gb_kwargs):

@@ -20,9 +20,10 @@ from pathlib import Path
 import jax
 
 from gbjax import data, train
+from gbjax._files import cache_root
 from gbjax.config import apply_overrides, load_config
 from gbjax.data import DATASETS, CorruptDataError, DataNotFoundError
-from gbjax.data.preprocess import _cache_root, _key
+from gbjax.data._entries import gb_key
 
 __all__ = [
     "checked",
@@ -194,7 +195,7 @@ def run_cluster(args, *, across_processes: Callable | None = None) -> int:
         except Exception as e:
             print(f"error: {split}: clustering failed ({type(e).__name__}: {e})", file=sys.stderr)
             return 1
-        path = _cache_root(cache_dir) / f"gb_{_key(images, kw)}.npz"
+        path = cache_root(cache_dir) / f"gb_{gb_key(images, kw)}.npz"
         if show:
             dt = time.perf_counter() - t0
             print(f"{split}: {len(out)} images {tuple(out.shape[1:])} -> {path} ({dt:.1f} s)")

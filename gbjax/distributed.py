@@ -57,10 +57,12 @@ import numpy as np
 
 from gbjax import _cli, _xla, gb, train
 from gbjax._batching import map_batches
+from gbjax._checks import check_int
+from gbjax._files import cache_root
 from gbjax.config import apply_overrides, load_config, validate_config
 from gbjax.data import CorruptDataError, DataNotFoundError
+from gbjax.data._entries import gb_key, read_gb_entry, write_gb_entry
 from gbjax.data.cache import save_arrays
-from gbjax.data.preprocess import _cache_root, _key, _read_entry, _write_entry
 from gbjax.train import NonFiniteLossError, Trainer, TrainResult, init_model, total_steps_of
 
 __all__ = [
@@ -110,8 +112,7 @@ def initialize(
     """
     import jax
 
-    if num_processes is not None and (isinstance(num_processes, bool) or num_processes < 1):
-        raise ValueError(f"num_processes must be an integer >= 1, got {num_processes!r}")
+    check_int("num_processes", num_processes, optional=True)
     if process_id is not None and num_processes is not None:
         if not 0 <= process_id < num_processes:
             raise ValueError(
@@ -234,8 +235,8 @@ def gb_denoise_local(
         chunk_size = max(1, int(memory_budget // per))
         if jax.default_backend() == "cpu":
             chunk_size = min(chunk_size, 128)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    else:
+        check_int("chunk_size", chunk_size)
     devices = jax.local_devices()
     chunk = min(chunk_size, len(images))
     chunk = -(-chunk // len(devices)) * len(devices)
@@ -308,17 +309,17 @@ def gb_processed_distributed(
     """
     images = _check_uint8_nhwc(images)
     _check_gb_kwargs(gb_kwargs)
-    path = _cache_root(cache_dir) / f"gb_{_key(images, gb_kwargs)}.npz"
+    path = cache_root(cache_dir) / f"gb_{gb_key(images, gb_kwargs)}.npz"
     cached = None
     if use_cache and path.exists():
-        cached = _read_entry(path, images.shape)
+        cached = read_gb_entry(path, images.shape)
     if use_cache and _all_processes_agree(cached is not None):
         return cached
     n = len(images)
     local = gb_denoise_local(images[process_shard(n)], progress=progress, **gb_kwargs)
     out = _allgather_rows(local, n)
     if use_cache:
-        _write_entry(path, out)
+        write_gb_entry(path, out)
     return out
 
 

@@ -23,7 +23,15 @@ from PIL import Image
 from unreadable import unreadable
 
 from gbjax import data
-from gbjax.data import CorruptDataError, DataNotFoundError, cache, decode, preprocess, sources
+from gbjax.data import (
+    CorruptDataError,
+    DataNotFoundError,
+    _decode,
+    cache,
+    decode,
+    preprocess,
+    sources,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -483,7 +491,7 @@ def test_cache_hit_skips_decoding(tmp_path, monkeypatch):
     def boom(*a):
         raise AssertionError("decoded again despite a cache entry")
 
-    monkeypatch.setattr(sources, "_decode_idx_pair", boom)
+    monkeypatch.setattr(sources, "decode_idx_pair", boom)
     second = data.load("mnist", "test", tmp_path, progress=False)
     np.testing.assert_array_equal(second[0], first[0])
     np.testing.assert_array_equal(second[1], first[1])
@@ -839,7 +847,7 @@ def test_real_cifar10_test_split(real_dir, monkeypatch):
     assert np.bincount(y).tolist() == [1000] * 10
     assert 100 < x.mean() < 140  # natural images, not zeros
     # the second load is served from the cache: decoding would now fail
-    monkeypatch.setattr(decode, "_decode_entries", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(_decode, "decode_entries", lambda *a, **k: 1 / 0)
     x2, y2 = data.load("cifar10", "test", real_dir, progress=False)
     np.testing.assert_array_equal(x2, x)
     np.testing.assert_array_equal(y2, y)

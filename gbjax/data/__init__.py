@@ -76,11 +76,11 @@ Modules
 :mod:`gbjax.data.preprocess`
     :func:`gb_processed`, GB-processed data sets with their own cache entries.
 :mod:`gbjax.data.batching`
-    :func:`fixed_batches` and :func:`map_batches`.
+    ``Batch``, ``take`` and ``bucket_size``, the pieces of :func:`fixed_batches`.
 """
 
 from gbjax._batching import fixed_batches, map_batches
-from gbjax.data.decode import CIFAR10_CLASSES, IMAGE_EXTENSIONS, CorruptDataError
+from gbjax.data._decode import CIFAR10_CLASSES, IMAGE_EXTENSIONS, CorruptDataError
 from gbjax.data.preprocess import gb_processed
 from gbjax.data.sources import (
     DATASETS,

@@ -2,9 +2,10 @@
 
 Defined in :mod:`gbjax._batching` (below every other gbjax module, so that the
 GB engine, evaluation and attacks batch without importing the data package);
-public here and as :func:`gbjax.data.fixed_batches` / :func:`gbjax.data.map_batches`.
+public here; :func:`gbjax.data.fixed_batches` and :func:`gbjax.data.map_batches`
+are public in :mod:`gbjax.data` (their one home).
 """
 
-from gbjax._batching import Batch, bucket_size, fixed_batches, map_batches, take
+from gbjax._batching import Batch, bucket_size, take
 
-__all__ = ["Batch", "fixed_batches", "take", "map_batches", "bucket_size"]
+__all__ = ["Batch", "take", "bucket_size"]

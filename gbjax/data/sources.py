@@ -14,8 +14,8 @@
    the canonical mirrors (:data:`_DOWNLOADS`), each file verified against its
    published checksum before it is moved into place.
 
-Every candidate is decoded through the cache (:func:`gbjax.data.cache._cached`)
-by a decoder from :mod:`gbjax.data.decode`. Each miss is recorded, so that a
+Every candidate is decoded through the cache (``gbjax/data/_entries.py``)
+by a decoder from ``gbjax/data/_decode.py``. Each miss is recorded, so that a
 :class:`DataNotFoundError` lists every place tried and how to supply the data;
 a :class:`~gbjax.data.decode.CorruptDataError` stops the search at once.
 """
@@ -25,29 +25,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from gbjax.data.cache import _cache_root, _cached
-from gbjax.data.decode import (
+from gbjax import _files
+from gbjax._checks import check_int
+from gbjax.data._decode import (
     Arrays,
     CorruptDataError,
-    _archive_entries,
-    _check_classes,
-    _check_labels,
-    _class_folders,
-    _decode_cifar_batches_dir,
-    _decode_cifar_batches_tar,
-    _decode_cifar_image_folder,
-    _decode_cifar_image_tar,
-    _decode_entries,
-    _decode_idx_pair,
-    _folder_entries,
+    archive_entries,
+    check_classes,
+    check_labels,
+    class_folders,
+    decode_cifar_batches_dir,
+    decode_cifar_batches_tar,
+    decode_cifar_image_folder,
+    decode_cifar_image_tar,
+    decode_entries,
+    decode_idx_pair,
+    folder_entries,
 )
+from gbjax.data._entries import cached
 
 #: Data set names :func:`load` accepts (``"fashion-mnist"`` is also accepted).
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
@@ -159,7 +160,7 @@ def load(
     name = _canonical_name(name)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    cache_root = _cache_root(cache_dir)
+    cache_root = os.fspath(_files.cache_root(cache_dir))
     tried: list[str] = []
 
     # 1. a local directory
@@ -241,15 +242,15 @@ def load_image_folder(
     if not os.path.exists(path):
         raise FileNotFoundError(f"load_image_folder: {path} does not exist")
     if classes is not None:
-        _check_classes(classes)
+        check_classes(classes)
 
     def decode() -> Arrays:
         if os.path.isdir(path):
-            entries = _folder_entries(path, depth=2)
+            entries = folder_entries(path, depth=2)
             if classes is None:
                 _refuse_empty_classes(path, entries)
         else:
-            entries = _archive_entries(path, lambda parts: len(parts) >= 2)
+            entries = archive_entries(path, lambda parts: len(parts) >= 2)
             prefixes = sorted({"/".join(p[:-2]) for p, _ in entries})
             if len(prefixes) > 1:
                 raise ValueError(
@@ -260,7 +261,7 @@ def load_image_folder(
             raise ValueError(f"{path}: no images found at <class>/<image>")
         names = sorted({p[-2] for p, _ in entries})
         order = tuple(classes) if classes is not None else tuple(names)
-        return _decode_entries(
+        return decode_entries(
             entries,
             order,
             mode=None,
@@ -273,7 +274,7 @@ def load_image_folder(
         return decode()
     key_name = "folder-" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:8]
     extra = "classes=" + (json.dumps(list(classes)) if classes is not None else "<sorted>")
-    out = _cached(_cache_root(cache_dir), key_name, "all", (path,), extra, decode)
+    out = cached(os.fspath(_files.cache_root(cache_dir)), key_name, "all", (path,), extra, decode)
     assert out is not None
     return out
 
@@ -282,7 +283,7 @@ def _refuse_empty_classes(path: str, entries: list) -> None:
     """With labels numbered by sorted folder name, a class folder without images would shift
     every later label: refuse it."""
     found = {p[-2] for p, _ in entries}
-    empty = [c for c in _class_folders(path) if c not in found]
+    empty = [c for c in class_folders(path) if c not in found]
     if empty:
         raise ValueError(
             f"{path}: class folder(s) {empty[:5]} hold no images, so the labels of the later "
@@ -340,7 +341,7 @@ def _load_from_root(
         if not candidates:
             tried.append(f"{where} {d}: holds no recognised {name} files ({_LAYOUT[name]})")
         for cand in candidates:
-            out = _cached(cache_root, name, split, cand.paths, cand.describe, cand.decode)
+            out = cached(cache_root, name, split, cand.paths, cand.describe, cand.decode)
             if out is not None:
                 return out
             tried.append(f"{where} {cand.describe}: holds no {split!r} images")
@@ -367,7 +368,7 @@ def _idx_candidates(d: str, split: str, progress: bool) -> list[_Candidate]:
             f"{images} + {os.path.basename(labels)}",
             (images, labels),
             # MNIST and Fashion-MNIST both have 10 classes
-            lambda: _decode_idx_pair(images, labels, _NUM_CLASSES["mnist"]),
+            lambda: decode_idx_pair(images, labels, _NUM_CLASSES["mnist"]),
         )
     ]
 
@@ -378,21 +379,19 @@ def _cifar_candidates(d: str, split: str, progress: bool) -> list[_Candidate]:
     for bdir in (os.path.join(d, "cifar-10-batches-py"), d):
         if os.path.isfile(os.path.join(bdir, "test_batch")):
             cands.append(
-                _Candidate(bdir, (bdir,), lambda b=bdir: _decode_cifar_batches_dir(b, split))
+                _Candidate(bdir, (bdir,), lambda b=bdir: decode_cifar_batches_dir(b, split))
             )
             break
     # official python batches, archived
     tgz = os.path.join(d, "cifar-10-python.tar.gz")
     if os.path.isfile(tgz):
-        cands.append(_Candidate(tgz, (tgz,), lambda: _decode_cifar_batches_tar(tgz, split)))
+        cands.append(_Candidate(tgz, (tgz,), lambda: decode_cifar_batches_tar(tgz, split)))
     # image folder, as a folder: <d>/<split>/<class>/ or <d>/<prefix>/<split>/<class>/
     for sd in [os.path.join(d, split)] + sorted(
         os.path.join(d, e, split) for e in os.listdir(d) if os.path.isdir(os.path.join(d, e, split))
     ):
         if os.path.isdir(sd):
-            cands.append(
-                _Candidate(sd, (sd,), lambda s=sd: _decode_cifar_image_folder(s, progress))
-            )
+            cands.append(_Candidate(sd, (sd,), lambda s=sd: decode_cifar_image_folder(s, progress)))
             break
     # image folder inside an archive
     for entry in sorted(os.listdir(d)):
@@ -401,7 +400,7 @@ def _cifar_candidates(d: str, split: str, progress: bool) -> list[_Candidate]:
             continue
         if entry.endswith((".tar.gz", ".tgz", ".tar")):
             cands.append(
-                _Candidate(p, (p,), lambda p=p: _decode_cifar_image_tar(p, split, progress))
+                _Candidate(p, (p,), lambda p=p: decode_cifar_image_tar(p, split, progress))
             )
     return cands
 
@@ -432,11 +431,11 @@ def _load_tfds(
         if x.ndim == 3:
             x = x[..., None]
         y = np.asarray(y, np.int32)
-        _check_labels(y, _NUM_CLASSES[name], f"tfds.load({name!r}, split={split!r})")
+        check_labels(y, _NUM_CLASSES[name], f"tfds.load({name!r}, split={split!r})")
         return np.ascontiguousarray(x), y
 
     try:
-        return _cached(cache_root, name, split, (), f"tfds-{version}", decode)
+        return cached(cache_root, name, split, (), f"tfds-{version}", decode)
     except CorruptDataError:  # e.g. labels out of range: stop, as for a local file
         raise
     except Exception as e:
@@ -511,24 +510,20 @@ def _download(name: str, split: str, dest_dir: str, progress: bool) -> None:
         urls, (algo, want) = _DOWNLOADS[name][fname]
         errors = []
         for url in urls:
-            fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{fname}.", suffix=".part")
-            os.close(fd)
             try:
-                _fetch(url, tmp, progress)
-                got = _file_digest(tmp, algo)
-                if got != want:
-                    raise CorruptDataError(
-                        f"{url}: downloaded file fails its checksum ({algo} {got}, expected {want})"
-                    )
-                os.replace(tmp, final)
+                with _files.atomic_path(final) as tmp:
+                    _fetch(url, tmp, progress)
+                    got = _file_digest(tmp, algo)
+                    if got != want:
+                        raise CorruptDataError(
+                            f"{url}: downloaded file fails its checksum "
+                            f"({algo} {got}, expected {want})"
+                        )
                 break
             except CorruptDataError:
                 raise
             except Exception as e:
                 errors.append(f"{url}: {type(e).__name__}: {e}")
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         else:
             raise OSError("; ".join(errors))
 
@@ -543,7 +538,6 @@ def random_subset(images, labels, n: int | None, *, seed: int = 0):
     """
     if n is None or n >= len(images):
         return images, labels
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_int("n", n)
     idx = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
     return images[idx], labels[idx]
