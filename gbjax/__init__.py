@@ -34,9 +34,7 @@ _LAZY = {
     "optim": ("gbjax.optim", None),
     "evaluate": ("gbjax.evaluate", None),
     "config": ("gbjax.config", None),
-    "Config": ("gbjax.config", "Config"),
     "train_and_evaluate": ("gbjax.train", "train_and_evaluate"),
-    "restore_model": ("gbjax.train", "restore_model"),
 }
 
 
