@@ -276,3 +276,61 @@ def test_invalid_stages_are_refused():
 def test_docstring_example():
     failed, attempted = doctest.testmod(_cascade, optionflags=doctest.ELLIPSIS)[:2]
     assert attempted > 0 and failed == 0
+
+
+# ---------------------------------------------------------------- reuse_group
+
+
+def test_reuse_group_equals_running_the_group(fake, tmp_path):
+    """A cascade at 3 budgets, reused as a group at 2 of them, then one more stage: the
+    same flags and records as running the group itself there, and the group's
+    stages are not called again."""
+    x, y = _x()
+    eps3 = (0.05,) + EPS
+    three = tuple(
+        attacks.Stage(s.name, s.attack, ((5,),) + s.logits_fn, **dict(s.options))
+        for s in STAGES[:2]
+    )
+    attacks.cascade(three, x, y, eps_list=eps3, key=jax.random.key(0), state=tmp_path / "old",
+                    progress=False)  # fmt: skip
+    group = attacks.Group("old", three)
+    kw = dict(eps_list=EPS, key=jax.random.key(0), progress=False)
+    # the same stages at the last 2 budgets (the fake breaks per eps position)
+    fresh = attacks.cascade([attacks.Group("old", STAGES[:2]), STAGES[2]], x, y, **kw)
+    n_calls = len(fake.calls)
+    assert attacks.reuse_group(tmp_path / "old", tmp_path / "new", group, x, y, eps_list=EPS)
+    res = attacks.cascade([group, STAGES[2]], x, y, state=tmp_path / "new", **kw)
+    assert [c["stage"] for c in fake.calls[n_calls:]] == ["c"]  # only the new stage ran
+    np.testing.assert_array_equal(res.robust, fresh.robust)
+    for a, b in zip(res.stages, fresh.stages):
+        assert a.name == b.name and [r.tolist() for r in a.removed] == [
+            r.tolist() for r in b.removed
+        ]
+        assert [s.name for s in a.sub_stages] == [s.name for s in b.sub_stages]
+    # a state already there is left alone; a missing source is no reuse
+    before = (tmp_path / "new").read_text()
+    assert not attacks.reuse_group(tmp_path / "old", tmp_path / "new", group, x, y, eps_list=EPS)
+    assert (tmp_path / "new").read_text() == before
+    assert not attacks.reuse_group(tmp_path / "none", tmp_path / "n2", group, x, y, eps_list=EPS)
+
+
+def test_reuse_group_refuses_what_does_not_match(fake, tmp_path):
+    x, y = _x()
+    attacks.cascade(STAGES[:2], x, y, eps_list=EPS, key=jax.random.key(0),
+                    state=tmp_path / "old", progress=False)  # fmt: skip
+    group = attacks.Group("old", STAGES[:2])
+    cases = [
+        (dict(eps_list=(0.3,)), "no flags at eps"),
+        (dict(eps_list=EPS, x=x + 1.0), "other images"),
+        (dict(eps_list=EPS, group=attacks.Group("old", STAGES[:1])), "ran the stages"),
+        (dict(eps_list=EPS, group=attacks.Group("old", (STAGES[0], STAGES[2]))), "ran the stages"),
+    ]
+    for kw, match in cases:
+        args = dict(x=x, y=y, group=group) | kw
+        with pytest.raises(ValueError, match=match):
+            attacks.reuse_group(tmp_path / "old", tmp_path / "new", args.pop("group"),
+                                args.pop("x"), args.pop("y"), **args)  # fmt: skip
+        assert not (tmp_path / "new").exists()
+    (tmp_path / "bad").write_text("{}")
+    with pytest.raises(ValueError, match="not a cascade state"):
+        attacks.reuse_group(tmp_path / "bad", tmp_path / "new", group, x, y, eps_list=EPS)

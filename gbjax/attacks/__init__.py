@@ -52,7 +52,14 @@ every stage).
 """
 
 from gbjax._callables import as_logits_fn
-from gbjax.attacks._cascade import CascadeResult, Group, Stage, StageRecord, cascade
+from gbjax.attacks._cascade import (
+    CascadeResult,
+    Group,
+    Stage,
+    StageRecord,
+    cascade,
+    reuse_group,
+)
 from gbjax.attacks._core import BPDA, attack_loss, bpda, loss_gradient
 from gbjax.attacks.adaptive import SoftGB
 from gbjax.attacks.apgd import apgd
@@ -82,6 +89,7 @@ __all__ = [
     "AttackResult",
     "worst_case",
     "cascade",
+    "reuse_group",
     "Stage",
     "Group",
     "StageRecord",

@@ -30,7 +30,7 @@ from gbjax._checks import check_int
 from gbjax._files import write_atomic
 from gbjax.attacks.evaluation import ATTACKS, accuracy_under_attack
 
-__all__ = ["Stage", "Group", "StageRecord", "CascadeResult", "cascade"]
+__all__ = ["Stage", "Group", "StageRecord", "CascadeResult", "cascade", "reuse_group"]
 
 # what the cascade itself passes to accuracy_under_attack; a Stage may set the rest
 _SET_BY_CASCADE = (
@@ -528,3 +528,110 @@ def _apply(path, robust, removed) -> np.ndarray:
             _refuse(path, "is inconsistent: a stage removes an image that was not robust")
         after[e, idx] = False
     return after
+
+
+# ----------------------------------------------------------------------------
+# reusing an earlier cascade
+
+
+def reuse_group(
+    source: str | os.PathLike,
+    state: str | os.PathLike,
+    group: Group,
+    x,
+    y,
+    *,
+    eps_list: Sequence[float],
+) -> bool:
+    """Starts the state file ``state`` with ``group`` recorded from an earlier cascade.
+
+    ``source`` is the state file of a cascade over the same images and labels
+    whose stages were exactly ``group``'s stages (same names and settings), at
+    budgets that include every one of ``eps_list``. Its flags at those budgets
+    become ``group``'s record (the sub-stages' removed images and seconds
+    included), so a :func:`cascade` called next with ``state`` and ``group`` as
+    its first stage skips the group and runs only the stages after it: nothing
+    the earlier cascade did is recomputed. The earlier run's attacks are taken as
+    they ran, at its budgets and keys.
+
+    Args:
+      source: the earlier cascade's state file.
+      state: the new cascade's state file (created with its folder).
+      group: the group the new cascade starts with.
+      x: the new cascade's images ``(N, H, W, C)``.
+      y: its labels ``(N,)``.
+      eps_list: the new cascade's budgets.
+
+    Returns:
+      True when ``state`` was written; False when ``state`` exists already (the
+      cascade resumes from it) or ``source`` does not.
+
+    Raises:
+      ValueError: ``source`` is not a cascade state, or was made with other
+        images, other stages or without one of ``eps_list``. Nothing is written.
+
+    Example:
+      >>> import json, pathlib, tempfile
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> def logits(x):
+      ...     v = x.reshape(-1, 1) - 0.5
+      ...     return jnp.concatenate([-v, v], axis=1)
+      >>> x = jnp.array([0.1, 0.45, 0.9, 0.65]).reshape(4, 1, 1, 1)
+      >>> y = jnp.array([0, 0, 1, 1])
+      >>> fgsm = attacks.Stage("FGSM", "fgsm", logits)
+      >>> d = pathlib.Path(tempfile.mkdtemp())
+      >>> _ = attacks.cascade([fgsm], x, y, eps_list=[0.1, 0.2], state=d / "old.json",
+      ...                     progress=False)
+      >>> group = attacks.Group("old cascade", (fgsm,))
+      >>> attacks.reuse_group(d / "old.json", d / "new.json", group, x, y, eps_list=[0.2])
+      True
+      >>> pgd = attacks.Stage("PGD-2", "pgd", logits, steps=2)
+      >>> res = attacks.cascade([group, pgd], x, y, eps_list=[0.2], key=jax.random.key(0),
+      ...                       state=d / "new.json", progress=False)
+      >>> [s.name for s in res.stages], res.accuracy.tolist()
+      (['old cascade', 'PGD-2'], [0.5])
+    """
+    source, state = pathlib.Path(source), pathlib.Path(state)
+    if state.exists() or not source.is_file():
+        return False
+    if not isinstance(group, Group):
+        raise TypeError(f"group must be a Group, got {type(group).__name__}")
+    try:
+        rec = json.loads(source.read_text())
+        done, src_eps = rec["stages"], [float(e) for e in rec["eps"]]
+        src_images, src_plan = rec["images"], rec["plan"]
+        final = np.asarray(rec["robust"], bool)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{source} is not a cascade state with eps, images and plan "
+            f"({type(e).__name__}: {e}); it cannot be reused"
+        ) from None
+    if src_images != _digest(x, y):
+        raise ValueError(f"{source} was made with other images or labels; it cannot be reused")
+    names, plan = (
+        [s.name for s in group.stages],
+        [f"{s.name}: {s.describe()}" for s in group.stages],
+    )
+    if [s.get("stage") for s in done] != names or src_plan != plan:
+        raise ValueError(
+            f"{source} ran the stages {src_plan}, not the group's {plan}; it cannot be reused"
+        )
+    eps = [float(e) for e in eps_list]
+    missing = [e for e in eps if e not in src_eps]
+    if missing:
+        raise ValueError(f"{source} has no flags at eps {missing} (it has {src_eps})")
+    rows = [src_eps.index(e) for e in eps]
+    n = final.shape[-1]
+    start = np.ones((len(eps), n), bool)
+    robust, subs, seconds = start, [], 0.0
+    for s in done:
+        removed = [s["removed"][r] for r in rows]
+        after = _apply(source, robust, removed)
+        subs.append(_record(s["stage"], robust, after, s.get("seconds", 0.0)))
+        robust, seconds = after, seconds + float(s.get("seconds", 0.0))
+    if not np.array_equal(robust, final[rows]):
+        raise ValueError(f"{source} is inconsistent: its stages do not give its robust flags")
+    record = _record(group.name, start, robust, seconds, tuple(subs))
+    _save(state, [record], robust, eps, _digest(x, y), [f"{group.name}: {group.describe()}"])
+    return True
