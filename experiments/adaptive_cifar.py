@@ -27,6 +27,9 @@ What it does, per seed:
 2. **The main job's worst-case cascade, unchanged** (FGSM, PGD, APGD-CE,
    APGD-DLR under every protocol, transfer, Square at the main job's budget),
    on the same first ``n_eval`` test images of the same fixed random subset.
+   When ``--models`` is the main job's output folder and its ``state/`` holds
+   that model's cascade on the same images, its flags at these budgets are
+   taken (``gbjax.attacks.reuse_group``), not recomputed.
 3. **New stages, aimed at GB** (each only attacks the images still robust):
 
    * APGD-CE through BPDA with a *soft-assignment surrogate* of GB's painting
@@ -274,7 +277,29 @@ def convergence(classifier, scored, gb_defence, x, y, mode, key, progress):
                 accuracy=acc, eps=CONV_LABEL, n=len(x))  # fmt: skip
 
 
-def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, timer):
+def reuse_main_job(models_dir, name, seed, state, group, x, y):
+    """The main job's state file whose flags start this cascade (its cascade on the
+    same images, at these budgets among its own), or None when there is none to
+    reuse: the group is then run here."""
+    from gbjax import attacks
+
+    marker = state.with_name(state.stem + ".reused_from.txt")
+    if marker.is_file():  # a resumed run that took it earlier
+        return marker.read_text().strip()
+    if models_dir is None:
+        return None
+    source = pathlib.Path(models_dir) / "state" / f"{name}_seed{seed}.json"
+    try:
+        if attacks.reuse_group(source, state, group, x, y, eps_list=EPS):
+            marker.write_text(f"{source}\n")
+            print(f"[{EXPERIMENT}] {name}: the main job's cascade taken from {source}")
+            return str(source)
+    except ValueError as e:
+        print(f"[{EXPERIMENT}] {name}: the main job's cascade is run here, not reused: {e}")
+    return None
+
+
+def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, timer, models_dir=None):
     import jax
 
     from gbjax import attacks, defences, evaluate
@@ -298,6 +323,8 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
         gb = gb_defence if name == "gb" else None
         stages = [attacks.Group("main job cascade", main)]
         stages += adaptive_stages(name, scored, trained[name], gb, mode)
+        state = out / "state" / f"{name}_seed{seed}.json"  # a stopped run resumes here
+        reused = reuse_main_job(models_dir, name, seed, state, stages[0], xe, ye)
         worst = attacks.cascade(
             stages,
             xe,
@@ -305,7 +332,7 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
             eps_list=EPS,
             key=jax.random.key(1000 + seed),  # stage s gets key(s's name), as below
             batch_size=mode["attack_batch"],
-            state=out / "state" / f"{name}_seed{seed}.json",  # a stopped run resumes here
+            state=state,
             progress=progress,
             desc=name,
         )
@@ -318,6 +345,7 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
             worst_case=(k / n_eval).tolist(),
             worst_case_ci=[attacks.wilson_interval(int(v), n_eval) for v in k],
             main_job_worst_case=worst.stages[0].accuracy.tolist(),
+            main_job_cascade_from=reused,
         )
         if name == "gb":
             nc = min(mode["conv_n"], n_eval)
@@ -374,7 +402,11 @@ def report(r, args, runs) -> dict:
         md.append(f"| {name} | {_pct(rec['clean'])} | " + " | ".join(cells) + " |")
     md += ["", "## Stages: accuracy after each (%), images removed, seconds", ""]
     for name in names:
-        md += [f"### {name}", "", "| stage | " + " | ".join(EPS_LABELS) + " | s |"]
+        md += [f"### {name}", ""]
+        if run[name].get("main_job_cascade_from"):
+            md += [f"'main job cascade': the main job's flags, taken from "
+                   f"`{run[name]['main_job_cascade_from']}` (not re-run here).", ""]  # fmt: skip
+        md += ["| stage | " + " | ".join(EPS_LABELS) + " | s |"]
         md.append("| --- | " + " | ".join("---" for _ in EPS_LABELS) + " | --- |")
         for s in run[name]["stages"]:
             cells = [f"{_pct(a)} (-{len(rm)})" for a, rm in zip(s["accuracy"], s["removed"])]
@@ -450,7 +482,7 @@ def run(argv=None) -> dict:
         if args.train_only:
             continue
         ev = evaluate_models(trained, defences.GB(**gbkw), x01, r.yte, r.mode, seed, r.out,
-                             r.progress, r.timer)  # fmt: skip
+                             r.progress, r.timer, args.models)  # fmt: skip
         runs[seed] = {m: dict(ev[m], train_metrics=metrics[m]) for m in ev}
     if args.train_only:
         print(f"[{EXPERIMENT}] models trained or restored in {r.out}/checkpoints")

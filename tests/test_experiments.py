@@ -393,6 +393,42 @@ def test_adaptive_cifar_at_specs():
             mod._at_list(bad)
 
 
+def test_adaptive_cifar_reuses_the_main_jobs_cascade(tmp_path, capsys):
+    """``--models`` = the main job's folder: its cascade state on the same images starts
+    this run's state (the group is not re-run), remembered when the run resumes; a
+    state that does not match is reported and the group runs here."""
+    import jax.numpy as jnp
+
+    from gbjax import attacks
+
+    mod = _load("adaptive_cifar")
+
+    def logits(x):
+        v = x.reshape(-1, 1) - 0.5
+        return jnp.concatenate([-v, v], axis=1)
+
+    x = np.array([0.1, 0.49, 0.9, 0.65], np.float32).reshape(4, 1, 1, 1)  # 0.49: 4/255 breaks it
+    y = np.array([0, 0, 1, 1])
+    stages = (attacks.Stage("FGSM", "fgsm", logits),)
+    main, here = tmp_path / "main", tmp_path / "here" / "state" / "gb_seed0.json"
+    attacks.cascade(stages, x, y, eps_list=(0.0,) + mod.EPS, state=main / "state" / "gb_seed0.json",
+                    progress=False)  # fmt: skip
+    group = attacks.Group("main job cascade", stages)
+    assert mod.reuse_main_job(None, "gb", 0, here, group, x, y) is None
+    assert mod.reuse_main_job(tmp_path / "nothing", "gb", 0, here, group, x, y) is None
+    assert not here.exists()
+    bad = mod.reuse_main_job(main, "gb", 0, here, group, x[::-1].copy(), y)
+    assert bad is None and "not reused: " in capsys.readouterr().out and not here.exists()
+    src = str(main / "state" / "gb_seed0.json")
+    assert mod.reuse_main_job(main, "gb", 0, here, group, x, y) == src
+    assert mod.reuse_main_job(main, "gb", 0, here, group, x, y) == src  # on resuming
+    recorded = json.loads(here.read_text())["stages"]  # the group, done before any run here
+    assert [s["stage"] for s in recorded] == ["main job cascade"]
+    assert recorded[0]["removed"] == [[], [], [1], [1]]
+    res = attacks.cascade([group], x, y, eps_list=mod.EPS, state=here, progress=False)
+    assert res.accuracy.tolist() == [1.0, 1.0, 0.75, 0.75]
+
+
 def test_adaptive_cifar_smoke(tmp_path):
     """The main job's cascade, then the new stages, for none and GB; every stage only
     removes images, and the state file holds them."""
