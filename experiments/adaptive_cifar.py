@@ -270,11 +270,16 @@ def convergence(classifier, scored, gb_defence, x, y, mode, key, progress):
                 batch_size=mode["attack_batch"],
                 progress=progress,
             )[0]
-        )  # fmt: skip
+        )
         for s in mode["conv_steps"]
     ]
-    return dict(attack=f"APGD-CE soft-BPDA tau={tau:g}", steps=list(mode["conv_steps"]),
-                accuracy=acc, eps=CONV_LABEL, n=len(x))  # fmt: skip
+    return dict(
+        attack=f"APGD-CE soft-BPDA tau={tau:g}",
+        steps=list(mode["conv_steps"]),
+        accuracy=acc,
+        eps=CONV_LABEL,
+        n=len(x),
+    )
 
 
 def reuse_main_job(models_dir, name, seed, state, group, x, y):
@@ -349,8 +354,9 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
         )
         if name == "gb":
             nc = min(mode["conv_n"], n_eval)
-            rec["convergence"] = convergence(trained["gb"], scored, gb_defence, xe[:nc],
-                                             ye[:nc], mode, key, progress)  # fmt: skip
+            rec["convergence"] = convergence(
+                trained["gb"], scored, gb_defence, xe[:nc], ye[:nc], mode, key, progress
+            )
         timer.mark(f"attacks_{name}", t0)
         res[name] = rec
     return res
@@ -404,8 +410,11 @@ def report(r, args, runs) -> dict:
     for name in names:
         md += [f"### {name}", ""]
         if run[name].get("main_job_cascade_from"):
-            md += [f"'main job cascade': the main job's flags, taken from "
-                   f"`{run[name]['main_job_cascade_from']}` (not re-run here).", ""]  # fmt: skip
+            md += [
+                f"'main job cascade': the main job's flags, taken from "
+                f"`{run[name]['main_job_cascade_from']}` (not re-run here).",
+                "",
+            ]
         md += ["| stage | " + " | ".join(EPS_LABELS) + " | s |"]
         md.append("| --- | " + " | ".join("---" for _ in EPS_LABELS) + " | --- |")
         for s in run[name]["stages"]:
@@ -481,8 +490,18 @@ def run(argv=None) -> dict:
         trained, metrics = get_models(r, args, xtr_gb, xte_gb, seed)
         if args.train_only:
             continue
-        ev = evaluate_models(trained, defences.GB(**gbkw), x01, r.yte, r.mode, seed, r.out,
-                             r.progress, r.timer, args.models)  # fmt: skip
+        ev = evaluate_models(
+            trained,
+            defences.GB(**gbkw),
+            x01,
+            r.yte,
+            r.mode,
+            seed,
+            r.out,
+            r.progress,
+            r.timer,
+            args.models,
+        )
         runs[seed] = {m: dict(ev[m], train_metrics=metrics[m]) for m in ev}
     if args.train_only:
         print(f"[{EXPERIMENT}] models trained or restored in {r.out}/checkpoints")
