@@ -7,11 +7,13 @@ import dataclasses
 import json
 import os
 import pathlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from gbjax import models
 from gbjax._workdir import verified_step
@@ -21,10 +23,30 @@ __all__ = ["build_model", "time_to_target", "restore_model"]
 
 
 def build_model(
-    config: Config, *, input_shape, num_classes: int, mean, std, rngs: nnx.Rngs
+    config: Config,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    mean: ArrayLike,
+    std: ArrayLike,
+    rngs: nnx.Rngs,
 ) -> nnx.Module:
     """The configured model.  ``mean``/``std``: training-set statistics in pixel
-    units (per channel); the paper network uses their channel average."""
+    units (per channel); the paper network uses their channel average.
+
+    ``config.model`` and ``config.model_kwargs`` pick it (:func:`gbjax.models.build`),
+    ``config.compute_dtype`` sets its compute dtype.
+
+    Example:
+      >>> from flax import nnx
+      >>> from gbjax import train
+      >>> cfg = train.Config(model="resnet", compute_dtype="bfloat16",
+      ...                    model_kwargs=dict(stage_sizes=(1,), widths=(4,)))
+      >>> m = train.build_model(cfg, input_shape=(8, 8, 3), num_classes=10,
+      ...                       mean=[120.0, 110.0, 100.0], std=[60.0] * 3, rngs=nnx.Rngs(0))
+      >>> type(m).__name__, m.dtype, m.mean[...].tolist()
+      ('ResNet', dtype(bfloat16), [120.0, 110.0, 100.0])
+    """
     dtype = None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype)
     return models.build(
         config.model,
@@ -46,6 +68,21 @@ def time_to_target(workdir: str | os.PathLike, target: float) -> dict | None:
     if no evaluation reached ``target``.  For a run that was resumed, the time of
     the earlier processes (up to their last logged line, including steps that
     were then redone) is added and ``"resumed": True`` is set.
+
+    Example:
+      A run resumed after its first evaluation:
+
+      >>> import json, pathlib, tempfile
+      >>> from gbjax import train
+      >>> lines = [{"step": 10, "test_accuracy": 0.6, "train_time_s": 5.0, "elapsed_s": 9.0},
+      ...          {"event": "resumed", "step": 10},
+      ...          {"step": 20, "test_accuracy": 0.9, "train_time_s": 4.0, "elapsed_s": 7.0}]
+      >>> with tempfile.TemporaryDirectory() as workdir:
+      ...     text = "".join(json.dumps(r) + "\\n" for r in lines)
+      ...     _ = (pathlib.Path(workdir) / "metrics.jsonl").write_text(text)
+      ...     hit, miss = train.time_to_target(workdir, 0.8), train.time_to_target(workdir, 0.95)
+      >>> hit["step"], hit["train_time_s"], hit["elapsed_s"], hit["resumed"], miss
+      (20, 9.0, 16.0, True, None)
     """
     offset = {"train_time_s": 0.0, "elapsed_s": 0.0}
     last = dict(offset)
@@ -73,7 +110,25 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> nnx.Mo
 
     Checkpoints are checked against their sha256 first: a corrupt latest one is
     reported and the latest one that verifies is restored; a corrupt ``step``
-    raises :class:`gbjax._workdir.CorruptCheckpointError`."""
+    raises :class:`gbjax._workdir.CorruptCheckpointError`.
+
+    Example:
+      The checkpoint of a one-step run gives the model the run returned:
+
+      >>> import tempfile
+      >>> import numpy as np
+      >>> from gbjax import train
+      >>> x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+      >>> y = np.arange(16) % 2
+      >>> cfg = train.Config(data={"train": (x, y), "test": (x, y)}, model="paper_convnet",
+      ...                    model_kwargs=dict(kind="raw", features=4), batch_size=8,
+      ...                    eval_batch_size=16, num_steps=1, progress=False)
+      >>> with tempfile.TemporaryDirectory() as workdir:
+      ...     model, _ = train.train_and_evaluate(cfg, workdir)
+      ...     restored = train.restore_model(workdir)
+      >>> type(restored).__name__, bool((restored(x) == model(x)).all())
+      ('PaperConvNet', True)
+    """
     import orbax.checkpoint as ocp
 
     workdir = pathlib.Path(workdir)

@@ -14,9 +14,10 @@ import importlib
 import importlib.util
 import numbers
 import pathlib
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import numpy as np
+from jax.typing import ArrayLike
 
 from gbjax.augment import TTA_LEVELS
 from gbjax.data import DATASETS
@@ -34,14 +35,23 @@ _GROUP_KEYS = {"pattern", "lr_scale", "weight_decay", "trainable_epochs", "froze
 
 @dataclasses.dataclass
 class Config:
-    """Everything a run depends on.  See ``gbjax/configs/*.py`` for examples."""
+    """Everything a run depends on.  See ``gbjax/configs/*.py`` for examples.
+
+    Example:
+      >>> from gbjax.config import Config
+      >>> c = Config(model="resnet20", dataset="cifar10", batch_size=128, num_epochs=30)
+      >>> c.model, c.optimizer, c.learning_rate  # the rest keeps its defaults
+      ('resnet20', 'adam', 0.0001)
+      >>> c.to_json_dict()["batch_size"], "data" in c.to_json_dict()
+      (128, False)
+    """
 
     # --- data
     dataset: str = "mnist"
     data_dir: str | None = None  # else $GBJAX_DATA_DIR
     # Override loading: {"train": (images, labels), "test": (images, labels)},
     # images uint8 (N, H, W[, C]).  Not written to config.json.
-    data: Any = None
+    data: Mapping[str, tuple[ArrayLike, ArrayLike]] | None = None
     num_train: int | None = None  # a fixed random subset of N images
     num_test: int | None = None  # (seed 0, whatever config.seed is)
     preprocess: str = "none"  # "none" | "gb" (train and test images, cached on disk)
@@ -108,6 +118,7 @@ class Config:
     debug_nan_step: int = -1
 
     def to_json_dict(self) -> dict:
+        """The fields as a JSON-ready dict, ``data`` left out (``config.json``)."""
         d = dataclasses.asdict(self)
         d.pop("data")
         return d
@@ -137,7 +148,18 @@ def _validate_adversarial(adv, bad) -> None:
 
 
 def validate_config(config: Config, num_devices: int | None = None) -> None:
-    """Raises ValueError with a clear message for a bad configuration."""
+    """Raises ValueError with a clear message for a bad configuration.
+
+    ``num_devices``: the devices there are (default: ``jax.local_device_count()``).
+
+    Example:
+      >>> from gbjax.config import Config, validate_config
+      >>> validate_config(Config(batch_size=64), num_devices=1)  # fine: returns None
+      >>> validate_config(Config(batch_size=0), num_devices=1)
+      Traceback (most recent call last):
+      ...
+      ValueError: invalid config: batch_size must be a positive integer, got 0
+    """
 
     def bad(msg):
         raise ValueError(f"invalid config: {msg}")
@@ -219,7 +241,14 @@ def validate_config(config: Config, num_devices: int | None = None) -> None:
 
 
 def load_config(spec: str) -> Config:
-    """``path/to/cfg.py[:arg]`` or ``module.name[:arg]`` -> ``get_config(arg)``."""
+    """``path/to/cfg.py[:arg]`` or ``module.name[:arg]`` -> ``get_config(arg)``.
+
+    Example:
+      >>> from gbjax.config import load_config
+      >>> c = load_config("gbjax.configs.pe_mnist:smoke")  # or "gbjax/configs/pe_mnist.py:smoke"
+      >>> c.model, c.num_steps, c.num_train
+      ('paper_convnet', 16, 1024)
+    """
     path, _, arg = spec.partition(":")
     if path.endswith(".py"):
         modspec = importlib.util.spec_from_file_location(
@@ -234,8 +263,22 @@ def load_config(spec: str) -> Config:
     return mod.get_config(arg) if arg else mod.get_config()
 
 
-def apply_overrides(config: Config, overrides) -> Config:
-    """``["key=value", ...]`` (values parsed as Python literals) -> new Config."""
+def apply_overrides(config: Config, overrides: Iterable[str] | None) -> Config:
+    """``["key=value", ...]`` (values parsed as Python literals) -> new Config.
+
+    A value that is not a Python literal stays a string; ``config`` is unchanged.
+
+    Example:
+      >>> from gbjax.config import Config, apply_overrides
+      >>> c = apply_overrides(Config(), ["num_epochs=3", "model_kwargs={'kind': 'raw'}",
+      ...                                "optimizer=sgd"])
+      >>> c.num_epochs, c.model_kwargs, c.optimizer
+      (3, {'kind': 'raw'}, 'sgd')
+      >>> apply_overrides(c, ["epochs=3"])
+      Traceback (most recent call last):
+      ...
+      ValueError: bad override 'epochs=3'; expected key=value with key in Config
+    """
     fields = {f.name for f in dataclasses.fields(Config)}
     updates = {}
     for item in overrides or ():

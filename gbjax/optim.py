@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 __all__ = [
     "GroupSpec",
@@ -48,11 +49,17 @@ DEFAULT_GROUP = "default"
 
 def piecewise_linear(
     total_steps: int, *, warmup_steps: int, start: float, end: float
-) -> Callable[[jax.Array], jax.Array]:
+) -> Callable[[ArrayLike], jax.Array]:
     """Learning-rate factor at update ``t`` (0-based): ``start`` -> 1 -> ``end``, linearly.
 
     The rise takes ``warmup_steps`` updates (at least 1), the fall the rest;
     after ``total_steps`` the factor stays at ``end``.
+
+    Example:
+      >>> from gbjax import optim
+      >>> f = optim.piecewise_linear(10, warmup_steps=2, start=0.2, end=0.0)
+      >>> [round(float(f(t)), 2) for t in (0, 1, 2, 6, 10, 20)]
+      [0.2, 0.6, 1.0, 0.5, 0.0, 0.0]
     """
     warm = max(int(warmup_steps), 1)
     fall = max(total_steps - warm, 1)
@@ -80,6 +87,15 @@ class GroupSpec:
       trainable_steps: the group's updates are zero from this update on
         (``None``: always trainable).
       frozen: never updated (the update is zero and no optimiser state is kept).
+
+    Example:
+      >>> from gbjax import optim
+      >>> spec = optim.GroupSpec(pattern=r"bias$", lr_scale=0.1, weight_decay=0.0)
+      >>> spec.lr_scale, spec.frozen
+      (0.1, False)
+      >>> params = {"conv": {"kernel": 1.0, "bias": 0.0}}
+      >>> optim.param_labels(params, {"biases": spec})
+      {'conv': {'bias': 'biases', 'kernel': 'default'}}
     """
 
     pattern: str
@@ -106,6 +122,14 @@ def param_labels(params: Any, groups: Mapping[str, GroupSpec], default: str = DE
 
     The label is that of the first group (in ``groups``' order) whose pattern
     matches the leaf's path, else ``default``.
+
+    Example:
+      >>> from gbjax import optim
+      >>> params = {"norm1": {"bias": 0.0, "scale": 1.0}, "head": {"bias": 0.0}}
+      >>> groups = {"norm_biases": optim.GroupSpec(r"norm\\d*/bias$"),
+      ...           "head": optim.GroupSpec(r"^head/")}
+      >>> optim.param_labels(params, groups)
+      {'head': {'bias': 'head'}, 'norm1': {'bias': 'norm_biases', 'scale': 'default'}}
     """
     compiled = [(name, re.compile(g.pattern)) for name, g in groups.items()]
 
@@ -149,6 +173,23 @@ def grouped(
     (``mask`` restricts weight decay within it, or is ``None``). The default
     group (leaves no pattern matches) gets ``weight_decay`` restricted by
     ``decay_mask``; a named group's weight decay applies to all its leaves.
+
+    Example:
+      Plain SGD (learning rate 0.1), ten times slower on biases, frozen on the head:
+
+      >>> import jax.numpy as jnp, optax
+      >>> from gbjax import optim
+      >>> params = {"conv": {"kernel": jnp.ones(2), "bias": jnp.ones(2)},
+      ...           "head": {"kernel": jnp.ones(2)}}
+      >>> groups = {"biases": optim.GroupSpec(r"bias$", lr_scale=0.1),
+      ...           "head": optim.GroupSpec(r"^head/", frozen=True)}
+      >>> tx = optim.grouped(lambda lr_scale, wd, mask: optax.sgd(0.1 * lr_scale),
+      ...                    params, groups, weight_decay=0.0)
+      >>> grads = {"conv": {"kernel": jnp.ones(2), "bias": jnp.ones(2)},
+      ...          "head": {"kernel": jnp.ones(2)}}
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> {k: [round(float(v[0]), 3) for v in d.values()] for k, d in updates.items()}
+      {'conv': [-0.01, -0.1], 'head': [0.0]}
     """
     for name in groups:
         if name == DEFAULT_GROUP:
@@ -176,23 +217,51 @@ class LookaheadState(NamedTuple):
     slow: Any  # the slow weights
 
 
-def lookahead_sync(count, *, sync_period: int, decay: Callable, final_step: int | None):
+def lookahead_sync(
+    count: ArrayLike,
+    *,
+    sync_period: int,
+    decay: Callable[[jax.Array], ArrayLike],
+    final_step: int | None,
+) -> tuple[jax.Array, jax.Array]:
     """``(sync, d)`` after update number ``count`` (1-based).
 
     ``sync`` is true every ``sync_period`` updates, and at ``final_step``; the
     mixing weight is ``d = decay(count)`` on a periodic sync and 1 on a final
     sync that is not periodic (the fast weights then simply take the slow ones).
+
+    Example:
+      >>> from gbjax import optim
+      >>> for t in (3, 4, 7):
+      ...     sync, d = optim.lookahead_sync(t, sync_period=2, decay=lambda t: t / 10,
+      ...                                    final_step=7)
+      ...     print(t, bool(sync), round(float(d), 2))
+      3 False 1.0
+      4 True 0.4
+      7 True 1.0
     """
+    count = jnp.asarray(count)
     periodic = count % sync_period == 0
     final = jnp.asarray(False) if final_step is None else count == final_step
     d = jnp.where(periodic, decay(count), 1.0)
     return periodic | final, d
 
 
-def lookahead_mix(slow: Any, fast: Any, sync, d) -> Any:
+def lookahead_mix(slow: Any, fast: Any, sync: ArrayLike, d: ArrayLike) -> Any:
     """New slow weights: ``d * slow + (1 - d) * fast`` where ``sync``, else ``slow``.
 
     Floating leaves only; integer leaves (counters) keep the fast value.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import optim
+      >>> slow = {"w": jnp.array([0.0, 4.0]), "n": jnp.array(1)}
+      >>> fast = {"w": jnp.array([2.0, 8.0]), "n": jnp.array(5)}
+      >>> mixed = optim.lookahead_mix(slow, fast, True, 0.75)
+      >>> mixed["w"].tolist(), int(mixed["n"])
+      ([0.5, 5.0], 5)
+      >>> optim.lookahead_mix(slow, fast, False, 0.75)["w"].tolist()
+      [0.0, 4.0]
     """
 
     def mix(s, f):
@@ -205,7 +274,7 @@ def lookahead_mix(slow: Any, fast: Any, sync, d) -> Any:
 
 def lookahead(
     sync_period: int,
-    decay: Callable[[jax.Array], jax.Array],
+    decay: Callable[[jax.Array], ArrayLike],
     *,
     final_step: int | None = None,
 ) -> optax.GradientTransformation:
@@ -216,6 +285,23 @@ def lookahead(
     returned update moves the parameters onto ``slow``. Between syncs the inner
     updates pass through unchanged. ``decay = lambda t: 0.0`` is plain training;
     airbench94 uses ``d = 0.95**5 * (t / T)**3`` every 5 updates.
+
+    Example:
+      SGD with step 1 on the gradient 1, and lookahead every 2 updates with
+      ``d = 0.5``: the fast weights go 0 -> -1 -> -2, and at the sync both move
+      to ``0.5 * 0 + 0.5 * -2 = -1``.
+
+      >>> import jax.numpy as jnp, optax
+      >>> from gbjax import optim
+      >>> tx = optax.chain(optax.sgd(1.0), optim.lookahead(2, lambda t: 0.5))
+      >>> params = jnp.zeros(1)
+      >>> state = tx.init(params)
+      >>> for _ in range(2):
+      ...     updates, state = tx.update(jnp.ones(1), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      ...     print(params.tolist())
+      [-1.0]
+      [-1.0]
     """
     if sync_period < 1:
         raise ValueError(f"sync_period must be >= 1, got {sync_period}")

@@ -73,6 +73,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 from gbjax import _train_loop, _workdir, _xla, attacks, augment, data, evaluate, models, optim
 from gbjax._runs import build_model, restore_model, time_to_target
@@ -132,8 +133,23 @@ def _as_nhwc_uint8(x) -> np.ndarray:
     return x
 
 
-def load_datasets(config: Config):
-    """-> (train_x uint8 NHWC, train_y int32, test_x, test_y), preprocessed."""
+def load_datasets(config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """-> (train_x uint8 NHWC, train_y int32, test_x, test_y), preprocessed.
+
+    The data set ``config.dataset`` (or the arrays of ``config.data``), cut to
+    the fixed random subsets ``num_train`` / ``num_test``, and GB-processed when
+    ``config.preprocess == "gb"``; all host numpy arrays.
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import train
+      >>> x, y = np.zeros((16, 8, 8), np.uint8), np.arange(16) % 2  # (N, H, W): grey
+      >>> cfg = train.Config(data={"train": (x, y), "test": (x[:4], y[:4])},
+      ...                    num_train=12, batch_size=4)
+      >>> xtr, ytr, xte, yte = train.load_datasets(cfg)
+      >>> xtr.shape, xtr.dtype, ytr.dtype, xte.shape
+      ((12, 8, 8, 1), dtype('uint8'), dtype('int32'), (4, 8, 8, 1))
+    """
     if config.data is not None:
         (xtr, ytr), (xte, yte) = config.data["train"], config.data["test"]
     else:
@@ -176,6 +192,16 @@ def init_model(config: Config, xtr: np.ndarray, num_classes: int) -> nnx.Module:
     std) from ``xtr``. A model with an ``init_from_data(images)`` method (the
     airbench whitening layer) gets it called on ``whiten_num_images`` random
     training images (drawn with ``numpy.random.default_rng(seed)``).
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import train
+      >>> x = np.zeros((16, 8, 8, 1), np.uint8)
+      >>> x[:, :4] = 100  # mean 50, standard deviation 50
+      >>> cfg = train.Config(model="paper_convnet", model_kwargs=dict(kind="raw", features=4))
+      >>> m = train.init_model(cfg, x, num_classes=10)
+      >>> type(m).__name__, float(m.mean[...]), float(m.std[...]), m(x[:2]).shape
+      ('PaperConvNet', 50.0, 50.0, (2, 10))
     """
     mean, std = _statistics(config, xtr)
 
@@ -211,11 +237,24 @@ def root_key(seed: int) -> jax.Array:
     adversarial examples (fold_in step).  Note: "rbg" bits may depend on the
     sharding, so a data-parallel run with augmentation is statistically, not
     bitwise, equivalent to a single-device one.
+
+    Example:
+      >>> import jax
+      >>> from gbjax import train
+      >>> key = train.root_key(0)
+      >>> key.dtype
+      key<rbg>
+      >>> init_key = jax.random.fold_in(key, 0)  # the stream of parameter init
+      >>> draw = lambda k: jax.random.uniform(k, (3,)).tolist()
+      >>> draw(init_key) == draw(jax.random.fold_in(train.root_key(0), 0))  # deterministic
+      True
     """
     return jax.random.key(seed, impl="rbg")
 
 
-def loss_and_correct(logits, labels, num_classes: int, label_smoothing: float):
+def loss_and_correct(
+    logits: jax.Array, labels: ArrayLike, num_classes: int, label_smoothing: float
+) -> tuple[jax.Array, jax.Array]:
     """Per-example cross-entropy (with label smoothing) and correctness."""
     onehot = jax.nn.one_hot(labels, num_classes)
     if label_smoothing:
@@ -228,8 +267,23 @@ def loss_and_correct(logits, labels, num_classes: int, label_smoothing: float):
 # the optimiser of a Config
 
 
-def make_schedule(config: Config, total_steps: int) -> Callable[[jax.Array], jax.Array]:
-    """The learning rate at update ``t`` for ``config.schedule``."""
+def make_schedule(config: Config, total_steps: int) -> optax.Schedule:
+    """The learning rate at update ``t`` for ``config.schedule``.
+
+    ``"constant"``: ``learning_rate``; ``"cosine"``: linear warm-up from 0 over
+    ``warmup_fraction`` of the steps, then cosine decay to 0; ``"onecycle"``:
+    ``learning_rate`` times :func:`gbjax.optim.piecewise_linear` (from
+    ``schedule_start_factor`` up to 1 over ``warmup_fraction``, then down to
+    ``schedule_end_factor``).
+
+    Example:
+      >>> from gbjax import train
+      >>> cfg = train.Config(learning_rate=0.1, schedule="onecycle", warmup_fraction=0.2,
+      ...                    schedule_start_factor=0.0, schedule_end_factor=0.0)
+      >>> lr = train.make_schedule(cfg, total_steps=10)
+      >>> [round(float(lr(t)), 3) for t in (0, 1, 2, 6, 10)]
+      [0.0, 0.05, 0.1, 0.05, 0.0]
+    """
     lr = config.learning_rate
     if config.schedule == "constant":
         return optax.constant_schedule(lr)
@@ -245,8 +299,15 @@ def make_schedule(config: Config, total_steps: int) -> Callable[[jax.Array], jax
     return lambda t: lr * factor(t)
 
 
-def lookahead_decay(config: Config, total_steps: int) -> Callable[[jax.Array], jax.Array]:
-    """Airbench's decay ``d(t) = lookahead_decay * (t / T) ** lookahead_power``."""
+def lookahead_decay(config: Config, total_steps: int) -> Callable[[ArrayLike], jax.Array]:
+    """Airbench's decay ``d(t) = lookahead_decay * (t / T) ** lookahead_power``.
+
+    Example:
+      >>> from gbjax import train
+      >>> d = train.lookahead_decay(train.Config(lookahead_decay=0.8, lookahead_power=2.0), 10)
+      >>> [round(float(d(t)), 3) for t in (0, 5, 10)]
+      [0.0, 0.2, 0.8]
+    """
     base, power = config.lookahead_decay, config.lookahead_power
     return lambda t: base * (jnp.asarray(t, jnp.float32) / total_steps) ** power
 
@@ -272,6 +333,21 @@ def make_optimizer(
     default group's kernels (ndim > 1); ``config.param_groups`` (needs
     ``params`` to label the leaves; ``trainable_epochs`` counts
     ``steps_per_epoch`` updates an epoch) and ``config.lookahead_every``.
+
+    Example:
+      Plain SGD with coupled weight decay: with a zero gradient only the
+      decay moves the parameters, and only the kernels (ndim > 1).
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from gbjax import train
+      >>> cfg = train.Config(optimizer="sgd", learning_rate=0.1, momentum=0.0, weight_decay=0.5)
+      >>> tx = train.make_optimizer(cfg, total_steps=10)
+      >>> params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+      >>> zero = jax.tree.map(jnp.zeros_like, params)
+      >>> updates, _ = tx.update(zero, tx.init(params), params)
+      >>> new = optax.apply_updates(params, updates)  # kernel: 1 - 0.1 * 0.5 * 1
+      >>> round(float(new["kernel"][0, 0]), 4), float(new["bias"][0])
+      (0.95, 1.0)
     """
     sched = make_schedule(config, total_steps)
 
@@ -378,8 +454,9 @@ def _stats_lookahead(config: Config, total_steps: int) -> Callable | None:
 
 
 def adversarial_images(
-    state, x_BHWC, y_B, key, *, graphdef, num_classes: int, eps: float,
-    method: str = "n-fgsm", steps: int = 3,
+    state: dict[str, Any], x_BHWC: ArrayLike, y_B: ArrayLike, key: jax.Array, *,
+    graphdef: nnx.GraphDef, num_classes: int, eps: float, method: str = "n-fgsm",
+    steps: int = 3,
 ) -> jax.Array:  # fmt: skip
     """Adversarial images of the model of ``state`` (train mode), in [0, 1] floats.
 
@@ -427,7 +504,7 @@ def adversarial_images(
 
 def create_train_state(
     model: nnx.Module, tx: optax.GradientTransformation, *, slow_stats: bool = False
-) -> dict:
+) -> dict[str, Any]:
     """The train state of ``model`` under the optimiser ``tx``.
 
     Args:
@@ -441,6 +518,17 @@ def create_train_state(
       A dict of arrays: ``step``, ``params``, ``batch_stats``, ``consts``,
       ``opt_state``, the logging window's sums ``loss_sum``, ``correct_sum``,
       ``count`` (zeroed at each sync point), and ``slow_stats`` if asked for.
+
+    Example:
+      >>> from flax import nnx
+      >>> from gbjax import models, train
+      >>> model = models.ResNet(stage_sizes=(1,), widths=(4,), num_classes=10, rngs=nnx.Rngs(0))
+      >>> tx = train.make_optimizer(train.Config(optimizer="adam"), total_steps=10)
+      >>> state = train.create_train_state(model, tx)
+      >>> sorted(state)
+      ['batch_stats', 'consts', 'correct_sum', 'count', 'loss_sum', 'opt_state', 'params', 'step']
+      >>> int(state["step"]), sorted(state["params"]), sorted(state["consts"])
+      (0, ['blocks', 'head', 'stem', 'stem_bn'], ['mean', 'std'])
     """
     _, params, stats, consts = models.split_state(model)
     zero = lambda: jnp.zeros((), jnp.float32)  # noqa: E731 (distinct buffers: donated)
@@ -459,7 +547,15 @@ def create_train_state(
     return state
 
 
-def train_step(state: dict, images_BHWC, labels_B, *, graphdef, tx, objective) -> dict:
+def train_step(
+    state: dict[str, Any],
+    images_BHWC: ArrayLike,
+    labels_B: ArrayLike,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    objective: Callable,
+) -> dict[str, Any]:
     """One optimiser update of ``state`` on a batch (pure; jit it).
 
     Args:
@@ -474,8 +570,32 @@ def train_step(state: dict, images_BHWC, labels_B, *, graphdef, tx, objective) -
     Returns:
       The next state: ``step`` + 1, updated parameters, optimiser state and
       BatchNorm statistics, and the batch added to the logging window's sums.
+
+    Example:
+      Two jitted steps of a tiny network on one batch of 8 images:
+
+      >>> import functools, jax, numpy as np, optax
+      >>> from flax import nnx
+      >>> from gbjax import models, train
+      >>> model = models.PaperConvNet("normalized", image_size=8, features=4, rngs=nnx.Rngs(0))
+      >>> tx = optax.adam(1e-2)
+      >>> def objective(logits, labels, step):
+      ...     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      ...     return loss.mean(), loss.sum(), (logits.argmax(-1) == labels).sum()
+      >>> step = jax.jit(functools.partial(train.train_step, graphdef=models.split_state(model)[0],
+      ...                                  tx=tx, objective=objective))
+      >>> x = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
+      >>> y = np.arange(8) % 2
+      >>> state = step(train.create_train_state(model, tx), x, y)
+      >>> first = float(state["loss_sum"])
+      >>> state = step(state, x, y)
+      >>> int(state["step"]), float(state["count"])
+      (2, 16.0)
+      >>> float(state["loss_sum"]) - first < first  # the loss fell
+      True
     """
     step = state["step"]
+    labels_B = jnp.asarray(labels_B)
 
     def loss_fn(params):
         # fresh Variable objects at this trace level (BatchStat is mutated here)
@@ -500,14 +620,20 @@ def train_step(state: dict, images_BHWC, labels_B, *, graphdef, tx, objective) -
     )
 
 
-def state_model(state: dict, graphdef) -> nnx.Module:
+def state_model(state: dict[str, Any], graphdef: nnx.GraphDef) -> nnx.Module:
     """The model of ``state`` under ``graphdef`` (it shares the state's arrays)."""
     return nnx.merge(graphdef, state["params"], state["batch_stats"], state["consts"])
 
 
 def eval_step(
-    state: dict, images, labels, *, graphdef, batch_size: int = 500, tta: str = "none"
-) -> dict:
+    state: dict[str, Any],
+    images: ArrayLike,
+    labels: ArrayLike,
+    *,
+    graphdef: nnx.GraphDef,
+    batch_size: int = 500,
+    tta: str = "none",
+) -> dict[str, float]:
     """``{"accuracy", "loss"}`` of the model of ``state`` on ``(images, labels)``.
 
     Args:
@@ -519,6 +645,22 @@ def eval_step(
     Returns:
       ``gbjax.evaluate.evaluate`` of the eval-mode model: fraction correct and
       mean cross-entropy (no label smoothing).
+
+    Example:
+      A network whose head is zero: every logit is 0, so the loss is
+      ``log(10)`` and the prediction is class 0.
+
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from gbjax import models, train
+      >>> model = models.ResNet(stage_sizes=(1,), widths=(4,), num_classes=10, rngs=nnx.Rngs(0))
+      >>> model.head.kernel[...] = np.zeros((4, 10), np.float32)
+      >>> model.eval()
+      >>> state = train.create_train_state(model, train.make_optimizer(train.Config(), 10))
+      >>> x, y = np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 0, 1, 2])
+      >>> ev = train.eval_step(state, x, y, graphdef=models.split_state(model)[0])
+      >>> ev["accuracy"], round(ev["loss"], 4)
+      (0.5, 2.3026)
     """
     model = state_model(state, graphdef)
     return evaluate.evaluate(model, images, labels, batch_size=batch_size, tta=tta)
@@ -540,6 +682,22 @@ class Trainer:
     * ``model(state)``: the eval-mode model of a state (shares its arrays);
     * ``evaluate(state, x, y, tta=...)``: ``{"accuracy", "loss"}`` through
       :func:`eval_step`.
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import train
+      >>> x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+      >>> y = np.arange(16) % 2
+      >>> cfg = train.Config(data={"train": (x, y), "test": (x, y)}, model="paper_convnet",
+      ...                    model_kwargs=dict(kind="raw", features=4), batch_size=8,
+      ...                    eval_batch_size=16, num_steps=2)
+      >>> trainer = train.Trainer(cfg, train.init_model(cfg, x, 2), num_classes=2,
+      ...                         num_train=16, total_steps=2)
+      >>> data, state = trainer.put_data(x, y), trainer.init_state
+      >>> for step in range(2):
+      ...     state = trainer.train_step(state, data, trainer.epoch_permutation(0))
+      >>> int(state["step"]), sorted(trainer.evaluate(state, x, y))
+      (2, ['accuracy', 'loss'])
     """
 
     def __init__(
@@ -595,7 +753,7 @@ class Trainer:
             lambda t: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(t)]))
         )
 
-    def put_data(self, images_NHWC: np.ndarray, labels_N: np.ndarray) -> dict:
+    def put_data(self, images_NHWC: np.ndarray, labels_N: np.ndarray) -> dict[str, jax.Array]:
         flip = jax.random.bernoulli(self.flip_key, 0.5, (len(images_NHWC),))
         return jax.device_put({"images": images_NHWC, "labels": labels_N, "flip": flip}, self.repl)
 
@@ -626,7 +784,7 @@ class Trainer:
         )
         return state if self.after_update is None else self.after_update(state)
 
-    def robust_accuracy(self, state, x, y) -> float:
+    def robust_accuracy(self, state: dict[str, Any], x: ArrayLike, y: ArrayLike) -> float:
         """PGD accuracy at ``adversarial['eps']`` (``eval_steps`` steps, one random
         start) of the eval-mode model on ``x`` (uint8): catastrophic overfitting
         shows as this falling to about 0 while clean accuracy holds."""
@@ -645,11 +803,13 @@ class Trainer:
             )[0]
         )
 
-    def model(self, state) -> nnx.Module:
+    def model(self, state: dict[str, Any]) -> nnx.Module:
         """The eval-mode model of ``state``."""
         return state_model(state, self.eval_graphdef)
 
-    def evaluate(self, state, x, y, *, tta: str = "none") -> dict:
+    def evaluate(
+        self, state: dict[str, Any], x: ArrayLike, y: ArrayLike, *, tta: str = "none"
+    ) -> dict[str, float]:
         return eval_step(
             state, x, y, graphdef=self.eval_graphdef, batch_size=self.config.eval_batch_size,
             tta=tta,
@@ -687,6 +847,25 @@ def train_and_evaluate(
     its model and final metrics. Checkpoints carry a sha256; a corrupt one is
     reported and the latest one that verifies is used. A second run in a workdir
     in use raises :class:`WorkdirBusyError`. Details: :mod:`gbjax._workdir`.
+
+    Example:
+      Two steps of a tiny network on 16 synthetic images, in a temporary workdir:
+
+      >>> import pathlib, tempfile
+      >>> import numpy as np
+      >>> from gbjax import train
+      >>> x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+      >>> y = np.arange(16) % 2
+      >>> cfg = train.Config(data={"train": (x, y), "test": (x, y)}, model="paper_convnet",
+      ...                    model_kwargs=dict(kind="raw", features=4), batch_size=8,
+      ...                    eval_batch_size=16, num_steps=2, progress=False)
+      >>> with tempfile.TemporaryDirectory() as workdir:
+      ...     model, metrics = train.train_and_evaluate(cfg, workdir)
+      ...     files = sorted(p.name for p in pathlib.Path(workdir).iterdir())
+      >>> metrics["step"], 0.0 <= metrics["test_accuracy"] <= 1.0, model(x).shape
+      (2, True, (16, 2))
+      >>> files  # and the lock that keeps a second run out while this one runs
+      ['.gbjax.lock', 'checkpoints', 'config.json', 'metrics.jsonl']
     """
     t_start = time.perf_counter()
     validate_config(config)

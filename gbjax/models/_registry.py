@@ -11,10 +11,11 @@ pixel units (float32 ``(C,)``), the model's own ``mean``/``std`` unless
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from gbjax.models.airbench import Airbench
 from gbjax.models.paper import PaperConvNet
@@ -26,11 +27,31 @@ Builder = Callable[..., nnx.Module]
 _BUILDERS: dict[str, Builder] = {}
 
 
-def register(name: str, builder: Builder | None = None):
+def register(name: str, builder: Builder | None = None) -> Builder | Callable[[Builder], Builder]:
     """Registers ``builder`` as the model ``name`` (usable as a decorator).
 
     The builder is called as described in :mod:`gbjax.models` (see
     :func:`build`); registering a name twice is refused.
+
+    Returns:
+      ``builder``; without it, a decorator that registers the function it decorates.
+
+    Example:
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from gbjax import models
+      >>> @models.register("linear")
+      ... def linear(*, input_shape, num_classes, data_mean, data_std, dtype, rngs, **kw):
+      ...     return nnx.Linear(int(np.prod(input_shape)), num_classes, rngs=rngs)
+      >>> m = models.build("linear", input_shape=(2, 2, 1), num_classes=3, data_mean=[0.0],
+      ...                  data_std=[1.0], rngs=nnx.Rngs(0))
+      >>> m.kernel.shape
+      (4, 3)
+      >>> models.register("linear", linear)
+      Traceback (most recent call last):
+      ...
+      ValueError: model 'linear' is already registered
+      >>> del _BUILDERS["linear"]  # (this example leaves the registry as it found it)
     """
     if builder is None:
         return lambda b: register(name, b)
@@ -43,17 +64,23 @@ def register(name: str, builder: Builder | None = None):
 
 
 def registered() -> tuple[str, ...]:
-    """The names :func:`build` accepts, in registration order."""
+    """The names :func:`build` accepts, in registration order.
+
+    Example:
+      >>> from gbjax import models
+      >>> models.registered()
+      ('paper_convnet', 'resnet18', 'resnet20', 'resnet', 'airbench')
+    """
     return tuple(_BUILDERS)
 
 
 def build(
     name: str,
     *,
-    input_shape,
+    input_shape: Sequence[int],
     num_classes: int,
-    data_mean,
-    data_std,
+    data_mean: ArrayLike,
+    data_std: ArrayLike,
     rngs: nnx.Rngs,
     dtype=None,
     **kwargs,
@@ -65,6 +92,15 @@ def build(
     paper network takes their channel average); ``dtype``: the compute dtype
     (``None``: float32); ``kwargs``: the model's own keyword arguments
     (``Config.model_kwargs``).
+
+    Example:
+      >>> from flax import nnx
+      >>> from gbjax import models
+      >>> m = models.build("paper_convnet", input_shape=(8, 8, 1), num_classes=10,
+      ...                  data_mean=[30.0], data_std=[70.0], rngs=nnx.Rngs(0),
+      ...                  kind="raw", features=4)
+      >>> type(m).__name__, float(m.mean[...]), m.head.kernel.shape
+      ('PaperConvNet', 30.0, (16, 10))
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of {registered()}")
@@ -79,9 +115,20 @@ def build(
     )
 
 
-def split_state(model: nnx.Module):
+def split_state(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
     """``(graphdef, params, batch statistics, constants)`` of ``model``: the parts
-    a training state and a checkpoint hold."""
+    a training state and a checkpoint hold.
+
+    Example:
+      >>> from flax import nnx
+      >>> from gbjax import models
+      >>> m = models.ResNet(stage_sizes=(1,), widths=(4,), num_classes=10, rngs=nnx.Rngs(0))
+      >>> graphdef, params, stats, consts = models.split_state(m)
+      >>> sorted(params["head"]), sorted(stats["stem_bn"]), sorted(consts)
+      (['bias', 'kernel'], ['mean', 'var'], ['mean', 'std'])
+      >>> nnx.merge(graphdef, params, stats, consts).head.kernel.shape  # and back
+      (4, 10)
+    """
     return nnx.split(model, nnx.Param, nnx.BatchStat, ...)
 
 

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.nn.initializers import Initializer
+from jax.typing import ArrayLike
 
 from gbjax.models._common import (
     CIFAR10_MEAN,
@@ -63,18 +65,27 @@ __all__ = [
 _TORCH_DEFAULT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def torch_default_init(key, shape, dtype=jnp.float32):
+def torch_default_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
     """PyTorch's default initialisation of conv and linear weights (uniform in
     ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``), which the airbench recipe assumes."""
     return _TORCH_DEFAULT(key, shape, dtype)
 
 
-def dirac_init(base=torch_default_init):
+def dirac_init(base: Initializer = torch_default_init) -> Initializer:
     """Initialiser of an HWIO conv kernel: identity on the first ``min(I, O)`` filters.
 
     Output filter ``o < min(I, O)`` is a delta at the kernel centre on input
     channel ``o`` (the filter passes that channel through unchanged); the
     other filters come from ``base``.
+
+    Example:
+      >>> import jax
+      >>> from gbjax import models
+      >>> k = models.dirac_init()(jax.random.key(0), (3, 3, 2, 3))  # 2 in, 3 out
+      >>> k[1, 1, :, :2].tolist()  # filters 0 and 1 pass channels 0 and 1 through
+      [[1.0, 0.0], [0.0, 1.0]]
+      >>> float(abs(k[..., 2]).max()) <= 1 / (3 * 3 * 2) ** 0.5  # filter 2: from base
+      True
     """
 
     def init(key, shape, dtype=jnp.float32):
@@ -92,7 +103,12 @@ def dirac_init(base=torch_default_init):
 
 
 def whitening_kernel(
-    images_NHWC, *, mean, std, kernel_size: int = 2, eps: float = 5e-4
+    images_NHWC: ArrayLike,
+    *,
+    mean: ArrayLike,
+    std: ArrayLike,
+    kernel_size: int = 2,
+    eps: float = 5e-4,
 ) -> np.ndarray:
     """The frozen first layer: ``(k, k, C, 2 * C * k * k)`` HWIO kernel (float32).
 
@@ -104,6 +120,18 @@ def whitening_kernel(
     ``D + j`` its negative. So the first ``D`` outputs of the patches of these
     images have second moment ``diag(lam / (lam + eps))``, about the identity.
     Computed in float64.
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import models
+      >>> x = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1))
+      >>> k = models.whitening_kernel(x, mean=[127.5], std=[64.0])
+      >>> k.shape, k.dtype  # 2x2 patches of 1 channel: D = 4 outputs and their negatives
+      ((2, 2, 1, 8), dtype('float32'))
+      >>> p = np.stack([x[:, i:i + 7, j:j + 7, 0] for i in (0, 1) for j in (0, 1)], -1)
+      >>> w = ((p.reshape(-1, 4) - 127.5) / 64.0) @ k.reshape(4, 8)[:, :4]
+      >>> np.allclose(w.T @ w / len(w), np.eye(4), atol=1e-2)  # whitened
+      True
     """
     x = np.asarray(images_NHWC, np.float64)
     if x.ndim != 4 or len(x) == 0:
@@ -126,7 +154,7 @@ def whitening_kernel(
     return kernel.astype(np.float32)
 
 
-def whitening_gain(kernel_HWIO, std, *, eps: float = 1.0) -> np.ndarray:
+def whitening_gain(kernel_HWIO: ArrayLike, std: ArrayLike, *, eps: float = 1.0) -> np.ndarray:
     """How far an L-infinity perturbation can move each whitened feature.
 
     For each output ``j`` of the whitening convolution (:func:`whitening_kernel`,
@@ -196,6 +224,20 @@ class Airbench(nnx.Module):
     Call :meth:`init_whitening` with training images before training (until
     then the whitening kernel is zero). ``dtype`` is the compute dtype
     (``jnp.bfloat16`` on GPU); parameters and statistics stay float32.
+
+    Example:
+      One conv group (the airbench94 network has three) on 8x8 images:
+      whitening 8 -> 7, the group's max-pool 7 -> 3, the head's 3 -> 1.
+
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from gbjax import models
+      >>> m = models.Airbench(widths=(8,), num_classes=10, rngs=nnx.Rngs(0))
+      >>> x = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+      >>> m.init_whitening(x)
+      >>> m.eval()  # BatchNorm: running statistics
+      >>> m.whiten_kernel.shape, m(x).shape
+      ((2, 2, 3, 24), (2, 10))
     """
 
     def __init__(
@@ -208,8 +250,8 @@ class Airbench(nnx.Module):
         bn_momentum: float = 0.6,
         bn_epsilon: float = 1e-12,
         logit_scale: float = 1.0 / 9.0,
-        mean=None,
-        std=None,
+        mean: ArrayLike | None = None,
+        std: ArrayLike | None = None,
         dtype=None,
         rngs: nnx.Rngs,
     ):
@@ -239,7 +281,7 @@ class Airbench(nnx.Module):
         self.logit_scale = float(logit_scale)
         self.dtype = dtype
 
-    def init_whitening(self, images_NHWC, *, eps: float = 5e-4) -> None:
+    def init_whitening(self, images_NHWC: ArrayLike, *, eps: float = 5e-4) -> None:
         """Sets the whitening kernel from these training images (pixel units)."""
         k = self.whiten_kernel.shape[0]
         kernel = whitening_kernel(
@@ -252,12 +294,12 @@ class Airbench(nnx.Module):
             )
         self.whiten_kernel[...] = jnp.asarray(kernel)
 
-    def init_from_data(self, images_NHWC) -> None:
+    def init_from_data(self, images_NHWC: ArrayLike) -> None:
         """The data-dependent initialisation that :func:`gbjax.train.init_model`
         looks for: :meth:`init_whitening` on these training images."""
         self.init_whitening(images_NHWC)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: ArrayLike) -> jax.Array:
         h = (to_pixels(x) - self.mean[...]) / self.std[...]
         kernel = self.whiten_kernel[...]
         if self.dtype is not None:

@@ -7,17 +7,31 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from gbjax.models._common import MNIST_MEAN, MNIST_STD, Stat, max_pool, to_pixels
 
 
-def pixel_indices(x, *, mean, std, scale: float = 1000.0, num_embeddings: int = 2001) -> jax.Array:
+def pixel_indices(
+    x: ArrayLike,
+    *,
+    mean: ArrayLike,
+    std: ArrayLike,
+    scale: float = 1000.0,
+    num_embeddings: int = 2001,
+) -> jax.Array:
     """Pixels (0..255 units) -> embedding-table indices, the authors' formula.
 
     ``index = clip(trunc((x - mean) / std * scale), -h, h) + h`` with
     ``h = (num_embeddings - 1) // 2``, computed in float32 in exactly that order
     (subtract, divide, multiply, truncate towards zero).  Returns int32 indices in
     ``[0, num_embeddings - 1]``.
+
+    Example:
+      >>> from gbjax import models
+      >>> models.pixel_indices([0.0, 99.0, 100.0, 101.5, 255.0], mean=100.0, std=1.0,
+      ...                      scale=1.0, num_embeddings=5).tolist()
+      [0, 1, 2, 3, 4]
     """
     if num_embeddings < 3 or num_embeddings % 2 == 0:
         raise ValueError(f"num_embeddings must be odd and >= 3, got {num_embeddings}")
@@ -47,6 +61,19 @@ class PixelEmbedding(nnx.Module):
     (pixel units, scalars) -- the sound choice; ``stats="batch"`` reproduces the
     authors' code, which uses one mean and std over the whole current batch (so
     predictions depend on the other images in the batch).
+
+    Example:
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from gbjax import models
+      >>> pe = models.PixelEmbedding(num_embeddings=5, features=2, scale=1.0, mean=100.0,
+      ...                            std=1.0, rngs=nnx.Rngs(0))
+      >>> x = np.array([0, 100, 255], np.uint8).reshape(1, 1, 3, 1)
+      >>> pe.indices(x).ravel().tolist()  # clipped to the table's two ends
+      [0, 2, 4]
+      >>> out = pe(x)
+      >>> out.shape, bool((out[0, 0, 1] == pe.embedding[2]).all())
+      ((1, 1, 3, 2), True)
     """
 
     def __init__(
@@ -55,8 +82,8 @@ class PixelEmbedding(nnx.Module):
         features: int = 64,
         scale: float = 1000.0,
         stats: Literal["dataset", "batch"] = "dataset",
-        mean: float = MNIST_MEAN,
-        std: float = MNIST_STD,
+        mean: ArrayLike = MNIST_MEAN,
+        std: ArrayLike = MNIST_STD,
         *,
         rngs: nnx.Rngs,
     ):
@@ -74,7 +101,8 @@ class PixelEmbedding(nnx.Module):
             jax.random.uniform(rngs.params(), (num_embeddings, features), jnp.float32, -1.0, 1.0)
         )
 
-    def indices(self, x: jax.Array) -> jax.Array:
+    def indices(self, x: ArrayLike) -> jax.Array:
+        """The embedding-table index of each pixel of ``x`` (:func:`pixel_indices`)."""
         p_BHWC = to_pixels(x)
         if self.stats == "batch":
             mean, std = _batch_stats(p_BHWC)
@@ -84,7 +112,7 @@ class PixelEmbedding(nnx.Module):
             p_BHWC, mean=mean, std=std, scale=self.scale, num_embeddings=self.num_embeddings
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: ArrayLike) -> jax.Array:
         idx_BHWC = self.indices(x)
         e_BHWCF = jnp.take(self.embedding[...], idx_BHWC, axis=0)
         B, H, W, C, F = e_BHWCF.shape
@@ -108,6 +136,17 @@ class PaperConvNet(nnx.Module):
 
     ``stats`` ("dataset" or "batch") selects where mean/std come from for the
     "normalized" and "embedding" kinds.  (B, 28, 28, C) -> (B, num_classes).
+
+    Example:
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from gbjax import models
+      >>> m = models.PaperConvNet("raw", image_size=8, features=4, rngs=nnx.Rngs(0))
+      >>> x = np.zeros((2, 8, 8, 1), np.uint8)
+      >>> m(x).shape
+      (2, 10)
+      >>> bool((m(x) == m(x / np.float32(255))).all())  # uint8 or [0, 1]: the same
+      True
     """
 
     def __init__(
@@ -122,8 +161,8 @@ class PaperConvNet(nnx.Module):
         num_embeddings: int = 2001,
         scale: float = 1000.0,
         stats: Literal["dataset", "batch"] = "dataset",
-        mean: float = MNIST_MEAN,
-        std: float = MNIST_STD,
+        mean: ArrayLike = MNIST_MEAN,
+        std: ArrayLike = MNIST_STD,
         rngs: nnx.Rngs,
     ):
         if kind not in ("raw", "normalized", "embedding"):
@@ -149,7 +188,7 @@ class PaperConvNet(nnx.Module):
         flat = (image_size // 4) ** 2 * features
         self.head = nnx.Linear(flat, num_classes, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: ArrayLike) -> jax.Array:
         if self.kind == "embedding":
             h = self.embed(x)
         else:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from gbjax.models._common import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, Stat, to_pixels
 
@@ -59,6 +60,15 @@ class ResNet(nnx.Module):
     Uses BatchNorm: call ``model.train()`` / ``model.eval()`` (or split the two
     graph definitions as :mod:`gbjax.train` does).  ``dtype`` is the compute
     dtype (e.g. ``jnp.bfloat16`` on GPU); parameters stay float32.
+
+    Example:
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from gbjax import models
+      >>> m = models.ResNet(stage_sizes=(1,), widths=(4,), num_classes=10, rngs=nnx.Rngs(0))
+      >>> m.eval()  # BatchNorm: running statistics
+      >>> m(np.zeros((2, 8, 8, 3), np.uint8)).shape
+      (2, 10)
     """
 
     def __init__(
@@ -68,8 +78,8 @@ class ResNet(nnx.Module):
         num_classes: int = 10,
         *,
         in_channels: int = 3,
-        mean=None,
-        std=None,
+        mean: ArrayLike | None = None,
+        std: ArrayLike | None = None,
         dtype=None,
         rngs: nnx.Rngs,
     ):
@@ -98,7 +108,7 @@ class ResNet(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.head = nnx.Linear(c_in, num_classes, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: ArrayLike) -> jax.Array:
         h = (to_pixels(x) - self.mean[...]) / self.std[...]
         if self.dtype is not None:
             h = h.astype(self.dtype)
@@ -110,9 +120,28 @@ class ResNet(nnx.Module):
 
 
 def ResNet18(
-    num_classes: int = 10, *, in_channels: int = 3, mean=None, std=None, dtype=None, rngs: nnx.Rngs
+    num_classes: int = 10,
+    *,
+    in_channels: int = 3,
+    mean: ArrayLike | None = None,
+    std: ArrayLike | None = None,
+    dtype=None,
+    rngs: nnx.Rngs,
 ) -> ResNet:
-    """ResNet-18, CIFAR variant (11.2M parameters): [2,2,2,2] x (64..512)."""
+    """ResNet-18, CIFAR variant (11.2M parameters): [2,2,2,2] x (64..512).
+
+    Example:
+      Its shape only (``nnx.eval_shape`` allocates no parameters):
+
+      >>> import jax
+      >>> from flax import nnx
+      >>> from gbjax import models
+      >>> m = nnx.eval_shape(lambda: models.ResNet18(10, rngs=nnx.Rngs(0)))
+      >>> sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+      11173962
+      >>> len(m.blocks), m.head.kernel.shape
+      (8, (512, 10))
+    """
     return ResNet(
         (2, 2, 2, 2),
         (64, 128, 256, 512),
@@ -126,11 +155,29 @@ def ResNet18(
 
 
 def ResNet20(
-    num_classes: int = 10, *, in_channels: int = 3, mean=None, std=None, dtype=None, rngs: nnx.Rngs
+    num_classes: int = 10,
+    *,
+    in_channels: int = 3,
+    mean: ArrayLike | None = None,
+    std: ArrayLike | None = None,
+    dtype=None,
+    rngs: nnx.Rngs,
 ) -> ResNet:
     """ResNet-20 (He et al. 2016 CIFAR, 0.27M parameters): [3,3,3] x (16,32,64).
 
     Uses 1x1-conv projection shortcuts (option B) rather than zero padding.
+
+    Example:
+      Its shape only (``nnx.eval_shape`` allocates no parameters):
+
+      >>> import jax
+      >>> from flax import nnx
+      >>> from gbjax import models
+      >>> m = nnx.eval_shape(lambda: models.ResNet20(10, rngs=nnx.Rngs(0)))
+      >>> sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+      272474
+      >>> len(m.blocks), m.head.kernel.shape
+      (9, (64, 10))
     """
     return ResNet(
         (3, 3, 3),
