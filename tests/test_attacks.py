@@ -136,7 +136,7 @@ def test_no_retrace_for_new_params_or_nnx_models():
             step_size=0.02,
             steps=seed + 2,
             key=jax.random.key(seed),
-            unroll=1,
+            chunk=1,
         )
     n_first = len(traces)
     assert n_first <= 4  # one trace of fgsm, one of pgd (forward + grad per trace)
@@ -181,7 +181,7 @@ def test_no_retrace_for_new_params_or_nnx_models():
 def test_pgd_stays_in_ball_and_box(seed, eps, rel_step, steps, random_start, targeted):
     _, fn = make_linear(seed % 5)
     x, y = random_batch(seed)
-    # unroll=1 keeps steps traced: one compile for every drawn step count
+    # chunk=1: one compiled step serves every drawn step count
     x_adv = A.pgd(
         fn,
         x,
@@ -192,7 +192,7 @@ def test_pgd_stays_in_ball_and_box(seed, eps, rel_step, steps, random_start, tar
         key=jax.random.key(seed),
         random_start=random_start,
         targeted=targeted,
-        unroll=1,
+        chunk=1,
     )
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     x_adv = np.asarray(x_adv)
@@ -214,7 +214,7 @@ def test_pgd_at_least_as_strong_as_fgsm(trained):
     eps = 0.15
     x_f = A.fgsm(fn, x, y, eps=eps)
     x_p = A.pgd(
-        fn, x, y, eps=eps, step_size=2.5 * eps / 20, steps=20, key=jax.random.key(0), unroll=1
+        fn, x, y, eps=eps, step_size=2.5 * eps / 20, steps=20, key=jax.random.key(0), chunk=1
     )
     loss_clean = float(A.attack_loss(fn, x, y).mean())
     loss_f = float(A.attack_loss(fn, x_f, y).mean())
@@ -240,7 +240,7 @@ def test_targeted_moves_toward_target(trained):
         steps=20,
         key=jax.random.key(1),
         targeted=True,
-        unroll=1,
+        chunk=1,
     )
     p_f = jax.nn.softmax(fn(x_f))[jnp.arange(32), target]
     p_p = jax.nn.softmax(fn(x_p))[jnp.arange(32), target]
@@ -320,7 +320,7 @@ def test_three_protocols_on_quantiser_defence():
             steps=10,
             key=key,
             random_start=False,
-            unroll=1,
+            chunk=1,
         )
         acc[protocol] = float(jnp.mean(jnp.argmax(eval_fn(x_adv), -1) == y))
     # the end-to-end gradient is zero (gradient masking): the attack cannot move
@@ -360,7 +360,7 @@ def test_eot_averages_gradients_over_draws():
     x_f = A.fgsm(attack_fn, x, y, eps=0.1, key=key, eot_samples=n)
     np.testing.assert_allclose(x_f, jnp.clip(x + 0.1 * jnp.sign(manual), 0, 1), atol=1e-6)
     # PGD with EOT runs and stays in the ball
-    x_p = A.pgd(attack_fn, x, y, eps=0.1, step_size=0.03, steps=4, key=key, eot_samples=3, unroll=1)
+    x_p = A.pgd(attack_fn, x, y, eps=0.1, step_size=0.03, steps=4, key=key, eot_samples=3, chunk=1)
     assert float(jnp.abs(x_p - x).max()) <= 0.1 + 1e-6
 
 
@@ -461,7 +461,7 @@ def test_sanity_check_pgd_le_fgsm_and_chance(trained):
         key=jax.random.key(0),
         batch_size=64,
         steps=10,
-        unroll=1,
+        chunk=10,
         raise_on_failure=True,
     )
     assert report.ok
@@ -479,7 +479,7 @@ def test_accuracy_under_attack_with_protocol_and_eot():
 
     attack_fn, eval_fn = A.make_attack_logits(fn, jitter, "bpda", randomized=True)
     kw = dict(attack="pgd", steps=3, batch_size=8, eval_logits_fn=eval_fn,
-              key=jax.random.key(0), eot_samples=2, unroll=1, progress=False)  # fmt: skip
+              key=jax.random.key(0), eot_samples=2, chunk=3, progress=False)  # fmt: skip
     acc = A.accuracy_under_attack(attack_fn, x, y, eps_list=[0.0, 0.05, 0.3], **kw)
     # eps 0 is the randomised model's clean accuracy; the attack only lowers it,
     # and at eps 0.3 on this linear model it succeeds on most images
@@ -496,7 +496,7 @@ def test_pgd_restarts_pick_per_example_best_of_the_runs(trained, targeted):
     fn, x, y = trained
     x, y = x[:64], (y[:64] + 1) % K if targeted else y[:64]
     key = jax.random.key(7)
-    args = dict(eps=0.08, step_size=0.02, steps=4, targeted=targeted, unroll=1)
+    args = dict(eps=0.08, step_size=0.02, steps=4, targeted=targeted, chunk=1)
     one = A.pgd(fn, x, y, key=key, **args)
     np.testing.assert_array_equal(A.pgd(fn, x, y, key=key, restarts=1, **args), one)
     # the candidates by hand: restart 0 is the plain run, restart r uses fold_in(key, r)
@@ -526,7 +526,7 @@ def test_accuracy_under_attack_restarts_is_worst_case_over_restarts(trained):
         steps=2,
         batch_size=50,
         key=jax.random.key(3),
-        unroll=1,
+        chunk=2,
         progress=False,
     )
     a1 = A.accuracy_under_attack(fn, x, y, **kw)
@@ -620,7 +620,9 @@ def test_other_bad_args():
         A.accuracy_under_attack(fn, x, y, eps_list=[0.1], attack="pgd")
 
 
+@pytest.mark.filterwarnings("ignore:unroll= is deprecated:DeprecationWarning")
 def test_pgd_unroll_modes_agree():
+    """The deprecated unroll= (chunk's old form) still works in every mode."""
     _, fn = make_linear(4)
     x, y = random_batch(6)
     kw = dict(eps=0.2, step_size=0.03, steps=5, key=jax.random.key(2))

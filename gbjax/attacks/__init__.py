@@ -32,7 +32,17 @@ Every attack is one ``jax.jit`` per input shape; ``eps`` and ``step_size`` are
 traced values, so sweeping them does not recompile.  The PGD loop is a
 ``lax.fori_loop`` inside that single ``jit``, with ``steps`` traced too, except
 on CPU, where short loops are unrolled by default (``steps`` then static; see
-:func:`pgd`'s ``unroll``).
+:func:`pgd`'s ``chunk``). ``chunk`` (steps, or Square's queries, per compiled
+call) is the one loop knob of every attack; ``unroll`` is its deprecated old
+form.
+
+Attacks are values: :class:`FGSM`, :class:`PGD`, :class:`APGD`, :class:`Square`,
+:class:`SPSA` and :class:`Noise` are small frozen specs, taken by
+:func:`accuracy_under_attack` (``attack=PGD(steps=10)``) and :class:`Stage`; the
+string form (``attack="pgd", steps=10``) names the same attacks. A targeted
+attack is APGD with the loss ``"dlr-targeted"`` (``APGD("dlr-targeted",
+n_targets=9)``, the string ``"apgd-t"``); ``targeted=True`` of :func:`fgsm` and
+:func:`pgd` is for labels that are the targets.
 
 Preprocessing defences are attacked three ways (:func:`make_attack_logits`):
 ``"oblivious"``, ``"end_to_end"`` and ``"bpda"`` (:func:`bpda`).
@@ -61,10 +71,10 @@ from gbjax.attacks._cascade import (
     reuse_group,
 )
 from gbjax.attacks._core import BPDA, attack_loss, bpda, loss_gradient
+from gbjax.attacks._specs import APGD, ATTACKS, FGSM, PGD, SPSA, Noise, Square
 from gbjax.attacks.adaptive import SoftGB
 from gbjax.attacks.apgd import apgd
 from gbjax.attacks.evaluation import (
-    ATTACKS,
     AttackResult,
     SanityReport,
     accuracy_under_attack,
@@ -79,6 +89,12 @@ from gbjax.attacks.spsa import spsa
 from gbjax.attacks.square import square
 
 __all__ = [
+    "FGSM",
+    "PGD",
+    "APGD",
+    "Square",
+    "SPSA",
+    "Noise",
     "fgsm",
     "pgd",
     "apgd",

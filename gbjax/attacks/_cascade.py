@@ -25,10 +25,13 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.typing import ArrayLike
 
 from gbjax._checks import check_int
 from gbjax._files import write_atomic
-from gbjax.attacks.evaluation import ATTACKS, accuracy_under_attack
+from gbjax.attacks._specs import FGSM, PGD, SPECS, Attack, resolve
+from gbjax.attacks._specs import OPTIONS as ATTACK_OPTIONS
+from gbjax.attacks.evaluation import accuracy_under_attack
 
 __all__ = ["Stage", "Group", "StageRecord", "CascadeResult", "cascade", "reuse_group"]
 
@@ -56,14 +59,17 @@ OPTIONS = tuple(
 class Stage:
     """One stage of a :func:`cascade`: one call of ``accuracy_under_attack``.
 
+    ``Stage("PGD-10 bpda", PGD(steps=10), attacked, eval_logits_fn=scored)``
+    runs ``accuracy_under_attack(attacked, x, y, attack=PGD(steps=10),
+    eval_logits_fn=scored, ...)`` on the images still robust. The string form
     ``Stage("PGD-10 bpda", "pgd", attacked, eval_logits_fn=scored, steps=10)``
-    runs ``accuracy_under_attack(attacked, x, y, attack="pgd",
-    eval_logits_fn=scored, steps=10, ...)`` on the images still robust.
+    runs the same attack.
 
     Args:
       name: the stage's name, unique in its cascade: it labels the stage's
         record and its saved state, and (by default) picks its PRNG key.
-      attack: one of :data:`~gbjax.attacks.ATTACKS`.
+      attack: a spec (:class:`~gbjax.attacks.PGD`, ...), or one of
+        :data:`~gbjax.attacks.ATTACKS` with its options in ``options``.
       logits_fn: the attacked function.
       eval_logits_fn: the scored function (default: ``logits_fn``).
       first: attack only the first ``first`` images (all of them when there
@@ -72,14 +78,24 @@ class Stage:
       fold: what is folded into the cascade's ``key`` for this stage: an
         integer as it is, a string as its CRC-32; default the stage's name.
       **options: any other keyword argument of ``accuracy_under_attack``
-        (``steps``, ``queries``, ``samples``, ``chunk``, ``restarts``, ...).
+        (``chunk``, ``eot_samples``, ``clip``; with a string ``attack`` also its
+        options ``steps``, ``queries``, ``samples``, ``restarts``, ...).
 
     Stages are frozen and compare (and hash) by value; ``options`` holds the
     keyword arguments as sorted ``(name, value)`` pairs.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> def logits(x):
+      ...     v = x.reshape(-1, 1) - 0.5
+      ...     return jnp.concatenate([-v, v], axis=1)
+      >>> attacks.Stage("PGD-20", attacks.PGD(steps=20), logits, chunk=1).describe()
+      'pgd(chunk=1, steps=20)'
     """
 
     name: str
-    attack: str
+    attack: str | Attack
     logits_fn: Any
     eval_logits_fn: Any
     first: int | None
@@ -89,24 +105,26 @@ class Stage:
     def __init__(
         self,
         name: str,
-        attack: str,
-        logits_fn,
+        attack: str | Attack,
+        logits_fn: Any,
         *,
-        eval_logits_fn=None,
+        eval_logits_fn: Any = None,
         first: int | None = None,
         fold: int | str | None = None,
-        **options,
+        **options: Any,
     ):
         if not isinstance(name, str) or not name:
             raise ValueError(f"a stage's name must be a non-empty string, got {name!r}")
-        if attack not in ATTACKS:
-            raise ValueError(f"stage {name!r}: attack must be one of {ATTACKS}, got {attack!r}")
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise TypeError(
                 f"stage {name!r}: unknown option(s) {unknown}; a stage takes the keyword "
                 f"arguments of accuracy_under_attack except those the cascade sets: {OPTIONS}"
             )
+        try:  # the attack and its options as accuracy_under_attack will take them
+            resolve(attack, **{k: v for k, v in options.items() if k in ATTACK_OPTIONS})
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"stage {name!r}: {e}") from None
         check_int(f"stage {name!r}: first", first, optional=True)
         if fold is not None and not isinstance(fold, str):
             if not isinstance(fold, numbers.Integral) or isinstance(fold, bool):
@@ -127,12 +145,29 @@ class Stage:
 
     def describe(self) -> str:
         """The stage's settings as text (its functions left out), e.g. ``pgd(steps=10)``;
-        a state file records it, and refuses a stage of the same name set otherwise."""
-        parts = [f"{k}={v!r}" for k, v in self.options]
+        a state file records it, and refuses a stage of the same name set otherwise.
+
+        A spec is written as the string form with its options set away from their
+        defaults, so ``PGD(steps=20)`` reads ``pgd(steps=20)``, as
+        ``"pgd", steps=20`` does.
+        """
+        options = dict(self.options)
+        if isinstance(self.attack, SPECS):
+            options.update(self.attack.changed())
+            attack = self.attack.attack
+        else:
+            attack = self.attack
+        parts = [f"{k}={v!r}" for k, v in sorted(options.items())]
         parts += [
             f"{k}={getattr(self, k)!r}" for k in ("first", "fold") if getattr(self, k) is not None
         ]
-        return f"{self.attack}({', '.join(parts)})"
+        return f"{attack}({', '.join(parts)})"
+
+    @property
+    def spec(self) -> Attack:
+        """The stage's attack as a spec (the string form translated)."""
+        opts = {k: v for k, v in self.options if k in ATTACK_OPTIONS}
+        return resolve(self.attack, **opts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +181,16 @@ class Group:
     Args:
       name: the group's name, unique in its cascade.
       stages: its :class:`Stage`\\ s (at least one, names unique in the group).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> logits = lambda x: jnp.concatenate([0.5 - x, x - 0.5], axis=1).reshape(-1, 2)
+      >>> group = attacks.Group("baseline", (attacks.Stage("FGSM", attacks.FGSM(), logits),))
+      >>> group.describe()
+      'group[FGSM: fgsm()]'
+
+    (:func:`reuse_group` shows a group in a cascade.)
     """
 
     name: str
@@ -229,11 +274,11 @@ class CascadeResult(NamedTuple):
 
 def cascade(
     stages: Sequence[Stage | Group],
-    x,
-    y,
+    x: ArrayLike,
+    y: ArrayLike,
     *,
     eps_list: Sequence[float],
-    key=None,
+    key: jax.Array | None = None,
     batch_size: int = 256,
     state: str | os.PathLike | None = None,
     progress: bool = True,
@@ -294,8 +339,8 @@ def cascade(
       >>> x = jnp.array([0.1, 0.45, 0.9, 0.65]).reshape(4, 1, 1, 1)
       >>> y = jnp.array([0, 0, 1, 1])
       >>> stages = [
-      ...     attacks.Stage("FGSM", "fgsm", logits),
-      ...     attacks.Stage("PGD-2", "pgd", logits, steps=2),
+      ...     attacks.Stage("FGSM", attacks.FGSM(), logits),
+      ...     attacks.Stage("PGD-2", attacks.PGD(steps=2), logits),
       ... ]
       >>> res = attacks.cascade(
       ...     stages, x, y, eps_list=[0.1, 0.2], key=jax.random.key(0), progress=False
@@ -394,11 +439,11 @@ def _leaves(stages):
 
 
 def _needs_key(stage: Stage) -> bool:
-    opts = dict(stage.options)
-    if stage.attack == "fgsm":
-        return opts.get("eot_samples") is not None
-    if stage.attack == "pgd":
-        return opts.get("random_start", True) or opts.get("eot_samples") is not None
+    spec, eot = stage.spec, dict(stage.options).get("eot_samples")
+    if isinstance(spec, FGSM):
+        return eot is not None
+    if isinstance(spec, PGD):
+        return spec.random_start or eot is not None
     return True
 
 
@@ -538,8 +583,8 @@ def reuse_group(
     source: str | os.PathLike,
     state: str | os.PathLike,
     group: Group,
-    x,
-    y,
+    x: ArrayLike,
+    y: ArrayLike,
     *,
     eps_list: Sequence[float],
 ) -> bool:

@@ -8,11 +8,15 @@ across attacks and protocols (:func:`worst_case`). ``robust_so_far`` runs an
 attack only on the images still robust, the AutoAttack-style cascade that keeps
 expensive attacks cheap.
 
-Attacks: ``"fgsm"``, ``"pgd"``, ``"apgd-ce"``, ``"apgd-dlr"``, ``"apgd-t"``
-(targeted DLR over ``n_targets`` target classes), ``"square"`` (score-based;
-it queries the scored model, whatever the protocol), ``"spsa"`` (gradient-free,
-likewise on the scored model) and ``"noise"`` (the
-random-sign control ``clip(x + eps * s)``).
+Attacks are specs: :class:`~gbjax.attacks.FGSM`, :class:`~gbjax.attacks.PGD`,
+:class:`~gbjax.attacks.APGD` (losses ``"ce"``, ``"dlr"`` and the targeted
+``"dlr-targeted"`` over ``n_targets`` target classes),
+:class:`~gbjax.attacks.Square` (score-based; it queries the scored model, whatever
+the protocol), :class:`~gbjax.attacks.SPSA` (gradient-free, likewise on the
+scored model) and :class:`~gbjax.attacks.Noise` (the random-sign control
+``clip(x + eps * s)``). The string form names them ``"fgsm"``, ``"pgd"``,
+``"apgd-ce"``, ``"apgd-dlr"``, ``"apgd-t"``, ``"square"``, ``"spsa"`` and
+``"noise"`` (:data:`~gbjax.attacks.ATTACKS`), with their options as keywords.
 """
 
 from __future__ import annotations
@@ -20,33 +24,36 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from gbjax import _xla
 from gbjax._batching import bucket_size, fixed_batches, take
-from gbjax._checks import check_count, check_int, check_scalar, fail
+from gbjax._callables import LogitsFn
+from gbjax._checks import check_int, check_scalar, fail
 from gbjax.attacks import scored
 from gbjax.attacks._core import (
     BPDA,
     as_logits_fn,
     check_clip,
     check_eot,
-    check_loss,
     check_restarts,
     check_scoring_inputs,
     restart_key,
 )
+from gbjax.attacks._specs import APGD, FGSM, PGD, SPSA, Attack, Noise, Square, resolve
 from gbjax.attacks.apgd import apgd_run
 from gbjax.attacks.spsa import spsa_run
 from gbjax.attacks.square import square_run
 from gbjax.defences import Defended
 
 __all__ = [
-    "ATTACKS",
     "AttackResult",
     "accuracy_under_attack",
     "worst_case",
@@ -55,13 +62,18 @@ __all__ = [
     "SanityReport",
 ]
 
-ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "spsa", "noise")
-_DEFAULT_STEPS = {"fgsm": 1, "pgd": 10, "apgd-ce": 100, "apgd-dlr": 100, "apgd-t": 100, "spsa": 100}
-
 
 @dataclasses.dataclass(frozen=True)
 class AttackResult:
-    """Per-image outcome of :func:`accuracy_under_attack` (``per_image=True``)."""
+    """Per-image outcome of :func:`accuracy_under_attack` (``per_image=True``).
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import attacks
+      >>> res = attacks.AttackResult(eps=(0.1, 0.2), robust=np.array([[1, 1], [1, 0]], bool))
+      >>> res.accuracy.tolist()
+      [1.0, 0.5]
+    """
 
     eps: tuple[float, ...]
     robust: np.ndarray  # (E, N) bool: right when clean and at every iterate
@@ -71,8 +83,15 @@ class AttackResult:
         return self.robust.mean(axis=1)
 
 
-def worst_case(results: Sequence[AttackResult | np.ndarray]) -> np.ndarray:
-    """``(E, N)``: robust against every one of ``results`` (a per-image AND)."""
+def worst_case(results: Sequence[AttackResult | ArrayLike]) -> np.ndarray:
+    """``(E, N)``: robust against every one of ``results`` (a per-image AND).
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import attacks
+      >>> attacks.worst_case([np.array([[1, 1, 0]]), np.array([[1, 0, 1]])]).tolist()
+      [[True, False, False]]
+    """
     flags = [r.robust if isinstance(r, AttackResult) else np.asarray(r, bool) for r in results]
     if not flags:
         raise ValueError("worst_case needs at least one result")
@@ -81,8 +100,14 @@ def worst_case(results: Sequence[AttackResult | np.ndarray]) -> np.ndarray:
     return np.logical_and.reduce(flags)
 
 
-def wilson_interval(k, n, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for ``k`` successes in ``n`` trials (fractions)."""
+def wilson_interval(k: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for ``k`` successes in ``n`` trials (fractions).
+
+    Example:
+      >>> from gbjax import attacks
+      >>> [round(v, 3) for v in attacks.wilson_interval(50, 100)]
+      [0.404, 0.596]
+    """
     if n <= 0:
         raise ValueError(f"n must be > 0, got {n}")
     p = k / n
@@ -93,9 +118,7 @@ def wilson_interval(k, n, z: float = 1.959964) -> tuple[float, float]:
 
 
 def _chunk_from_unroll(unroll, steps):
-    """``unroll`` (None, bool or int) -> the ``chunk`` of the scored drivers."""
-    if unroll is None:
-        return None
+    """The deprecated ``unroll`` (None, bool or int) -> ``chunk``."""
     if isinstance(unroll, (bool, np.bool_)):
         return int(steps)  # one compiled loop, unrolled or not (see chunk_plan)
     if not isinstance(unroll, numbers.Integral) or unroll < 1:
@@ -111,33 +134,33 @@ def _to_float(x_b):
 
 
 def accuracy_under_attack(
-    logits_fn,
-    x,
-    y,
+    logits_fn: LogitsFn,
+    x: ArrayLike,
+    y: ArrayLike,
     *,
     eps_list: Sequence[float],
-    attack: str = "pgd",
+    attack: str | Attack = "pgd",
     batch_size: int = 256,
-    eval_logits_fn=None,
-    key=None,
+    eval_logits_fn: LogitsFn | None = None,
+    key: jax.Array | None = None,
     steps: int | None = None,
-    rel_step: float = 2.5,
-    random_start: bool = True,
+    rel_step: float | None = None,
+    random_start: bool | None = None,
     eot_samples: int | None = None,
     clip: tuple[float, float] = (0.0, 1.0),
-    unroll: int | bool | None = None,
-    restarts: int = 1,
-    loss: str = "ce",
-    queries: int = 5000,
-    p_init: float = 0.8,
-    samples: int = 128,
-    n_targets: int = 9,
     chunk: int | None = None,
-    robust_so_far=None,
+    restarts: int | None = None,
+    loss: str | None = None,
+    queries: int | None = None,
+    p_init: float | None = None,
+    samples: int | None = None,
+    n_targets: int | None = None,
+    robust_so_far: ArrayLike | None = None,
     per_image: bool = False,
     progress: bool = True,
     desc: str | None = None,
-):
+    unroll: int | bool | None = None,
+) -> np.ndarray | AttackResult:
     """Accuracy of ``eval_logits_fn`` under ``attack`` on ``logits_fn``, per eps.
 
     An image counts as correct only if the scored model (``eval_logits_fn``,
@@ -151,35 +174,63 @@ def accuracy_under_attack(
         on device). NumPy arrays stay on the host until batched.
       y: integer labels ``(N,)``.
       eps_list: budgets; ``0`` gives clean accuracy.
-      attack: one of :data:`ATTACKS` (see the module docstring).
+      attack: a spec (:class:`FGSM`, :class:`PGD`, :class:`APGD`,
+        :class:`Square`, :class:`SPSA`, :class:`Noise`), or one of
+        :data:`ATTACKS` with its options as the keywords below (the string form;
+        see the module docstring).
       eval_logits_fn: the scored function (see :func:`make_attack_logits`).
-      key: PRNG key; required for random starts, APGD, Square, the noise
+      key: PRNG key; required for random starts, APGD, Square, SPSA, the noise
         control and EOT.
-      steps: iterations (default 10 for PGD, 100 for APGD).
-      rel_step: PGD step size as a multiple of ``eps / steps`` (2.5, Madry et al.).
-      random_start, eot_samples, clip: as in :func:`pgd`.
-      unroll: ``None`` (default: chunks of 10 unrolled steps on CPU, one loop
-        elsewhere), ``False``/``1`` (one compiled loop), ``True`` (all steps
-        unrolled) or ``k`` (chunks of ``k`` unrolled steps).
-      restarts: independent random starts of PGD and APGD; each restart only
-        attacks the images that survived the previous ones.
-      loss: ``"ce"`` or ``"margin"`` for FGSM and PGD.
-      queries, p_init: of the Square attack.
-      samples: model evaluations per SPSA step (``steps`` default 100 for SPSA).
-      n_targets: target classes of ``"apgd-t"`` (the strongest wrong classes).
-      chunk: iterations (Square: queries) per compiled call; overrides
-        ``unroll``. Use 1 for a model with GB inside: a program holding several
-        copies of the GB engine compiles for minutes on CPU.
+      steps, rel_step, random_start, restarts, loss, queries, p_init, samples,
+        n_targets: the string form's attack options (``None``: the attack's
+        default), as the fields of the spec of the same name: :class:`PGD`
+        (``steps`` 10, ``rel_step``, ``random_start``, ``restarts``, ``loss``),
+        :class:`APGD` (``steps`` 100, ``restarts``, ``n_targets`` of
+        ``"apgd-t"``), :class:`Square` (``queries``, ``p_init``), :class:`SPSA`
+        (``steps`` 100, ``samples``), :class:`FGSM` (``loss``). With a spec, a
+        given option must agree with it (else ``ValueError``).
+      eot_samples, clip: as in :func:`pgd`.
+      chunk: iterations (Square: queries) per compiled call; default 10 on CPU
+        (Square 25) and all of them elsewhere. Use 1 for a model with GB inside: a
+        program holding several copies of the GB engine compiles for minutes on CPU.
       robust_so_far: optional ``(E, N)`` or ``(N,)`` bool; only images still True
         are attacked (the others stay non-robust): a cascade of attacks.
       per_image: return an :class:`AttackResult` instead of accuracies.
       progress: a tqdm bar over budgets and batches.
+      desc: the bar's label.
+      unroll: deprecated, use ``chunk``: ``False``/``1``/``True`` meant one
+        compiled call (``chunk=steps``), ``k`` chunks of ``k`` steps.
 
     Returns:
       ``np.ndarray`` of accuracies ``(E,)``, or an :class:`AttackResult`.
+
+    Example:
+      A two-class model on one-pixel images (class 1 above 0.5): PGD breaks the
+      images within ``eps`` of 0.5.
+
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> def logits(x):
+      ...     v = x.reshape(-1, 1) - 0.5
+      ...     return jnp.concatenate([-v, v], axis=1)
+      >>> x = jnp.array([0.1, 0.45, 0.9, 0.65]).reshape(4, 1, 1, 1)
+      >>> y = jnp.array([0, 0, 1, 1])
+      >>> attacks.accuracy_under_attack(logits, x, y, eps_list=[0.0, 0.1, 0.2],
+      ...     attack=attacks.PGD(steps=2), key=jax.random.key(0), progress=False).tolist()
+      [1.0, 0.75, 0.5]
     """
-    if attack not in ATTACKS:
-        raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
+    spec = resolve(
+        attack,
+        steps=steps,
+        rel_step=rel_step,
+        random_start=random_start,
+        restarts=restarts,
+        loss=loss,
+        queries=queries,
+        p_init=p_init,
+        samples=samples,
+        n_targets=n_targets,
+    )
     eps_list = [float(e) for e in eps_list]
     if not eps_list:
         raise ValueError("eps_list must not be empty")
@@ -187,26 +238,20 @@ def accuracy_under_attack(
         check_scalar("eps", e, strict=False)
     lo, hi = check_clip(clip)
     check_eot(eot_samples, key)
-    steps = _DEFAULT_STEPS.get(attack, 1) if steps is None else steps
-    if attack in ("pgd", "apgd-ce", "apgd-dlr", "apgd-t"):
-        check_count("steps", steps)
-        steps = int(steps)
-        restarts = check_restarts(restarts, random_start or attack != "pgd", eot_samples)
-    elif restarts != 1:
-        raise ValueError(f"restarts applies to PGD and APGD only, not {attack!r}")
-    check_scalar("rel_step", rel_step)
-    check_loss(loss)
-    if chunk is None:
-        chunk = _chunk_from_unroll(unroll, steps)
-    needs_key = (attack == "pgd" and random_start) or attack.startswith(
-        ("apgd", "square", "spsa", "noise")
-    )
-    if attack == "spsa":
-        check_count("steps", steps)
-        steps = int(steps)
-        check_int("samples", samples, 2)
+    if isinstance(spec, (PGD, APGD)):
+        check_restarts(spec.restarts, getattr(spec, "random_start", True), eot_samples)
+    if unroll is not None:
+        warnings.warn(
+            "unroll= is deprecated: pass chunk= (iterations per compiled call)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if chunk is None:  # chunk wins, as it always did
+            chunk = _chunk_from_unroll(unroll, getattr(spec, "steps", steps or 1))
+    check_int("chunk", chunk, optional=True)
+    needs_key = not isinstance(spec, (FGSM, PGD)) or (isinstance(spec, PGD) and spec.random_start)
     if needs_key and key is None:
-        raise ValueError(f"attack {attack!r} needs an explicit PRNG key (key=...)")
+        raise ValueError(f"attack {spec.attack!r} needs an explicit PRNG key (key=...)")
     check_int("batch_size", batch_size)
     n = int(np.shape(x)[0])
     if np.ndim(y) != 1 or np.shape(y)[0] != n:
@@ -240,24 +285,18 @@ def accuracy_under_attack(
         clean[b.index[: b.valid]] = np.asarray(ok)[: b.valid]
     robust &= clean[None]
 
+    run = _Run(attack_fn, eval_fn, eot_samples, lo, hi, chunk, shared, batch_size)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=E, desc=desc or f"{attack} sweep", unit="eps", leave=False)
+        bar = tqdm(total=E, desc=desc or f"{spec.attack} sweep", unit="eps", leave=False)
     try:
         for i, e in enumerate(eps_list):
             _xla.relieve_map_pressure()  # each eps may compile new programs
             if e > 0:
                 k_e = None if key is None else jax.random.fold_in(key, i)
-                robust[i] = _attack_set(
-                    attack, attack_fn, eval_fn, x, y, robust[i], k_e, e,
-                    steps=steps, rel_step=rel_step, random_start=random_start,
-                    eot_samples=eot_samples, lo=lo, hi=hi, chunk=chunk, restarts=restarts,
-                    loss=loss, queries=queries, p_init=p_init, samples=samples,
-                    n_targets=n_targets,
-                    shared=shared, batch_size=batch_size,
-                )  # fmt: skip
+                robust[i] = _attack_set(spec, run, x, y, robust[i], k_e, e)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -268,65 +307,147 @@ def accuracy_under_attack(
     return robust.mean(axis=1)
 
 
-def _attack_set(attack, attack_fn, eval_fn, x, y, robust, key, eps, *, steps, rel_step,
-                random_start, eot_samples, lo, hi, chunk, restarts, loss, queries, p_init,
-                samples, n_targets, shared, batch_size):  # fmt: skip
+class _Run(NamedTuple):
+    """How an attack runs, the same for every budget: the functions and the knobs."""
+
+    attack_fn: Any
+    eval_fn: Any
+    eot_samples: int | None
+    lo: float
+    hi: float
+    chunk: int | None
+    shared: bool
+    batch_size: int
+
+
+def _attack_set(spec: Attack, run: _Run, x, y, robust, key, eps):
     """The robust flags ``(N,)`` after one attack at one eps (only ``robust`` images)."""
     robust = robust.copy()
-    if attack == "square":
+    lo, hi, chunk, bs_max = run.lo, run.hi, run.chunk, run.batch_size
+    if isinstance(spec, Square):
         idx = np.flatnonzero(robust)
         if len(idx):
-            xs = _to_float(_rows(x, idx))
             margin, _ = square_run(
-                eval_fn, xs, y[idx], key, eps, queries=int(queries), p_init=float(p_init),
-                lo=lo, hi=hi, batch_size=batch_size, chunk=chunk or 25,
-            )  # fmt: skip
+                run.eval_fn,
+                _to_float(_rows(x, idx)),
+                y[idx],
+                key,
+                eps,
+                queries=int(spec.queries),
+                p_init=float(spec.p_init),
+                lo=lo,
+                hi=hi,
+                batch_size=bs_max,
+                chunk=chunk or 25,
+            )
             robust[idx] = np.asarray(margin) > 0
         return robust
-    if attack == "spsa":
+    if isinstance(spec, SPSA):
         idx = np.flatnonzero(robust)
         if len(idx):
-            ok, _ = spsa_run(eval_fn, _to_float(_rows(x, idx)), y[idx], key, eps, steps=steps,
-                             samples=int(samples), lo=lo, hi=hi, batch_size=batch_size)  # fmt: skip
+            ok, _ = spsa_run(
+                run.eval_fn,
+                _to_float(_rows(x, idx)),
+                y[idx],
+                key,
+                eps,
+                steps=spec.steps,
+                samples=int(spec.samples),
+                lr=spec.lr,
+                delta=spec.delta,
+                lo=lo,
+                hi=hi,
+                batch_size=bs_max,
+            )
             robust[idx] = ok
         return robust
+    restarts = getattr(spec, "restarts", 1)
     runs = [(r, None) for r in range(restarts)]
-    if attack == "apgd-t":
-        runs = [(r, t) for t in range(1, n_targets + 1) for r in range(restarts)]
+    if isinstance(spec, APGD) and spec.loss == "dlr-targeted":
+        runs = [(r, t) for t in range(1, spec.n_targets + 1) for r in range(restarts)]
     eps32 = jnp.float32(eps)
-    for run, (r, target_rank) in enumerate(runs):
+    fns = dict(eot_samples=run.eot_samples, shared=run.shared)
+    for i_run, (r, target_rank) in enumerate(runs):
         idx = np.flatnonzero(robust)
         if len(idx) == 0:
             break
-        k_run = None if key is None else jax.random.fold_in(restart_key(key, r), run)
-        bs = bucket_size(len(idx), batch_size)  # few distinct shapes as the set shrinks
+        k_run = None if key is None else jax.random.fold_in(restart_key(key, r), i_run)
+        bs = bucket_size(len(idx), bs_max)  # few distinct shapes as the set shrinks
         for b in fixed_batches(len(idx), bs, shrink=False):
             rows = idx[b.index]
             xb, yb = _to_float(_rows(x, rows)), jnp.asarray(y[rows])
             kb = None if k_run is None else jax.random.fold_in(k_run, b.start)
-            if attack == "fgsm" and chunk == 1:
+            fn, eval_fn = run.attack_fn, run.eval_fn
+            if isinstance(spec, FGSM) and chunk == 1:
                 # one PGD step of size eps from x: FGSM, with the PGD step program
                 # (programs holding GB compile slowly; one fewer per model)
-                ok, _ = scored.pgd_robust(attack_fn, eval_fn, xb, yb, kb, eps32, eps32, 1, lo, hi,
-                                          random_start=False, eot_samples=eot_samples, loss=loss,
-                                          shared=shared, chunk=1)  # fmt: skip
-            elif attack == "fgsm":
-                ok = scored.fgsm_robust(attack_fn, eval_fn, xb, yb, kb, eps32, lo, hi,
-                                        eot_samples=eot_samples, loss=loss)  # fmt: skip
-            elif attack == "noise":
+                ok, _ = scored.pgd_robust(
+                    fn,
+                    eval_fn,
+                    xb,
+                    yb,
+                    kb,
+                    eps32,
+                    eps32,
+                    1,
+                    lo,
+                    hi,
+                    random_start=False,
+                    loss=spec.loss,
+                    chunk=1,
+                    **fns,
+                )
+            elif isinstance(spec, FGSM):
+                ok = scored.fgsm_robust(
+                    fn,
+                    eval_fn,
+                    xb,
+                    yb,
+                    kb,
+                    eps32,
+                    lo,
+                    hi,
+                    eot_samples=run.eot_samples,
+                    loss=spec.loss,
+                )
+            elif isinstance(spec, Noise):
                 k_noise, k_eval = jax.random.split(kb)
                 noisy = scored.sign_noise(xb, k_noise, eps32, lo, hi)
                 ok = scored.correct(eval_fn, noisy, yb, k_eval, eot_samples=None)
-            elif attack == "pgd":
-                ok, _ = scored.pgd_robust(attack_fn, eval_fn, xb, yb, kb, eps32,
-                                          jnp.float32(rel_step * eps / steps), steps, lo, hi,
-                                          random_start=random_start, eot_samples=eot_samples,
-                                          loss=loss, shared=shared, chunk=chunk)  # fmt: skip
+            elif isinstance(spec, PGD):
+                step_size = jnp.float32(spec.rel_step * eps / spec.steps)
+                ok, _ = scored.pgd_robust(
+                    fn,
+                    eval_fn,
+                    xb,
+                    yb,
+                    kb,
+                    eps32,
+                    step_size,
+                    spec.steps,
+                    lo,
+                    hi,
+                    random_start=spec.random_start,
+                    loss=spec.loss,
+                    chunk=chunk,
+                    **fns,
+                )
             else:
-                apgd_loss = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}[attack]
-                ok, _ = apgd_run(attack_fn, eval_fn, xb, yb, kb, eps32, steps=steps,
-                                 loss=apgd_loss, target_rank=target_rank or 1, lo=lo, hi=hi,
-                                 eot_samples=eot_samples, shared=shared, chunk=chunk)  # fmt: skip
+                ok, _ = apgd_run(
+                    fn,
+                    eval_fn,
+                    xb,
+                    yb,
+                    kb,
+                    eps32,
+                    steps=spec.steps,
+                    loss=spec.loss,
+                    target_rank=target_rank or 1,
+                    lo=lo,
+                    hi=hi,
+                    chunk=chunk,
+                    **fns,
+                )
             valid = rows[: b.valid]
             robust[valid] &= np.asarray(ok)[: b.valid]
     return robust
@@ -354,7 +475,15 @@ def _rows(x, rows):
 
 @dataclasses.dataclass(frozen=True)
 class SanityReport:
-    """Result of :func:`attack_sanity_check`."""
+    """Result of :func:`attack_sanity_check` (see its example).
+
+    Example:
+      >>> from gbjax import attacks
+      >>> r = attacks.SanityReport(eps=(0.5,), fgsm_accuracy=(0.0,), pgd_accuracy=(0.0,),
+      ...                          chance=0.5, pgd_at_most_fgsm=True, reaches_chance=True)
+      >>> r.ok
+      True
+    """
 
     eps: tuple[float, ...]
     fgsm_accuracy: tuple[float, ...]
@@ -379,22 +508,23 @@ class SanityReport:
 
 
 def attack_sanity_check(
-    logits_fn,
-    x,
-    y,
+    logits_fn: LogitsFn,
+    x: ArrayLike,
+    y: ArrayLike,
     *,
     eps_list: Sequence[float],
     num_classes: int,
-    key,
-    eval_logits_fn=None,
+    key: jax.Array,
+    eval_logits_fn: LogitsFn | None = None,
     steps: int = 10,
     batch_size: int = 256,
     tol: float = 0.01,
     chance_tol: float = 0.05,
     eot_samples: int | None = None,
-    unroll: int | bool | None = None,
+    chunk: int | None = None,
     progress: bool = False,
     raise_on_failure: bool = False,
+    unroll: int | bool | None = None,
 ) -> SanityReport:
     """Checks that PGD is at least as strong as FGSM and reaches chance.
 
@@ -404,8 +534,25 @@ def attack_sanity_check(
     accuracy at the largest eps is ``<= 1/num_classes + chance_tol`` (for an
     undefended model; a defended one failing this is the interesting case).
 
-    ``unroll`` is passed to PGD (see :func:`pgd`). Raises ``AssertionError`` with the
-    table when ``raise_on_failure`` and a check fails.
+    ``chunk`` is passed to PGD (steps per compiled call, see
+    :func:`accuracy_under_attack`; ``unroll`` is its deprecated old form). Raises
+    ``AssertionError`` with the table when ``raise_on_failure`` and a check fails.
+
+    Example:
+      A two-class model on one-pixel images: at ``eps = 0.5`` every image can
+      cross 0.5, so PGD reaches chance (0).
+
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> def logits(x):
+      ...     v = x.reshape(-1, 1) - 0.5
+      ...     return jnp.concatenate([-v, v], axis=1)
+      >>> x = jnp.array([0.1, 0.45, 0.9, 0.65]).reshape(4, 1, 1, 1)
+      >>> y = jnp.array([0, 0, 1, 1])
+      >>> r = attacks.attack_sanity_check(logits, x, y, eps_list=[0.1, 0.5], num_classes=2,
+      ...                                 steps=2, key=jax.random.key(0))
+      >>> r.pgd_accuracy, r.ok
+      ((0.75, 0.0), True)
     """
     if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
@@ -430,8 +577,16 @@ def attack_sanity_check(
     )
     k_fgsm, k_pgd = jax.random.split(key)
     acc_fgsm = accuracy_under_attack(logits_fn, x, y, attack="fgsm", key=k_fgsm, **common)
+    if unroll is not None:
+        warnings.warn(
+            "unroll= is deprecated: pass chunk= (steps per compiled call)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if chunk is None:
+            chunk = _chunk_from_unroll(unroll, steps)
     acc_pgd = accuracy_under_attack(
-        logits_fn, x, y, attack="pgd", steps=steps, key=k_pgd, unroll=unroll, **common
+        logits_fn, x, y, attack="pgd", steps=steps, key=k_pgd, chunk=chunk, **common
     )
     chance = 1.0 / num_classes
     report = SanityReport(

@@ -28,9 +28,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from gbjax import _xla
 from gbjax._batching import bucket_size, fixed_batches
+from gbjax._callables import LogitsFn
 from gbjax._checks import check_int, check_scalar
 from gbjax.attacks._core import (
     as_logits_fn,
@@ -91,8 +93,21 @@ def _queries(fn, x, y, x_best, margin, key, eps, i0, queries, p_init, lo, hi, *,
     return x_best, margin
 
 
-def square_run(fn, x, y, key, eps, *, queries=5000, p_init=0.8, lo=0.0, hi=1.0,
-               batch_size=256, chunk=25, progress=False):  # fmt: skip
+def square_run(
+    fn,
+    x,
+    y,
+    key,
+    eps,
+    *,
+    queries=5000,
+    p_init=0.8,
+    lo=0.0,
+    hi=1.0,
+    batch_size=256,
+    chunk=25,
+    progress=False,
+):
     """``(margin_N, x_best_N)`` over a whole set; an image is robust iff its final
     margin is > 0 (every query was classified correctly)."""
     x, y = jnp.asarray(x), jnp.asarray(y).astype(jnp.int32)
@@ -120,10 +135,20 @@ def square_run(fn, x, y, key, eps, *, queries=5000, p_init=0.8, lo=0.0, hi=1.0,
             for bt in fixed_batches(len(alive), bs, shrink=False):
                 idx = jnp.asarray(alive[bt.index])
                 xb, mb = _queries(
-                    fn, x[idx], y[idx], x_best[idx], margin[idx],
-                    jax.random.fold_in(key, bt.start), eps, i0, queries, p_init, lo, hi,
+                    fn,
+                    x[idx],
+                    y[idx],
+                    x_best[idx],
+                    margin[idx],
+                    jax.random.fold_in(key, bt.start),
+                    eps,
+                    i0,
+                    queries,
+                    p_init,
+                    lo,
+                    hi,
                     n=chunk,
-                )  # fmt: skip
+                )
                 keep = idx[: bt.valid]
                 x_best = x_best.at[keep].set(xb[: bt.valid])
                 margin = margin.at[keep].set(mb[: bt.valid])
@@ -136,22 +161,39 @@ def square_run(fn, x, y, key, eps, *, queries=5000, p_init=0.8, lo=0.0, hi=1.0,
 
 
 def square(
-    logits_fn,
-    x,
-    y,
+    logits_fn: LogitsFn,
+    x: ArrayLike,
+    y: ArrayLike,
     *,
-    eps,
+    eps: float,
     queries: int = 5000,
-    key=None,
+    key: jax.Array | None = None,
     p_init: float = 0.8,
     clip: tuple[float, float] = (0.0, 1.0),
     batch_size: int = 256,
+    chunk: int | None = None,
     progress: bool = False,
-):
+) -> jax.Array:
     """Square attack, L-inf; see the module docstring. Returns the adversarial images.
 
     ``queries``: model evaluations per image (the start counts as one);
-    ``p_init``: the starting window fraction (0.8, as AutoAttack uses for L-inf).
+    ``p_init``: the starting window fraction (0.8, as AutoAttack uses for L-inf);
+    ``chunk``: queries per compiled call (default 25).
+
+    Example:
+      A two-class model on 2x2 images (class 1 when the mean exceeds 0.5): moving
+      the pixels of an image at 0.48 by ``eps = 0.1`` flips it.
+
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> def logits(x):
+      ...     v = x.mean((1, 2, 3))[:, None] - 0.5
+      ...     return jnp.concatenate([-v, v], axis=1)
+      >>> x = jnp.full((1, 2, 2, 1), 0.48)
+      >>> adv = attacks.square(logits, x, jnp.array([0]), eps=0.1, queries=8, chunk=1,
+      ...                      key=jax.random.key(0))
+      >>> float(jnp.abs(adv - x).max()) <= 0.1 + 1e-6, int(jnp.argmax(logits(adv), -1)[0])
+      (True, 1)
     """
     if key is None:
         raise ValueError("square needs an explicit PRNG key: key=jax.random.key(...)")
@@ -165,7 +207,18 @@ def square(
     check_attack_labels(fn, x, y)
     if is_zero(eps):
         return jnp.asarray(x)
-    _, out = square_run(fn, x, y, key, eps, queries=int(queries),
-                        p_init=float(p_init), lo=lo, hi=hi, batch_size=batch_size,
-                        progress=progress)  # fmt: skip
+    _, out = square_run(
+        fn,
+        x,
+        y,
+        key,
+        eps,
+        queries=int(queries),
+        p_init=float(p_init),
+        lo=lo,
+        hi=hi,
+        batch_size=batch_size,
+        chunk=25 if chunk is None else check_int("chunk", chunk),
+        progress=progress,
+    )
     return out
