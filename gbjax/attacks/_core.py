@@ -5,14 +5,17 @@ BPDA. Logits-function pytrees are :mod:`gbjax._callables`; the conventions are i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from gbjax import _xla
-from gbjax._callables import PytreeCallable, as_logits_fn, is_nnx_module
+from gbjax._callables import LogitsFn, PytreeCallable, as_logits_fn, is_nnx_module
 from gbjax._checks import check_int, concrete, fail, is_traced
 from gbjax.attacks.losses import loss_by_index, per_example_loss
 
@@ -272,12 +275,32 @@ def _loss_gradient_jit(fn, x, y, key, *, eot_samples):
     return grad_impl(fn, x, y, key, eot_samples)
 
 
-def loss_gradient(logits_fn, x, y, *, key=None, eot_samples=None):
+def loss_gradient(
+    logits_fn: LogitsFn,
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    key: jax.Array | None = None,
+    eot_samples: int | None = None,
+) -> jax.Array:
     """Gradient w.r.t. ``x`` of the summed cross-entropy ``CE(logits_fn(x), y)``.
 
     With ``eot_samples=n`` the logits function is called as ``logits_fn(x, k)``
     for ``k`` in ``jax.random.split(key, n)`` and the ``n`` gradients are
     averaged (EOT).  Returns an array shaped like ``x``.
+
+    Example:
+      A two-class model on one-pixel images (class 1 above 0.5): raising the
+      pixel raises the loss of class 0 and lowers that of class 1.
+
+      >>> import jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> def logits(x):
+      ...     v = x.reshape(-1, 1) - 0.5
+      ...     return jnp.concatenate([-v, v], axis=1)
+      >>> x = jnp.full((2, 1, 1, 1), 0.5)
+      >>> attacks.loss_gradient(logits, x, jnp.array([0, 1])).ravel().tolist()
+      [1.0, -1.0]
     """
     check_eot(eot_samples, key)
     fn = as_logits_fn(logits_fn)
@@ -290,10 +313,24 @@ def _attack_loss_jit(fn, x, y, key):
     return _ce_per_example(call(fn, x, key), y)
 
 
-def attack_loss(logits_fn, x, y, *, key=None):
+def attack_loss(
+    logits_fn: LogitsFn, x: ArrayLike, y: ArrayLike, *, key: jax.Array | None = None
+) -> jax.Array:
     """Per-example cross-entropy ``(B,)`` of ``logits_fn`` on ``(x, y)``.
 
     Pass ``key`` for a randomised logits function ``f(x, key)``.
+
+    Example:
+      Equal logits: the loss is ``log 2`` for either label.
+
+      >>> import jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> def logits(x):
+      ...     v = x.reshape(-1, 1) - 0.5
+      ...     return jnp.concatenate([-v, v], axis=1)
+      >>> loss = attacks.attack_loss(logits, jnp.full((2, 1, 1, 1), 0.5), jnp.array([0, 1]))
+      >>> [round(v, 4) for v in loss.tolist()]
+      [0.6931, 0.6931]
     """
     fn = as_logits_fn(logits_fn)
     check_attack_labels(fn, x, y, key, eot_samples=None if key is None else 1)
@@ -345,6 +382,13 @@ class BPDA(PytreeCallable):
     ``backward(x, *args)`` when a smooth approximation was given.  Extra
     arguments (e.g. a PRNG key) receive zero cotangents.  A pytree, so it can
     be passed through ``jit``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> g = attacks.bpda(jnp.round)
+      >>> isinstance(g, attacks.BPDA), jax.grad(lambda v: g(v).sum())(jnp.array([0.4])).tolist()
+      (True, [1.0])
     """
 
     def __init__(self, forward, backward=None):
@@ -367,7 +411,7 @@ class BPDA(PytreeCallable):
         return f"BPDA(forward={self.forward!r}, backward={self.backward!r})"
 
 
-def bpda(forward, backward=None) -> BPDA:
+def bpda(forward: Callable[..., Any], backward: Callable[..., Any] | None = None) -> BPDA:
     """Backward Pass Differentiable Approximation (Athalye et al., 2018).
 
     Wraps a non-differentiable preprocessor ``forward(x, *args)`` (quantisation,
@@ -376,10 +420,16 @@ def bpda(forward, backward=None) -> BPDA:
     the shape of ``x``) or, if ``backward`` is given, the VJP of that smooth
     approximation ``backward(x, *args)``.
 
-    Example::
+    Example:
+      Rounding has a zero gradient almost everywhere; through BPDA it is the
+      identity's.
 
-        g = bpda(lambda x: jnp.round(x * 8) / 8)
-        jax.grad(lambda x: g(x).sum())(x)   # == ones_like(x)
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> g = attacks.bpda(lambda x: jnp.round(x * 8) / 8)
+      >>> x = jnp.array([0.1, 0.3])
+      >>> g(x).tolist(), jax.grad(lambda v: g(v).sum())(x).tolist()
+      ([0.125, 0.25], [1.0, 1.0])
     """
     if not callable(forward) and not is_nnx_module(forward):
         raise TypeError("forward must be callable")

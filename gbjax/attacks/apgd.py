@@ -30,8 +30,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from gbjax import _xla
+from gbjax._callables import LogitsFn
 from gbjax._checks import check_int, check_scalar
 from gbjax.attacks._core import (
     as_logits_fn,
@@ -121,15 +123,45 @@ def _init(fn, eval_fn, x, y, target, key, eps, lo, hi, loss, *, eot_samples, sha
     hit = _hit(fn, x0, y, target, logits, k_eval, ~correct, loss)
     B = x.shape[0]
     return _State(
-        x_adv=x0, x_prev=x0, grad=g, loss=per, x_best=x0, loss_best=per, grad_best=g,
-        step=jnp.full((B,), 2.0, jnp.float32) * eps, n_incr=jnp.zeros(B, jnp.int32),
-        loss_best_last=per, reduced_last=jnp.ones(B, bool), robust=correct, x_found=x0,
+        x_adv=x0,
+        x_prev=x0,
+        grad=g,
+        loss=per,
+        x_best=x0,
+        loss_best=per,
+        grad_best=g,
+        step=jnp.full((B,), 2.0, jnp.float32) * eps,
+        n_incr=jnp.zeros(B, jnp.int32),
+        loss_best_last=per,
+        reduced_last=jnp.ones(B, bool),
+        robust=correct,
+        x_found=x0,
         found=hit,
-    )  # fmt: skip
+    )
 
 
-def _chunk(fn, eval_fn, st, x, y, target, key, eps, i0, steps, is_ckpt, window, lo, hi, loss, *,
-           n, unroll, eot_samples, shared):  # fmt: skip
+def _chunk(
+    fn,
+    eval_fn,
+    st,
+    x,
+    y,
+    target,
+    key,
+    eps,
+    i0,
+    steps,
+    is_ckpt,
+    window,
+    lo,
+    hi,
+    loss,
+    *,
+    n,
+    unroll,
+    eot_samples,
+    shared,
+):
     project = projection(x, eps, lo, hi)
 
     def body(j, st):
@@ -186,8 +218,24 @@ def _targets(fn, x, y, *, rank):
     return ranked_targets(fn(x), y, rank)
 
 
-def apgd_run(fn, eval_fn, x, y, key, eps, *, steps, loss, target_rank=1, lo=0.0, hi=1.0,
-             eot_samples=None, shared=False, chunk=None, stop_early=True):  # fmt: skip
+def apgd_run(
+    fn,
+    eval_fn,
+    x,
+    y,
+    key,
+    eps,
+    *,
+    steps,
+    loss,
+    target_rank=1,
+    lo=0.0,
+    hi=1.0,
+    eot_samples=None,
+    shared=False,
+    chunk=None,
+    stop_early=True,
+):
     """``(robust_B, x_result)``: APGD on ``fn`` scored by ``eval_fn`` at every iterate
     (``robust``: right at all of them), and per example the last successful
     iterate (misclassified; classified as the target for ``"dlr-targeted"``), else
@@ -209,8 +257,26 @@ def apgd_run(fn, eval_fn, x, y, key, eps, *, steps, loss, target_rank=1, lo=0.0,
     size = 1 << (steps - 1).bit_length()
     is_ckpt, window = (jnp.asarray(np.pad(a, (0, size - steps))) for a in checkpoints(steps))
     for i0 in range(0, steps, n):
-        st = _chunk_jit(fn, eval_fn, st, x, y, target, key, eps, i0, steps, is_ckpt, window, lo,
-                        hi, loss_id, n=n, unroll=unroll, **static)  # fmt: skip
+        st = _chunk_jit(
+            fn,
+            eval_fn,
+            st,
+            x,
+            y,
+            target,
+            key,
+            eps,
+            i0,
+            steps,
+            is_ckpt,
+            window,
+            lo,
+            hi,
+            loss_id,
+            n=n,
+            unroll=unroll,
+            **static,
+        )
         if stop_early and not bool(jnp.any(st.robust)):
             break
     x_result = jnp.where(_b(st.found), st.x_found, st.x_best)
@@ -218,19 +284,19 @@ def apgd_run(fn, eval_fn, x, y, key, eps, *, steps, loss, target_rank=1, lo=0.0,
 
 
 def apgd(
-    logits_fn,
-    x,
-    y,
+    logits_fn: LogitsFn,
+    x: ArrayLike,
+    y: ArrayLike,
     *,
-    eps,
+    eps: ArrayLike,
     steps: int = 100,
     loss: str = "ce",
-    key=None,
+    key: jax.Array | None = None,
     target_rank: int = 1,
     clip: tuple[float, float] = (0.0, 1.0),
     eot_samples: int | None = None,
     chunk: int | None = None,
-):
+) -> jax.Array:
     """APGD (L-inf, Croce & Hein 2020); see the module docstring.
 
     Args:
@@ -247,6 +313,21 @@ def apgd(
     Returns:
       Per example the last successful iterate (misclassified; with
       ``"dlr-targeted"``, classified as the target), else the highest-loss one.
+
+    Example:
+      A two-class model on one-pixel images (class 1 above 0.5): the image at
+      0.45 is within ``eps`` of the boundary and crosses it, the one at 0.1 is not.
+
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> def logits(x):
+      ...     v = x.reshape(-1, 1) - 0.5
+      ...     return jnp.concatenate([-v, v], axis=1)
+      >>> x = jnp.array([0.1, 0.45]).reshape(2, 1, 1, 1)
+      >>> adv = attacks.apgd(logits, x, jnp.array([0, 0]), eps=0.1, steps=4, chunk=1,
+      ...                    key=jax.random.key(0))
+      >>> (jnp.argmax(logits(adv), -1) == 0).tolist()
+      [True, False]
     """
     check_loss(loss, APGD_LOSSES)
     if key is None:
@@ -260,7 +341,20 @@ def apgd(
     check_attack_labels(fn, x, y, key, eot_samples)
     if is_zero(eps):
         return jnp.asarray(x)
-    _, out = apgd_run(fn, fn, jnp.asarray(x), jnp.asarray(y), key, jnp.float32(eps),
-                      steps=int(steps), loss=loss, target_rank=target_rank, lo=lo, hi=hi,
-                      eot_samples=eot_samples, shared=True, chunk=chunk)  # fmt: skip
+    _, out = apgd_run(
+        fn,
+        fn,
+        jnp.asarray(x),
+        jnp.asarray(y),
+        key,
+        jnp.float32(eps),
+        steps=int(steps),
+        loss=loss,
+        target_rank=target_rank,
+        lo=lo,
+        hi=hi,
+        eot_samples=eot_samples,
+        shared=True,
+        chunk=chunk,
+    )
     return out

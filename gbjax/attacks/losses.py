@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 __all__ = ["LOSSES", "per_example_loss", "loss_by_index", "ranked_targets"]
 
@@ -36,8 +37,21 @@ def _true(z_BK, y_B):
     return jnp.take_along_axis(z_BK, y_B[:, None], axis=-1)[:, 0]
 
 
-def per_example_loss(name: str, logits_BK, y_B, target_B=None):
-    """The loss ``name`` per example, float32 ``(B,)``; see the module docstring."""
+def per_example_loss(
+    name: str, logits_BK: ArrayLike, y_B: ArrayLike, target_B: ArrayLike | None = None
+) -> jax.Array:
+    """The loss ``name`` per example, float32 ``(B,)``; see the module docstring.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> z = jnp.array([[2.0, 1.0, 0.0]])
+      >>> attacks.per_example_loss("margin", z, jnp.array([0])).tolist()
+      [-1.0]
+      >>> attacks.per_example_loss("dlr", z, jnp.array([1])).tolist()
+      [0.5]
+    """
+    logits_BK, y_B = jnp.asarray(logits_BK), jnp.asarray(y_B)
     z = logits_BK.astype(jnp.float32)
     if name == "ce":
         return optax.softmax_cross_entropy_with_integer_labels(z, y_B)
@@ -71,9 +85,19 @@ def loss_by_index(index, logits_BK, y_B, target_B=None):
     return jnp.select([jnp.asarray(index) == i for i in range(len(options))], options)
 
 
-def ranked_targets(logits_BK, y_B, rank: int):
+def ranked_targets(logits_BK: ArrayLike, y_B: ArrayLike, rank: int) -> jax.Array:
     """The class with the ``rank``-th largest logit among those other than ``y``
-    (``rank=1``: the strongest wrong class), per example, int32 ``(B,)``."""
+    (``rank=1``: the strongest wrong class), per example, int32 ``(B,)``: the
+    targets of APGD-T (``APGD("dlr-targeted", n_targets=k)`` tries ranks 1..k).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> z = jnp.array([[0.0, 3.0, 1.0, 2.0]])
+      >>> [attacks.ranked_targets(z, jnp.array([1]), r).tolist() for r in (1, 2, 3)]
+      [[3], [2], [0]]
+    """
+    logits_BK, y_B = jnp.asarray(logits_BK), jnp.asarray(y_B)
     k = logits_BK.shape[-1]
     if not 1 <= rank <= k - 1:
         raise ValueError(f"rank must be in 1..{k - 1}, got {rank}")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import jax
+
+from gbjax._callables import LogitsFn
 from gbjax.attacks._core import bpda
 from gbjax.defences import Defended
 
@@ -9,11 +14,11 @@ PROTOCOLS = ("oblivious", "end_to_end", "bpda")
 
 
 def make_attack_logits(
-    classifier,
-    preprocess,
+    classifier: LogitsFn,
+    preprocess: Callable[..., jax.Array],
     protocol: str,
     *,
-    backward=None,
+    backward: Callable[..., jax.Array] | None = None,
     randomized: bool = False,
 ) -> tuple[Defended, Defended]:
     """Logits functions for attacking a preprocessing defence ``f(g(x))``.
@@ -38,6 +43,22 @@ def make_attack_logits(
       ``(attack_logits_fn, eval_logits_fn)``: differentiate the first, score
       accuracy with the second (always ``f(g(x))``).  Both are pytrees, so they
       can be reused across calls without recompiling.
+
+    Example:
+      Rounding in front of a two-class model on one-pixel images: end to end
+      its gradient is zero; BPDA passes the classifier's through.
+
+      >>> import jax.numpy as jnp
+      >>> from gbjax import attacks
+      >>> def logits(x):
+      ...     v = x.reshape(-1, 1) - 0.5
+      ...     return jnp.concatenate([-v, v], axis=1)
+      >>> x, y = jnp.full((1, 1, 1, 1), 0.4), jnp.array([0])
+      >>> for protocol in ("end_to_end", "bpda"):
+      ...     attacked, scored = attacks.make_attack_logits(logits, jnp.round, protocol)
+      ...     print(protocol, round(float(attacks.loss_gradient(attacked, x, y).sum()), 3))
+      end_to_end 0.0
+      bpda 0.538
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")

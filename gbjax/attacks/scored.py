@@ -66,8 +66,29 @@ def sign_noise(x, key, eps, lo, hi):
     return jnp.clip(x + eps * s, lo, hi).astype(x.dtype)
 
 
-def _pgd_chunk(fn, eval_fn, x_adv, robust, x, y, key, eval_key, eps, step_size, i0, steps, lo,
-               hi, *, n, unroll, eot_samples, loss, targeted, shared):  # fmt: skip
+def _pgd_chunk(
+    fn,
+    eval_fn,
+    x_adv,
+    robust,
+    x,
+    y,
+    key,
+    eval_key,
+    eps,
+    step_size,
+    i0,
+    steps,
+    lo,
+    hi,
+    *,
+    n,
+    unroll,
+    eot_samples,
+    loss,
+    targeted,
+    shared,
+):
     step = pgd_step(fn, x, y, eps, step_size, lo, hi, targeted, eot_samples, loss)
 
     def body(j, carry):
@@ -93,8 +114,25 @@ def _pgd_begin(x, key, eps, lo, hi, *, random_start):
     return pgd_start(x, key, eps, lo, hi, random_start)
 
 
-def pgd_robust(fn, eval_fn, x, y, key, eps, step_size, steps, lo, hi, *, random_start=True,
-               eot_samples=None, loss="ce", targeted=False, shared=False, chunk=None):  # fmt: skip
+def pgd_robust(
+    fn,
+    eval_fn,
+    x,
+    y,
+    key,
+    eps,
+    step_size,
+    steps,
+    lo,
+    hi,
+    *,
+    random_start=True,
+    eot_samples=None,
+    loss="ce",
+    targeted=False,
+    shared=False,
+    chunk=None,
+):
     """``(robust_B, x_final)``: PGD on ``fn``, ``eval_fn`` right at the start, every
     iterate and the end."""
     ka, ek = _keys(key, eot_samples)
@@ -103,8 +141,25 @@ def pgd_robust(fn, eval_fn, x, y, key, eps, step_size, steps, lo, hi, *, random_
     n, unroll = chunk_plan(steps, chunk)
     static = dict(eot_samples=eot_samples, loss=loss, targeted=targeted, shared=shared)
     for i0 in range(0, steps, n):
-        x_adv, robust = _pgd_chunk_jit(fn, eval_fn, x_adv, robust, x, y, ka, ek, eps, step_size,
-                                       i0, steps, lo, hi, n=n, unroll=unroll, **static)  # fmt: skip
+        x_adv, robust = _pgd_chunk_jit(
+            fn,
+            eval_fn,
+            x_adv,
+            robust,
+            x,
+            y,
+            ka,
+            ek,
+            eps,
+            step_size,
+            i0,
+            steps,
+            lo,
+            hi,
+            n=n,
+            unroll=unroll,
+            **static,
+        )
         if not bool(jnp.any(robust)):  # every image already fooled the scored model
             return robust, x_adv
     # the last iterate, scored by the clean-scoring program (one compilation fewer)

@@ -26,9 +26,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from gbjax import _xla
 from gbjax._batching import bucket_size, fixed_batches
+from gbjax._callables import LogitsFn
 from gbjax._checks import check_count, check_int, check_scalar
 from gbjax.attacks._core import as_logits_fn, check_attack_labels, check_xy, margins
 
@@ -71,18 +73,35 @@ def _run_batch(fn, x, y, key, eps, *, steps, samples, lr, delta, lo, hi, group):
     for t in range(1, steps + 1):
         g = jnp.zeros_like(x)
         for j in range(n_groups):
-            g = g + _estimate(fn, x_adv, y, jax.random.fold_in(key, t * n_groups + j),
-                              delta, group=group)  # fmt: skip
+            g = g + _estimate(
+                fn, x_adv, y, jax.random.fold_in(key, t * n_groups + j), delta, group=group
+            )
         g = g / (n_groups * group)
-        x_adv, m, s, robust = _update(fn, x, x_adv, y, g, m, s, jnp.float32(t), eps, lr, lo,
-                                      hi, robust)  # fmt: skip
+        x_adv, m, s, robust = _update(
+            fn, x, x_adv, y, g, m, s, jnp.float32(t), eps, lr, lo, hi, robust
+        )
         if not bool(jnp.any(robust)):
             break
     return robust, x_adv
 
 
-def spsa_run(fn, x, y, key, eps, *, steps=100, samples=128, lr=0.01, delta=0.01, lo=0.0,
-             hi=1.0, batch_size=256, group=None, progress=False):  # fmt: skip
+def spsa_run(
+    fn,
+    x,
+    y,
+    key,
+    eps,
+    *,
+    steps=100,
+    samples=128,
+    lr=0.01,
+    delta=0.01,
+    lo=0.0,
+    hi=1.0,
+    batch_size=256,
+    group=None,
+    progress=False,
+):
     """``(robust_N, x_adv_N)`` over a set: robust iff the margin stayed > 0 at every
     iterate (the clean point is the caller's to score). ``group`` pairs per call
     (default: about 512 images per call)."""
@@ -101,9 +120,20 @@ def spsa_run(fn, x, y, key, eps, *, steps=100, samples=128, lr=0.01, delta=0.01,
     try:
         for b in batches:
             idx = jnp.asarray(b.index)
-            r, xa = _run_batch(fn, x[idx], y[idx], jax.random.fold_in(key, b.start), eps,
-                               steps=steps, samples=samples, lr=lr, delta=delta, lo=lo, hi=hi,
-                               group=group)  # fmt: skip
+            r, xa = _run_batch(
+                fn,
+                x[idx],
+                y[idx],
+                jax.random.fold_in(key, b.start),
+                eps,
+                steps=steps,
+                samples=samples,
+                lr=lr,
+                delta=delta,
+                lo=lo,
+                hi=hi,
+                group=group,
+            )
             robust[b.index[: b.valid]] = np.asarray(r)[: b.valid]
             adv.append(xa[: b.valid])
             if bar is not None:
@@ -115,19 +145,19 @@ def spsa_run(fn, x, y, key, eps, *, steps=100, samples=128, lr=0.01, delta=0.01,
 
 
 def spsa(
-    logits_fn,
-    x,
-    y,
+    logits_fn: LogitsFn,
+    x: ArrayLike,
+    y: ArrayLike,
     *,
     eps: float,
     steps: int = 100,
     samples: int = 128,
-    key,
+    key: jax.Array,
     lr: float = 0.01,
     delta: float = 0.01,
     clip: tuple[float, float] = (0.0, 1.0),
     batch_size: int = 256,
-):
+) -> jax.Array:
     """SPSA adversarial examples (untargeted, L-inf, margin loss, Adam).
 
     Args:
@@ -169,6 +199,18 @@ def spsa(
     lo, hi = float(clip[0]), float(clip[1])
     fn = as_logits_fn(logits_fn)
     check_attack_labels(fn, x, y)
-    _, adv = spsa_run(fn, x, y, key, eps, steps=int(steps), samples=int(samples), lr=lr,
-                      delta=delta, lo=lo, hi=hi, batch_size=int(batch_size))  # fmt: skip
+    _, adv = spsa_run(
+        fn,
+        x,
+        y,
+        key,
+        eps,
+        steps=int(steps),
+        samples=int(samples),
+        lr=lr,
+        delta=delta,
+        lo=lo,
+        hi=hi,
+        batch_size=int(batch_size),
+    )
     return adv.astype(jnp.asarray(x).dtype)
