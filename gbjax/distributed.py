@@ -50,16 +50,20 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from jax.typing import ArrayLike
 
 from gbjax import _cli, _xla, gb, train
 from gbjax._batching import map_batches
 from gbjax._checks import check_int
 from gbjax._files import cache_root
-from gbjax.config import apply_overrides, load_config, validate_config
+from gbjax.config import Config, apply_overrides, load_config, validate_config
 from gbjax.data import CorruptDataError, DataNotFoundError
 from gbjax.data._entries import gb_key, read_gb_entry, write_gb_entry
 from gbjax.data.cache import save_arrays
@@ -109,6 +113,13 @@ def initialize(
     Raises:
       ValueError: for an inconsistent ``num_processes`` / ``process_id``.
       RuntimeError: (from JAX) when JAX was already used in this process.
+
+    Example:
+      >>> import jax
+      >>> from gbjax import distributed
+      >>> distributed.initialize(num_processes=1, cpu_collectives=None)  # nothing to join
+      >>> jax.process_count(), jax.process_index()
+      (1, 0)
     """
     import jax
 
@@ -132,7 +143,9 @@ def initialize(
     )
 
 
-def process_shard(n: int, process_index: int | None = None, process_count: int | None = None):
+def process_shard(
+    n: int, process_index: int | None = None, process_count: int | None = None
+) -> slice:
     """The contiguous rows of an ``n``-row data set that one process works on.
 
     Rows are split as evenly as possible, in order: the first ``n % P``
@@ -145,6 +158,11 @@ def process_shard(n: int, process_index: int | None = None, process_count: int |
 
     Returns:
       A ``slice`` of the rows (empty when ``n < P`` for the last processes).
+
+    Example:
+      >>> from gbjax import distributed
+      >>> [distributed.process_shard(10, i, 3) for i in range(3)]
+      [slice(0, 4, None), slice(4, 7, None), slice(7, 10, None)]
     """
     import jax
 
@@ -175,30 +193,41 @@ def _check_uint8_nhwc(images) -> np.ndarray:
     return images
 
 
-def _check_gb_kwargs(gb_kwargs: dict) -> None:
+def _gb_params(params, gb_kwargs: dict) -> tuple[gb.GBParams, dict]:
+    """``gb.as_params`` of the arguments, refusing what cannot run across processes."""
     for k in _NOT_GB_KWARGS:
         if k in gb_kwargs:
             raise ValueError(f"{k}: not a parameter here (uint8 images in, uint8 out)")
-    if gb_kwargs.get("capacity") == "auto":
+    params, rest = gb.as_params(params, gb_kwargs)
+    if params.capacity == "auto":
         raise ValueError(
             "capacity='auto' re-runs saturated images eagerly and is not supported across "
             "processes; give a fixed capacity (an int, e.g. 256 or 512)"
         )
+    return params, rest
 
 
 def gb_denoise_local(
-    images, *, progress: bool = False, memory_budget: int = 2 << 30, chunk_size=None, **gb_kwargs
+    images: ArrayLike,
+    params: gb.GBParams | None = None,
+    *,
+    progress: bool = False,
+    memory_budget: int = 2 << 30,
+    chunk_size: int | None = None,
+    **gb_kwargs: Any,
 ) -> np.ndarray:
     """:func:`gbjax.gb_denoise` of ``images`` on this process's own devices only.
 
     Safe in a multi-process run, where each process calls it with different
     images: the batch is sharded over :func:`jax.local_devices` (never over other
     processes' devices) and no collective is run, so processes need not call it
-    in step. The painted images equal those of ``gbjax.gb_denoise(images,
+    in step. The painted images equal those of ``gbjax.gb_denoise(images, params,
     **gb_kwargs)`` in a single process.
 
     Args:
       images: uint8 ``(N, H, W, C)`` (N may be 0).
+      params: the GB parameters, a :class:`gbjax.GBParams` (``capacity`` an
+        int); or None for the GB keywords in ``gb_kwargs``, not both.
       progress: show a progress bar over chunks.
       memory_budget: bytes per compiled call, as in :func:`gbjax.gb_cluster`.
       chunk_size: images per compiled call (default: from ``memory_budget``, at
@@ -209,28 +238,34 @@ def gb_denoise_local(
 
     Returns:
       The painted images, uint8 numpy ``(N, H, W, C)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import GBParams, distributed
+      >>> x = np.zeros((2, 4, 4, 3), np.uint8)
+      >>> x[:, :, 2:] = 200  # two flat halves
+      >>> out = distributed.gb_denoise_local(x, GBParams(threshold=20.0, capacity=8))
+      >>> out.dtype, out.shape, bool((out == x).all())
+      (dtype('uint8'), (2, 4, 4, 3), True)
     """
     import jax
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     images = _check_uint8_nhwc(images)
-    _check_gb_kwargs(gb_kwargs)
+    params, rest = _gb_params(params, gb_kwargs)
     if len(images) == 0:
         return images.copy()
     _, H, W, C = images.shape
     if chunk_size is None:
-        features = gb_kwargs.get("features")
-        if isinstance(features, dict):
-            features = gb.Features(**features)
         per = gb.memory_estimate(
             1,
             H,
             W,
             C,
-            capacity=int(gb_kwargs.get("capacity", 256)),
-            min_ball_size=int(gb_kwargs.get("min_ball_size", 2)),
-            features=features,
+            capacity=params.capacity,
+            min_ball_size=params.min_ball_size,
+            features=params.features,
         )
         chunk_size = max(1, int(memory_budget // per))
         if jax.default_backend() == "cpu":
@@ -245,7 +280,7 @@ def gb_denoise_local(
     # its input, here this process's, and eager-only checks are skipped (uint8 values
     # are in range by type; the options are checked while tracing).
     painted = jax.jit(
-        lambda x: gb.gb_denoise(x, memory_budget=memory_budget, **gb_kwargs),
+        lambda x: gb.gb_denoise(x, params=params, memory_budget=memory_budget, **rest),
         in_shardings=sharding,
         out_shardings=sharding,
     )
@@ -282,7 +317,13 @@ def _all_processes_agree(flag: bool) -> bool:
 
 
 def gb_processed_distributed(
-    images, *, cache_dir=None, use_cache: bool = True, progress: bool = False, **gb_kwargs
+    images: ArrayLike,
+    params: gb.GBParams | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+    **gb_kwargs: Any,
 ) -> np.ndarray:
     """:func:`gbjax.data.gb_processed` with the clustering split over processes.
 
@@ -291,12 +332,14 @@ def gb_processed_distributed(
     devices (:func:`gb_denoise_local`), the painted shards are gathered, and
     every process returns the whole painted data set. Call it on every process
     (it runs collectives). The result is written to the GB cache under the key
-    :func:`gbjax.data.gb_processed` uses for the same images and keyword
-    arguments (by every process, atomically; identical contents); when every
-    process finds a valid entry, nothing is clustered.
+    :func:`gbjax.data.gb_processed` uses for the same images and parameters
+    (by every process, atomically; identical contents); when every process finds
+    a valid entry, nothing is clustered.
 
     Args:
       images: uint8 ``(N, H, W, C)``, the same on every process.
+      params: the GB parameters, a :class:`gbjax.GBParams` (``capacity`` an
+        int); or None for the GB keywords in ``gb_kwargs``, not both.
       cache_dir: the GB cache folder (default ``$GBJAX_CACHE_DIR``, else
         ``~/.cache/gbjax``).
       use_cache: read and write the cache.
@@ -306,17 +349,32 @@ def gb_processed_distributed(
 
     Returns:
       The painted data set, uint8 numpy ``(N, H, W, C)``, on every process.
+
+    Example:
+      In a single process it is :func:`gbjax.data.gb_processed`, entry included:
+
+      >>> import tempfile
+      >>> import numpy as np
+      >>> from gbjax import GBParams, data, distributed
+      >>> x = np.zeros((2, 4, 4, 3), np.uint8)
+      >>> x[:, :, 2:] = 200
+      >>> p = GBParams(threshold=20.0, capacity=8)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     out = distributed.gb_processed_distributed(x, p, cache_dir=d)
+      ...     same = data.gb_processed(x, p, cache_dir=d, progress=False)  # a cache hit
+      >>> bool((out == x).all() and (same == out).all())
+      True
     """
     images = _check_uint8_nhwc(images)
-    _check_gb_kwargs(gb_kwargs)
-    path = cache_root(cache_dir) / f"gb_{gb_key(images, gb_kwargs)}.npz"
+    params, rest = _gb_params(params, gb_kwargs)
+    path = cache_root(cache_dir) / f"gb_{gb_key(images, params)}.npz"
     cached = None
     if use_cache and path.exists():
         cached = read_gb_entry(path, images.shape)
     if use_cache and _all_processes_agree(cached is not None):
         return cached
     n = len(images)
-    local = gb_denoise_local(images[process_shard(n)], progress=progress, **gb_kwargs)
+    local = gb_denoise_local(images[process_shard(n)], params, progress=progress, **rest)
     out = _allgather_rows(local, n)
     if use_cache:
         write_gb_entry(path, out)
@@ -359,13 +417,21 @@ def _load_data(config):
     """``(xtr, ytr, xte, yte)`` as :func:`gbjax.train.load_datasets`, with GB across processes."""
     xtr, ytr, xte, yte = train.load_datasets(dataclasses.replace(config, preprocess="none"))
     if config.preprocess == "gb":
-        kw = dict(cache_dir=config.cache_dir, progress=config.progress, **config.gb)
-        xtr = gb_processed_distributed(xtr, **kw)
-        xte = gb_processed_distributed(xte, **kw)
+        # config.gb: the keyword arguments of gb_denoise, or a GBParams
+        params = config.gb if isinstance(config.gb, gb.GBParams) else None
+        kw = dict(cache_dir=config.cache_dir, progress=config.progress)
+        kw.update({} if params is not None else config.gb)
+        xtr = gb_processed_distributed(xtr, params, **kw)
+        xte = gb_processed_distributed(xte, params, **kw)
     return xtr, ytr, xte, yte
 
 
-def train_data_parallel(config, *, evaluate: bool = True, log=None):
+def train_data_parallel(
+    config: Config,
+    *,
+    evaluate: bool = True,
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
     """Train ``config`` data-parallel over every device of every process.
 
     Call it on every process with the same configuration. Each process loads
@@ -400,6 +466,22 @@ def train_data_parallel(config, *, evaluate: bool = True, log=None):
       ValueError: for an invalid configuration or a batch that does not divide
         over the devices.
       gbjax.train.NonFiniteLossError: when the loss becomes NaN or infinite.
+
+    Example:
+      One step of a tiny convolutional network on eight 8x8 images, in one process:
+
+      >>> import numpy as np
+      >>> from gbjax import distributed
+      >>> from gbjax.config import Config
+      >>> x, y = np.zeros((8, 8, 8, 1), np.uint8), np.arange(8, dtype=np.int32) % 2
+      >>> config = Config(
+      ...     data={"train": (x, y), "test": (x, y)}, model="paper_convnet",
+      ...     model_kwargs=dict(kind="raw", features=4), batch_size=8, eval_batch_size=8,
+      ...     num_steps=1, log_every_steps=1, progress=False,
+      ... )
+      >>> m = distributed.train_data_parallel(config).metrics
+      >>> m["step"], m["num_processes"], m["num_devices"], m["test_accuracy"]
+      (1, 1, 1, 0.5)
     """
     import jax
     import jax.numpy as jnp
