@@ -24,7 +24,15 @@ from gbjax.attacks import (
     pgd,
 )
 from gbjax.defences import GB, Defended
-from gbjax.gb import Features, GBResult, gb_cluster, gb_denoise, gb_multiscale, memory_estimate
+from gbjax.gb import (
+    Features,
+    GBParams,
+    GBResult,
+    gb_cluster,
+    gb_denoise,
+    gb_multiscale,
+    memory_estimate,
+)
 
 __version__ = "0.2.0"  # the one source of the version (pyproject.toml reads it)
 
@@ -48,6 +56,7 @@ def __getattr__(name):
 
 __all__ = [
     "Features",
+    "GBParams",
     "GBResult",
     "gb_cluster",
     "gb_denoise",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 
-from gbjax import data, train
+from gbjax import data, gb, train
 from gbjax._files import cache_root
 from gbjax.config import apply_overrides, load_config
 from gbjax.data import DATASETS, CorruptDataError, DataNotFoundError
@@ -95,7 +95,7 @@ def add_cluster_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--num", type=positive_int, metavar="N", help="a fixed random subset of N images"
     )
-    g = c.add_argument_group("GB parameters (those given enter the cache key)")
+    g = c.add_argument_group("GB parameters (gbjax.GBParams; they give the cache key)")
     g.add_argument("--threshold", type=positive_float, help="pixel units (gb_cluster: 20)")
     g.add_argument("--purity", type=fraction, help="in (0, 1] (gb_cluster: 0.9)")
     g.add_argument("--capacity", type=positive_int, help="ball slots per image (256)")
@@ -142,7 +142,10 @@ def cluster_jobs(args):
         splits = {"train": xtr, "test": xte}
         jobs = [(s, splits[s]) for s in (args.split or ("train", "test"))]
         cache_dir = args.cache_dir if args.cache_dir is not None else config.cache_dir
-        return jobs, dict(cache_dir=cache_dir, **config.gb)
+        gb_kw = config.gb  # the keyword arguments of gb_denoise, or a GBParams
+        if isinstance(gb_kw, gb.GBParams):
+            gb_kw = {name: getattr(gb_kw, name) for name in gb.PARAM_NAMES}
+        return jobs, dict(cache_dir=cache_dir, **gb_kw)
     if args.set:
         raise ValueError("--set needs --config")
     if args.dataset is None:
@@ -195,7 +198,8 @@ def run_cluster(args, *, across_processes: Callable | None = None) -> int:
         except Exception as e:
             print(f"error: {split}: clustering failed ({type(e).__name__}: {e})", file=sys.stderr)
             return 1
-        path = cache_root(cache_dir) / f"gb_{gb_key(images, kw)}.npz"
+        params, _ = gb.as_params(None, kw)
+        path = cache_root(cache_dir) / f"gb_{gb_key(images, params)}.npz"
         if show:
             dt = time.perf_counter() - t0
             print(f"{split}: {len(out)} images {tuple(out.shape[1:])} -> {path} ({dt:.1f} s)")

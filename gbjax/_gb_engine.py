@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,18 @@ class Features:
         of the channels) in a ``texture_window`` x ``texture_window`` box with
         edge replication; 0 disables.
       texture_window: odd box size for the texture feature.
+
+    Raises:
+      ValueError: for a negative or non-finite weight, ``color`` 0, or an even
+        ``texture_window``.
+
+    Example:
+      >>> from gbjax import Features
+      >>> f = Features(spatial=0.5)  # colour and weighted (row, column)
+      >>> f.num_features(3)
+      5
+      >>> f == Features(color=1.0, spatial=0.5) and len({f, Features(spatial=0.5)}) == 1
+      True
     """
 
     color: float = 1.0
@@ -54,6 +67,7 @@ class Features:
             raise ValueError(f"features.texture_window: expected an odd int >= 1, got {w!r}")
 
     def num_features(self, channels: int) -> int:
+        """The feature vector's length F for images of ``channels`` colour channels."""
         return channels + (2 if self.spatial > 0 else 0) + (1 if self.texture > 0 else 0)
 
 
@@ -73,16 +87,16 @@ class GBResult(NamedTuple):
       rounds: (B,) int32 split rounds run (including the final round with no split).
     """
 
-    labels: Any
-    centers: Any
-    radii: Any
-    counts: Any
-    within_fraction: Any
-    n_balls: Any
-    noise: Any
-    image: Any
-    saturated: Any
-    rounds: Any
+    labels: jax.Array
+    centers: jax.Array
+    radii: jax.Array
+    counts: jax.Array
+    within_fraction: jax.Array
+    n_balls: jax.Array
+    noise: jax.Array
+    image: jax.Array
+    saturated: jax.Array
+    rounds: jax.Array
 
 
 # --------------------------------------------------------------------------
@@ -90,8 +104,22 @@ class GBResult(NamedTuple):
 # --------------------------------------------------------------------------
 
 
-def image_features(image_HWC: jax.Array, features: Features = Features()) -> jax.Array:
-    """Per-pixel feature vectors (H*W, F) of one float image in pixel units."""
+def image_features(image_HWC: ArrayLike, features: Features = Features()) -> jax.Array:
+    """Per-pixel feature vectors (H*W, F) of one float image in pixel units.
+
+    Row-major pixels; per pixel the colour times ``features.color``, then (when
+    enabled) the row and column times ``features.spatial``, then the local
+    contrast times ``features.texture``: the points the balls cluster.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import Features
+      >>> from gbjax.gb import image_features
+      >>> img = jnp.full((2, 2, 1), 100.0)
+      >>> image_features(img, Features(spatial=10.0)).tolist()  # grey, row, column
+      [[100.0, 0.0, 0.0], [100.0, 0.0, 10.0], [100.0, 10.0, 0.0], [100.0, 10.0, 10.0]]
+    """
+    image_HWC = jnp.asarray(image_HWC)
     H, W, C = image_HWC.shape
     x = image_HWC.astype(jnp.float32)
     parts = [x.reshape(H * W, C) * jnp.float32(features.color)]

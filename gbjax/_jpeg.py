@@ -44,6 +44,20 @@ def jpeg_quant_table(quality: int, chroma: bool = False) -> np.ndarray:
 
     Scale ``s = 5000 // q`` for ``q < 50``, else ``200 - 2 q``; entries
     ``(T s + 50) // 100`` clipped to 1..255.
+
+    Args:
+      quality: 1..100, as Pillow's ``quality``.
+      chroma: the chrominance table (else luminance).
+
+    Returns:
+      The (8, 8) int64 numpy table, in natural (row-major) order.
+
+    Example:
+      >>> from gbjax.defences import jpeg_quant_table
+      >>> jpeg_quant_table(50)[0, :4].tolist()  # the IJG luminance table itself
+      [16, 11, 10, 16]
+      >>> jpeg_quant_table(90)[0, :4].tolist()  # finer steps at higher quality
+      [3, 2, 2, 3]
     """
     quality = check_int("quality", quality, 1, 100)
     s = 5000 // quality if quality < 50 else 200 - 2 * quality

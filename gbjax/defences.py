@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import typing
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from gbjax import _jpeg, _kmeans, gb
-from gbjax._callables import PytreeCallable, as_logits_fn
+from gbjax._callables import LogitsFn, PytreeCallable, as_logits_fn
 from gbjax._checks import check_int, check_number, is_traced
 from gbjax._jpeg import jpeg_quant_table
 
@@ -59,7 +60,7 @@ def _round_straight_through(v):
     return v + jax.lax.stop_gradient(jnp.round(v) - v)
 
 
-def check_images01(x, name: str = "x") -> None:
+def check_images01(x: ArrayLike, name: str = "x") -> None:
     """Shape (B, H, W, C) float in [0, 1]; value checks only on concrete arrays."""
     if np.ndim(x) != 4:
         raise ValueError(f"{name} must be a (B, H, W, C) batch, got shape {np.shape(x)}")
@@ -76,41 +77,89 @@ def check_images01(x, name: str = "x") -> None:
         raise ValueError(f"{name} must be in [0, 1], got values in [{a.min()}, {a.max()}]")
 
 
-@dataclasses.dataclass(frozen=True)
+def _param(name: str) -> property:
+    return property(lambda self: getattr(self.params, name), doc=f"``params.{name}``.")
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class GB:
     """Granular-ball painting of ``(B, H, W, C)`` float images in [0, 1].
 
-    ``gb_denoise(x, threshold=, purity=, capacity=, min_ball_size=, scale=255)``;
-    with ``quantize=True`` (default) the painted colours are rounded to the 256
-    levels of a uint8 image, exactly the images a GB model is trained on
-    (``gbjax.data.gb_processed``), with a straight-through gradient. The
-    gradient w.r.t. ``x`` is that of the painting with the partition held fixed
-    (each pixel moves its ball's centre), so an end-to-end attack sees a real,
-    if partial, gradient; BPDA replaces it by the identity.
+    ``gb_denoise(x, params, scale=255)``; with ``quantize=True`` (default) the
+    painted colours are rounded to the 256 levels of a uint8 image, exactly the
+    images a GB model is trained on (``gbjax.data.gb_processed``), with a
+    straight-through gradient. The gradient w.r.t. ``x`` is that of the painting
+    with the partition held fixed (each pixel moves its ball's centre), so an
+    end-to-end attack sees a real, if partial, gradient; BPDA replaces it by the
+    identity.
+
+    Hashable and equal by value (a frozen dataclass of a :class:`gbjax.GBParams`
+    and ``quantize``), so attacks compile once per parameter set. The GB
+    parameters are read as attributes too (``GB(threshold=10).threshold``).
+
+    Args:
+      params: the GB parameters, a :class:`gbjax.GBParams`; or None for the
+        keywords ``threshold`` .. ``max_capacity`` of :func:`gbjax.gb_cluster`
+        (those not given take :class:`gbjax.GBParams`' defaults), not both.
+      quantize: round the painted colours to 8-bit levels (straight through).
+
+    Raises:
+      ValueError: for invalid parameters, as :class:`gbjax.GBParams`, or both
+        ``params`` and a GB keyword.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import GBParams, defences
+      >>> g = defences.GB(threshold=20.0)
+      >>> g == defences.GB(GBParams(threshold=20.0)), g.threshold, g.purity
+      (True, 20.0, 0.9)
+      >>> x = jnp.full((1, 4, 4, 3), 0.2).at[:, :, 2:].set(0.8)  # two flat halves
+      >>> y = g(x)
+      >>> y.shape, (y[0, 0, :, 0] * 255).round().tolist()  # each ball its colour
+      ((1, 4, 4, 3), [51.0, 51.0, 204.0, 204.0])
     """
 
-    threshold: float = 20.0
-    purity: float = 0.9
-    capacity: int = 256
-    min_ball_size: int = 2
+    params: gb.GBParams
     quantize: bool = True
 
-    def __post_init__(self):
-        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold)
-                and self.threshold > 0):  # fmt: skip
-            raise ValueError(f"threshold: expected a finite number > 0, got {self.threshold!r}")
-        if not (isinstance(self.purity, (int, float)) and 0 < self.purity <= 1):
-            raise ValueError(f"purity: expected a number in (0, 1], got {self.purity!r}")
+    def __init__(
+        self,
+        params: gb.GBParams | None = None,
+        *,
+        threshold: float | None = None,
+        purity: float | None = None,
+        capacity: int | typing.Literal["auto"] | None = None,
+        min_ball_size: int | None = None,
+        max_rounds: int | None = None,
+        features: gb.Features | dict[str, typing.Any] | None = None,
+        kmeans_iters: int | None = None,
+        max_capacity: int | None = None,
+        quantize: bool = True,
+    ) -> None:
+        kw = dict(
+            threshold=threshold, purity=purity, capacity=capacity, min_ball_size=min_ball_size,
+            max_rounds=max_rounds, features=features, kmeans_iters=kmeans_iters,
+            max_capacity=max_capacity,
+        )  # fmt: skip
+        params, _ = gb.as_params(params, kw)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "quantize", quantize)
 
-    def cluster(self, x):
+    threshold = _param("threshold")
+    purity = _param("purity")
+    capacity = _param("capacity")
+    min_ball_size = _param("min_ball_size")
+    max_rounds = _param("max_rounds")
+    features = _param("features")
+    kmeans_iters = _param("kmeans_iters")
+    max_capacity = _param("max_capacity")
+
+    def cluster(self, x: ArrayLike) -> gb.GBResult:
         """The :class:`gbjax.GBResult` of ``x`` (float [0, 1])."""
         check_images01(x)
-        return gb.gb_cluster(
-            x, threshold=self.threshold, purity=self.purity, capacity=self.capacity,
-            min_ball_size=self.min_ball_size, scale=255.0,
-        )  # fmt: skip
+        return gb.gb_cluster(x, self.params, scale=255.0)
 
-    def __call__(self, x):
+    def __call__(self, x: ArrayLike) -> jax.Array:
         out = self.cluster(x).image
         if self.quantize:
             out = _round_straight_through(out * 255.0) / 255.0
@@ -127,14 +176,32 @@ class Defended(PytreeCallable):
     ``randomized=True`` it is called as ``f(x, key)`` and the key goes to the
     preprocessor. Evaluate it with :mod:`gbjax.evaluate` and attack it with
     :mod:`gbjax.attacks` like any model; uint8 images are divided by 255 first.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import defences
+      >>> def classifier(x):  # class scores: the mean of each channel
+      ...     return x.mean(axis=(1, 2))
+      >>> f = defences.Defended(classifier, defences.BitDepth(bits=1))
+      >>> f(jnp.full((1, 4, 4, 3), 0.6)).tolist()  # 0.6 squeezed to 1.0 first
+      [[1.0, 1.0, 1.0]]
+      >>> f(jnp.full((1, 4, 4, 3), 51, jnp.uint8)).tolist()  # uint8: 51 / 255 = 0.2 -> 0
+      [[0.0, 0.0, 0.0]]
     """
 
-    def __init__(self, classifier, preprocess=None, *, randomized: bool = False):
+    def __init__(
+        self,
+        classifier: LogitsFn,
+        preprocess: Callable[..., jax.Array] | None = None,
+        *,
+        randomized: bool = False,
+    ) -> None:
         self.classifier = as_logits_fn(classifier)
         self.preprocess = None if preprocess is None else as_logits_fn(preprocess)
         self.randomized = bool(randomized)
 
-    def __call__(self, x, key=None):
+    def __call__(self, x: ArrayLike, key: jax.Array | None = None) -> jax.Array:
+        x = jnp.asarray(x)
         if self.preprocess is not None and jnp.issubdtype(x.dtype, jnp.integer):
             x = x.astype(jnp.float32) / 255.0
         if self.randomized and key is None:
@@ -188,7 +255,7 @@ class _Preprocessor:
     #: it is not (zero almost everywhere), attack it with BPDA.
     differentiable: typing.ClassVar[bool] = True
 
-    def __call__(self, x):
+    def __call__(self, x: ArrayLike) -> jax.Array:
         check_images01(x)
         if np.shape(x)[-1] not in (1, 3):
             raise ValueError(f"x must have 1 or 3 channels (last axis), got shape {np.shape(x)}")
@@ -218,7 +285,15 @@ class Median(_Preprocessor):
     """``size x size`` median filter per channel, ``scipy.ndimage.median_filter(x,
     size=(size, size, 1), mode="reflect")`` per image (exact). Differentiable almost
     everywhere through the sort: each output pixel's gradient goes to the input
-    pixel that is its median. ``size`` is at most :data:`MAX_MEDIAN_SIZE`."""
+    pixel that is its median. ``size`` is at most :data:`MAX_MEDIAN_SIZE`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import defences
+      >>> speck = jnp.zeros((1, 4, 4, 1)).at[0, 1, 1, 0].set(1.0)  # one white pixel
+      >>> float(defences.Median(3)(speck).max())  # the speck is removed
+      0.0
+    """
 
     size: int = 3
     differentiable: typing.ClassVar[bool] = True
@@ -270,7 +345,17 @@ class BitDepth(_Preprocessor):
     """Colour-depth reduction to ``2**bits`` levels, ART's ``FeatureSqueezing``
     (clip range (0, 1)): ``round(x (2**bits - 1)) / (2**bits - 1)``, rounding half
     to even as ``np.rint``. Its gradient is zero almost everywhere: attack it with
-    BPDA."""
+    BPDA.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import defences
+      >>> x = jnp.array([0.2, 0.4, 0.6, 0.9]).reshape(1, 1, 4, 1)
+      >>> defences.BitDepth(bits=1)(x)[0, 0, :, 0].tolist()  # two levels: 0 and 1
+      [0.0, 0.0, 1.0, 1.0]
+      >>> defences.BitDepth.differentiable
+      False
+    """
 
     bits: int = 4
     differentiable: typing.ClassVar[bool] = False
@@ -298,7 +383,16 @@ class JPEG(_Preprocessor):
     steps (colour conversions, down- and upsampling) are libjpeg's integer
     arithmetic, including its default integer (``ISLOW``) DCTs, so the result is
     libjpeg's bit for bit. Every rounding has a straight-through gradient, so the
-    gradient is that of JPEG without its roundings (useful end to end)."""
+    gradient is that of JPEG without its roundings (useful end to end).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import defences
+      >>> x = jnp.full((1, 8, 8, 1), 100 / 255)  # a flat grey block survives JPEG
+      >>> y = defences.JPEG(quality=75)(x)
+      >>> y.shape, sorted(set((y * 255).round().ravel().tolist()))
+      ((1, 8, 8, 1), [100.0])
+    """
 
     quality: int = 75
     differentiable: typing.ClassVar[bool] = True
@@ -332,7 +426,15 @@ class KMeans(_Preprocessor):
     ``gbjax._kmeans.init_quantiles`` centres (the pixels at evenly spaced ranks
     of the channel sum), then every pixel painted with its centre. ``k`` is
     capped at the number of pixels. Differentiable almost everywhere: with the
-    assignment held fixed, a pixel's output is its cluster's mean."""
+    assignment held fixed, a pixel's output is its cluster's mean.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import defences
+      >>> x = jnp.array([0.1, 0.2, 0.8, 0.9]).reshape(1, 1, 4, 1)
+      >>> (defences.KMeans(k=2)(x)[0, 0, :, 0] * 100).round().tolist()  # two colours
+      [15.0, 15.0, 85.0, 85.0]
+    """
 
     k: int = 8
     iters: int = 20
@@ -342,7 +444,7 @@ class KMeans(_Preprocessor):
         object.__setattr__(self, "k", check_int("k", self.k, 1))
         object.__setattr__(self, "iters", check_int("iters", self.iters, 1))
 
-    def fit(self, x):
+    def fit(self, x: ArrayLike) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(initial_centres (B, k, C), centres (B, k, C), labels (B, H*W))`` of ``x``."""
         check_images01(x)
         return _kmeans_fit(self, jnp.asarray(x))
@@ -420,7 +522,16 @@ class TV(_Preprocessor):
     so the gradient is exact (the stopping iteration held fixed); it keeps three
     images per iteration (each step is recomputed), so when attacking large
     batches a smaller ``n_iter`` saves memory (at the default ``eps`` most
-    images stop within 30 iterations)."""
+    images stop within 30 iterations).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import defences
+      >>> speck = jnp.zeros((1, 4, 4, 1)).at[0, 1, 1, 0].set(1.0)  # one white pixel
+      >>> y = defences.TV(weight=0.1, n_iter=20)(speck)
+      >>> y.shape, 0.0 < float(y.max()) < 1.0  # the speck is flattened
+      ((1, 4, 4, 1), True)
+    """
 
     weight: float = 0.1
     n_iter: int = 200
@@ -442,7 +553,16 @@ class GaussianBlur(_Preprocessor):
     """Separable Gaussian blur over H and W, ``scipy.ndimage.gaussian_filter(x,
     sigma=(sigma, sigma, 0), truncate=truncate, mode="reflect")`` per image: kernel
     radius ``int(truncate sigma + 0.5)`` (at most :data:`MAX_BLUR_RADIUS`), weights
-    ``exp(-t^2 / (2 sigma^2))`` normalised to sum 1. Linear, so differentiable."""
+    ``exp(-t^2 / (2 sigma^2))`` normalised to sum 1. Linear, so differentiable.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import defences
+      >>> speck = jnp.zeros((1, 4, 4, 1)).at[0, 1, 1, 0].set(1.0)  # one white pixel
+      >>> y = defences.GaussianBlur(sigma=1.0)(speck)
+      >>> y.shape, round(float(y[0, 1, 1, 0]), 3), bool((y > 0).all())  # spread out
+      ((1, 4, 4, 1), 0.163, True)
+    """
 
     sigma: float = 1.0
     truncate: float = 4.0
@@ -477,7 +597,16 @@ class Compose(_Preprocessor):
     """``Compose(d1, d2, ...)(x) = ... d2(d1(x))``: defences applied in order.
     Hashable and equal by value when its defences are; differentiable when all
     of them are (a defence without a ``differentiable`` flag, e.g. :class:`GB`,
-    counts as differentiable)."""
+    counts as differentiable).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gbjax import defences
+      >>> speck = jnp.zeros((1, 4, 4, 1)).at[0, 1, 1, 0].set(1.0)  # one white pixel
+      >>> d = defences.Compose(defences.GaussianBlur(sigma=1.0), defences.BitDepth(bits=2))
+      >>> (d(speck)[0, 0, :, 0] * 3).round().tolist(), d.differentiable
+      ([0.0, 0.0, 0.0, 0.0], False)
+    """
 
     defences: tuple
 

@@ -75,16 +75,21 @@ CPU without numba. Both give the same results (docs/methods.md, section 1.6).
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import functools
 import math
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 from gbjax._batching import map_batches
-from gbjax._checks import check_int, check_number, is_traced
+from gbjax._checks import check_int, check_number, fail, is_traced
 from gbjax._gb_engine import (
     Features,
     GBResult,
@@ -95,6 +100,7 @@ from gbjax._gb_engine import (
 
 __all__ = [
     "Features",
+    "GBParams",
     "GBResult",
     "gb_cluster",
     "gb_denoise",
@@ -130,8 +136,135 @@ def _multilevel(pixels: int) -> bool:
 # --------------------------------------------------------------------------
 
 
-def _check_threshold(threshold, name="threshold"):
-    check_number(name, threshold, unit="pixel units")
+def _check_threshold(threshold, name="threshold") -> float:
+    return check_number(name, threshold, unit="pixel units")
+
+
+@dataclasses.dataclass(frozen=True)
+class GBParams:
+    """The parameters that determine GB's result: a frozen, validated, hashable value.
+
+    Taken by :func:`gb_cluster`, :func:`gb_denoise`, :func:`gb_multiscale`,
+    :class:`gbjax.defences.GB` and :func:`gbjax.data.gb_processed` (whose cache
+    key it gives), in place of their GB keywords. Each field is checked once,
+    here, with the messages :func:`gb_cluster` gives; numbers are normalised
+    (``threshold=20`` is ``20.0``) and ``features`` may be given as a dict of
+    :class:`Features` fields, so equal parameters are equal values with equal
+    hashes, fit for a ``jax.jit`` static argument or a dict key. Change one with
+    :func:`dataclasses.replace`.
+
+    What is not here, and why: the keyword arguments ``chunk_size``,
+    ``memory_budget``, ``progress`` and ``engine`` of :func:`gb_cluster` say how
+    the result is computed, never what it is (every chunking and both engines
+    give identical results, ball ids included); ``scale`` says in which units
+    the *input* is (images in [0, 1] with ``scale=255.0`` cluster as the same
+    images in 0..255), so it belongs to the images, not to the clustering.
+
+    Attributes:
+      threshold: distance (pixel units, in feature space) under which a member
+        counts as within its ball.
+      purity: a ball is kept when its within fraction is >= purity, else split;
+        in (0, 1].
+      capacity: K, the fixed number of ball slots per image (an int >= 1); or
+        ``"auto"``: start at 256 and re-run the images that fill it with twice
+        the capacity, up to ``max_capacity`` (eager calls only).
+      min_ball_size: balls with fewer members are noise (1 disables noise).
+      max_rounds: cap on split rounds; None: ``capacity``, i.e. no cap.
+      features: :class:`Features` (colour only by default), or a dict of its fields.
+      kmeans_iters: cap on Lloyd assignments per 2-means split.
+      max_capacity: the largest capacity ``capacity="auto"`` may use.
+
+    Raises:
+      ValueError: naming the field, for a value out of range or of the wrong type.
+
+    Example:
+      >>> from gbjax import GBParams
+      >>> p = GBParams(threshold=20, features={"spatial": 0.5})
+      >>> p.threshold, p.features.spatial
+      (20.0, 0.5)
+      >>> p == GBParams(threshold=20.0, features=Features(spatial=0.5)) and len({p, p}) == 1
+      True
+      >>> GBParams(purity=1.5)
+      Traceback (most recent call last):
+      ...
+      ValueError: purity: expected a number in (0, 1], got 1.5
+    """
+
+    threshold: float = 20.0
+    purity: float = 0.9
+    capacity: int | Literal["auto"] = 256
+    min_ball_size: int = 2
+    max_rounds: int | None = None
+    features: Features = Features()
+    kmeans_iters: int = 20
+    max_capacity: int = 4096
+
+    def __post_init__(self) -> None:
+        put = functools.partial(object.__setattr__, self)
+        put("threshold", _check_threshold(self.threshold))
+        purity = self.purity
+        if not (isinstance(purity, (int, float, np.number)) and 0 < purity <= 1):
+            raise ValueError(f"purity: expected a number in (0, 1], got {purity!r}")
+        put("purity", float(purity))
+        if self.capacity != "auto":
+            put("capacity", check_int("capacity", self.capacity))
+        put("min_ball_size", check_int("min_ball_size", self.min_ball_size))
+        if self.max_rounds is not None:
+            put("max_rounds", check_int("max_rounds", self.max_rounds))
+        features = self.features
+        if features is None:
+            features = Features()
+        elif isinstance(features, dict):
+            features = Features(**features)
+        elif not isinstance(features, Features):
+            raise ValueError(
+                f"features: expected a gbjax.Features, a dict or None, got {features!r}"
+            )
+        put("features", features)
+        put("kmeans_iters", check_int("kmeans_iters", self.kmeans_iters))
+        put("max_capacity", check_int("max_capacity", self.max_capacity))
+
+
+#: The names of :class:`GBParams`' fields, the GB keywords of the functions that take one.
+PARAM_NAMES = tuple(f.name for f in dataclasses.fields(GBParams))
+
+
+def as_params(params: GBParams | None, kwargs: dict[str, Any]) -> tuple[GBParams, dict[str, Any]]:
+    """``(params, the other keywords)``: ``params``, else a :class:`GBParams` of the GB
+    keywords in ``kwargs`` (those that are None count as not given).
+
+    Args:
+      params: a :class:`GBParams`, or None.
+      kwargs: keyword arguments, GB parameters (:data:`PARAM_NAMES`) and others.
+
+    Returns:
+      The parameters, and the keywords of ``kwargs`` that are not GB parameters.
+
+    Raises:
+      ValueError: when ``params`` is given together with any GB keyword, or is not
+        a :class:`GBParams`.
+
+    Example:
+      >>> as_params(None, {"threshold": 10.0, "progress": False})
+      (GBParams(threshold=10.0, ...), {'progress': False})
+      >>> as_params(GBParams(), {"purity": 0.5})
+      Traceback (most recent call last):
+      ...
+      ValueError: purity: given both in params and as a keyword; pass one ...
+    """
+    given = {k: v for k, v in kwargs.items() if k in PARAM_NAMES and v is not None}
+    rest = {k: v for k, v in kwargs.items() if k not in PARAM_NAMES}
+    if params is None:
+        return GBParams(**given), rest
+    if not isinstance(params, GBParams):
+        fail("params", "a gbjax.GBParams or None", params)
+    if given:
+        names = ", ".join(sorted(given))
+        raise ValueError(
+            f"{names}: given both in params and as a keyword; pass one (change a field of "
+            f"params with dataclasses.replace(params, {sorted(given)[0]}=...))"
+        )
+    return params, rest
 
 
 # Without ``scale``, float images whose largest value is at most this look like
@@ -162,9 +295,9 @@ def _narrow_integers(images):
     return np.asarray(images).astype(np.uint8)
 
 
-def _validate(
-    images, threshold, purity, capacity, min_ball_size, max_rounds, kmeans_iters, features, scale
-):
+def _validate(images: ArrayLike, scale: float | None) -> Any:
+    """``images`` checked (shape, dtype, values where concrete) against ``scale``, as
+    an array, integers wider than int32 narrowed (:func:`_narrow_integers`)."""
     if not hasattr(images, "shape") or not hasattr(images, "dtype"):
         try:
             images = np.asarray(images)
@@ -179,21 +312,6 @@ def _validate(
     dt = np.dtype(images.dtype)
     if dt == np.bool_ or not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)):
         raise ValueError(f"images: expected an integer (uint8) or float dtype, got {dt}")
-    _check_threshold(threshold)
-    if not (isinstance(purity, (int, float, np.number)) and 0 < purity <= 1):
-        raise ValueError(f"purity: expected a number in (0, 1], got {purity!r}")
-    if capacity != "auto":
-        check_int("capacity", capacity)
-    check_int("min_ball_size", min_ball_size)
-    if max_rounds is not None:
-        check_int("max_rounds", max_rounds)
-    check_int("kmeans_iters", kmeans_iters)
-    if features is None:
-        features = Features()
-    elif isinstance(features, dict):
-        features = Features(**features)
-    elif not isinstance(features, Features):
-        raise ValueError(f"features: expected a gbjax.Features, a dict or None, got {features!r}")
     if scale is not None:
         if not (isinstance(scale, (int, float, np.number)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
@@ -221,7 +339,7 @@ def _validate(
                 "but thresholds are in pixel units 0..255; pass scale=255.0 (or multiply by "
                 "255), or scale=1.0 if they really are pixel units"
             )
-    return _narrow_integers(images), features
+    return _narrow_integers(images)
 
 
 def memory_estimate(
@@ -240,6 +358,19 @@ def memory_estimate(
     and Lloyd loops; plus, when ``min_ball_size > 1``, one (pixels x capacity)
     distance matrix for the nearest-kept-ball search. Per ball: a few (K, F)
     arrays (negligible).
+
+    Args:
+      batch, height, width, channels: the batch's shape (B, H, W, C).
+      capacity, min_ball_size, features: as in :class:`GBParams`.
+
+    Returns:
+      Bytes, an int; :func:`gb_cluster` sizes its chunks by it.
+
+    Example:
+      >>> memory_estimate(1, 32, 32)  # one CIFAR-10 image, about 1.1 MiB
+      1191936
+      >>> memory_estimate(1, 32, 32, min_ball_size=1)  # no noise search
+      143360
     """
     n = height * width
     f = (features or Features()).num_features(channels)
@@ -250,23 +381,30 @@ def memory_estimate(
 
 
 def gb_cluster(
-    images,
+    images: ArrayLike,
+    params: GBParams | None = None,
     *,
-    threshold: float = 20.0,
-    purity: float = 0.9,
-    capacity: int | str = 256,
-    min_ball_size: int = 2,
+    threshold: float | None = None,
+    purity: float | None = None,
+    capacity: int | Literal["auto"] | None = None,
+    min_ball_size: int | None = None,
     max_rounds: int | None = None,
-    features: Features | dict | None = None,
-    kmeans_iters: int = 20,
+    features: Features | dict[str, Any] | None = None,
+    kmeans_iters: int | None = None,
     scale: float | None = None,
     chunk_size: int | None = None,
     memory_budget: int = 2 << 30,
     progress: bool = False,
-    max_capacity: int = 4096,
-    engine: str = "auto",
+    max_capacity: int | None = None,
+    engine: Literal["auto", "xla", "numba"] = "auto",
 ) -> GBResult:
     """Granular-ball clustering of one image (H, W, C) or a batch (B, H, W, C).
+
+    The GB parameters come as one :class:`GBParams` (``params``) or as the
+    keywords ``threshold`` .. ``max_capacity`` (those not given, or None, take
+    :class:`GBParams`' defaults: threshold 20, purity 0.9, capacity 256,
+    min_ball_size 2, no round cap, colour features, 20 Lloyd steps, max_capacity
+    4096), not both.
 
     Args:
       images: C = 1 or 3, an array or array-like of any integer dtype or float,
@@ -275,6 +413,7 @@ def gb_cluster(
         the painted image. Float images need ``scale``: 255.0 for images in
         [0, 1]; without it, float images whose values are all at most 2 are
         refused as ambiguous (pass ``scale=1.0`` for pixel units).
+      params: the GB parameters, a :class:`GBParams`; or None for the keywords.
       threshold: distance (pixel units, in feature space) under which a member
         counts as within its ball.
       purity: a ball is kept when its within fraction is >= purity, else split.
@@ -284,7 +423,7 @@ def gb_cluster(
         only). Per-ball fields then have the largest capacity used, zero-padded.
       min_ball_size: balls with fewer members are noise (1 disables noise).
       max_rounds: cap on split rounds (default: ``capacity``, i.e. no cap).
-      features: :class:`Features` (colour only by default).
+      features: :class:`Features` (colour only by default), or a dict of its fields.
       kmeans_iters: cap on Lloyd assignments per 2-means split.
       scale: multiply float images by this before clustering (and divide the
         painted image by it), e.g. 255.0 for [0, 1] images.
@@ -305,32 +444,55 @@ def gb_cluster(
         Both give identical results, ball ids and statistics included; on CPU
         the kernel is many times faster (docs/methods.md, section 1).
 
+    Returns:
+      A :class:`GBResult`, batch-leading when ``images`` is a batch.
+
+    Raises:
+      ValueError: naming the argument, for invalid images or parameters, for
+        ``params`` given with a GB keyword, or for an image too large for
+        ``memory_budget``.
+
     Works inside ``jax.jit``/``jax.grad`` on float inputs (value checks are then
     skipped); the painted image is differentiable in the pixel values with the
     partition held fixed.
 
     With several devices, each chunk is sharded over them along the batch axis.
+
+    Example:
+      >>> import numpy as np
+      >>> x = np.zeros((4, 4, 3), np.uint8)
+      >>> x[:, 2:] = 200  # two flat halves
+      >>> res = gb_cluster(x, threshold=20.0)
+      >>> int(res.n_balls), res.labels[0].tolist()
+      (2, [0, 0, 1, 1])
+      >>> bool((res.image == x).all())  # flat balls paint their own colour
+      True
+      >>> same = gb_cluster(x, GBParams(threshold=20.0))
+      >>> bool((same.labels == res.labels).all())
+      True
     """
-    images, features = _validate(
-        images,
-        threshold,
-        purity,
-        capacity,
-        min_ball_size,
-        max_rounds,
-        kmeans_iters,
-        features,
-        scale,
-    )
+    params, _ = as_params(
+        params,
+        dict(
+            threshold=threshold, purity=purity, capacity=capacity, min_ball_size=min_ball_size,
+            max_rounds=max_rounds, features=features, kmeans_iters=kmeans_iters,
+            max_capacity=max_capacity,
+        ),
+    )  # fmt: skip
+    images = _validate(images, scale)
     unbatched = images.ndim == 3
     x = images[None] if unbatched else images
     res = _cluster(
-        x, threshold, multiscale=False, purity=purity, capacity=capacity,
-        min_ball_size=min_ball_size, max_rounds=max_rounds, features=features,
-        kmeans_iters=kmeans_iters, scale=scale, chunk_size=chunk_size,
-        memory_budget=memory_budget, progress=progress, max_capacity=max_capacity,
+        x,
+        params.threshold,
+        params,
+        multiscale=False,
+        scale=scale,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        progress=progress,
         engine=_resolve_engine(engine),
-    )  # fmt: skip
+    )
     if unbatched:
         res = jax.tree_util.tree_map(lambda a: a[0], res)
     return res
@@ -354,8 +516,8 @@ def _resolve_engine(engine) -> str:
 
 
 def _cluster(
-    x, thresholds, *, multiscale, purity, capacity, min_ball_size, max_rounds, features,
-    kmeans_iters, scale, chunk_size, memory_budget, progress, max_capacity, engine,
+    x, thresholds, params: GBParams, *, multiscale, scale, chunk_size, memory_budget, progress,
+    engine,
 ) -> GBResult:  # fmt: skip
     """A validated batch (B, H, W, C) -> GBResult, batch-leading.
 
@@ -363,20 +525,20 @@ def _cluster(
     threshold axis after the batch axis (B, T, ...); else it is one threshold.
     """
     kw = dict(
-        multiscale=multiscale, purity=purity, min_ball_size=min_ball_size,
-        max_rounds=max_rounds, features=features, kmeans_iters=kmeans_iters, scale=scale,
-        chunk_size=chunk_size, memory_budget=memory_budget, progress=progress, engine=engine,
+        multiscale=multiscale, scale=scale, chunk_size=chunk_size, memory_budget=memory_budget,
+        progress=progress, engine=engine,
     )  # fmt: skip
-    if capacity == "auto":
-        return _auto_capacity(x, thresholds, max_capacity, **kw)
+    if params.capacity == "auto":
+        return _auto_capacity(x, thresholds, params, **kw)
     B, H, W, C = x.shape
-    _check_single_image_fits(H, W, C, int(capacity), min_ball_size, features, memory_budget)
+    _check_single_image_fits(H, W, C, params, memory_budget)
+    K = params.capacity
     static = dict(
-        K=int(capacity),
-        max_rounds=int(max_rounds or capacity),
-        kmeans_iters=int(kmeans_iters),
-        min_ball_size=int(min_ball_size),
-        features=features,
+        K=K,
+        max_rounds=params.max_rounds or K,
+        kmeans_iters=params.kmeans_iters,
+        min_ball_size=params.min_ball_size,
+        features=params.features,
         out_dtype=np.dtype(x.dtype),
         engine=engine,
     )
@@ -384,18 +546,24 @@ def _cluster(
         fn, th = multiscale_batch, jnp.asarray(thresholds, jnp.float32)
     else:
         fn, th = cluster_batch, jnp.float32(thresholds)
-    args = (th, jnp.float32(purity), jnp.float32(1.0 if scale is None else scale))
+    args = (th, jnp.float32(params.purity), jnp.float32(1.0 if scale is None else scale))
+
+    def compute(part, pixels: int):
+        return fn(part, *args, **static, multilevel=engine == "xla" and _multilevel(pixels))
+
     if is_traced(x):
-        ml = static["engine"] == "xla" and _multilevel(B * H * W)
-        return fn(x, *args, **static, multilevel=ml)
-    return _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress)
+        return compute(x, B * H * W)
+    return _run_chunked(x, compute, params, engine, chunk_size, memory_budget, progress)
 
 
-def _check_single_image_fits(H, W, C, K, min_ball_size, features, memory_budget) -> None:
+def _check_single_image_fits(H, W, C, params: GBParams, memory_budget) -> None:
     """Refuses, before any allocation, an image whose working set alone exceeds
     ``memory_budget``: chunking splits batches, never one image."""
     _check_memory_budget(memory_budget)
-    need = memory_estimate(1, H, W, C, capacity=K, min_ball_size=min_ball_size, features=features)
+    K, min_ball_size = params.capacity, params.min_ball_size
+    need = memory_estimate(
+        1, H, W, C, capacity=K, min_ball_size=min_ball_size, features=params.features
+    )
     if need <= memory_budget:
         return
     f = math.ceil(10 * math.sqrt(need / memory_budget)) / 10  # per side, rounded up
@@ -413,19 +581,23 @@ def _check_single_image_fits(H, W, C, K, min_ball_size, features, memory_budget)
 _PER_BALL = ("centers", "radii", "counts", "within_fraction")
 
 
-def _auto_capacity(x, thresholds, max_capacity, **kw) -> GBResult:
+def _auto_capacity(x, thresholds, params: GBParams, **kw) -> GBResult:
     if is_traced(x):
         raise ValueError("capacity='auto' needs concrete images: it re-runs the saturated ones")
-    max_capacity = check_int("max_capacity", max_capacity)
+    max_capacity = params.max_capacity
     k_axis = 2 if kw["multiscale"] else 1  # the ball axis of batch-leading results
+
+    def at(K):
+        return dataclasses.replace(params, capacity=K, max_capacity=K)
+
     K = min(256, max_capacity)
-    res = _cluster(x, thresholds, capacity=K, max_capacity=K, **kw)
+    res = _cluster(x, thresholds, at(K), **kw)
     while K < max_capacity:
         sat = np.flatnonzero(np.asarray(res.saturated).reshape(len(x), -1).any(axis=1))
         if len(sat) == 0:
             break
         K2 = min(2 * K, max_capacity)
-        sub = _cluster(x[sat], thresholds, capacity=K2, max_capacity=K2, **kw)
+        sub = _cluster(x[sat], thresholds, at(K2), **kw)
 
         def grow(a, K2=K2):
             pad = [(0, 0)] * a.ndim
@@ -443,7 +615,9 @@ def _auto_capacity(x, thresholds, max_capacity, **kw) -> GBResult:
 _CPU_CHUNK = {"xla": 128, "numba": 1024}
 
 
-def _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress):
+def _run_chunked(x, compute, params: GBParams, engine, chunk_size, memory_budget, progress):
+    """``compute(part, pixels)`` over fixed-size chunks of ``x``, each sharded over the
+    local devices (XLA engine), concatenated."""
     B, H, W, C = x.shape
     ndev = jax.local_device_count()  # this process's devices (multi-process runs)
     if chunk_size is None:
@@ -452,9 +626,9 @@ def _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress):
             H,
             W,
             C,
-            capacity=static["K"],
-            min_ball_size=static["min_ball_size"],
-            features=static["features"],
+            capacity=params.capacity,
+            min_ball_size=params.min_ball_size,
+            features=params.features,
         )
         chunk_size = max(1, int(memory_budget // per))
         if jax.default_backend() == "cpu":
@@ -462,44 +636,54 @@ def _run_chunked(x, fn, args, static, chunk_size, memory_budget, progress):
             # where larger batches buy no parallelism, smaller chunks are faster.
             # The per-image kernel has no such loops; larger chunks spread the
             # call's fixed cost and balance its threads better.
-            chunk_size = min(chunk_size, _CPU_CHUNK[static["engine"]])
+            chunk_size = min(chunk_size, _CPU_CHUNK[engine])
     else:
         check_int("chunk_size", chunk_size)
     chunk = min(int(chunk_size), B)
-    if ndev > 1 and static["engine"] == "xla":
+    if ndev > 1 and engine == "xla":
         chunk = -(-chunk // ndev) * ndev
-        from jax.sharding import Mesh, NamedSharding
-        from jax.sharding import PartitionSpec as P
-
         sharding = NamedSharding(Mesh(np.array(jax.local_devices()), ("batch",)), P("batch"))
     else:
         sharding = None
 
     def run(part):
         part = jax.device_put(part, sharding) if sharding is not None else jnp.asarray(part)
-        ml = static["engine"] == "xla" and _multilevel(chunk * H * W)
-        return fn(part, *args, **static, multilevel=ml)
+        return compute(part, chunk * H * W)
 
     return map_batches(run, x, batch_size=chunk, shrink=False, progress=progress, desc="gb_cluster")
 
 
-def gb_denoise(images, **kwargs):
+def gb_denoise(images: ArrayLike, params: GBParams | None = None, **kwargs: Any) -> jax.Array:
     """The GB-painted image: same shape and dtype as ``images``.
 
-    Keyword arguments are those of :func:`gb_cluster`.
+    ``gb_cluster(images, params, **kwargs).image``; keyword arguments are those
+    of :func:`gb_cluster`.
+
+    Example:
+      >>> import numpy as np
+      >>> x = np.array([[[10, 10, 10], [12, 12, 12], [200, 200, 200], [203, 203, 203]]] * 2,
+      ...              np.uint8)  # a 2x4 image, two near-flat halves
+      >>> gb_denoise(x, threshold=20.0)[0, :, 0].tolist()  # each half its mean colour
+      [11, 11, 202, 202]
     """
-    return gb_cluster(images, **kwargs).image
+    return gb_cluster(images, params, **kwargs).image
 
 
-def gb_multiscale(images, thresholds: Sequence[float] = (40.0, 20.0, 10.0), **kwargs) -> GBResult:
+def gb_multiscale(
+    images: ArrayLike,
+    thresholds: float | Sequence[float] = (40.0, 20.0, 10.0),
+    params: GBParams | None = None,
+    **kwargs: Any,
+) -> GBResult:
     """Coarse-to-fine family: the partitions of :func:`gb_cluster` at every threshold, in one pass.
 
-    Keyword arguments are those of :func:`gb_cluster` (``capacity="auto"``
-    included: an image that saturates at any threshold is re-run at every
-    threshold with twice the capacity). Returns a :class:`GBResult` whose fields
-    are stacked on a new leading axis of length ``len(thresholds)``, in the
-    caller's order (so ``.image`` is (T, [B,] H, W, C)); a single number is one
-    threshold (T = 1).
+    ``params`` and the keyword arguments are those of :func:`gb_cluster`
+    (``capacity="auto"`` included: an image that saturates at any threshold is
+    re-run at every threshold with twice the capacity), except ``threshold``:
+    ``thresholds`` take its place (``params.threshold`` is not used). Returns a
+    :class:`GBResult` whose fields are stacked on a new leading axis of length
+    ``len(thresholds)``, in the caller's order (so ``.image`` is (T, [B,] H, W,
+    C)); a single number is one threshold (T = 1).
 
     The thresholds are run from the largest to the smallest, each continuing
     from the partition at the one before instead of from a single ball: a ball
@@ -529,9 +713,25 @@ def gb_multiscale(images, thresholds: Sequence[float] = (40.0, 20.0, 10.0), **kw
     a round in the order of their parents' ids. So every ball at a threshold
     lies inside the ball with the same id at every larger threshold, if that id
     exists there, and ids ``0..n_prev-1`` are the balls that kept a previous id.
+
+    Returns:
+      A :class:`GBResult` with a leading threshold axis on every field.
+
+    Raises:
+      ValueError: as :func:`gb_cluster`; and for ``threshold=`` or no thresholds.
+
+    Example:
+      >>> import numpy as np
+      >>> x = np.array([[[0] * 3, [30] * 3, [100] * 3, [130] * 3]], np.uint8)  # 1x4
+      >>> ms = gb_multiscale(x, thresholds=(200.0, 40.0, 10.0))
+      >>> ms.n_balls.tolist()  # finer thresholds, more balls
+      [1, 2, 4]
+      >>> ms.labels[1].tolist() == gb_cluster(x, threshold=40.0).labels.tolist()
+      True
     """
     if "threshold" in kwargs:
         raise ValueError("threshold: use thresholds=(...) with gb_multiscale")
+    params, rest = as_params(params, kwargs)
     if isinstance(thresholds, str):
         raise ValueError(f"thresholds: expected numbers (pixel units), got {thresholds!r}")
     if np.ndim(thresholds) == 0:
@@ -541,21 +741,29 @@ def gb_multiscale(images, thresholds: Sequence[float] = (40.0, 20.0, 10.0), **kw
         raise ValueError("thresholds: expected at least one threshold")
     for t in thresholds:
         _check_threshold(t, "thresholds")
-    bound = inspect.signature(gb_cluster).bind(images, threshold=thresholds[0], **kwargs)
-    bound.apply_defaults()
-    kw = dict(bound.arguments)
-    images, features = _validate(
-        images, kw["threshold"], kw["purity"], kw["capacity"], kw["min_ball_size"],
-        kw["max_rounds"], kw["kmeans_iters"], kw["features"], kw["scale"],
-    )  # fmt: skip
-    del kw["images"], kw["threshold"]
-    kw["features"] = features
-    kw["engine"] = _resolve_engine(kw["engine"])
+    return _multiscale(images, thresholds, params, **rest)
+
+
+def _multiscale(
+    images, thresholds, params: GBParams, *, scale=None, chunk_size=None,
+    memory_budget=2 << 30, progress=False, engine="auto",
+) -> GBResult:  # fmt: skip
+    images = _validate(images, scale)
     order = sorted(range(len(thresholds)), key=lambda i: -float(thresholds[i]))
     pos = np.argsort(order)  # pos[i]: where the caller's i-th threshold is in the pass
     unbatched = images.ndim == 3
     x = images[None] if unbatched else images
-    res = _cluster(x, tuple(float(thresholds[i]) for i in order), multiscale=True, **kw)
+    res = _cluster(
+        x,
+        tuple(float(thresholds[i]) for i in order),
+        params,
+        multiscale=True,
+        scale=scale,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        progress=progress,
+        engine=_resolve_engine(engine),
+    )
     res = jax.tree_util.tree_map(lambda a: jnp.moveaxis(jnp.take(a, pos, axis=1), 1, 0), res)
     if unbatched:
         res = jax.tree_util.tree_map(lambda a: a[:, 0], res)

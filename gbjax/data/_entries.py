@@ -21,6 +21,7 @@ unreadable *source* (its signature cannot be taken) is a :class:`CorruptDataErro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -166,10 +167,40 @@ def cached(
 # --------------------------------------------------------------------------- #
 
 
-def gb_key(images: np.ndarray, params: dict) -> str:
+def key_params(params: gb.GBParams) -> dict:
+    """The parameters as the cache key spells them: ``threshold`` and ``purity``
+    always, every other field only where it differs from its default (``features``
+    as a dict of its fields that do), numbers as :class:`gbjax.GBParams` holds them.
+
+    This is the spelling of the keyword arguments that every entry written before
+    :class:`gbjax.GBParams` existed was keyed on when written by the experiments,
+    the shipped configurations (``gb={'threshold': 20.0, 'purity': 0.9}``) or
+    ``gbjax cluster --threshold T --purity P [--capacity K ...]``, so those
+    entries stay valid; now equal parameters have one key however they are spelt.
+    """
+    default, default_features = gb.GBParams(), gb.Features()
+    out: dict = {"threshold": params.threshold, "purity": params.purity}
+    for name in gb.PARAM_NAMES:
+        value = getattr(params, name)
+        if name in out or value == getattr(default, name):
+            continue
+        if name == "features":
+            value = {
+                f.name: getattr(value, f.name)
+                for f in dataclasses.fields(value)
+                if getattr(value, f.name) != getattr(default_features, f.name)
+            }
+        out[name] = value
+    return out
+
+
+def gb_key(images: np.ndarray, params: gb.GBParams) -> str:
+    """The cache key of ``images`` GB-processed with ``params``: SHA-256 (32 hex
+    digits) over the engine's output version, :func:`key_params` and the images'
+    shape, dtype and bytes."""
     h = hashlib.sha256()
     h.update(f"gb-output-v{gb.OUTPUT_VERSION}".encode())
-    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    h.update(json.dumps(key_params(params), sort_keys=True, default=str).encode())
     h.update(f"{images.shape}{images.dtype}".encode())
     h.update(np.ascontiguousarray(images).tobytes())
     return h.hexdigest()[:32]
