@@ -58,6 +58,11 @@ def fixed_batches(n: int, batch_size: int, *, shrink: bool = True) -> Iterator[B
     Every batch has the same length; the last one is padded by repeating ``n - 1``.
     ``shrink=False`` keeps ``batch_size`` even when ``n`` is smaller (for a batch
     that must divide evenly over devices).
+
+    Example:
+      >>> from gbjax.data import fixed_batches
+      >>> [(b.index.tolist(), b.valid) for b in fixed_batches(5, 2)]
+      [([0, 1], 2), ([2, 3], 2), ([4, 4], 1)]
     """
     n = check_int("n", n)
     bs = check_int("batch_size", batch_size)
@@ -100,6 +105,16 @@ def map_batches(
     are dropped, so the result has leading axis ``N``. Results stay where ``fn``
     put them (device arrays are concatenated on device). ``shrink``: as in
     :func:`fixed_batches`.
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax.data import map_batches
+      >>> shapes = []
+      >>> def double(x):
+      ...     shapes.append(x.shape)  # every call sees the same shape
+      ...     return 2 * x
+      >>> map_batches(double, np.arange(5), batch_size=2).tolist(), shapes
+      ([0, 2, 4, 6, 8], [(2,), (2,), (2,)])
     """
     leaves = jax.tree.leaves(arrays)
     if not leaves:

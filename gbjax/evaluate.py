@@ -13,10 +13,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from gbjax import _xla
 from gbjax._batching import map_batches
-from gbjax._callables import as_logits_fn
+from gbjax._callables import LogitsFn, as_logits_fn
 from gbjax.augment import TTA_LEVELS, tta_logits
 
 __all__ = ["predict_logits", "predict", "accuracy", "evaluate"]
@@ -63,12 +64,28 @@ def _check_logits(logits: np.ndarray, y=None) -> None:
 
 
 def predict_logits(
-    model, x, *, batch_size: int = 500, tta: str = "none", progress: bool = False
+    model: LogitsFn,
+    x: ArrayLike,
+    *,
+    batch_size: int = 500,
+    tta: str = "none",
+    progress: bool = False,
 ) -> np.ndarray:
-    """Logits ``(N, num_classes)`` float32 of ``model`` on ``x``.
+    """Logits ``(N, num_classes)`` float32 of ``model`` on ``x``, a host numpy array.
 
     ``tta``: ``"none"``, ``"flip"`` or ``"flip_translate"``
     (:func:`gbjax.augment.tta_views`).
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import evaluate
+      >>> def model(x):  # a "model": the brightest channel is the class
+      ...     return x.mean(axis=(1, 2))
+      >>> x = np.zeros((2, 4, 4, 3), np.float32)
+      >>> x[0, ..., 2] = 1.0  # image 0 is blue: class 2
+      >>> x[1, ..., 0] = 1.0  # image 1 is red: class 0
+      >>> evaluate.predict_logits(model, x).tolist()
+      [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
     """
     _check(x)
     if tta not in TTA_LEVELS:
@@ -84,20 +101,58 @@ def predict_logits(
     return np.asarray(out, np.float32)
 
 
-def predict(model, x, *, batch_size: int = 500, tta: str = "none", progress: bool = False):
-    """Predicted labels ``(N,)`` int32. Raises ``ValueError`` when a logit is NaN or
-    inf (there is no predicted class; :func:`predict_logits` returns them as they are)."""
+def predict(
+    model: LogitsFn,
+    x: ArrayLike,
+    *,
+    batch_size: int = 500,
+    tta: str = "none",
+    progress: bool = False,
+) -> np.ndarray:
+    """Predicted labels ``(N,)`` int32 (numpy). Raises ``ValueError`` when a logit is NaN
+    or inf (there is no predicted class; :func:`predict_logits` returns them as they are).
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import evaluate
+      >>> def model(x):  # a "model": the brightest channel is the class
+      ...     return x.mean(axis=(1, 2))
+      >>> x = np.zeros((2, 4, 4, 3), np.float32)
+      >>> x[0, ..., 2] = 1.0  # image 0 is blue: class 2
+      >>> x[1, ..., 0] = 1.0  # image 1 is red: class 0
+      >>> evaluate.predict(model, x).tolist()
+      [2, 0]
+    """
     logits = predict_logits(model, x, batch_size=batch_size, tta=tta, progress=progress)
     _check_logits(logits)
     return np.argmax(logits, -1).astype(np.int32)
 
 
 def evaluate(
-    model, x, y, *, batch_size: int = 500, tta: str = "none", progress: bool = False
-) -> dict:
+    model: LogitsFn,
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    batch_size: int = 500,
+    tta: str = "none",
+    progress: bool = False,
+) -> dict[str, float]:
     """``{"accuracy", "loss"}`` of ``model`` on ``(x, y)``: fraction correct and mean
     cross-entropy (no label smoothing). Raises ``ValueError`` on NaN or inf logits and
-    on labels outside ``[0, num_classes)``."""
+    on labels outside ``[0, num_classes)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import evaluate
+      >>> def model(x):  # a "model": the brightest channel is the class
+      ...     return x.mean(axis=(1, 2))
+      >>> x = np.zeros((2, 4, 4, 3), np.float32)
+      >>> x[0, ..., 2] = 1.0  # image 0 is blue: class 2
+      >>> x[1, ..., 0] = 1.0  # image 1 is red: class 0
+      >>> r = evaluate.evaluate(model, x, np.array([2, 0]))
+      >>> r["accuracy"], round(r["loss"], 4)  # -log(e / (e + 2))
+      (1.0, 0.5514)
+    """
     _check(x, y)
     logits = predict_logits(model, x, batch_size=batch_size, tta=tta, progress=progress)
     _check_logits(logits, y)
@@ -110,10 +165,28 @@ def evaluate(
 
 
 def accuracy(
-    model, x, y, *, batch_size: int = 500, tta: str = "none", progress: bool = False
+    model: LogitsFn,
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    batch_size: int = 500,
+    tta: str = "none",
+    progress: bool = False,
 ) -> float:
     """Fraction of ``x`` that ``model`` classifies as ``y``. Raises ``ValueError`` on
-    NaN or inf logits and on labels outside ``[0, num_classes)``."""
+    NaN or inf logits and on labels outside ``[0, num_classes)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import evaluate
+      >>> def model(x):  # a "model": the brightest channel is the class
+      ...     return x.mean(axis=(1, 2))
+      >>> x = np.zeros((2, 4, 4, 3), np.float32)
+      >>> x[0, ..., 2] = 1.0  # image 0 is blue: class 2
+      >>> x[1, ..., 0] = 1.0  # image 1 is red: class 0
+      >>> evaluate.accuracy(model, x, np.array([2, 1]))  # image 1 is not class 1
+      0.5
+    """
     _check(x, y)
     logits = predict_logits(model, x, batch_size=batch_size, tta=tta, progress=progress)
     _check_logits(logits, y)

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from gbjax._checks import fail, is_traced
 
@@ -115,7 +116,12 @@ def _mask_shape(x: jax.Array, per_channel: bool) -> tuple[int, ...]:
 
 
 def gaussian(
-    x: jax.Array, key: jax.Array, *, mean: float = 0.0, std: float, mode: str = "clip"
+    x: ArrayLike,
+    key: jax.Array,
+    *,
+    mean: float = 0.0,
+    std: float,
+    mode: Literal["clip", "wrap"] = "clip",
 ) -> jax.Array:
     """Additive Gaussian noise in pixel units (0..255) on a uint8 image.
 
@@ -140,6 +146,24 @@ def gaussian(
       mean: noise mean, pixel units.
       std: noise standard deviation, pixel units, ``>= 0``.
       mode: ``"clip"`` or ``"wrap"``.
+
+    Returns:
+      The noisy uint8 array, the shape of ``x``.
+
+    Raises:
+      ValueError: for a non-uint8 ``x``, a non-finite ``mean`` or ``std``, a
+        negative ``std`` or another ``mode``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax import noise
+      >>> x = jnp.full((4, 4, 3), 100, jnp.uint8)
+      >>> y = noise.gaussian(x, jax.random.key(0), std=10.0)
+      >>> y.shape, y.dtype, bool((y != x).any())
+      ((4, 4, 3), dtype('uint8'), True)
+      >>> dark = jnp.zeros(3, jnp.uint8)  # -3.7 truncates to -3, wraps to 253
+      >>> noise.gaussian(dark, jax.random.key(0), mean=-3.7, std=0.0, mode="wrap").tolist()
+      [253, 253, 253]
     """
     x = _check_image(x)
     _check_finite("mean", mean)
@@ -166,7 +190,7 @@ def _gaussian(x: jax.Array, key: jax.Array, mean: Any, std: Any, mode: str) -> j
 
 
 def salt_and_pepper(
-    x: jax.Array,
+    x: ArrayLike,
     key: jax.Array,
     *,
     amount: float,
@@ -188,6 +212,22 @@ def salt_and_pepper(
       per_channel: ``True`` (scikit-image's behaviour) draws per element, so the
         channels of a colour pixel are hit independently. ``False`` treats the
         last axis as channels and replaces whole pixels (all channels at once).
+
+    Returns:
+      The noisy uint8 array, the shape of ``x``.
+
+    Raises:
+      ValueError: for a non-uint8 ``x`` or a probability outside [0, 1].
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax import noise
+      >>> x = jnp.full((4, 4, 3), 100, jnp.uint8)
+      >>> y = noise.salt_and_pepper(x, jax.random.key(0), amount=0.5, per_channel=False)
+      >>> sorted(set(y.reshape(-1).tolist()) - {100})  # replaced: black or white
+      [0, 255]
+      >>> bool((y.min(axis=-1) == y.max(axis=-1)).all())  # whole pixels at once
+      True
     """
     x = _check_image(x)
     _check_range("amount", amount, 0.0, 1.0)
@@ -208,7 +248,7 @@ def _salt_and_pepper(
 
 
 def additive_impulse(
-    x: jax.Array, key: jax.Array, *, p: float, v: int, per_channel: bool = True
+    x: ArrayLike, key: jax.Array, *, p: float, v: int, per_channel: bool = True
 ) -> jax.Array:
     """The pixel-embedding paper's "(p, v)" impulse noise.
 
@@ -222,6 +262,19 @@ def additive_impulse(
       p: hit probability in [0, 1].
       v: integer added to hit elements (any sign; taken modulo 256).
       per_channel: as in :func:`salt_and_pepper` (``False``: whole pixels).
+
+    Returns:
+      The noisy uint8 array, the shape of ``x``.
+
+    Raises:
+      ValueError: for a non-uint8 ``x``, ``p`` outside [0, 1] or a fractional ``v``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax import noise
+      >>> x = jnp.array([0, 100, 250], jnp.uint8)
+      >>> noise.additive_impulse(x, jax.random.key(0), p=1.0, v=10).tolist()  # mod 256
+      [10, 110, 4]
     """
     x = _check_image(x)
     _check_range("p", p, 0.0, 1.0)
@@ -238,7 +291,7 @@ def _additive_impulse(x: jax.Array, key: jax.Array, p: Any, v: Any, per_channel:
     return jnp.where(hit, ((x.astype(jnp.int32) + v_mod256) % 256).astype(jnp.uint8), x)
 
 
-def corrupt(x: jax.Array, key: jax.Array, *, kind: str, severity: int) -> jax.Array:
+def corrupt(x: ArrayLike, key: jax.Array, *, kind: str, severity: int) -> jax.Array:
     """CIFAR-10-C style noise corruption at ``severity`` 1..5.
 
     Follows ``make_cifar_c.py`` (Hendrycks & Dietterich, ICLR 2019) with the
@@ -261,6 +314,22 @@ def corrupt(x: jax.Array, key: jax.Array, *, kind: str, severity: int) -> jax.Ar
       key: PRNG key.
       kind: one of :data:`CORRUPTIONS`.
       severity: Python int 1..5 (static).
+
+    Returns:
+      The corrupted uint8 array, the shape of ``x``.
+
+    Raises:
+      ValueError: for a non-uint8 ``x``, another ``kind`` or ``severity``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax import noise
+      >>> x = jnp.full((4, 4, 3), 128, jnp.uint8)
+      >>> y = noise.corrupt(x, jax.random.key(0), kind="gaussian_noise", severity=5)
+      >>> y.shape, y.dtype, bool(jnp.abs(y.astype(int) - 128).max() > 0)
+      ((4, 4, 3), dtype('uint8'), True)
+      >>> noise.CORRUPTIONS
+      ('gaussian_noise', 'shot_noise', 'impulse_noise', 'speckle_noise')
     """
     x = _check_image(x)
     if kind not in CIFAR10C_PARAMS:

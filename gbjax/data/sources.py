@@ -156,6 +156,23 @@ def load(
       ValueError: unknown ``name`` or ``split``.
       DataNotFoundError: found nowhere; the message lists every place tried.
       CorruptDataError: a file was found but is corrupt or truncated.
+
+    Example:
+      Two MNIST test images written as IDX files into a data folder:
+
+      >>> import os, struct, tempfile
+      >>> import numpy as np
+      >>> from gbjax import data
+      >>> x = np.zeros((2, 28, 28), np.uint8)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     os.makedirs(f"{d}/mnist")
+      ...     with open(f"{d}/mnist/t10k-images-idx3-ubyte", "wb") as f:
+      ...         _ = f.write(struct.pack(">IIII", 2051, 2, 28, 28) + x.tobytes())
+      ...     with open(f"{d}/mnist/t10k-labels-idx1-ubyte", "wb") as f:
+      ...         _ = f.write(struct.pack(">II", 2049, 2) + bytes([7, 2]))
+      ...     images, labels = data.load("mnist", "test", d, cache_dir=d, progress=False)
+      >>> images.shape, images.dtype, labels.tolist()
+      ((2, 28, 28, 1), dtype('uint8'), [7, 2])
     """
     name = _canonical_name(name)
     if split not in SPLITS:
@@ -237,6 +254,18 @@ def load_image_folder(
     images (the later classes would be renumbered); repeated names in
     ``classes``; images with more than 8 bits per channel (16-bit PNGs: convert
     them to 8 bits first). Symlinked folders are followed.
+
+    Example:
+      >>> import os, tempfile
+      >>> from PIL import Image
+      >>> from gbjax import data
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     for name, grey in (("cat", 0), ("dog", 255)):
+      ...         os.makedirs(f"{d}/{name}")
+      ...         Image.new("RGB", (4, 4), (grey,) * 3).save(f"{d}/{name}/a.png")
+      ...     images, labels = data.load_image_folder(d, progress=False)
+      >>> images.shape, labels.tolist(), int(images[1].min())
+      ((2, 4, 4, 3), [0, 1], 255)
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -528,13 +557,23 @@ def _download(name: str, split: str, dest_dir: str, progress: bool) -> None:
             raise OSError("; ".join(errors))
 
 
-def random_subset(images, labels, n: int | None, *, seed: int = 0):
+def random_subset(
+    images: np.ndarray, labels: np.ndarray, n: int | None, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random subset of ``n`` examples, kept in their original order.
 
     Not the first ``n``: some sources (the CIFAR-10 image folders) are stored
     sorted by class. The draw depends only on ``seed`` (default 0) and the
     data set's size, so every run and every experiment sees the same subset.
     ``n=None`` or ``n >= len`` returns the inputs unchanged.
+
+    Example:
+      >>> import numpy as np
+      >>> from gbjax import data
+      >>> x, y = np.arange(10) * 10, np.arange(10) % 2
+      >>> xs, ys = data.random_subset(x, y, 4)
+      >>> xs.tolist(), ys.tolist()  # the same four every run
+      ([20, 40, 60, 70], [0, 0, 0, 1])
     """
     if n is None or n >= len(images):
         return images, labels
