@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from jax.typing import ArrayLike
 
+from gbjax._checks import check_int
 from gbjax.augment import TTA_LEVELS
 from gbjax.data import DATASETS
 
@@ -128,6 +129,14 @@ ADVERSARIAL_METHODS = ("n-fgsm", "fgsm-rs", "pgd")
 _ADVERSARIAL_KEYS = ("eps", "method", "steps", "eval_n", "eval_steps")
 
 
+def _int(name, v, bad, lo=1, optional=False) -> None:
+    """:func:`gbjax._checks.check_int`'s check and message, as an invalid config."""
+    try:
+        check_int(name, v, lo, optional=optional)
+    except ValueError as e:
+        bad(str(e))
+
+
 def _validate_adversarial(adv, bad) -> None:
     if not isinstance(adv, dict):
         bad(f"adversarial must be a dict ({{}} for none), got {adv!r}")
@@ -142,9 +151,7 @@ def _validate_adversarial(adv, bad) -> None:
     if adv.get("method", "n-fgsm") not in ADVERSARIAL_METHODS:
         bad(f"adversarial['method'] must be one of {ADVERSARIAL_METHODS}, got {adv['method']!r}")
     for k, lo in (("steps", 1), ("eval_n", 0), ("eval_steps", 1)):
-        v = adv.get(k, lo)
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            bad(f"adversarial[{k!r}] must be an integer >= {lo}, got {v!r}")
+        _int(f"adversarial[{k!r}]", adv.get(k, lo), bad, lo)
 
 
 def validate_config(config: Config, num_devices: int | None = None) -> None:
@@ -158,7 +165,7 @@ def validate_config(config: Config, num_devices: int | None = None) -> None:
       >>> validate_config(Config(batch_size=0), num_devices=1)
       Traceback (most recent call last):
       ...
-      ValueError: invalid config: batch_size must be a positive integer, got 0
+      ValueError: invalid config: batch_size: expected an int >= 1, got 0
     """
 
     def bad(msg):
@@ -194,15 +201,13 @@ def validate_config(config: Config, num_devices: int | None = None) -> None:
         "max_checkpoints_to_keep",
         "whiten_num_images",
     ):
-        v = getattr(config, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            bad(f"{name} must be a positive integer, got {v!r}")
+        _int(name, getattr(config, name), bad)
     if config.num_steps is None:
         e = config.num_epochs
         if not isinstance(e, numbers.Real) or isinstance(e, bool) or not e > 0:
             bad(f"num_epochs must be a positive number, got {e!r}")
-    elif not isinstance(config.num_steps, int) or config.num_steps < 1:
-        bad(f"num_steps must be a positive integer or None, got {config.num_steps!r}")
+    else:
+        _int("num_steps", config.num_steps, bad, optional=True)
     _validate_adversarial(config.adversarial, bad)
     if not 0.0 <= config.label_smoothing < 1.0:
         bad(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
@@ -213,8 +218,7 @@ def validate_config(config: Config, num_devices: int | None = None) -> None:
     for name in ("schedule_start_factor", "schedule_end_factor"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             bad(f"{name} must be in [0, 1], got {getattr(config, name)}")
-    if not isinstance(config.lookahead_every, int) or config.lookahead_every < 0:
-        bad(f"lookahead_every must be an integer >= 0, got {config.lookahead_every!r}")
+    _int("lookahead_every", config.lookahead_every, bad, 0)
     if not 0.0 <= config.lookahead_decay <= 1.0:
         bad(f"lookahead_decay must be in [0, 1], got {config.lookahead_decay}")
     if not isinstance(config.param_groups, dict):
@@ -224,8 +228,7 @@ def validate_config(config: Config, num_devices: int | None = None) -> None:
             bad(f"param_groups[{name!r}] must be a dict with 'pattern' and some of {_GROUP_KEYS}")
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):
         bad(f"compute_dtype must be float32/bfloat16/float16, got {config.compute_dtype!r}")
-    if not isinstance(config.crop_pad, int) or config.crop_pad < 0:
-        bad(f"crop_pad must be an integer >= 0, got {config.crop_pad!r}")
+    _int("crop_pad", config.crop_pad, bad, 0)
     if num_devices is None:
         import jax
 

@@ -81,7 +81,6 @@ from gbjax._workdir import WorkdirBusyError, WorkdirError, WorkdirMismatchError
 from gbjax.config import Config, apply_overrides, load_config, validate_config
 
 __all__ = [
-    "Config",
     "TrainResult",
     "Trainer",
     "NonFiniteLossError",
@@ -739,7 +738,7 @@ class Trainer:
         state = create_train_state(model, self.tx, slow_stats=bool(config.lookahead_every))
         self.init_state = jax.device_put(state, self.repl)
         self.train_step = jax.jit(
-            self._train_step,
+            self.step,
             donate_argnums=(0,),
             out_shardings=self.repl,
             compiler_options=_xla.conv_options(),
@@ -777,7 +776,11 @@ class Trainer:
             x_BHWC = shard(self.attack(state, x_BHWC, y_B, jax.random.fold_in(self.adv_key, step)))
         return x_BHWC, y_B
 
-    def _train_step(self, state, data, perm_N):
+    def step(self, state: dict[str, Any], data: dict[str, jax.Array], perm_N: jax.Array):
+        """One training step as a plain traceable function of the state, the
+        resident data set and the epoch's permutation; ``train_step`` is it
+        compiled with this trainer's shardings (gbjax.distributed compiles it
+        with its own)."""
         x_BHWC, y_B = self._batch(state, data, perm_N)
         state = train_step(
             state, x_BHWC, y_B, graphdef=self.train_graphdef, tx=self.tx, objective=self.objective

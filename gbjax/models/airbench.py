@@ -55,7 +55,6 @@ from gbjax.models._common import (
 __all__ = [
     "Airbench",
     "dirac_init",
-    "max_pool",
     "whitening_kernel",
     "whitening_gain",
     "torch_default_init",
