@@ -31,7 +31,7 @@ need = [
     "gbjax/configs/__init__.py", "gbjax/configs/airbench_cifar10.py",
     "gbjax/configs/pe_mnist.py", "gbjax/configs/raw_mnist.py",
     "gbjax/configs/resnet18_cifar10.py", "gbjax/data/__init__.py",
-    "gbjax/models/__init__.py", "gbjax/attacks/__init__.py",
+    "gbjax/models/__init__.py", "gbjax/attacks/__init__.py", "gbjax/py.typed",
 ]
 missing = [n for n in need if n not in names]
 stray = sorted(n for n in names if n.split("/")[0] in ("tests", "docs", "experiments", "notebooks"))
