@@ -59,13 +59,25 @@ def is_nnx_module(obj) -> bool:
     return nnx is not None and isinstance(obj, nnx.Module)
 
 
-def as_logits_fn(fn) -> Callable[..., jax.Array]:
+def as_logits_fn(fn: LogitsFn) -> LogitsFn:
     """Returns ``fn`` as a pytree callable that can be passed through ``jit``.
 
     ``Partial`` objects and pytree callables (:class:`gbjax.attacks.BPDA`,
     :class:`gbjax.defences.Defended`) are returned unchanged; an ``nnx.Module`` becomes
     ``Partial(<graphdef call>, state)`` (its state as of this call); any other
     callable becomes ``Partial(fn)`` (compiled once per function object).
+
+    Raises:
+      TypeError: for an object that is neither callable nor an ``nnx.Module``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gbjax.attacks import as_logits_fn
+      >>> f = as_logits_fn(lambda x: 2 * x)  # a pytree: it passes through jax.jit
+      >>> jax.jit(lambda g, x: g(x))(f, jnp.ones(2)).tolist()
+      [2.0, 2.0]
+      >>> as_logits_fn(f) is f
+      True
     """
     if isinstance(fn, (Partial, PytreeCallable)):
         return fn
