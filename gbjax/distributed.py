@@ -513,7 +513,7 @@ def train_data_parallel(
     trainer.repl = NamedSharding(mesh, P())
     trainer.batch_sharding = NamedSharding(mesh, P("data"))
     step_fn = jax.jit(
-        trainer._train_step,
+        trainer.step,
         donate_argnums=(0,),
         out_shardings=trainer.repl,
         compiler_options=_xla.conv_options(),
