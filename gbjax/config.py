@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import numbers
 import pathlib
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,7 @@ from jax.typing import ArrayLike
 from gbjax._checks import check_int
 from gbjax.augment import TTA_LEVELS
 from gbjax.data import DATASETS
+from gbjax.gb import GBParams, as_params, gb_cluster
 
 __all__ = ["Config", "validate_config", "load_config", "apply_overrides"]
 
@@ -56,7 +58,9 @@ class Config:
     num_train: int | None = None  # a fixed random subset of N images
     num_test: int | None = None  # (seed 0, whatever config.seed is)
     preprocess: str = "none"  # "none" | "gb" (train and test images, cached on disk)
-    gb: dict = dataclasses.field(default_factory=dict)  # kwargs of gb_denoise
+    # GB's parameters (preprocess "gb"): a gbjax.GBParams, or a dict of gb_denoise's
+    # keywords (its GBParams fields and execution knobs such as engine)
+    gb: GBParams | dict = dataclasses.field(default_factory=dict)
     cache_dir: str | None = None  # GB cache; else $GBJAX_CACHE_DIR, ~/.cache/gbjax
     # "none" | "crop_flip" (zero pad crop_pad, random crop, random flip) |
     # "flip_translate" (airbench: alternating flip, reflect-padded translate by crop_pad) |
@@ -137,6 +141,22 @@ def _int(name, v, bad, lo=1, optional=False) -> None:
         bad(str(e))
 
 
+def _validate_gb(gb, bad) -> None:
+    """``Config.gb`` makes a valid :class:`gbjax.GBParams` (its dict form too)."""
+    if isinstance(gb, GBParams):
+        return
+    if not isinstance(gb, dict):
+        bad(f"gb must be a gbjax.GBParams or a dict of gb_denoise's keywords, got {gb!r}")
+    try:
+        _, rest = as_params(None, gb)
+    except (TypeError, ValueError) as e:
+        bad(f"gb: {e}")
+    knobs = set(inspect.signature(gb_cluster).parameters) - {"images", "params", "progress"}
+    unknown = sorted(set(rest) - knobs)
+    if unknown:
+        bad(f"gb: unknown keys {unknown}; allowed: {sorted(knobs)}")
+
+
 def _validate_adversarial(adv, bad) -> None:
     if not isinstance(adv, dict):
         bad(f"adversarial must be a dict ({{}} for none), got {adv!r}")
@@ -209,6 +229,7 @@ def validate_config(config: Config, num_devices: int | None = None) -> None:
     else:
         _int("num_steps", config.num_steps, bad, optional=True)
     _validate_adversarial(config.adversarial, bad)
+    _validate_gb(config.gb, bad)
     if not 0.0 <= config.label_smoothing < 1.0:
         bad(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.weight_decay < 0:

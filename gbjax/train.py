@@ -79,6 +79,7 @@ from gbjax import _train_loop, _workdir, _xla, attacks, augment, data, evaluate,
 from gbjax._runs import build_model, restore_model, time_to_target
 from gbjax._workdir import WorkdirBusyError, WorkdirError, WorkdirMismatchError
 from gbjax.config import Config, apply_overrides, load_config, validate_config
+from gbjax.gb import GBParams
 
 __all__ = [
     "TrainResult",
@@ -165,8 +166,9 @@ def load_datasets(config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
             f"invalid config: {len(xtr)} training images < batch_size {config.batch_size}"
         )
     if config.preprocess == "gb":
-        kw = dict(cache_dir=config.cache_dir, progress=config.progress, **config.gb)
-        xtr, xte = data.gb_processed(xtr, **kw), data.gb_processed(xte, **kw)
+        params, kw = (config.gb, {}) if isinstance(config.gb, GBParams) else (None, config.gb)
+        kw = dict(kw, cache_dir=config.cache_dir, progress=config.progress)
+        xtr, xte = data.gb_processed(xtr, params, **kw), data.gb_processed(xte, params, **kw)
     return xtr, ytr, xte, yte
 
 

@@ -255,8 +255,8 @@ def test_gb_preprocess_is_applied_and_cached(tmp_path, monkeypatch):
     gb = importlib.import_module("gbjax.gb")
     calls = []
 
-    def fake_gb_denoise(images, threshold=20.0, purity=0.9, progress=False):
-        calls.append((images.shape, threshold))
+    def fake_gb_denoise(images, params=None, progress=False):
+        calls.append((images.shape, params.threshold))
         return (np.asarray(images) // 64 * 64).astype(np.uint8)
 
     monkeypatch.setattr(gb, "gb_denoise", fake_gb_denoise)
@@ -270,9 +270,28 @@ def test_gb_preprocess_is_applied_and_cached(tmp_path, monkeypatch):
     np.testing.assert_array_equal(xtr2, xtr)
     train.load_datasets(dataclasses.replace(cfg, gb=dict(threshold=30.0)))
     assert len(calls) == 4  # new parameters: recompute
+    # the same parameters as a GBParams: the same cache entry
+    train.load_datasets(dataclasses.replace(cfg, gb=gb.GBParams(threshold=10.0)))
+    assert len(calls) == 4 and calls[-1][1] == 30.0
     monkeypatch.setattr(gb, "OUTPUT_VERSION", gb.OUTPUT_VERSION + 1)
     train.load_datasets(cfg)
     assert len(calls) == 6  # newer engine: recompute
+
+
+def test_config_gb_is_checked_before_any_work():
+    """Config.gb: a GBParams or a dict of gb_denoise's keywords, refused when invalid."""
+    from gbjax import GBParams
+    from gbjax.config import validate_config
+
+    for ok in ({}, dict(threshold=20.0, engine="xla"), GBParams(threshold=10.0)):
+        validate_config(tiny(preprocess="gb", gb=ok))
+    for bad, match in (
+        (dict(thresh=1.0), r"gb: unknown keys \['thresh'\]"),
+        (dict(threshold=-1.0), "gb: threshold: expected"),
+        ([20.0], "gb must be a gbjax.GBParams or a dict"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            validate_config(tiny(preprocess="gb", gb=bad))
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
