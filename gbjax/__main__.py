@@ -69,6 +69,9 @@ from gbjax._cli import (
 from gbjax.data import CorruptDataError, DataNotFoundError
 from gbjax.data._decode import walk_tree
 
+# What `denoise` reads and writes back in the same format: a narrower set than the
+# loaders' gbjax.data.IMAGE_EXTENSIONS (which also decode BMP, GIF, WebP, PPM/PGM to
+# arrays but are not written back here).
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
@@ -565,24 +568,6 @@ def _add_denoise_arguments(d: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_train_arguments(t: argparse.ArgumentParser) -> None:
-    t.add_argument("--config", required=True, help="path/to/config.py[:arg] or module[:arg]")
-    t.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.json")
-    t.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (a Python literal); repeatable",
-    )
-    t.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start over in a workdir made with another configuration (deletes only the "
-        "trainer's files there)",
-    )
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gbjax",
@@ -612,7 +597,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
         allow_abbrev=False,
     )
-    _add_train_arguments(t)
+    train.add_arguments(t)  # one home: python -m gbjax.train has the same
     c = sub.add_parser(
         "cluster",
         help="a data set to its GB-processed copy in the cache",

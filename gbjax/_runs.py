@@ -16,7 +16,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from gbjax import models
-from gbjax._workdir import verified_step
+from gbjax._workdir import checkpoint_manager, verified_step
 from gbjax.config import Config
 
 __all__ = ["build_model", "time_to_target", "restore_model"]
@@ -150,10 +150,7 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> nnx.Mo
     model.eval()
     graphdef, params, stats, consts = models.split_state(model)
     target = {"params": params, "batch_stats": stats, "consts": consts}
-    mngr = ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-    )
+    mngr = checkpoint_manager(workdir, read_only=True)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restored = mngr.restore(
         step,

@@ -19,7 +19,6 @@ __all__ = [
     "Cadence",
     "StepTimer",
     "append_jsonl",
-    "checkpoint_manager",
     "restore_state",
     "save_checkpoint",
     "window_record",
@@ -113,19 +112,6 @@ def append_jsonl(path: pathlib.Path, record: dict) -> None:
     """Appends ``record`` to the JSON-lines file ``path``."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def checkpoint_manager(workdir: pathlib.Path, max_to_keep: int):
-    """The Orbax manager of ``workdir/checkpoints`` (synchronous: the train step
-    donates, i.e. reuses, the state's buffers)."""
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
-        ),
-    )
 
 
 def restore_state(mngr, step: int | None, init_state: dict) -> dict:

@@ -484,3 +484,23 @@ def _latest_verified(workdir: pathlib.Path) -> tuple[int | None, list[tuple[int,
             return s, bad
         bad.append((s, why))
     return None, bad
+
+
+def checkpoint_manager(
+    workdir: str | os.PathLike, *, max_to_keep: int | None = None, read_only: bool = False
+):
+    """The one Orbax manager of ``workdir/checkpoints``: synchronous when writing (the
+    train step donates, i.e. reuses, the state's buffers), or ``read_only`` to
+    restore a run's model. Orbax is imported here, on first use (it is slow to
+    import and only training and restoring need it)."""
+    import orbax.checkpoint as ocp
+
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True)
+    else:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+        )
+    return ocp.CheckpointManager(
+        (pathlib.Path(workdir) / "checkpoints").absolute(), options=options
+    )

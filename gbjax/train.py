@@ -896,7 +896,7 @@ def _train(config, wd, data, num_classes, total_steps, t_start, stop_after_step)
     spe = trainer.steps_per_epoch
     metrics_path = wd.path / "metrics.jsonl"
     train_data = trainer.put_data(xtr, ytr)
-    mngr = _train_loop.checkpoint_manager(wd.path, config.max_checkpoints_to_keep)
+    mngr = _workdir.checkpoint_manager(wd.path, max_to_keep=config.max_checkpoints_to_keep)
     state = _train_loop.restore_state(mngr, wd.resume_step, trainer.init_state)
     start_step = int(state["step"])
     if start_step >= total_steps:  # nothing to train: the run's own final metrics
@@ -1010,14 +1010,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="path/to/config.py[:arg] or module[:arg]")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.json")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config field (a Python literal); repeatable",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="start over in a workdir made with another configuration (deletes only the "
         "trainer's files there: config.json, metrics.jsonl, checkpoints)",
-    )  # fmt: skip
+    )
 
 
 def main(argv=None):
