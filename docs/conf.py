@@ -73,7 +73,12 @@ napoleon_custom_sections = [("Design", "notes_style")]
 # private modules (pointers into the source, not documented pages).
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jaxlib|numpy|np|flax|nnx|optax|orbax|collections|os|typing|pathlib)(\..*)?"),
+    (
+        r"py:.*",
+        r"(jax|jaxlib|numpy|np|flax|nnx|optax|orbax|collections|os|typing|pathlib|argparse)(\..*)?",
+    ),
+    # the logits-function type alias of gbjax._callables, shown by name in signatures
+    (r"py:class", r"LogitsFn"),
     (r"py:.*", r"gbjax(\.\w+)*\._\w+(\..*)?"),
 ]
 templates_path = ["_templates"]

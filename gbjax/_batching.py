@@ -1,7 +1,7 @@
 """Fixed-shape batching: the one helper every batched loop in gbjax uses.
 
 A jitted function compiles once per input shape, so a loop over a data set in
-batches of ``B`` must not hand it a smaller last batch. :func:`fixed_batches`
+batches of ``B`` must not hand it a smaller last batch. :func:`gbjax.data.fixed_batches`
 cuts ``range(N)`` into index arrays of exactly ``B`` entries, the last padded
 by repeating index ``N - 1`` (real data, so no NaNs from zeros through a
 normalisation or a clustering), and says how many entries are real.
@@ -29,7 +29,7 @@ __all__ = ["Batch", "fixed_batches", "take", "map_batches", "bucket_size"]
 
 
 class Batch(NamedTuple):
-    """One batch of :func:`fixed_batches`."""
+    """One batch of :func:`gbjax.data.fixed_batches`."""
 
     index: np.ndarray  # (B,) int indices into the data, the tail padded with N - 1
     start: int  # first index
@@ -104,7 +104,7 @@ def map_batches(
     pytree of arrays with leading axis ``B``. The padded rows of the last batch
     are dropped, so the result has leading axis ``N``. Results stay where ``fn``
     put them (device arrays are concatenated on device). ``shrink``: as in
-    :func:`fixed_batches`.
+    :func:`gbjax.data.fixed_batches`.
 
     Example:
       >>> import numpy as np

@@ -151,7 +151,7 @@ class GBParams:
     (``threshold=20`` is ``20.0``) and ``features`` may be given as a dict of
     :class:`Features` fields, so equal parameters are equal values with equal
     hashes, fit for a ``jax.jit`` static argument or a dict key. Change one with
-    :func:`dataclasses.replace`.
+    ``dataclasses.replace``.
 
     What is not here, and why: the keyword arguments ``chunk_size``,
     ``memory_budget``, ``progress`` and ``engine`` of :func:`gb_cluster` say how

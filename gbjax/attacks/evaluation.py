@@ -181,14 +181,16 @@ def accuracy_under_attack(
       eval_logits_fn: the scored function (see :func:`make_attack_logits`).
       key: PRNG key; required for random starts, APGD, Square, SPSA, the noise
         control and EOT.
-      steps, rel_step, random_start, restarts, loss, queries, p_init, samples,
-        n_targets: the string form's attack options (``None``: the attack's
-        default), as the fields of the spec of the same name: :class:`PGD`
+      steps, rel_step, random_start, restarts, loss: the string form's attack
+        options (``None``: the attack's default), as the fields of the spec of
+        the same name (also for ``queries``, ``p_init``, ``samples``,
+        ``n_targets``, below): :class:`PGD`
         (``steps`` 10, ``rel_step``, ``random_start``, ``restarts``, ``loss``),
         :class:`APGD` (``steps`` 100, ``restarts``, ``n_targets`` of
         ``"apgd-t"``), :class:`Square` (``queries``, ``p_init``), :class:`SPSA`
         (``steps`` 100, ``samples``), :class:`FGSM` (``loss``). With a spec, a
         given option must agree with it (else ``ValueError``).
+      queries, p_init, samples, n_targets: as ``steps``.
       eot_samples, clip: as in :func:`pgd`.
       chunk: iterations (Square: queries) per compiled call; default 10 on CPU
         (Square 25) and all of them elsewhere. Use 1 for a model with GB inside: a
