@@ -91,7 +91,7 @@ def bench_attacks(
             ),
         ),
         # the same attack as a rolled while loop: on CPU XLA runs convolutions in loop
-        # bodies several times slower (jax-ml/jax#12868), hence pgd's default unroll
+        # bodies several times slower (jax-ml/jax#12868), hence pgd's default chunk
         (
             f"PGD-{pgd_steps} (while loop)",
             lambda: attacks.pgd(
@@ -102,7 +102,7 @@ def bench_attacks(
                 step_size=2.5 * eps / pgd_steps,
                 steps=pgd_steps,
                 key=kp,
-                unroll=1,
+                chunk=pgd_steps,
             ),
         ),
     ]
@@ -163,7 +163,7 @@ def print_attack_table(rows: list[dict]) -> None:
             f"{r['images_per_s']:11.0f} {r['cost_vs_clean']:8.1f}"
         )
     fgsm = next(r for r in rows if r["name"] == "FGSM")
-    pgd = next(r for r in rows if r["name"].startswith("PGD"))  # the default (unroll=None)
+    pgd = next(r for r in rows if r["name"].startswith("PGD"))  # the default (chunk=None)
     print(
         f"{pgd['name']} / FGSM cost ratio: {pgd['steady_s'] / fgsm['steady_s']:.1f}x "
         f"(expected about {pgd['name'].split('-')[1]}x)"

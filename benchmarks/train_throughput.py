@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gbjax import augment, optim, train
+from gbjax import augment, train
 from gbjax.config import Config
 
 AIRBENCH = ("airbench94", "airbench_fast")
@@ -121,7 +121,7 @@ def bench_nnx_jit(cfg, x, y):
     model = train.init_model(cfg, x, 10)
     model.train()
     params = nnx.as_pure(nnx.state(model, nnx.Param))  # arrays: the optimiser sees arrays
-    tx = optim.make_optimizer(cfg, 10**6, params=params, steps_per_epoch=len(x) // cfg.batch_size)
+    tx = train.make_optimizer(cfg, 10**6, params=params, steps_per_epoch=len(x) // cfg.batch_size)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     B, pad = cfg.batch_size, cfg.crop_pad
     reduce = jnp.sum if cfg.loss_reduction == "sum" else jnp.mean
