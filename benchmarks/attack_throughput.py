@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -67,6 +68,12 @@ def _time(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def _while_loop_pgd(logits_fn, x, y, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return attacks.pgd(logits_fn, x, y, unroll=1, **kw)
+
+
 def bench_attacks(
     batch_size: int, image_shape: tuple[int, int, int], repeats: int, pgd_steps: int = 10
 ) -> list[dict]:
@@ -91,10 +98,11 @@ def bench_attacks(
             ),
         ),
         # the same attack as a rolled while loop: on CPU XLA runs convolutions in loop
-        # bodies several times slower (jax-ml/jax#12868), hence pgd's default chunk
+        # bodies several times slower (jax-ml/jax#12868), hence pgd's default (unrolled
+        # on CPU). Only the deprecated unroll=1 still asks for the while loop on CPU.
         (
             f"PGD-{pgd_steps} (while loop)",
-            lambda: attacks.pgd(
+            lambda: _while_loop_pgd(
                 logits_fn,
                 x,
                 y,
@@ -102,7 +110,6 @@ def bench_attacks(
                 step_size=2.5 * eps / pgd_steps,
                 steps=pgd_steps,
                 key=kp,
-                chunk=pgd_steps,
             ),
         ),
     ]
