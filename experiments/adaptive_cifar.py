@@ -382,8 +382,8 @@ def report(r, args, runs) -> dict:
         f"- Data: CIFAR-10 (our JPEG copy), {r.mode['n_train_eff']} training and "
         f"{r.mode['n_test_eff']} test images (fixed random subsets, seed 0); seed {seed}.",
         f"- Classifiers: {F.model_description(r.mode)}; `gb` trained on GB-painted images "
-        f"(threshold {args.threshold}, purity {args.purity}); `at_*` trained with N-FGSM at "
-        "the eps in their name (x/255).",
+        f"(threshold {args.threshold}, purity {args.purity}); `at_<eps>*` trained "
+        "adversarially at that eps (x/255): N-FGSM, or PGD-k where the name ends in `_pgd<k>`.",
         f"- Worst case on a fixed random {run['gb']['n_eval']} test images (all classes): the "
         "main job's cascade "
         "(fgsm_cifar), then the new stages, each on the survivors. Robust = right clean and "
@@ -467,7 +467,12 @@ def report(r, args, runs) -> dict:
         for e, a in zip(EPS_LABELS, s["accuracy"])
     ]
     return r.finish(
-        results=dict(runs=runs, config=r.mode, eps=list(EPS), eps_labels=list(EPS_LABELS)),
+        results=dict(
+            runs=runs,
+            config=dict(r.mode, threshold=args.threshold, purity=args.purity),
+            eps=list(EPS),
+            eps_labels=list(EPS_LABELS),
+        ),
         markdown="\n".join(md) + "\n",
         summary=summary,
         csv_rows=csv_rows,
@@ -478,6 +483,11 @@ def run(argv=None) -> dict:
     from gbjax import data, defences
 
     args = parse_args(argv)
+    if args.merge:  # the tables of earlier runs (e.g. one per seed) as one
+        r, runs = C.start_merge(EXPERIMENT, args, args.merge)
+        args.threshold = r.mode.get("threshold", args.threshold)
+        args.purity = r.mode.get("purity", args.purity)
+        return report(r, args, runs)
     r = C.start(EXPERIMENT, args, MODES, "cifar10", ("n_train", "n_test", "n_eval", "epochs"))
     gbkw = dict(threshold=args.threshold, purity=args.purity)
     t0 = time.perf_counter()

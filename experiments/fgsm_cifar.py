@@ -51,6 +51,7 @@ Protocol (also written into results.md):
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 import time
@@ -399,10 +400,36 @@ def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer, out_d
     return out
 
 
+def merge(args) -> dict:
+    """``--merge DIR [DIR ...]``: the tables of earlier runs (e.g. one per seed) as one,
+    their GB settings and painting time taken from their results.json."""
+    from _fgsm_report import assemble
+
+    r, runs = C.start_merge(EXPERIMENT, args, args.merge)
+    first = json.loads((pathlib.Path(args.merge[0]) / "results.json").read_text())
+    for k in ("threshold", "purity", "data_dir"):
+        setattr(args, k, r.mode.get(k, getattr(args, k)))
+    return assemble(
+        r,
+        args,
+        runs,
+        float(first.get("gb_preprocess_seconds") or 0.0),
+        EPS,
+        EPS_LABELS,
+        PROTOCOLS,
+        PAPER_TABLE2,
+        LARGE_EPS,
+        CONV_LABEL,
+        model_description(r.mode),
+    )
+
+
 def run(argv=None) -> dict:
     from gbjax import data, defences, models
 
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     r = C.start(
         EXPERIMENT,
         args,

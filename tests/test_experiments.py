@@ -84,6 +84,12 @@ def check_fgsm_cifar_smoke(out, eps_labels):
     assert set(s["worst_case"]["gb"]) == set(eps_labels)
     assert "95.18" in md and "73.60" in md  # the paper's Table 2 beside ours
     assert (out / "acc_vs_eps.png").is_file() and (out / "convergence.png").is_file()
+    # --merge re-assembles the tables from results.json, running nothing
+    merged = out.parent / (out.name + "_merged")
+    _load("fgsm_cifar").run(["--merge", str(out), "--out", str(merged), "--no-progress"])
+    m = json.loads((merged / "results.json").read_text())
+    assert m["runs"] == r["runs"] and m["config"] == r["config"]
+    assert (merged / "results.md").read_text() == md
     return r
 
 
@@ -463,6 +469,12 @@ def test_adaptive_cifar_smoke(tmp_path):
     assert any("soft-BPDA" in s for s in gb_labels)
     assert len(run["gb"]["convergence"]["accuracy"]) == len(mod.MODES["smoke"]["conv_steps"])
     assert "Worst case" in md and "partition surrogate" in md
+    # --merge re-assembles the tables from results.json, running nothing
+    merged = tmp_path / "merged"
+    mod.run(["--merge", str(out), "--out", str(merged), "--no-progress"])
+    m = json.loads((merged / "results.json").read_text())
+    assert m["runs"] == r["runs"] and m["merged_from"][0]["dir"] == str(out)
+    assert (merged / "results.md").read_text() == md
 
 
 def test_eval_subset_is_random_not_the_class_sorted_prefix():
