@@ -39,8 +39,8 @@ def build_model(
 
     Example:
       >>> from flax import nnx
-      >>> from gbjax import train
-      >>> cfg = train.Config(model="resnet", compute_dtype="bfloat16",
+      >>> from gbjax import config, train
+      >>> cfg = config.Config(model="resnet", compute_dtype="bfloat16",
       ...                    model_kwargs=dict(stage_sizes=(1,), widths=(4,)))
       >>> m = train.build_model(cfg, input_shape=(8, 8, 3), num_classes=10,
       ...                       mean=[120.0, 110.0, 100.0], std=[60.0] * 3, rngs=nnx.Rngs(0))
@@ -117,10 +117,10 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> nnx.Mo
 
       >>> import tempfile
       >>> import numpy as np
-      >>> from gbjax import train
+      >>> from gbjax import config, train
       >>> x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
       >>> y = np.arange(16) % 2
-      >>> cfg = train.Config(data={"train": (x, y), "test": (x, y)}, model="paper_convnet",
+      >>> cfg = config.Config(data={"train": (x, y), "test": (x, y)}, model="paper_convnet",
       ...                    model_kwargs=dict(kind="raw", features=4), batch_size=8,
       ...                    eval_batch_size=16, num_steps=1, progress=False)
       >>> with tempfile.TemporaryDirectory() as workdir:

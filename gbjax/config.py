@@ -151,7 +151,13 @@ def _validate_gb(gb, bad) -> None:
         _, rest = as_params(None, gb)
     except (TypeError, ValueError) as e:
         bad(f"gb: {e}")
-    knobs = set(inspect.signature(gb_cluster).parameters) - {"images", "params", "progress"}
+    # gb_cluster's keywords, less those gb_processed sets itself (uint8 pixels in and out)
+    knobs = set(inspect.signature(gb_cluster).parameters) - {
+        "images",
+        "params",
+        "progress",
+        "scale",
+    }
     unknown = sorted(set(rest) - knobs)
     if unknown:
         bad(f"gb: unknown keys {unknown}; allowed: {sorted(knobs)}")

@@ -142,9 +142,9 @@ def load_datasets(config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
     Example:
       >>> import numpy as np
-      >>> from gbjax import train
+      >>> from gbjax import config, train
       >>> x, y = np.zeros((16, 8, 8), np.uint8), np.arange(16) % 2  # (N, H, W): grey
-      >>> cfg = train.Config(data={"train": (x, y), "test": (x[:4], y[:4])},
+      >>> cfg = config.Config(data={"train": (x, y), "test": (x[:4], y[:4])},
       ...                    num_train=12, batch_size=4)
       >>> xtr, ytr, xte, yte = train.load_datasets(cfg)
       >>> xtr.shape, xtr.dtype, ytr.dtype, xte.shape
@@ -196,10 +196,10 @@ def init_model(config: Config, xtr: np.ndarray, num_classes: int) -> nnx.Module:
 
     Example:
       >>> import numpy as np
-      >>> from gbjax import train
+      >>> from gbjax import config, train
       >>> x = np.zeros((16, 8, 8, 1), np.uint8)
       >>> x[:, :4] = 100  # mean 50, standard deviation 50
-      >>> cfg = train.Config(model="paper_convnet", model_kwargs=dict(kind="raw", features=4))
+      >>> cfg = config.Config(model="paper_convnet", model_kwargs=dict(kind="raw", features=4))
       >>> m = train.init_model(cfg, x, num_classes=10)
       >>> type(m).__name__, float(m.mean[...]), float(m.std[...]), m(x[:2]).shape
       ('PaperConvNet', 50.0, 50.0, (2, 10))
@@ -278,8 +278,8 @@ def make_schedule(config: Config, total_steps: int) -> optax.Schedule:
     ``schedule_end_factor``).
 
     Example:
-      >>> from gbjax import train
-      >>> cfg = train.Config(learning_rate=0.1, schedule="onecycle", warmup_fraction=0.2,
+      >>> from gbjax import config, train
+      >>> cfg = config.Config(learning_rate=0.1, schedule="onecycle", warmup_fraction=0.2,
       ...                    schedule_start_factor=0.0, schedule_end_factor=0.0)
       >>> lr = train.make_schedule(cfg, total_steps=10)
       >>> [round(float(lr(t)), 3) for t in (0, 1, 2, 6, 10)]
@@ -304,8 +304,8 @@ def lookahead_decay(config: Config, total_steps: int) -> Callable[[ArrayLike], j
     """Airbench's decay ``d(t) = lookahead_decay * (t / T) ** lookahead_power``.
 
     Example:
-      >>> from gbjax import train
-      >>> d = train.lookahead_decay(train.Config(lookahead_decay=0.8, lookahead_power=2.0), 10)
+      >>> from gbjax import config, train
+      >>> d = train.lookahead_decay(config.Config(lookahead_decay=0.8, lookahead_power=2.0), 10)
       >>> [round(float(d(t)), 3) for t in (0, 5, 10)]
       [0.0, 0.2, 0.8]
     """
@@ -340,8 +340,8 @@ def make_optimizer(
       decay moves the parameters, and only the kernels (ndim > 1).
 
       >>> import jax, jax.numpy as jnp, optax
-      >>> from gbjax import train
-      >>> cfg = train.Config(optimizer="sgd", learning_rate=0.1, momentum=0.0, weight_decay=0.5)
+      >>> from gbjax import config, train
+      >>> cfg = config.Config(optimizer="sgd", learning_rate=0.1, momentum=0.0, weight_decay=0.5)
       >>> tx = train.make_optimizer(cfg, total_steps=10)
       >>> params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
       >>> zero = jax.tree.map(jnp.zeros_like, params)
@@ -522,9 +522,9 @@ def create_train_state(
 
     Example:
       >>> from flax import nnx
-      >>> from gbjax import models, train
+      >>> from gbjax import config, models, train
       >>> model = models.ResNet(stage_sizes=(1,), widths=(4,), num_classes=10, rngs=nnx.Rngs(0))
-      >>> tx = train.make_optimizer(train.Config(optimizer="adam"), total_steps=10)
+      >>> tx = train.make_optimizer(config.Config(optimizer="adam"), total_steps=10)
       >>> state = train.create_train_state(model, tx)
       >>> sorted(state)
       ['batch_stats', 'consts', 'correct_sum', 'count', 'loss_sum', 'opt_state', 'params', 'step']
@@ -653,11 +653,11 @@ def eval_step(
 
       >>> import numpy as np
       >>> from flax import nnx
-      >>> from gbjax import models, train
+      >>> from gbjax import config, models, train
       >>> model = models.ResNet(stage_sizes=(1,), widths=(4,), num_classes=10, rngs=nnx.Rngs(0))
       >>> model.head.kernel[...] = np.zeros((4, 10), np.float32)
       >>> model.eval()
-      >>> state = train.create_train_state(model, train.make_optimizer(train.Config(), 10))
+      >>> state = train.create_train_state(model, train.make_optimizer(config.Config(), 10))
       >>> x, y = np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 0, 1, 2])
       >>> ev = train.eval_step(state, x, y, graphdef=models.split_state(model)[0])
       >>> ev["accuracy"], round(ev["loss"], 4)
@@ -686,10 +686,10 @@ class Trainer:
 
     Example:
       >>> import numpy as np
-      >>> from gbjax import train
+      >>> from gbjax import config, train
       >>> x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
       >>> y = np.arange(16) % 2
-      >>> cfg = train.Config(data={"train": (x, y), "test": (x, y)}, model="paper_convnet",
+      >>> cfg = config.Config(data={"train": (x, y), "test": (x, y)}, model="paper_convnet",
       ...                    model_kwargs=dict(kind="raw", features=4), batch_size=8,
       ...                    eval_batch_size=16, num_steps=2)
       >>> trainer = train.Trainer(cfg, train.init_model(cfg, x, 2), num_classes=2,
@@ -858,10 +858,10 @@ def train_and_evaluate(
 
       >>> import pathlib, tempfile
       >>> import numpy as np
-      >>> from gbjax import train
+      >>> from gbjax import config, train
       >>> x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
       >>> y = np.arange(16) % 2
-      >>> cfg = train.Config(data={"train": (x, y), "test": (x, y)}, model="paper_convnet",
+      >>> cfg = config.Config(data={"train": (x, y), "test": (x, y)}, model="paper_convnet",
       ...                    model_kwargs=dict(kind="raw", features=4), batch_size=8,
       ...                    eval_batch_size=16, num_steps=2, progress=False)
       >>> with tempfile.TemporaryDirectory() as workdir:

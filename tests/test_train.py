@@ -287,6 +287,7 @@ def test_config_gb_is_checked_before_any_work():
         validate_config(tiny(preprocess="gb", gb=ok))
     for bad, match in (
         (dict(thresh=1.0), r"gb: unknown keys \['thresh'\]"),
+        (dict(scale=1.0), r"gb: unknown keys \['scale'\]"),  # gb_processed would refuse it
         (dict(threshold=-1.0), "gb: threshold: expected"),
         ([20.0], "gb must be a gbjax.GBParams or a dict"),
     ):
