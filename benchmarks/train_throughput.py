@@ -156,8 +156,9 @@ def bench_nnx_jit(cfg, x, y):
     return run
 
 
-def bench_torch(cfg, x, y):
-    """The airbench network, optimiser groups, loss and augmentation in PyTorch."""
+def torch_step(cfg, x, y):
+    """-> step(): one PyTorch training step of the airbench network, optimiser
+    groups, loss and augmentation (also profiled by train_profile.py)."""
     import torch
     from torch import nn
 
@@ -211,6 +212,13 @@ def bench_torch(cfg, x, y):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    return step
+
+
+def bench_torch(cfg, x, y):
+    """The airbench network, optimiser groups, loss and augmentation in PyTorch."""
+    step = torch_step(cfg, x, y)
 
     def run(n):
         t0 = time.perf_counter()

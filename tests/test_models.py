@@ -318,3 +318,51 @@ def test_registry_builds_every_config_model_name():
             data_std=1.0,
             rngs=rngs(),
         )
+
+
+@pytest.mark.parametrize("use_scale", [False, True])
+@pytest.mark.parametrize("shape", [(64, 4, 4, 8), (300, 5)])
+def test_batchnorm_matches_flax_values_gradients_and_statistics(use_scale, shape):
+    """models.BatchNorm (channel sums as matrix products, its own backward) against
+    nnx.BatchNorm: outputs, input and parameter gradients, running statistics."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(3.0, 2.0, shape), jnp.float32)
+    dy = jnp.asarray(rng.normal(0.0, 1.0, shape), jnp.float32)
+    kw = dict(use_scale=use_scale, momentum=0.6, epsilon=1e-5, use_fast_variance=False)
+    ours, theirs = (
+        cls(shape[-1], **kw, rngs=nnx.Rngs(0)) for cls in (models.BatchNorm, nnx.BatchNorm)
+    )
+    if use_scale:  # a scale other than 1, so that its gradient path is exercised
+        for m in (ours, theirs):
+            m.scale[...] = jnp.linspace(0.5, 2.0, shape[-1])
+
+    def loss(m, x):
+        return (m(x) * dy).sum()
+
+    (gm_o, gx_o), (gm_t, gx_t) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (ours, theirs))
+    np.testing.assert_allclose(ours(x), theirs(x), atol=2e-5)
+    np.testing.assert_allclose(gx_o, gx_t, atol=2e-5)
+    for k in ("bias",) + (("scale",) if use_scale else ()):
+        np.testing.assert_allclose(
+            getattr(gm_o, k)[...], getattr(gm_t, k)[...], rtol=1e-4, atol=1e-3
+        )
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(getattr(ours, k)[...], getattr(theirs, k)[...], rtol=1e-5)
+
+
+def test_batchnorm_eval_mode_and_other_axes_are_flax_s():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(0.0, 1.0, (16, 3, 6)), jnp.float32)
+    ours = models.BatchNorm(3, axis=1, rngs=nnx.Rngs(0))  # not the last axis: flax's own path
+    theirs = nnx.BatchNorm(3, axis=1, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(ours(x), theirs(x))
+    ours.eval(), theirs.eval()
+    np.testing.assert_array_equal(ours(x), theirs(x))
+
+
+def test_gelu_is_the_exact_gelu_with_its_derivative():
+    x = jnp.linspace(-8.0, 8.0, 2001)
+    np.testing.assert_allclose(models.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+    g = jax.vmap(jax.grad(models.gelu))(x)
+    g_ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+    np.testing.assert_allclose(g, g_ref, atol=2e-6)

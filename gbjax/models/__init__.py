@@ -20,7 +20,9 @@ from gbjax.models._common import (
     CIFAR10_STD,
     MNIST_MEAN,
     MNIST_STD,
+    BatchNorm,
     Stat,
+    gelu,
     in_float32,
     to_pixels,
 )
@@ -37,6 +39,8 @@ from gbjax.models.resnet import ResNet, ResNet18, ResNet20
 
 __all__ = [
     "Stat",
+    "BatchNorm",
+    "gelu",
     "to_pixels",
     "in_float32",
     "pixel_indices",

@@ -47,7 +47,9 @@ from gbjax.models._common import (
     CIFAR10_STD,
     MNIST_MEAN,
     MNIST_STD,
+    BatchNorm,
     Stat,
+    gelu,
     max_pool,
     to_pixels,
 )
@@ -198,7 +200,7 @@ class _ConvGroup(nnx.Module):
             )  # fmt: skip
 
         def norm(ch):
-            return nnx.BatchNorm(
+            return BatchNorm(
                 ch, use_scale=False, use_bias=True, momentum=momentum, epsilon=epsilon,
                 use_fast_variance=False, dtype=dtype, rngs=rngs,
             )  # fmt: skip
@@ -210,8 +212,8 @@ class _ConvGroup(nnx.Module):
 
     def __call__(self, x):
         x = max_pool(self.conv1(x), 2)
-        x = jax.nn.gelu(self.norm1(x), approximate=False)
-        return jax.nn.gelu(self.norm2(self.conv2(x)), approximate=False)
+        x = gelu(self.norm1(x))
+        return gelu(self.norm2(self.conv2(x)))
 
 
 class Airbench(nnx.Module):
@@ -306,7 +308,7 @@ class Airbench(nnx.Module):
         h = jax.lax.conv_general_dilated(
             h, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-        h = jax.nn.gelu(h + self.whiten_bias[...].astype(h.dtype), approximate=False)
+        h = gelu(h + self.whiten_bias[...].astype(h.dtype))
         for g in self.groups:
             h = g(h)
         h = max_pool(h, 3)
