@@ -262,12 +262,58 @@ def profile_torch(cfg, x, y, steps):
     return step_ms, ms
 
 
+def flax_layers_ab(cfg, x, y, steps, rounds=3):
+    """Same-run A/B of the step: gbjax's layers (``models.BatchNorm``, ``models.gelu``)
+    against flax's (``nnx.BatchNorm``, ``jax.nn.gelu``), interleaved rounds; -> img/s."""
+    import contextlib
+
+    from flax import nnx
+
+    from gbjax.models import airbench
+
+    @contextlib.contextmanager
+    def flax_layers():
+        saved = airbench.BatchNorm, airbench.gelu
+        airbench.BatchNorm = nnx.BatchNorm
+        airbench.gelu = lambda v: jax.nn.gelu(v, approximate=False)
+        try:
+            yield
+        finally:
+            airbench.BatchNorm, airbench.gelu = saved
+
+    def runner():
+        model = train.init_model(cfg, x, 10)
+        tr = train.Trainer(cfg, model, num_classes=10, num_train=len(x), total_steps=10**6)
+        box = [tr.init_state]
+        data, perm = tr.put_data(x, y), tr.epoch_permutation(0)
+
+        def run(n):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                box[0] = tr.train_step(box[0], data, perm)
+            jax.block_until_ready(box[0])
+            return time.perf_counter() - t0
+
+        run(2)
+        return run
+
+    with flax_layers():
+        runs = {"flax layers": runner()}
+    runs["gbjax layers"] = runner()
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            times[k].append(run(steps))
+    return {k: cfg.batch_size * steps / float(np.median(v)) for k, v in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["airbench94", "airbench_fast"],
                    choices=["airbench94", "airbench_fast"])  # fmt: skip
     p.add_argument("--steps", type=int, default=3, help="timed and profiled steps")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--ab", action="store_true", help="also time the step with flax's layers")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     machine = dict(
@@ -283,6 +329,13 @@ def main(argv=None):
         row = dict(model=name, batch_size=cfg.batch_size, gbjax_step_ms=j_ms,
                    gbjax_ms=j_groups, gbjax_convolutions_alone_ms=conv)  # fmt: skip
         t_groups = {}
+        if args.ab:
+            row["layers_ab_images_per_sec"] = ab = flax_layers_ab(cfg, x, y, args.steps)
+            print(
+                f"\n{name}: step with flax's BatchNorm and GELU {ab['flax layers']:.0f} img/s,"
+                f" with gbjax's {ab['gbjax layers']:.0f} img/s"
+                f" ({ab['gbjax layers'] / ab['flax layers']:.2f}x; same run, interleaved)"
+            )
         if not args.no_torch:
             t_ms, t_groups = profile_torch(cfg, x, y, args.steps)
             row.update(torch_step_ms=t_ms, torch_ms=t_groups, ratio_torch=t_ms / j_ms)

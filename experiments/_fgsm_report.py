@@ -83,7 +83,12 @@ def assemble(
         "Evaluated in float32, TTA off.",
         "- Scored function: `Defended(classifier, GB)` (GB model) or the classifier, on [0, 1] "
         "images; clean and attacked rows use it alike.",
-        "- FGSM (the paper's attack): every test image; GB model under each protocol.",
+        (
+            "- FGSM (the paper's attack): every test image; GB model under each protocol."
+            if first["unprocessed"].get("n_fgsm", mode["n_test_eff"]) >= mode["n_test_eff"]
+            else f"- Clean: every test image. FGSM (the paper's attack): a fixed random "
+            f"{first['unprocessed']['n_fgsm']} of them; GB model under each protocol."
+        ),
         f"- Worst case: a fixed random {n_eval} test images (all classes, in random order); "
         "robust = right clean and at every "
         f"iterate of FGSM, PGD-{mode['pgd_steps']} (random start, step 2.5 eps/steps), "
@@ -253,7 +258,7 @@ def assemble(
                             protocol=p,
                             eps=e,
                             eps_label=lab,
-                            n=mode["n_test_eff"],
+                            n=rec.get("n_fgsm", mode["n_test_eff"]),
                             accuracy=a,
                         )
                     )

@@ -66,6 +66,8 @@ def check_fgsm_cifar_smoke(out, eps_labels):
     for m, prots in (("unprocessed", ["none"]), ("gb", ["oblivious", "end_to_end", "bpda"])):
         rec = run[m]
         assert sorted(rec["fgsm"]) == sorted(prots)
+        assert rec["n_fgsm"] == 32 < r["config"]["n_test_eff"]  # clean on all, FGSM on a subset
+        assert {row["n"] for row in rows if row["model"] == m and row["kind"] == "fgsm"} == {"32"}
         assert all(len(v) == 7 for v in rec["fgsm"].values())
         # the cascade only ever removes images, and the worst case is its last stage
         acc = np.asarray([s["accuracy"] for s in rec["stages"]])
