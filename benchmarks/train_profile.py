@@ -48,7 +48,7 @@ from train_throughput import make_config, synthetic, torch_step  # noqa: E402
 GROUPS = (
     "convolutions",
     "layout transposes",
-    "matrix products (BN sums, head)",
+    "matrix products (head)",
     "BatchNorm and GELU",
     "max-pool",
     "optimiser",
@@ -120,7 +120,7 @@ def _group_jax(name, opcode, body, line, frames):
     if "transpose" in name:
         return "layout transposes"
     if opcode == "dot" or "__ynn_fusion" in line:
-        return "matrix products (BN sums, head)"
+        return "matrix products (head)"
     if "lookahead" in funcs:
         return "lookahead"
     if "/optax/" in files and "/losses/" not in files:
@@ -231,7 +231,7 @@ def _group_torch(name):
     if n in ("aten::index", "aten::randint", "aten::reflection_pad2d", "aten::flip", "aten::where"):
         return "augmentation and batch"
     if n in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul"):
-        return "matrix products (BN sums, head)"
+        return "matrix products (head)"
     if n in ("aten::copy_", "aten::contiguous", "aten::clone"):
         return "layout transposes"
     return "other (loss, ...)"

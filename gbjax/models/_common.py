@@ -157,21 +157,23 @@ def _gelu_jvp(primals, tangents):
     return x * cdf, (cdf + x * pdf) * dx
 
 
-# BatchNorm in training mode, with its channel sums as matrix products.
+# BatchNorm in training mode with a hand-written backward pass.
 #
-# On XLA:CPU a reduction over the batch and spatial axes of an NHWC map (a
-# "column" reduction keeping the channels) becomes a reduce-window followed by a
-# reduce, at about a third of the memory bandwidth; the same sum written as
-# ``ones @ x`` runs through the matrix-multiply library at 3-5x the speed
-# (benchmarks/train_profile.py). Autodiff of flax's BatchNorm adds three more such
-# reductions in the backward pass; the backward below needs two. Forward values
-# are flax's (two-pass variance, ``x - mean`` times ``rsqrt(var + eps)``); only
-# the order of summation differs.
+# On XLA:CPU a sum over the batch and spatial axes of an NHWC map (a "column"
+# reduction keeping the channels) becomes a reduce-window and a reduce, at about a
+# third of the memory bandwidth (benchmarks/train_profile.py). Autodiff of flax's
+# BatchNorm needs three such sums in the backward pass; the backward below needs
+# two. Forward values are flax's (two-pass variance, ``x - mean`` times
+# ``rsqrt(var + eps)``).
+#
+# The sums were also written as ``ones @ x``, 3-5x faster alone; in the jitted
+# airbench step on real CIFAR-10 that version gave an infinite weight gradient at
+# the second step (one sum of finite values came out inf; eager execution of the
+# same step was finite), so the sums stay reductions.
 
 
 def _channel_sum(x_NC: jax.Array) -> jax.Array:
-    ones = jnp.ones((x_NC.shape[0],), x_NC.dtype)
-    return jnp.dot(ones, x_NC, precision=jax.lax.Precision.HIGHEST)
+    return x_NC.sum(0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -208,10 +210,10 @@ class BatchNorm(nnx.BatchNorm):
     Same variables, arguments and results as ``nnx.BatchNorm``; in training mode
     (no mask, no named axis, normalising the last axis) the batch mean and
     two-pass variance, the normalisation and its gradient are one custom-VJP
-    function whose channel sums are matrix products: 3-5x faster than XLA:CPU's
-    reductions (``benchmarks/train_profile.py``), and two sums in the backward
-    pass where autodiff of ``nnx.BatchNorm`` needs five. Evaluation mode and every
-    other case are ``nnx.BatchNorm``'s.
+    function whose backward pass needs two channel sums where autodiff of
+    ``nnx.BatchNorm`` needs three (each is slow on XLA:CPU:
+    ``benchmarks/train_profile.py``). Evaluation mode and every other case are
+    ``nnx.BatchNorm``'s.
 
     Example:
       >>> import numpy as np
