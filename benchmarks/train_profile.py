@@ -262,9 +262,10 @@ def profile_torch(cfg, x, y, steps):
     return step_ms, ms
 
 
-def flax_layers_ab(cfg, x, y, steps, rounds=3):
+def flax_layers_ab(cfg, x, y, steps, rounds=3, gbjax_first=False):
     """Same-run A/B of the step: gbjax's layers (``models.BatchNorm``, ``models.gelu``)
-    against flax's (``nnx.BatchNorm``, ``jax.nn.gelu``), interleaved rounds; -> img/s."""
+    against flax's (``nnx.BatchNorm``, ``jax.nn.gelu``), interleaved rounds; -> img/s.
+    ``gbjax_first``: build and time gbjax's first (the order can matter: run both)."""
     import contextlib
 
     from flax import nnx
@@ -297,9 +298,13 @@ def flax_layers_ab(cfg, x, y, steps, rounds=3):
         run(2)
         return run
 
+    runs = {}
+    if gbjax_first:
+        runs["gbjax layers"] = runner()
     with flax_layers():
-        runs = {"flax layers": runner()}
-    runs["gbjax layers"] = runner()
+        runs["flax layers"] = runner()
+    if not gbjax_first:
+        runs["gbjax layers"] = runner()
     times = {k: [] for k in runs}
     for _ in range(rounds):
         for k, run in runs.items():
@@ -314,6 +319,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed and profiled steps")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--ab", action="store_true", help="also time the step with flax's layers")
+    p.add_argument("--ab-gbjax-first", action="store_true", help="--ab, gbjax's step built first")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     machine = dict(
@@ -329,8 +335,10 @@ def main(argv=None):
         row = dict(model=name, batch_size=cfg.batch_size, gbjax_step_ms=j_ms,
                    gbjax_ms=j_groups, gbjax_convolutions_alone_ms=conv)  # fmt: skip
         t_groups = {}
-        if args.ab:
-            row["layers_ab_images_per_sec"] = ab = flax_layers_ab(cfg, x, y, args.steps)
+        if args.ab or args.ab_gbjax_first:
+            ab = flax_layers_ab(cfg, x, y, args.steps, gbjax_first=args.ab_gbjax_first)
+            row["layers_ab_images_per_sec"] = ab
+            row["layers_ab_gbjax_first"] = args.ab_gbjax_first
             print(
                 f"\n{name}: step with flax's BatchNorm and GELU {ab['flax layers']:.0f} img/s,"
                 f" with gbjax's {ab['gbjax layers']:.0f} img/s"
