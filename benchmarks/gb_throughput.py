@@ -715,7 +715,7 @@ def profile_xla(x, args):
     labels_fn = jax.jit(functools.partial(E._cluster_labels, max_rounds=256, **static))
 
     def whole(th):
-        return E._cluster_batch(
+        return E.cluster_batch(
             xb, th, pu, jnp.float32(1.0), max_rounds=256, min_ball_size=2,
             features=gbjax.Features(), out_dtype=np.dtype(np.uint8), **static,
         )  # fmt: skip
@@ -755,7 +755,7 @@ def profile_xla(x, args):
         )
     th = jnp.float32(HEADLINE_THRESHOLD)
     text = (
-        E._cluster_batch.lower(
+        E.cluster_batch.lower(
             xb,
             th,
             pu,
