@@ -495,3 +495,18 @@ def test_eval_subset_is_random_not_the_class_sorted_prefix():
     for n in (50, 200, 500):
         assert np.bincount(y[idx[:n]], minlength=10).min() >= 1
     assert len(C.eval_indices(30, 500)) == 30
+
+
+def test_quick_main_job_scores_the_test_set_once_on_all_images():
+    """--quick: clean accuracy on all 10,000 test images, evaluated only at the end of
+    training (each per-epoch pass over 10,000 images cost about 15 s a model)."""
+    fgsm = _load("fgsm_cifar")
+    common = _load("_common")
+    quick = fgsm.MODES["quick"]
+    assert quick["n_test"] is None and quick["n_fgsm"] == 1000
+    cfg = common.airbench_config(dict(quick, n_train_eff=50000, n_test_eff=10000), 0, False)
+    assert cfg.eval_every_epochs == 0
+    full = common.airbench_config(
+        dict(fgsm.MODES["full"], n_train_eff=50000, n_test_eff=10000), 0, False
+    )
+    assert full.eval_every_epochs == 1  # the default mode keeps its per-epoch curve
