@@ -97,6 +97,21 @@ def synthetic(shape, n):
     return x, rng.integers(0, 10, n).astype(np.int32)
 
 
+def images(shape, n, data_dir=None):
+    """``n`` training images of this shape: a fixed random subset of CIFAR-10 (32x32x3)
+    or MNIST (28x28x1) from ``data_dir`` when given, else uniform noise (synthetic).
+    Real images can time differently: on uniform noise XLA:CPU ran flax's BatchNorm
+    and GELU about 10% slower than on CIFAR-10 (docs/results/benchmarks/RUN.md)."""
+    if data_dir is None:
+        return synthetic(shape, n)
+    from gbjax import data
+
+    name = "cifar10" if shape[-1] == 3 else "mnist"
+    x, y = data.load(name, "train", data_dir=data_dir, progress=False)
+    x, y = data.random_subset(x, np.asarray(y, np.int32), n)
+    return np.asarray(x), np.asarray(y, np.int32)
+
+
 def bench_gbjax(cfg, x, y):
     """-> run(n) -> seconds for n steps."""
     model = train.init_model(cfg, x, 10)
@@ -156,12 +171,15 @@ def bench_nnx_jit(cfg, x, y):
     return run
 
 
-def torch_step(cfg, x, y):
+def torch_step(cfg, x, y, flush_denormal=False):
     """-> step(): one PyTorch training step of the airbench network, optimiser
-    groups, loss and augmentation (also profiled by train_profile.py)."""
+    groups, loss and augmentation (also profiled by train_profile.py).
+    ``flush_denormal``: ``torch.set_flush_denormal(True)`` (XLA:CPU flushes
+    denormals by default; PyTorch does not)."""
     import torch
     from torch import nn
 
+    torch.set_flush_denormal(bool(flush_denormal))
     torch.set_num_threads(os.cpu_count() or 1)
     widths = cfg.model_kwargs["widths"]
     mom = cfg.momentum
@@ -216,9 +234,9 @@ def torch_step(cfg, x, y):
     return step
 
 
-def bench_torch(cfg, x, y):
+def bench_torch(cfg, x, y, flush_denormal=False):
     """The airbench network, optimiser groups, loss and augmentation in PyTorch."""
-    step = torch_step(cfg, x, y)
+    step = torch_step(cfg, x, y, flush_denormal)
 
     def run(n):
         t0 = time.perf_counter()
@@ -236,11 +254,18 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; median reported")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--n-train", type=int, default=4096)
+    p.add_argument("--data-dir", default=None, help="real images from here (default: noise)")
+    p.add_argument(
+        "--torch-flush-denormal", action="store_true",
+        help="PyTorch flushes denormals to zero, as XLA:CPU does by default",
+    )  # fmt: skip
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     machine = dict(
+        data="real: " + args.data_dir if args.data_dir else "synthetic (uniform noise)",
+        torch_flush_denormal=args.torch_flush_denormal,
         backend=jax.default_backend(), device=dev.device_kind, device_count=jax.device_count(),
         cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
         jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
@@ -251,10 +276,10 @@ def main(argv=None):
     rows = []
     for name in args.models:
         cfg, shape = make_config(name, args.steps)
-        x, y = synthetic(shape, max(args.n_train, cfg.batch_size))
+        x, y = images(shape, max(args.n_train, cfg.batch_size), args.data_dir)
         runners = {"gbjax": bench_gbjax(cfg, x, y), "nnx_jit": bench_nnx_jit(cfg, x, y)}
         if name in AIRBENCH and not args.no_torch:
-            runners["torch"] = bench_torch(cfg, x, y)
+            runners["torch"] = bench_torch(cfg, x, y, args.torch_flush_denormal)
         for run in runners.values():
             run(args.warmup)
         times = {k: [] for k in runners}

@@ -34,6 +34,10 @@ def best_ms(f, *args, reps=5):
     return 1e3 * min(ts), out
 
 
+def _ones_dot(x_NC):
+    return jnp.ones((x_NC.shape[0],), x_NC.dtype) @ x_NC
+
+
 def conv(x, w):
     return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
 
@@ -69,13 +73,18 @@ def wgrad_shifted(x, dy, w):
 def main():
     rng = np.random.default_rng(0)
     print(f"# jax {jax.__version__}, options {OPTS}")
-    print("\nBatchNorm channel sums (ms):")
+    print("\nBatchNorm channel sums (ms); the map passed as NHWC (reshaped inside the jit, as")
+    print("in models.BatchNorm) or already as (N*H*W, C):")
     for shape in [(1024, 15, 15, 64), (1024, 7, 7, 256)]:
-        x = jnp.asarray(rng.standard_normal(shape) + 3, jnp.float32).reshape(-1, shape[-1])
-        red, a = best_ms(lambda v: v.sum(0), x)
-        dot, b = best_ms(lambda v: jnp.ones((v.shape[0],), v.dtype) @ v, x)
-        err = float(jnp.abs(a - b).max() / jnp.abs(a).max())
-        print(f"  {str(shape):20s} reduction {red:6.1f}  ones @ x {dot:6.1f}  rel diff {err:.0e}")
+        x4 = jnp.asarray(rng.standard_normal(shape) + 3, jnp.float32)
+        x2 = x4.reshape(-1, shape[-1])
+        cells = []
+        for label, x in (("NHWC", x4), ("2-D", x2)):
+            red, a = best_ms(lambda v: v.reshape(-1, v.shape[-1]).sum(0), x)
+            dot, b = best_ms(lambda v: _ones_dot(v.reshape(-1, v.shape[-1])), x)
+            err = float(jnp.abs(a - b).max() / jnp.abs(a).max())
+            cells.append(f"{label}: reduction {red:5.1f} ones @ x {dot:5.1f} (rel diff {err:.0e})")
+        print(f"  {str(shape):20s} " + "   ".join(cells))
     print("\nconv layers at batch 256 (ms): forward, input gradient, weight gradient x3 forms")
     total = dict(fwd=0.0, xgrad=0.0, xla=0.0, im2col=0.0, shifted=0.0)
     for hw, ci, co in [(31, 24, 64), (15, 64, 64), (15, 64, 256), (7, 256, 256), (3, 256, 256)]:
