@@ -2,7 +2,7 @@
 the way a reviewer would accept (Carlini et al. 2019; Croce & Hein 2020).
 
     python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, 2 h 55 min
-    python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 23 min
+    python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 22 min
     python experiments/fgsm_cifar.py --smoke --synthetic --out /tmp/s    # about a minute
     python experiments/fgsm_cifar.py --model resnet18 --data-dir ...     # ResNet-18, for a GPU
 
@@ -15,7 +15,7 @@ to 500 steps; one seed (``--seeds 0,1,2`` for three). ``--quick``: the ``fast``
 variant for 4 epochs, clean accuracy on all 10,000 test images, FGSM on a fixed
 random 1,000 of them, the worst case on 100 with
 PGD-10 and APGD-20 (Square: 300 queries on 50). The subset sizes were chosen
-to fit 3 h and 20 min on 2 cores; the quick mode overruns (22.6 min measured, 17
+to fit 3 h and 20 min on 2 cores; the quick mode overruns (21.9 min measured, 16
 of them two trainings with their scoring). Every size can be overridden. The worst case is
 ``gbjax.attacks.cascade``, its state saved after every stage in ``OUT/state/``:
 a stopped run started again with the same ``--out`` reuses its trained models
