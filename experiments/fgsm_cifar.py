@@ -105,7 +105,7 @@ MODES = {
         model="airbench",
         variant="fast",
         epochs=4,
-        eval_every_epochs=0,  # the 10,000 test images once, at the end (about 45 s a model)
+        eval_every_epochs=0,  # the 10,000 test images once, at the end (18-27 s less a model)
         batch_size=None,
         attack_batch=100,
     ),
@@ -410,25 +410,21 @@ def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer, out_d
 def merge(args) -> dict:
     """``--merge DIR [DIR ...]``: the tables of earlier runs (e.g. one per seed) as one,
     their GB settings and painting time taken from their results.json."""
-    from _fgsm_report import assemble
-
     r, runs = C.start_merge(EXPERIMENT, args, args.merge)
     first = json.loads((pathlib.Path(args.merge[0]) / "results.json").read_text())
     for k in ("threshold", "purity", "data_dir"):
         setattr(args, k, r.mode.get(k, getattr(args, k)))
+    return report(r, args, runs, float(first.get("gb_preprocess_seconds") or 0.0))
+
+
+def report(r, args, runs, gb_time) -> dict:
+    """Tables, figures and results.json of ``runs`` (``_fgsm_report.assemble``)."""
+    from _fgsm_report import assemble
+
     return assemble(
-        r,
-        args,
-        runs,
-        float(first.get("gb_preprocess_seconds") or 0.0),
-        EPS,
-        EPS_LABELS,
-        PROTOCOLS,
-        PAPER_TABLE2,
-        LARGE_EPS,
-        CONV_LABEL,
-        model_description(r.mode),
-    )
+        r, args, runs, gb_time, EPS, EPS_LABELS, PROTOCOLS, PAPER_TABLE2, LARGE_EPS,
+        CONV_LABEL, model_description(r.mode),
+    )  # fmt: skip
 
 
 def run(argv=None) -> dict:
@@ -478,21 +474,7 @@ def run(argv=None) -> dict:
             trained, defences.GB(**gbkw), x01, r.yte, mode, seed, r.progress, r.timer, r.out
         )
         runs[seed] = {m: dict(ev[m], train_metrics=metrics[m]) for m in ev}
-    from _fgsm_report import assemble
-
-    return assemble(
-        r,
-        args,
-        runs,
-        gb_time,
-        EPS,
-        EPS_LABELS,
-        PROTOCOLS,
-        PAPER_TABLE2,
-        LARGE_EPS,
-        CONV_LABEL,
-        model_description(mode),
-    )
+    return report(r, args, runs, gb_time)
 
 
 if __name__ == "__main__":
