@@ -6,9 +6,11 @@
    models.BatchNorm use) against ``ones @ x`` (faster alone, but see methods.md 6.4).
 2. A conv layer's weight gradient: XLA's (autodiff of ``lax.conv_general_dilated``)
    against a matrix product of im2col patches and against nine shifted products, for
-   the airbench94 layer shapes at batch 256; forward and input gradient beside.
-All under gbjax's per-jit XLA options (``gbjax._xla.conv_options``), best of 5 (3 for
-the convolutions), compilation excluded.
+   the airbench94 layer shapes at batch 256; forward and input gradient beside, and the
+   forward compiled without gbjax's options (``fwd default``: this jaxlib's default
+   YNN convolution fusions).
+All under gbjax's per-jit XLA options (``gbjax._xla.conv_options``) unless said, best of
+5 (3 for the convolutions), compilation excluded.
 """
 
 import time
@@ -23,8 +25,8 @@ OPTS = _xla.conv_options()
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-def best_ms(f, *args, reps=5):
-    g = jax.jit(f, compiler_options=OPTS)
+def best_ms(f, *args, reps=5, options=OPTS):
+    g = jax.jit(f, compiler_options=options)
     out = jax.block_until_ready(g(*args))
     ts = []
     for _ in range(reps):
@@ -86,13 +88,14 @@ def main():
             cells.append(f"{label}: reduction {red:5.1f} ones @ x {dot:5.1f} (rel diff {err:.0e})")
         print(f"  {str(shape):20s} " + "   ".join(cells))
     print("\nconv layers at batch 256 (ms): forward, input gradient, weight gradient x3 forms")
-    total = dict(fwd=0.0, xgrad=0.0, xla=0.0, im2col=0.0, shifted=0.0)
+    total = {k: 0.0 for k in ("fwd", "fwd default", "xgrad", "xla", "im2col", "shifted")}
     for hw, ci, co in [(31, 24, 64), (15, 64, 64), (15, 64, 256), (7, 256, 256), (3, 256, 256)]:
         x = jnp.asarray(rng.standard_normal((256, hw, hw, ci)), jnp.float32)
         w = jnp.asarray(rng.standard_normal((3, 3, ci, co)) * 0.1, jnp.float32)
         dy = jnp.asarray(rng.standard_normal((256, hw, hw, co)), jnp.float32)
         row = {
             "fwd": best_ms(lambda a, d, k: conv(a, k), x, dy, w, reps=3)[0],
+            "fwd default": best_ms(lambda a, d, k: conv(a, k), x, dy, w, reps=3, options=None)[0],
             "xgrad": best_ms(
                 lambda a, d, k: jax.vjp(lambda u: conv(u, k), a)[1](d)[0], x, dy, w, reps=3
             )[0],  # noqa: E501
@@ -112,7 +115,8 @@ def main():
     print(
         f"  weight gradient: im2col / XLA {total['im2col'] / total['xla']:.2f}x,"
         f" shifted / XLA {total['shifted'] / total['xla']:.2f}x;"
-        f" XLA weight gradient / forward {total['xla'] / total['fwd']:.2f}x"
+        f" XLA weight gradient / forward {total['xla'] / total['fwd']:.2f}x;"
+        f" forward, default options / gbjax's {total['fwd default'] / total['fwd']:.2f}x"
     )
 
 
