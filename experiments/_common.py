@@ -139,6 +139,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="override: training images used")
     p.add_argument("--n-test", type=int, default=None, help="override: test images evaluated")
     p.add_argument("--epochs", type=int, default=None, help="override: training epochs")
+    p.add_argument(
+        "--eval-every-epochs",
+        type=int,
+        default=None,
+        help="override: score the test set every N epochs during training (0: only at the end)",
+    )
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.add_argument(
         "--merge",

@@ -124,6 +124,7 @@ MODES = {
         model="airbench",
         variant="",
         epochs=None,
+        eval_every_epochs=0,  # at the end only (full_seed0: 10 x 11 s a model); flag to add
         batch_size=None,
         attack_batch=250,
     ),
@@ -448,6 +449,7 @@ def run(argv=None) -> dict:
             "apgd_steps",
             "model",
             "epochs",
+            "eval_every_epochs",
         ),
     )
     mode = r.mode

@@ -497,9 +497,9 @@ def test_eval_subset_is_random_not_the_class_sorted_prefix():
     assert len(C.eval_indices(30, 500)) == 30
 
 
-def test_quick_main_job_scores_the_test_set_once_on_all_images():
-    """--quick: clean accuracy on all 10,000 test images, evaluated only at the end of
-    training (dropping the per-epoch passes saved 18-27 s a model in the quick run)."""
+def test_main_job_scores_the_test_set_once_on_all_images():
+    """Clean accuracy on all 10,000 test images, evaluated only at the end of training in
+    both modes (dropping the per-epoch passes saved 18-27 s a model in the quick run)."""
     fgsm = _load("fgsm_cifar")
     common = _load("_common")
     quick = fgsm.MODES["quick"]
@@ -509,4 +509,6 @@ def test_quick_main_job_scores_the_test_set_once_on_all_images():
     full = common.airbench_config(
         dict(fgsm.MODES["full"], n_train_eff=50000, n_test_eff=10000), 0, False
     )
-    assert full.eval_every_epochs == 1  # the default mode keeps its per-epoch curve
+    assert full.eval_every_epochs == 0  # 10 x 11 s a model in full_seed0; --eval-every-epochs 1
+    args = fgsm.parse_args(["--eval-every-epochs", "1", "--synthetic"])
+    assert args.eval_every_epochs == 1
