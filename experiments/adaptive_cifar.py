@@ -1,7 +1,8 @@
 """Is GB's small-budget robustness real? Attacks built against GB itself, and adversarial
 training beside it (issue 25; docs/methods.md, section 9).
 
-    python experiments/adaptive_cifar.py --quick --data-dir ../shared/data      # quick mode
+    python experiments/adaptive_cifar.py --quick --data-dir ../shared/data \\
+        --models results/fgsm_cifar/<quick run>          # quick, 20 min: the same, quick
     python experiments/adaptive_cifar.py --data-dir ../shared/data \\
         --models results/fgsm_cifar/<run>                # default: reuse the main job's models
     python experiments/adaptive_cifar.py --smoke --synthetic --out /tmp/s      # about a minute
@@ -17,12 +18,12 @@ What it does, per seed:
    when there, else trained here with the main job's recipe. Beside them, the
    same network and recipe trained *adversarially* (N-FGSM, de Jorge et al.
    2022: one gradient step from uniform noise in [-2 eps, 2 eps]) at a small
-   budget and at 8/255 (``--at``, default ``2,8``): ``at_2`` and ``at_8``; an entry
-   ``8:pgd3`` trains with PGD-3 (Madry et al. 2018) instead, named ``at_8_pgd3``
+   budget and at 8/255 (``--at``, default ``2,8``; quick mode ``2``): ``at_2`` and
+   ``at_8``; an entry ``8:pgd3`` trains with PGD-3 (Madry et al. 2018) instead, named ``at_8_pgd3``
    (quick mode: 2 epochs, the same number of gradient computations as the
    plain models' 4; default mode: the same epochs as the plain models;
    ``--at-epochs`` overrides both and names the models ``at_<eps>_<epochs>ep``).
-   PGD-10 accuracy on 200 held-out test images is logged at every evaluation,
+   PGD-10 accuracy on 200 held-out test images is logged at every epoch's end,
    so catastrophic overfitting would show in the models' metrics.jsonl.
 2. **The main job's worst-case cascade, unchanged** (FGSM, PGD, APGD-CE,
    APGD-DLR under every protocol, transfer, Square at the main job's budget),
@@ -77,17 +78,23 @@ _SMOKE = dict(
     spsa_steps=3,
     spsa_samples=8,
     square_queries=8,
+    at="2,8",
     at_epochs=1,
     conv_steps=(2, 3),
 )
 MODES = {
     "smoke": _SMOKE,
+    # Quick: at most 20 min on the idle 2-core machine with --models the quick main job's
+    # folder (its two models and its cascade reused); budget from adaptive_quick3's stage
+    # times: one adversarial training, at the small budget where GB helps (about 7 min),
+    # SPSA 10 steps x 64 samples (default 50 x 128), Square 1,000 queries (default 5,000).
     "quick": dict(
         F.MODES["quick"],
         taus=(100.0,),
-        spsa_steps=20,
+        spsa_steps=10,
         spsa_samples=64,
-        square_queries=5000,
+        square_queries=1000,
+        at="2",
         # an N-FGSM step costs two forward-backward passes: 2 epochs give the AT
         # models the gradient computations of the plain models' 4 epochs
         at_epochs=2,
@@ -99,6 +106,7 @@ MODES = {
         spsa_steps=50,
         spsa_samples=128,
         square_queries=5000,
+        at="2,8",
         at_epochs=None,
         conv_steps=(10, 20, 50, 100, 200),
     ),
@@ -118,9 +126,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--at",
         type=_at_list,
-        default=_at_list("2,8"),
+        default=None,
         help="adversarially trained models: comma-separated eps in x/255, each optionally "
-        "':fgsm-rs' or ':pgd<steps>' (default N-FGSM), e.g. '2,8:pgd3' (default '2,8')",
+        "':fgsm-rs' or ':pgd<steps>' (default N-FGSM), e.g. '2,8:pgd3' (default: '2,8'; "
+        "--quick: '2')",
     )
     p.add_argument(
         "--at-epochs",
@@ -173,7 +182,7 @@ def model_specs(mode, args) -> dict:
     """{name: (adversarial settings, preprocessed)} of the models of this run."""
     specs = {"unprocessed": ({}, False), "gb": ({}, True)}
     if not args.skip_at:
-        for spec in args.at:
+        for spec in args.at if args.at is not None else _at_list(mode["at"]):
             specs[at_name(spec, args.at_epochs)] = (
                 dict(spec, eval_n=AT_EVAL_N, eval_steps=AT_EVAL_STEPS),
                 False,
@@ -186,6 +195,19 @@ def at_name(spec: dict, epochs: float | None = None) -> str:
     method = spec.get("method", "n-fgsm")
     tag = {"n-fgsm": "", "pgd": f"_pgd{spec.get('steps', 3)}"}.get(method, f"_{method}")
     return f"at_{spec['eps'] * 255:g}" + ("" if epochs is None else f"_{epochs:g}ep") + tag
+
+
+def training_mode(mode: dict, args, adv: dict) -> dict:
+    """The mode a model is trained with: an adversarially trained one (``adv`` not empty)
+    gets the mode's or ``--at-epochs``' epochs and scores the test set (with its PGD
+    accuracy) every epoch, so that catastrophic overfitting shows."""
+    mode = dict(mode)
+    if adv:
+        at_epochs = args.at_epochs if args.at_epochs is not None else mode.get("at_epochs")
+        if at_epochs is not None:
+            mode["epochs"] = at_epochs
+        mode["eval_every_epochs"] = 1
+    return mode
 
 
 def get_models(r, args, xtr_gb, xte_gb, seed):
@@ -203,11 +225,7 @@ def get_models(r, args, xtr_gb, xte_gb, seed):
             print(f"[{EXPERIMENT}] {name}: restored from {done[0]}")
             out[name], metrics[name] = train.restore_model(done[0]), dict(done[1], reused=True)
         else:
-            mode = dict(r.mode)
-            at_epochs = args.at_epochs if args.at_epochs is not None else mode.get("at_epochs")
-            if adv and at_epochs is not None:
-                mode["epochs"] = at_epochs
-            cfg = F.classifier_config(mode, seed, r.progress)
+            cfg = F.classifier_config(training_mode(r.mode, args, adv), seed, r.progress)
             cfg.adversarial = adv
             tr, te = (xtr_gb, xte_gb) if pre else (r.xtr, r.xte)
             out[name], metrics[name] = C.train_model(cfg, homes[-1], (tr, r.ytr), (te, r.yte))

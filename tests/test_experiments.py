@@ -406,6 +406,29 @@ def test_adaptive_cifar_at_specs():
             mod._at_list(bad)
 
 
+def test_adaptive_cifar_models_per_mode():
+    """The quick mode trains one adversarial model (2/255), the default two; ``--at``
+    overrides both; adversarial trainings score the test set every epoch (catastrophic
+    overfitting shows) even where the main job's mode scores it only at the end."""
+    mod = _load("adaptive_cifar")
+    quick, full = mod.MODES["quick"], mod.MODES["full"]
+    assert list(mod.model_specs(quick, mod.parse_args(["--quick"]))) == [
+        "unprocessed",
+        "gb",
+        "at_2",
+    ]
+    assert list(mod.model_specs(full, mod.parse_args([])))[2:] == ["at_2", "at_8"]
+    assert list(mod.model_specs(quick, mod.parse_args(["--at", "4"])))[2:] == ["at_4"]
+    args = mod.parse_args(["--quick"])
+    for mode in (quick, full):
+        assert mode["eval_every_epochs"] == 0
+        assert mod.training_mode(mode, args, {})["eval_every_epochs"] == 0
+        at = mod.training_mode(mode, args, dict(eps=2 / 255))
+        assert at["eval_every_epochs"] == 1 and at["epochs"] == mode["at_epochs"]
+    at = mod.training_mode(quick, mod.parse_args(["--at-epochs", "3"]), dict(eps=2 / 255))
+    assert at["epochs"] == 3
+
+
 def test_adaptive_cifar_reuses_the_main_jobs_cascade(tmp_path, capsys):
     """``--models`` = the main job's folder: its cascade state on the same images starts
     this run's state (the group is not re-run), remembered when the run resumes; a
