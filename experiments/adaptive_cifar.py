@@ -88,8 +88,8 @@ MODES = {
     # folder (its two models and its cascade reused). Estimated from the stage times of
     # adaptive_quick3 and of the quick main job: one adversarial training, at the small
     # budget where GB helps (about 8 min), SPSA 10 steps x 32 samples (default 50 x 128)
-    # and Square 1,000 queries (default 5,000), which removed nothing there at 20 x 64 and
-    # 5,000 but for 3 of GB's images at 1/255; about 17 min in all.
+    # and Square 1,000 queries (default 5,000); there SPSA-20x64 removed no image after the
+    # gradient stages and Square-5000 six (GB: 3 at 1/255; at_8: 3). About 17 min in all.
     "quick": dict(
         F.MODES["quick"],
         taus=(100.0,),
