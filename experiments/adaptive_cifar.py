@@ -18,11 +18,17 @@ What it does, per seed:
    when there, else trained here with the main job's recipe. Beside them, the
    same network and recipe trained *adversarially* (N-FGSM, de Jorge et al.
    2022: one gradient step from uniform noise in [-2 eps, 2 eps]) at a small
-   budget and at 8/255 (``--at``, default ``2,8``; quick mode ``2``): ``at_2`` and
-   ``at_8``; an entry ``8:pgd3`` trains with PGD-3 (Madry et al. 2018) instead,
-   named ``at_8_pgd3`` (half the plain models' epochs, so that N-FGSM makes the
-   plain models' number of gradient computations: quick mode 2, default mode 4.95;
-   ``--at-epochs`` overrides both and names the models ``at_<eps>_<epochs>ep``).
+   budget and at 8/255 (``--at``, default ``2,8:pgd3``; quick mode ``2``): an
+   entry ``8:pgd3`` trains with PGD-3 (Madry et al. 2018) instead, named
+   ``at_8_pgd3``, as the default does at 8/255, where N-FGSM collapses on this
+   network (docs/methods.md 9.5). Half the plain models' epochs, so that N-FGSM
+   makes the plain models' number of gradient computations (PGD-3 twice that):
+   quick mode 2, default mode 4.95 (``--at-epochs`` overrides both and names the
+   models ``at_<eps>_<epochs>ep``).
+   An entry ending in ``:gb`` (``2:gb``: ``at_2_gb``) puts GB in the loop: each
+   step attacks the raw image through GB by BPDA and trains on the painted
+   adversarial image; the model is then scored and attacked behind GB, with
+   GB's protocols and stages.
    PGD-10 accuracy on 200 held-out test images is logged at every epoch's end,
    so catastrophic overfitting would show in the models' metrics.jsonl.
 2. **The main job's worst-case cascade, unchanged** (FGSM, PGD, APGD-CE,
@@ -108,7 +114,7 @@ MODES = {
         spsa_steps=50,
         spsa_samples=128,
         square_queries=5000,
-        at="2,8",
+        at="2,8:pgd3",  # N-FGSM at 8/255 collapses on airbench (docs/methods.md 9.5)
         at_epochs=4.95,  # half airbench94's 9.9: the plain models' gradient computations
         conv_steps=(10, 20, 50, 100, 200),
     ),
@@ -130,8 +136,8 @@ def parse_args(argv=None):
         type=_at_list,
         default=None,
         help="adversarially trained models: comma-separated eps in x/255, each optionally "
-        "':fgsm-rs' or ':pgd<steps>' (default N-FGSM), e.g. '2,8:pgd3' (default: '2,8'; "
-        "--quick: '2')",
+        "':fgsm-rs' or ':pgd<steps>' (default N-FGSM) and ':gb' (GB in the loop), e.g. "
+        "'2,8:pgd3,2:gb' (default: '2,8:pgd3'; --quick: '2')",
     )
     p.add_argument(
         "--at-epochs",
@@ -163,15 +169,23 @@ def _finished(workdir: pathlib.Path) -> dict | None:
 
 
 def _at_list(text: str) -> tuple[dict, ...]:
-    """``'2,8:pgd3'`` -> ``({'eps': 2/255, 'method': 'n-fgsm'}, {'eps': 8/255,
-    'method': 'pgd', 'steps': 3})``; argparse reports a ValueError as a bad value."""
+    """``'2,8:pgd3,2:gb'`` -> ``({'eps': 2/255, 'method': 'n-fgsm'}, {'eps': 8/255,
+    'method': 'pgd', 'steps': 3}, {'eps': 2/255, 'method': 'n-fgsm', 'gb': True})``
+    (``gb``: GB in the loop); argparse reports a ValueError as a bad value."""
     out = []
     for entry in text.split(","):
-        eps_text, _, method = entry.strip().partition(":")
+        eps_text, *flags = entry.strip().split(":")
+        gb = "gb" in flags
+        flags = [f for f in flags if f != "gb"]
+        if len(flags) > 1:
+            raise ValueError(f"{entry!r}: at most one method and 'gb'")
+        method = flags[0] if flags else ""
         eps = float(eps_text) / 255
         if not 0 < eps <= 1:
             raise ValueError(f"eps {eps_text!r} must be in (0, 255] (x/255)")
         spec = dict(eps=eps, method=method or "n-fgsm")
+        if gb:
+            spec["gb"] = True
         if method.startswith("pgd"):
             spec.update(method="pgd", steps=int(method[3:] or 3))
         elif spec["method"] not in ("n-fgsm", "fgsm-rs"):
@@ -185,17 +199,19 @@ def model_specs(mode, args) -> dict:
     specs = {"unprocessed": ({}, False), "gb": ({}, True)}
     if not args.skip_at:
         for spec in args.at if args.at is not None else _at_list(mode["at"]):
-            specs[at_name(spec, args.at_epochs)] = (
-                dict(spec, eval_n=AT_EVAL_N, eval_steps=AT_EVAL_STEPS),
-                False,
-            )
+            adv = dict(spec, eval_n=AT_EVAL_N, eval_steps=AT_EVAL_STEPS)
+            if spec.get("gb"):  # GB in the loop: raw images in, the trainer paints
+                adv["gb"] = dict(threshold=args.threshold, purity=args.purity)
+            specs[at_name(spec, args.at_epochs)] = (adv, False)
     return specs
 
 
 def at_name(spec: dict, epochs: float | None = None) -> str:
-    """``at_<eps x 255>[_<epochs>ep][_<method>]``, the method left out for N-FGSM."""
+    """``at_<eps x 255>[_<epochs>ep][_<method>][_gb]``, the method left out for N-FGSM,
+    ``_gb`` for GB in the loop."""
     method = spec.get("method", "n-fgsm")
     tag = {"n-fgsm": "", "pgd": f"_pgd{spec.get('steps', 3)}"}.get(method, f"_{method}")
+    tag += "_gb" if spec.get("gb") else ""
     return f"at_{spec['eps'] * 255:g}" + ("" if epochs is None else f"_{epochs:g}ep") + tag
 
 
@@ -340,7 +356,11 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
     xe, ye = x01[idx], y[idx]
     fns = F.model_functions({k: trained[k] for k in ("unprocessed", "gb")}, gb_defence)
     for name in trained:
-        if name not in fns:  # adversarially trained: the classifier alone
+        if name in fns:
+            continue
+        if F.behind_gb(name):  # GB + adversarial training: attacked as the GB model is
+            fns[name] = F.gb_functions(trained[name], gb_defence)
+        else:  # adversarially trained: the classifier alone
             fns[name] = (defences.Defended(trained[name]), {"none": trained[name]})
     res = {}
     for name, (scored, attacked) in fns.items():
@@ -348,7 +368,7 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
         clean = evaluate.accuracy(scored, x01, y, batch_size=mode["attack_batch"])
         # the main job's cascade (fgsm_cifar), recorded as one stage, then the new stages
         main = F.cascade_stages(name, scored, attacked, mode, trained["unprocessed"], n_eval)
-        gb = gb_defence if name == "gb" else None
+        gb = gb_defence if F.behind_gb(name) else None
         stages = [attacks.Group("main job cascade", main)]
         stages += adaptive_stages(name, scored, trained[name], gb, mode)
         state = out / "state" / f"{name}_seed{seed}.json"  # a stopped run resumes here

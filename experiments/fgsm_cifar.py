@@ -173,21 +173,34 @@ def classifier_config(mode, seed, progress):
 
 def model_functions(models, gb_defence):
     """{model: (scored function, {protocol: attacked function})}."""
-    from gbjax import attacks, defences
+    from gbjax import defences
 
     out = {
         "unprocessed": (defences.Defended(models["unprocessed"]), {"none": models["unprocessed"]})
     }
     if "gb" in models:
-        pairs = {p: attacks.make_attack_logits(models["gb"], gb_defence, p) for p in PROTOCOLS}
-        out["gb"] = (pairs["end_to_end"][1], {p: a for p, (a, _) in pairs.items()})
+        out["gb"] = gb_functions(models["gb"], gb_defence)
     return out
+
+
+def gb_functions(classifier, gb_defence):
+    """(scored function, {protocol: attacked function}) of ``classifier`` behind GB."""
+    from gbjax import attacks
+
+    pairs = {p: attacks.make_attack_logits(classifier, gb_defence, p) for p in PROTOCOLS}
+    return pairs["end_to_end"][1], {p: a for p, (a, _) in pairs.items()}
+
+
+def behind_gb(name):
+    """Whether the model ``name`` is defended by GB: ``gb``, or one whose name ends in
+    ``_gb`` (adaptive_cifar's GB + adversarial training)."""
+    return name == "gb" or name.endswith("_gb")
 
 
 def chunk_for(name):
     """Steps per compiled call: 1 when GB is in the program (several copies of the
     engine in one XLA program compile for minutes on CPU), else the default."""
-    return 1 if name == "gb" else None
+    return 1 if behind_gb(name) else None
 
 
 def cascade_stages(name, scored, attacked, mode, unprocessed, n):
@@ -202,14 +215,14 @@ def cascade_stages(name, scored, attacked, mode, unprocessed, n):
 
     stages = [stage(f"FGSM {prot}", fn, "fgsm") for prot, fn in attacked.items()]
     stages += [stage(f"PGD-{pgd} {prot}", fn, "pgd", steps=pgd) for prot, fn in attacked.items()]
-    if name == "gb":
+    if behind_gb(name):
         stages.append(stage(f"transfer PGD-{pgd}", unprocessed, "pgd", steps=pgd))
     for loss in ("ce", "dlr"):
         stages += [
             stage(f"APGD-{loss.upper()} {prot}", fn, f"apgd-{loss}", steps=apgd)
             for prot, fn in attacked.items()
         ]
-    if name == "gb":
+    if behind_gb(name):
         stages.append(stage("transfer APGD-CE", unprocessed, "apgd-ce", steps=apgd))
     # score-based, on the scored function; on a prefix of the (random) subset
     n_sq, q = min(mode["n_square"], n), mode["queries"]

@@ -72,6 +72,9 @@ class Config:
     # "eval_steps": 10}. Each step trains on adversarial examples of the current model
     # (one gradient step, or ``steps`` projected steps for "pgd");
     # eval_n > 0 logs PGD accuracy at eps on the last eval_n test images each evaluation.
+    # "gb": {"threshold": 20.0, "purity": 0.9} puts GB in the loop (GB + adversarial
+    # training): the attack goes through GB by BPDA, the step trains on the GB-painted
+    # adversarial images, and evaluation paints the (raw) test images first.
     adversarial: dict = dataclasses.field(default_factory=dict)
     # --- model
     # "paper_convnet" | "resnet18" | "resnet20" | "resnet" (generic ResNet:
@@ -130,7 +133,7 @@ class Config:
 
 
 ADVERSARIAL_METHODS = ("n-fgsm", "fgsm-rs", "pgd")
-_ADVERSARIAL_KEYS = ("eps", "method", "steps", "eval_n", "eval_steps")
+_ADVERSARIAL_KEYS = ("eps", "method", "steps", "eval_n", "eval_steps", "gb")
 
 
 def _int(name, v, bad, lo=1, optional=False) -> None:
@@ -178,6 +181,13 @@ def _validate_adversarial(adv, bad) -> None:
         bad(f"adversarial['method'] must be one of {ADVERSARIAL_METHODS}, got {adv['method']!r}")
     for k, lo in (("steps", 1), ("eval_n", 0), ("eval_steps", 1)):
         _int(f"adversarial[{k!r}]", adv.get(k, lo), bad, lo)
+    if "gb" in adv:  # GB in the loop: a dict of GBParams fields
+        if not isinstance(adv["gb"], dict):
+            bad(f"adversarial['gb'] must be a dict of GBParams fields, got {adv['gb']!r}")
+        try:
+            GBParams(**adv["gb"])
+        except (TypeError, ValueError) as e:
+            bad(f"adversarial['gb']: {e}")
 
 
 def validate_config(config: Config, num_devices: int | None = None) -> None:

@@ -75,11 +75,22 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from gbjax import _train_loop, _workdir, _xla, attacks, augment, data, evaluate, models, optim
+from gbjax import (
+    _train_loop,
+    _workdir,
+    _xla,
+    attacks,
+    augment,
+    data,
+    defences,
+    evaluate,
+    models,
+    optim,
+)
 from gbjax._runs import build_model, restore_model, time_to_target
 from gbjax._workdir import WorkdirBusyError, WorkdirError, WorkdirMismatchError
 from gbjax.config import Config, apply_overrides, load_config, validate_config
-from gbjax.gb import GBParams
+from gbjax.gb import GBParams, gb_denoise
 
 __all__ = [
     "TrainResult",
@@ -457,7 +468,7 @@ def _stats_lookahead(config: Config, total_steps: int) -> Callable | None:
 def adversarial_images(
     state: dict[str, Any], x_BHWC: ArrayLike, y_B: ArrayLike, key: jax.Array, *,
     graphdef: nnx.GraphDef, num_classes: int, eps: float, method: str = "n-fgsm",
-    steps: int = 3,
+    steps: int = 3, defence: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:  # fmt: skip
     """Adversarial images of the model of ``state`` (train mode), in [0, 1] floats.
 
@@ -472,8 +483,14 @@ def adversarial_images(
     gradient computations per training step. The gradient is taken in
     train mode (batch statistics, as the step itself); the statistics that
     these extra forward passes would update are discarded.
+
+    With a ``defence`` (a preprocessor of [0, 1] images, such as
+    :class:`gbjax.defences.GB`) the model is attacked through it by BPDA
+    (forward exact, backward the identity) and the images returned are the
+    defence's output on the adversarial images: what the defended model sees.
     """
     eps = jnp.float32(eps)
+    through = (lambda v: v) if defence is None else attacks.bpda(defence)
     x = models.to_pixels(x_BHWC) / 255.0
     if method == "n-fgsm":
         radius, step_size, n_steps, project = 2.0 * eps, eps, 1, False
@@ -487,7 +504,7 @@ def adversarial_images(
     def loss(x_in):
         stats = jax.tree.map(lambda a: a, state["batch_stats"])
         model = nnx.merge(graphdef, state["params"], stats, state["consts"])
-        logits = model(x_in)
+        logits = model(through(x_in))
         return jnp.sum(loss_and_correct(logits, y_B, num_classes, 0.0)[0])
 
     def one_step(_, delta):
@@ -496,7 +513,8 @@ def adversarial_images(
         return jnp.clip(delta, -eps, eps) if project else delta
 
     delta = jax.lax.fori_loop(0, n_steps, one_step, delta)
-    return jax.lax.stop_gradient(jnp.clip(x + delta, 0.0, 1.0))
+    x_adv = jnp.clip(x + delta, 0.0, 1.0)
+    return jax.lax.stop_gradient(x_adv if defence is None else defence(x_adv))
 
 
 # ----------------------------------------------------------------------------
@@ -730,12 +748,15 @@ class Trainer:
         self.augment = AUGMENTATIONS[config.augment]
         self.objective = _objective(config, num_classes)
         self.after_update = _stats_lookahead(config, total_steps)
-        self.attack = None
+        self.attack, self.defence = None, None
         if config.adversarial:
             adv = config.adversarial
+            if adv.get("gb"):  # GB in the loop: attacked through, trained and scored behind
+                self.defence = defences.GB(GBParams(**adv["gb"]))
             self.attack = functools.partial(
                 adversarial_images, graphdef=self.train_graphdef, num_classes=num_classes,
                 eps=adv["eps"], method=adv.get("method", "n-fgsm"), steps=adv.get("steps", 3),
+                defence=self.defence,
             )  # fmt: skip
         state = create_train_state(model, self.tx, slow_stats=bool(config.lookahead_every))
         self.init_state = jax.device_put(state, self.repl)
@@ -793,16 +814,20 @@ class Trainer:
         """PGD accuracy at ``adversarial['eps']`` (``eval_steps`` steps, one random
         start) of the eval-mode model on ``x`` (uint8): catastrophic overfitting
         shows as this falling to about 0 while clean accuracy holds."""
-        adv = self.config.adversarial
+        adv, model = self.config.adversarial, self.model(state)
+        attacked, scored = model, None
+        if self.defence is not None:  # through GB by BPDA, scored behind GB
+            attacked, scored = attacks.make_attack_logits(model, self.defence, "bpda")
         return float(
             attacks.accuracy_under_attack(
-                self.model(state),
+                attacked,
                 x,
                 y,
                 eps_list=[adv["eps"]],
                 attack="pgd",
                 steps=adv.get("eval_steps", 10),
                 key=jax.random.fold_in(self.adv_key, 0x7FFFFFFF),
+                eval_logits_fn=scored,
                 batch_size=self.config.eval_batch_size,
                 progress=False,
             )[0]
@@ -815,6 +840,10 @@ class Trainer:
     def evaluate(
         self, state: dict[str, Any], x: ArrayLike, y: ArrayLike, *, tta: str = "none"
     ) -> dict[str, float]:
+        """Test loss and accuracy of ``state`` on ``x`` (behind GB when it is in the loop:
+        the images are painted first)."""
+        if self.defence is not None:
+            x = np.asarray(gb_denoise(np.asarray(x), self.defence.params))
         return eval_step(
             state, x, y, graphdef=self.eval_graphdef, batch_size=self.config.eval_batch_size,
             tta=tta,

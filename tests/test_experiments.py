@@ -398,10 +398,18 @@ def test_train_model_reuses_its_run_and_deletes_nothing(tmp_path, capsys):
 def test_adaptive_cifar_at_specs():
     """``--at`` entries name the models apart, and bad entries are refused."""
     mod = _load("adaptive_cifar")
-    specs = mod._at_list("2, 8:pgd3,4:fgsm-rs")
-    assert [mod.at_name(s) for s in specs] == ["at_2", "at_8_pgd3", "at_4_fgsm-rs"]
+    specs = mod._at_list("2, 8:pgd3,4:fgsm-rs,2:gb,8:gb:pgd2")
+    names = ["at_2", "at_8_pgd3", "at_4_fgsm-rs", "at_2_gb", "at_8_pgd2_gb"]
+    assert [mod.at_name(s) for s in specs] == names
     assert mod.at_name(specs[1], 4) == "at_8_4ep_pgd3" and specs[1]["steps"] == 3
-    for bad in ("0", "2:pgdx", "2:madry", "x"):
+    assert [bool(s.get("gb")) for s in specs] == [False, False, False, True, True]
+    assert [mod.F.behind_gb(n) for n in ["gb", "unprocessed"] + names] == [True, False] + [
+        False, False, False, True, True,
+    ]  # fmt: skip
+    args = mod.parse_args(["--at", "2:gb", "--threshold", "10"])
+    adv = mod.model_specs(mod.MODES["quick"], args)["at_2_gb"][0]
+    assert adv["gb"] == dict(threshold=10.0, purity=0.9)
+    for bad in ("0", "2:pgdx", "2:madry", "x", "2:pgd3:fgsm-rs"):
         with pytest.raises(ValueError):
             mod._at_list(bad)
 
@@ -417,7 +425,7 @@ def test_adaptive_cifar_models_per_mode():
         "gb",
         "at_2",
     ]
-    assert list(mod.model_specs(full, mod.parse_args([])))[2:] == ["at_2", "at_8"]
+    assert list(mod.model_specs(full, mod.parse_args([])))[2:] == ["at_2", "at_8_pgd3"]
     assert list(mod.model_specs(quick, mod.parse_args(["--at", "4"])))[2:] == ["at_4"]
     args = mod.parse_args(["--quick"])
     for mode in (quick, full):
