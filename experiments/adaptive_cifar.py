@@ -21,10 +21,11 @@ What it does, per seed:
    budget and at 8/255 (``--at``, default ``2,8:pgd3``; quick mode ``2``): an
    entry ``8:pgd3`` trains with PGD-3 (Madry et al. 2018) instead, named
    ``at_8_pgd3``, as the default does at 8/255, where N-FGSM collapses on this
-   network (docs/methods.md 9.5). Half the plain models' epochs, so that N-FGSM
-   makes the plain models' number of gradient computations (PGD-3 twice that):
-   quick mode 2, default mode 4.95 (``--at-epochs`` overrides both and names the
-   models ``at_<eps>_<epochs>ep``).
+   network (docs/methods.md 9.5). Each is trained for the plain models' number
+   of gradient computations: their epochs over the forward-backward passes of a
+   step (N-FGSM 2, PGD-3 4): quick mode 2 and 1 epochs, default mode 4.95 and
+   2.475 (``--at-epochs`` sets the epochs instead and names the models
+   ``at_<eps>_<epochs>ep``).
    An entry ending in ``:gb`` (``2:gb``: ``at_2_gb``) puts GB in the loop: each
    step attacks the raw image through GB by BPDA and trains on the painted
    adversarial image; the model is then scored and attacked behind GB, with
@@ -85,7 +86,6 @@ _SMOKE = dict(
     spsa_samples=8,
     square_queries=8,
     at="2,8",
-    at_epochs=1,
     conv_steps=(2, 3),
 )
 MODES = {
@@ -93,9 +93,9 @@ MODES = {
     # Quick: at most 20 min on the idle 2-core machine with --models the quick main job's
     # folder (its two models and its cascade reused). Estimated from the stage times of
     # adaptive_quick3 and of the quick main job: one adversarial training, at the small
-    # budget where GB helps (about 8 min), SPSA 10 steps x 32 samples (default 50 x 128)
-    # and Square 1,000 queries (default 5,000); there SPSA-20x64 removed no image after the
-    # gradient stages and Square-5000 six (GB: 3 at 1/255; at_8: 3). About 17 min in all.
+    # budget where GB helps (about 8 min), SPSA 10 steps x 32 samples and Square 1,000
+    # queries; there SPSA-20x64 removed no image after the gradient stages and
+    # Square-5000 six (GB: 3 at 1/255; at_8: 3). About 17 min in all.
     "quick": dict(
         F.MODES["quick"],
         taus=(100.0,),
@@ -103,19 +103,22 @@ MODES = {
         spsa_samples=32,
         square_queries=1000,
         at="2",
-        # an N-FGSM step costs two forward-backward passes: 2 epochs give the AT
-        # models the gradient computations of the plain models' 4 epochs
-        at_epochs=2,
         conv_steps=(10, 20, 50),
     ),
+    # Default: about 2.6 h with --models the default main job's folder (estimated from
+    # its stage times: airbench94 scores about 640 images/s inside Square). Two
+    # adversarial trainings of about 33 min each; the main job's cascade on the two AT
+    # models (500 images); SPSA (20 x 32) and Square-5000 on the first 50 of the 500:
+    # on all 500, Square-5000 alone would take about 6 h on this CPU.
     "full": dict(
         F.MODES["full"],
         taus=(25.0, 100.0, 400.0),
-        spsa_steps=50,
-        spsa_samples=128,
+        spsa_steps=20,
+        spsa_samples=32,
+        spsa_first=50,
         square_queries=5000,
+        square_first=50,
         at="2,8:pgd3",  # N-FGSM at 8/255 collapses on airbench (docs/methods.md 9.5)
-        at_epochs=4.95,  # half airbench94's 9.9: the plain models' gradient computations
         conv_steps=(10, 20, 50, 100, 200),
     ),
 }
@@ -215,17 +218,28 @@ def at_name(spec: dict, epochs: float | None = None) -> str:
     return f"at_{spec['eps'] * 255:g}" + ("" if epochs is None else f"_{epochs:g}ep") + tag
 
 
-def training_mode(mode: dict, args, adv: dict) -> dict:
-    """The mode a model is trained with: an adversarially trained one (``adv`` not empty)
-    gets the mode's or ``--at-epochs``' epochs and scores the test set (with its PGD
+def gradient_passes(adv: dict) -> int:
+    """Forward-backward passes of one adversarial training step: 2 for N-FGSM and
+    FGSM-RS (the attack's and the update's), ``steps`` + 1 for PGD."""
+    return adv.get("steps", 3) + 1 if adv.get("method") == "pgd" else 2
+
+
+def training_config(mode: dict, args, adv: dict, seed: int, progress: bool):
+    """The Config a model is trained with. An adversarially trained one (``adv`` not
+    empty) gets the plain models' number of gradient computations (their epochs over
+    :func:`gradient_passes`), or ``--at-epochs``, and scores the test set (with its PGD
     accuracy) every epoch, so that catastrophic overfitting shows."""
     mode = dict(mode)
     if adv:
-        at_epochs = args.at_epochs if args.at_epochs is not None else mode.get("at_epochs")
-        if at_epochs is not None:
-            mode["epochs"] = at_epochs
         mode["eval_every_epochs"] = 1
-    return mode
+        if args.at_epochs is not None:
+            mode["epochs"] = args.at_epochs
+    cfg = F.classifier_config(mode, seed, progress)
+    if adv:
+        cfg.adversarial = adv
+        if args.at_epochs is None:
+            cfg.num_epochs = cfg.num_epochs / gradient_passes(adv)
+    return cfg
 
 
 def get_models(r, args, xtr_gb, xte_gb, seed):
@@ -243,8 +257,7 @@ def get_models(r, args, xtr_gb, xte_gb, seed):
             print(f"[{EXPERIMENT}] {name}: restored from {done[0]}")
             out[name], metrics[name] = train.restore_model(done[0]), dict(done[1], reused=True)
         else:
-            cfg = F.classifier_config(training_mode(r.mode, args, adv), seed, r.progress)
-            cfg.adversarial = adv
+            cfg = training_config(r.mode, args, adv, seed, r.progress)
             tr, te = (xtr_gb, xte_gb) if pre else (r.xtr, r.xte)
             out[name], metrics[name] = C.train_model(cfg, homes[-1], (tr, r.ytr), (te, r.yte))
             metrics[name]["train_seconds"] = r.timer.mark(f"train_{name}", t0)

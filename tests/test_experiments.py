@@ -428,13 +428,18 @@ def test_adaptive_cifar_models_per_mode():
     assert list(mod.model_specs(full, mod.parse_args([])))[2:] == ["at_2", "at_8_pgd3"]
     assert list(mod.model_specs(quick, mod.parse_args(["--at", "4"])))[2:] == ["at_4"]
     args = mod.parse_args(["--quick"])
-    for mode in (quick, full):
+    quick, full = (dict(m, n_train_eff=50000, n_test_eff=10000) for m in (quick, full))
+    for mode, epochs in ((quick, 4), (full, 9.9)):
         assert mode["eval_every_epochs"] == 0
-        assert mod.training_mode(mode, args, {})["eval_every_epochs"] == 0
-        at = mod.training_mode(mode, args, dict(eps=2 / 255))
-        assert at["eval_every_epochs"] == 1 and at["epochs"] == mode["at_epochs"]
-    at = mod.training_mode(quick, mod.parse_args(["--at-epochs", "3"]), dict(eps=2 / 255))
-    assert at["epochs"] == 3
+        plain = mod.training_config(mode, args, {}, 0, False)
+        assert plain.eval_every_epochs == 0 and plain.num_epochs == epochs and not plain.adversarial
+        # the plain models' gradient computations: N-FGSM 2 passes a step, PGD-3 4
+        for adv, passes in ((dict(eps=2 / 255), 2), (dict(eps=8 / 255, method="pgd", steps=3), 4)):
+            at = mod.training_config(mode, args, adv, 0, False)
+            assert at.eval_every_epochs == 1 and at.adversarial == adv
+            assert at.num_epochs == pytest.approx(epochs / passes)
+    at = mod.training_config(quick, mod.parse_args(["--at-epochs", "3"]), dict(eps=0.01), 0, False)
+    assert at.num_epochs == 3
 
 
 def test_adaptive_cifar_reuses_the_main_jobs_cascade(tmp_path, capsys):
