@@ -2,7 +2,7 @@
 training beside it (issue 25; docs/methods.md, section 9).
 
     python experiments/adaptive_cifar.py --quick --data-dir ../shared/data \\
-        --models results/fgsm_cifar/<quick run>          # quick, 20 min: the same, quick
+        --models results/fgsm_cifar/<quick run>          # quick: 22.6 min measured
     python experiments/adaptive_cifar.py --data-dir ../shared/data \\
         --models results/fgsm_cifar/<run>                # default: reuse the main job's models
     python experiments/adaptive_cifar.py --smoke --synthetic --out /tmp/s      # about a minute
@@ -90,12 +90,11 @@ _SMOKE = dict(
 )
 MODES = {
     "smoke": _SMOKE,
-    # Quick: at most 20 min on the idle 2-core machine with --models the quick main job's
-    # folder (its two models and its cascade reused). Estimated from the stage times of
-    # adaptive_quick3 and of the quick main job: one adversarial training, at the small
-    # budget where GB helps (about 8 min), SPSA 10 steps x 32 samples and Square 1,000
-    # queries; there SPSA-20x64 removed no image after the gradient stages and
-    # Square-5000 six (GB: 3 at 1/255; at_8: 3). About 17 min in all.
+    # Quick: sized for 20 min with --models the quick main job's folder (its two models
+    # and its cascade reused): one adversarial training, at the small budget where GB
+    # helps, SPSA 10 steps x 32 samples and Square 1,000 queries (in adaptive_quick3
+    # SPSA-20x64 removed no image after the gradient stages and Square-5000 six).
+    # Measured (quick_seed0_20261206): 1,358 s, of which the N-FGSM training 637 s.
     "quick": dict(
         F.MODES["quick"],
         taus=(100.0,),
@@ -105,11 +104,11 @@ MODES = {
         at="2",
         conv_steps=(10, 20, 50),
     ),
-    # Default: about 2.6 h with --models the default main job's folder (estimated from
-    # its stage times: airbench94 scores about 640 images/s inside Square). Two
-    # adversarial trainings of about 33 min each; the main job's cascade on the two AT
-    # models (500 images); SPSA (20 x 32) and Square-5000 on the first 50 of the 500:
-    # on all 500, Square-5000 alone would take about 6 h on this CPU.
+    # Default: an estimated 2.6 h with --models the default main job's folder (not run;
+    # from its stage times: airbench94 scores about 640 images/s inside Square), likely
+    # more, since an N-FGSM step measured 2.7 plain steps in the quick mode, not 2. The
+    # main job's cascade on the two AT models (500 images); SPSA (20 x 32) and
+    # Square-5000 on the first 50 of the 500 (on all 500: an estimated 6 h for Square).
     "full": dict(
         F.MODES["full"],
         taus=(25.0, 100.0, 400.0),
