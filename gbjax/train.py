@@ -751,7 +751,7 @@ class Trainer:
         self.attack, self.defence = None, None
         if config.adversarial:
             adv = config.adversarial
-            if adv.get("gb"):  # GB in the loop: attacked through, trained and scored behind
+            if "gb" in adv:  # GB in the loop ({} = GBParams defaults): attacked through, behind it
                 self.defence = defences.GB(GBParams(**adv["gb"]))
             self.attack = functools.partial(
                 adversarial_images, graphdef=self.train_graphdef, num_classes=num_classes,
