@@ -491,6 +491,8 @@ def airbench_config(mode: dict, seed: int, progress: bool, **overrides):
         cfg.batch_size = mode["batch_size"]
     if mode.get("eval_every_epochs") is not None:  # 0: score the test set only at the end
         cfg.eval_every_epochs = mode["eval_every_epochs"]
+    if mode.get("eval_tta") is not None:  # "none": the final score without TTA
+        cfg.eval_tta = mode["eval_tta"]
     cfg.whiten_num_images = min(cfg.whiten_num_images, mode["n_train_eff"])
     return _finish_config(cfg, mode, seed, progress, overrides)
 

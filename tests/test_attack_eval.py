@@ -128,6 +128,80 @@ def test_misclassified_clean_images_never_count_as_robust(trained):
     np.testing.assert_array_equal(res.robust[0], clean_ok)
 
 
+@pytest.mark.parametrize("loss", ["ce", "margin"])
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_fgsm_sweep_from_one_gradient_equals_one_budget_at_a_time(trained, loss, chunk):
+    """A sweep over several budgets takes FGSM's gradient once per image; its flags
+    must be those of attacking each budget on its own (the per-budget path), with
+    and without a cascade's ``robust_so_far``."""
+    fn, x, y = trained
+    eps = [0.0, 0.05, 0.1, 0.2, 0.3]
+    rng = np.random.default_rng(0)
+    so_far = rng.random((len(eps), len(y))) < 0.7
+    kw = dict(attack=A.FGSM(loss=loss), per_image=True, progress=False, chunk=chunk,
+              batch_size=64)  # fmt: skip
+    plain = A.accuracy_under_attack(fn, x, y, eps_list=eps, **kw).robust
+    assert 0.1 < plain[-1].mean() < plain[-2].mean() < plain[0].mean()  # not trivial
+    for prior in (None, so_far):
+        sweep = A.accuracy_under_attack(fn, x, y, eps_list=eps, robust_so_far=prior, **kw)
+        alone = np.stack([
+            A.accuracy_under_attack(
+                fn, x, y, eps_list=[e], robust_so_far=None if prior is None else prior[i], **kw
+            ).robust[0]
+            for i, e in enumerate(eps)
+        ])  # fmt: skip
+        np.testing.assert_array_equal(sweep.robust, alone)
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_budgets_attacked_together_equal_one_budget_at_a_time(trained, chunk):
+    """The images of every budget run as one set of rows, each with its own eps;
+    for a deterministic attack (PGD from x) the flags are those of each budget
+    attacked on its own, with and without a cascade's prior flags."""
+    fn, x, y = trained
+    eps = [0.0, 0.05, 0.1, 0.2, 0.3]
+    prior = np.random.default_rng(1).random((len(eps), len(y))) < 0.8
+    kw = dict(attack=A.PGD(steps=4, random_start=False), per_image=True, progress=False,
+              chunk=chunk, batch_size=64)  # fmt: skip
+    for so_far in (None, prior):
+        together = A.accuracy_under_attack(fn, x, y, eps_list=eps, robust_so_far=so_far, **kw)
+        alone = np.stack([
+            A.accuracy_under_attack(
+                fn, x, y, eps_list=[e], robust_so_far=None if so_far is None else so_far[i], **kw
+            ).robust[0]
+            for i, e in enumerate(eps)
+        ])  # fmt: skip
+        np.testing.assert_array_equal(together.robust, alone)
+    assert 0.05 < together.robust[-1].mean() < together.robust[1].mean()
+
+
+def test_attack_kernels_keep_each_row_in_its_own_budget(trained):
+    """With one eps per row, every attack's result stays in that row's ball, and the
+    larger budgets are used (the rows do not all get the smallest or the largest)."""
+    from gbjax.attacks.apgd import apgd_run
+    from gbjax.attacks.scored import pgd_robust
+    from gbjax.attacks.spsa import spsa_run
+    from gbjax.attacks.square import square_run
+
+    fn, x, y = trained
+    xs, ys = jnp.asarray(x[:48]), jnp.asarray(y[:48])
+    eps_r = jnp.asarray(np.tile([0.02, 0.1, 0.3], 16), jnp.float32)
+    key = jax.random.key(3)
+    results = {
+        "pgd": pgd_robust(fn, fn, xs, ys, key, eps_r, 2.5 * eps_r / 5, 5, 0.0, 1.0, chunk=1)[1],
+        "apgd": apgd_run(fn, fn, xs, ys, key, eps_r, steps=5, loss="ce", chunk=2, stop_early=False)[
+            1
+        ],  # fmt: skip
+        "square": square_run(fn, xs, ys, key, eps_r, queries=20, chunk=5)[1],
+        "spsa": spsa_run(fn, xs, ys, key, eps_r, steps=3, samples=8, lr=0.05)[1],
+    }
+    for name, adv in results.items():
+        dev = np.asarray(jnp.max(jnp.abs(adv - xs).reshape(48, -1), axis=1))
+        assert np.all(dev <= np.asarray(eps_r) + 1e-6), name
+        for e in (0.1, 0.3):  # the rows of a larger budget move further than 0.02
+            assert dev[np.asarray(eps_r) == e].max() > 0.05, (name, e)
+
+
 @pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "apgd-dlr"])
 def test_cascade_only_attacks_survivors_and_never_raises_accuracy(trained, attack):
     fn, x, y = trained

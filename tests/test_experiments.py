@@ -542,9 +542,11 @@ def test_main_job_scores_the_test_set_once_on_all_images():
     assert quick["n_test"] is None and quick["n_fgsm"] == 1000
     cfg = common.airbench_config(dict(quick, n_train_eff=50000, n_test_eff=10000), 0, False)
     assert cfg.eval_every_epochs == 0
+    assert cfg.eval_tta == "none"  # the quick tables score the plain model only
     full = common.airbench_config(
         dict(fgsm.MODES["full"], n_train_eff=50000, n_test_eff=10000), 0, False
     )
     assert full.eval_every_epochs == 0  # 10 x 11 s a model in full_seed0; --eval-every-epochs 1
+    assert full.eval_tta == "flip_translate"  # the default mode still reports the TTA score
     args = fgsm.parse_args(["--eval-every-epochs", "1", "--synthetic"])
     assert args.eval_every_epochs == 1

@@ -444,16 +444,26 @@ def bpda(forward: Callable[..., Any], backward: Callable[..., Any] | None = None
 # ---------------------------------------------------------------------------
 
 
+def per_image(v, x):
+    """A budget (or step size) that is a scalar or one value per image ``(B,)``,
+    shaped to broadcast against the images ``x`` ``(B, ...)``. The evaluation runs
+    the images of several budgets in one batch, each row with its own eps."""
+    v = jnp.asarray(v, x.dtype)
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim)) if v.ndim else v
+
+
 def fgsm_impl(fn, x, y, key, eps, lo, hi, targeted, eot_samples, loss="ce"):
     g = grad_impl(fn, x, y, key, eot_samples, loss)
     direction = -jnp.sign(g) if targeted else jnp.sign(g)
+    eps = per_image(eps, x)
     x_adv = jnp.clip(x + eps * direction, lo, hi).astype(x.dtype)
     return jnp.where(eps == 0, x, x_adv)
 
 
 def projection(x, eps, lo, hi):
-    """Projection onto ``{|v - x|_inf <= eps}`` intersected with ``[lo, hi]``."""
-    eps = jnp.asarray(eps, x.dtype)
+    """Projection onto ``{|v - x|_inf <= eps}`` intersected with ``[lo, hi]`` (``eps``
+    a scalar or one per image)."""
+    eps = per_image(eps, x)
     return lambda v: jnp.clip(jnp.clip(v, x - eps, x + eps), lo, hi).astype(x.dtype)
 
 
@@ -463,7 +473,7 @@ def pgd_start(x, key, eps, lo, hi, random_start):
     if not random_start:
         return x, key
     key, start_key = jax.random.split(key)
-    eps = jnp.asarray(eps, x.dtype)
+    eps = per_image(eps, x)
     return projection(x, eps, lo, hi)(
         x + jax.random.uniform(start_key, x.shape, x.dtype, -eps, eps)
     ), key
@@ -474,6 +484,7 @@ def pgd_step(fn, x, y, eps, step_size, lo, hi, targeted, eot_samples, loss):
     step from ``x_adv``; the loss and logits are those at ``x_adv`` (logits
     ``None`` with EOT)."""
     project = projection(x, eps, lo, hi)
+    step_size = per_image(step_size, x)
 
     def step(i, x_adv, key):
         k = None if eot_samples is None else jax.random.fold_in(key, i)

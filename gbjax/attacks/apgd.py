@@ -46,6 +46,7 @@ from gbjax.attacks._core import (
     chunk_plan,
     correct_from_logits,
     is_zero,
+    per_image,
     projection,
     value_grad,
 )
@@ -116,7 +117,7 @@ def _init(fn, eval_fn, x, y, target, key, eps, lo, hi, loss, *, eot_samples, sha
             :, None, None, None
         ]
     )
-    x0 = jnp.clip(x + eps * t, lo, hi).astype(x.dtype)
+    x0 = jnp.clip(x + per_image(eps, x) * t, lo, hi).astype(x.dtype)
     per, g, logits = value_grad(fn, x0, y, k_grad, eot_samples, loss, target)
     ek = None if eot_samples is None else k_eval
     correct = _correct(eval_fn, x0, y, logits if shared else None, ek)
@@ -130,7 +131,7 @@ def _init(fn, eval_fn, x, y, target, key, eps, lo, hi, loss, *, eot_samples, sha
         x_best=x0,
         loss_best=per,
         grad_best=g,
-        step=jnp.full((B,), 2.0, jnp.float32) * eps,
+        step=jnp.full((B,), 2.0, jnp.float32) * jnp.asarray(eps, jnp.float32),  # eps () or (B,)
         n_incr=jnp.zeros(B, jnp.int32),
         loss_best_last=per,
         reduced_last=jnp.ones(B, bool),

@@ -294,13 +294,15 @@ def accuracy_under_attack(
 
         bar = tqdm(total=E, desc=desc or f"{spec.attack} sweep", unit="eps", leave=False)
     try:
-        for i, e in enumerate(eps_list):
-            _xla.relieve_map_pressure()  # each eps may compile new programs
-            if e > 0:
-                k_e = None if key is None else jax.random.fold_in(key, i)
-                robust[i] = _attack_set(spec, run, x, y, robust[i], k_e, e)
-            if bar is not None:
-                bar.update(1)
+        _xla.relieve_map_pressure()  # the attack may compile new programs
+        if isinstance(spec, FGSM) and eot_samples is None and E > 1:
+            # one gradient per image for every budget (FGSM's direction does not
+            # depend on eps); the same flags as attacking each budget on its own
+            robust = _fgsm_sweep(spec, run, x, y, robust, eps_list)
+        else:
+            robust = _attack_budgets(spec, run, x, y, robust, eps_list, key)
+        if bar is not None:
+            bar.update(E)
     finally:
         if bar is not None:
             bar.close()
@@ -322,52 +324,92 @@ class _Run(NamedTuple):
     batch_size: int
 
 
-def _attack_set(spec: Attack, run: _Run, x, y, robust, key, eps):
-    """The robust flags ``(N,)`` after one attack at one eps (only ``robust`` images)."""
+def _fgsm_sweep(spec: FGSM, run: _Run, x, y, robust, eps_list):
+    """The robust flags ``(E, N)`` after FGSM at every budget of ``eps_list``: each
+    image still robust at some budget is attacked once, from one gradient."""
     robust = robust.copy()
+    pos = [i for i, e in enumerate(eps_list) if e > 0]
+    idx = np.flatnonzero(robust[pos].any(axis=0)) if pos else np.zeros(0, int)
+    if len(idx) == 0:
+        return robust
+    eps_E = jnp.asarray([eps_list[i] for i in pos], jnp.float32)
+    for b in fixed_batches(len(idx), bucket_size(len(idx), run.batch_size), shrink=False):
+        rows = idx[b.index]
+        ok_EB = scored.fgsm_sweep_robust(
+            run.attack_fn,
+            run.eval_fn,
+            _to_float(_rows(x, rows)),
+            jnp.asarray(y[rows]),
+            eps_E,
+            run.lo,
+            run.hi,
+            loss=spec.loss,
+        )
+        robust[np.ix_(pos, rows[: b.valid])] &= np.asarray(ok_EB)[:, : b.valid]
+    return robust
+
+
+def _attack_budgets(spec: Attack, run: _Run, x, y, robust, eps_list, key):
+    """The robust flags ``(E, N)`` after the attack at every budget of ``eps_list``.
+
+    The images still robust at each budget are attacked together, as one set of
+    rows, each with its own eps: one batch shape and one pass of the attack for
+    all budgets, rather than a pass per budget with its own (padded) batches and
+    programs. Every row is an independent attack on one image at one budget."""
+    robust = robust.copy()
+    pos = np.asarray([i for i, e in enumerate(eps_list) if e > 0], int)
+    if len(pos) == 0:
+        return robust
+    which, img = np.nonzero(robust[pos])  # budget-major: each budget's rows together
+    if len(img) == 0:
+        return robust
+    budget = pos[which]
+    eps_r = np.asarray(eps_list, np.float32)[budget]
+    k = None if key is None else jax.random.fold_in(key, 0)
+    robust[budget, img] = _attack_rows(spec, run, x, y, img, eps_r, k)
+    return robust
+
+
+def _attack_rows(spec: Attack, run: _Run, x, y, img, eps_r, key):
+    """The robust flags ``(R,)`` of ``R`` rows: image ``img[r]`` attacked at the
+    budget ``eps_r[r]`` (an image may appear in several rows, one per budget)."""
+    robust = np.ones(len(img), bool)
     lo, hi, chunk, bs_max = run.lo, run.hi, run.chunk, run.batch_size
     if isinstance(spec, Square):
-        idx = np.flatnonzero(robust)
-        if len(idx):
-            margin, _ = square_run(
-                run.eval_fn,
-                _to_float(_rows(x, idx)),
-                y[idx],
-                key,
-                eps,
-                queries=int(spec.queries),
-                p_init=float(spec.p_init),
-                lo=lo,
-                hi=hi,
-                batch_size=bs_max,
-                chunk=chunk or 25,
-            )
-            robust[idx] = np.asarray(margin) > 0
-        return robust
+        margin, _ = square_run(
+            run.eval_fn,
+            _to_float(_rows(x, img)),
+            y[img],
+            key,
+            jnp.asarray(eps_r),
+            queries=int(spec.queries),
+            p_init=float(spec.p_init),
+            lo=lo,
+            hi=hi,
+            batch_size=bs_max,
+            chunk=chunk or 25,
+        )
+        return np.asarray(margin) > 0
     if isinstance(spec, SPSA):
-        idx = np.flatnonzero(robust)
-        if len(idx):
-            ok, _ = spsa_run(
-                run.eval_fn,
-                _to_float(_rows(x, idx)),
-                y[idx],
-                key,
-                eps,
-                steps=spec.steps,
-                samples=int(spec.samples),
-                lr=spec.lr,
-                delta=spec.delta,
-                lo=lo,
-                hi=hi,
-                batch_size=bs_max,
-            )
-            robust[idx] = ok
-        return robust
+        ok, _ = spsa_run(
+            run.eval_fn,
+            _to_float(_rows(x, img)),
+            y[img],
+            key,
+            jnp.asarray(eps_r),
+            steps=spec.steps,
+            samples=int(spec.samples),
+            lr=spec.lr,
+            delta=spec.delta,
+            lo=lo,
+            hi=hi,
+            batch_size=bs_max,
+        )
+        return np.asarray(ok, bool)
     restarts = getattr(spec, "restarts", 1)
     runs = [(r, None) for r in range(restarts)]
     if isinstance(spec, APGD) and spec.loss == "dlr-targeted":
         runs = [(r, t) for t in range(1, spec.n_targets + 1) for r in range(restarts)]
-    eps32 = jnp.float32(eps)
     fns = dict(eot_samples=run.eot_samples, shared=run.shared)
     for i_run, (r, target_rank) in enumerate(runs):
         idx = np.flatnonzero(robust)
@@ -377,7 +419,8 @@ def _attack_set(spec: Attack, run: _Run, x, y, robust, key, eps):
         bs = bucket_size(len(idx), bs_max)  # few distinct shapes as the set shrinks
         for b in fixed_batches(len(idx), bs, shrink=False):
             rows = idx[b.index]
-            xb, yb = _to_float(_rows(x, rows)), jnp.asarray(y[rows])
+            xb, yb = _to_float(_rows(x, img[rows])), jnp.asarray(y[img[rows]])
+            eps32 = jnp.asarray(eps_r[rows])  # (B,): each row's budget
             kb = None if k_run is None else jax.random.fold_in(k_run, b.start)
             fn, eval_fn = run.attack_fn, run.eval_fn
             if isinstance(spec, FGSM) and chunk == 1:
@@ -417,7 +460,7 @@ def _attack_set(spec: Attack, run: _Run, x, y, robust, key, eps):
                 noisy = scored.sign_noise(xb, k_noise, eps32, lo, hi)
                 ok = scored.correct(eval_fn, noisy, yb, k_eval, eot_samples=None)
             elif isinstance(spec, PGD):
-                step_size = jnp.float32(spec.rel_step * eps / spec.steps)
+                step_size = jnp.asarray(spec.rel_step * eps_r[rows] / spec.steps, jnp.float32)
                 ok, _ = scored.pgd_robust(
                     fn,
                     eval_fn,

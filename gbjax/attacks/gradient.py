@@ -25,6 +25,7 @@ from gbjax.attacks._core import (
     correct_from_logits,
     fgsm_impl,
     is_zero,
+    per_image,
     pgd_start,
     pgd_step,
     restart_key,
@@ -58,7 +59,7 @@ def _pgd_impl(
         x_adv = jax.lax.fori_loop(0, steps, body, x_adv)  # steps may be traced
     else:
         x_adv = jax.lax.fori_loop(0, steps, body, x_adv, unroll=unroll)  # static steps
-    return jnp.where(eps == 0, x, x_adv)
+    return jnp.where(per_image(eps, x) == 0, x, x_adv)
 
 
 def _score(fn, x_adv, y, k, targeted, eot_samples, loss):
@@ -194,7 +195,7 @@ def _pgd_chunked(
             x_adv = _chunked_steps(
                 fn, x, y, x_adv, k, eps, step_size, i0, steps, lo, hi, n=n, unroll=unroll, **static
             )
-        return jnp.where(eps == 0, x, x_adv)
+        return jnp.where(per_image(eps, x) == 0, x, x_adv)
 
     best = run(key)
     if restarts == 1:

@@ -12,7 +12,8 @@ caller, once). When the attacked and scored functions are the same
 
 PGD runs as a host loop over compiled chunks of steps (see
 ``gbjax.attacks._core.chunk_plan``); FGSM and the random-sign control are one
-compiled call each.
+compiled call each; a deterministic FGSM sweep over several budgets is one call
+for all of them (:func:`fgsm_sweep_robust`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from gbjax.attacks._core import (
     chunk_plan,
     correct_from_logits,
     fgsm_impl,
+    grad_impl,
+    per_image,
     pgd_start,
     pgd_step,
 )
@@ -58,12 +61,28 @@ def fgsm_robust(fn, eval_fn, x, y, key, eps, lo, hi, *, eot_samples, loss, targe
     return _correct(eval_fn, x_adv, y, None, ek)
 
 
+@_xla.conv_jit(static_argnames=("loss", "targeted"))
+def fgsm_sweep_robust(fn, eval_fn, x, y, eps_E, lo, hi, *, loss, targeted=False):
+    """``(E, B)``: the scored model is right on FGSM's image at each budget of
+    ``eps_E``. FGSM's step direction ``sign(grad)`` is taken at the clean image, so
+    it does not depend on eps: one gradient serves every budget (deterministic
+    attacks only, no EOT), then one scoring pass per budget."""
+    g = grad_impl(fn, x, y, None, None, loss)
+    direction = -jnp.sign(g) if targeted else jnp.sign(g)
+
+    def at(eps):
+        x_adv = jnp.clip(x + eps * direction, lo, hi).astype(x.dtype)
+        return _correct(eval_fn, jnp.where(eps == 0, x, x_adv), y, None, None)
+
+    return jax.lax.map(at, eps_E)
+
+
 @jax.jit
 def sign_noise(x, key, eps, lo, hi):
     """The random-sign control's images: ``clip(x + eps * s)``, ``s`` uniform in {-1, +1}
     (scored with :func:`correct`, so no model program is compiled for it)."""
     s = jnp.where(jax.random.bernoulli(key, 0.5, x.shape), 1.0, -1.0)
-    return jnp.clip(x + eps * s, lo, hi).astype(x.dtype)
+    return jnp.clip(x + per_image(eps, x) * s, lo, hi).astype(x.dtype)
 
 
 def _pgd_chunk(

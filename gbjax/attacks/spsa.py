@@ -32,7 +32,7 @@ from gbjax import _xla
 from gbjax._batching import bucket_size, fixed_batches
 from gbjax._callables import LogitsFn
 from gbjax._checks import check_count, check_int, check_scalar
-from gbjax.attacks._core import as_logits_fn, check_attack_labels, check_xy, margins
+from gbjax.attacks._core import as_logits_fn, check_attack_labels, check_xy, margins, per_image
 
 __all__ = ["spsa", "spsa_run"]
 
@@ -59,6 +59,7 @@ def _update(fn, x, x_adv, y, g, m, s, t, eps, lr, lo, hi, robust):
     m_hat = m / (1 - _B1**t)
     s_hat = s / (1 - _B2**t)
     x_adv = x_adv - lr * m_hat / (jnp.sqrt(s_hat) + _ADAM_EPS)
+    eps = per_image(eps, x)  # () or one per image
     x_adv = jnp.clip(jnp.clip(x_adv, x - eps, x + eps), lo, hi).astype(x.dtype)
     robust = robust & (margins(fn, x_adv, y) > 0)
     return x_adv, m, s, robust
@@ -109,7 +110,7 @@ def spsa_run(
     n = x.shape[0]
     bs = bucket_size(n, batch_size)
     group = group or max(1, 256 // bs)
-    eps, lr, delta = jnp.float32(eps), jnp.float32(lr), jnp.float32(delta)
+    eps, lr, delta = jnp.asarray(eps, jnp.float32), jnp.float32(lr), jnp.float32(delta)
     robust, adv = np.ones(n, bool), []
     batches = list(fixed_batches(n, bs, shrink=False))
     bar = None
@@ -125,7 +126,7 @@ def spsa_run(
                 x[idx],
                 y[idx],
                 jax.random.fold_in(key, b.start),
-                eps,
+                eps[idx] if eps.ndim else eps,  # () or one budget per image
                 steps=steps,
                 samples=samples,
                 lr=lr,

@@ -41,6 +41,7 @@ from gbjax.attacks._core import (
     check_xy,
     is_zero,
     margins,
+    per_image,
 )
 
 __all__ = ["square", "p_schedule"]
@@ -59,7 +60,7 @@ def p_schedule(p_init: float, i, queries: int):
 def _start(fn, x, y, key, eps, lo, hi):
     b, _, w, c = x.shape
     s = jnp.where(jax.random.bernoulli(key, 0.5, (b, 1, w, c)), 1.0, -1.0)
-    x0 = jnp.clip(x + eps * s, lo, hi).astype(x.dtype)
+    x0 = jnp.clip(x + per_image(eps, x) * s, lo, hi).astype(x.dtype)
     return x0, margins(fn, x0, y)
 
 
@@ -68,6 +69,7 @@ def _queries(fn, x, y, x_best, margin, key, eps, i0, queries, p_init, lo, hi, *,
     """``n`` queries (iterations ``i0 .. i0 + n - 1``), unrolled; ``n=1`` for models
     with GB inside (several copies of the engine in one program compile slowly)."""
     b, h, w, c = x.shape
+    eps = per_image(eps, x)  # () or one per image
     rows = jnp.arange(h)[None, :, None, None]
     cols = jnp.arange(w)[None, None, :, None]
     for j in range(n):
@@ -113,11 +115,16 @@ def square_run(
     x, y = jnp.asarray(x), jnp.asarray(y).astype(jnp.int32)
     n = x.shape[0]
     k_start, key = jax.random.split(key)
-    eps = jnp.float32(eps)
+    eps = jnp.asarray(eps, jnp.float32)  # () or (N,): one budget per image
+
+    def eps_of(idx):
+        return eps[idx] if eps.ndim else eps
+
     xb_parts, m_parts = [], []
     for bt in fixed_batches(n, bucket_size(n, batch_size), shrink=False):
         idx = jnp.asarray(bt.index)
-        x0, m0 = _start(fn, x[idx], y[idx], jax.random.fold_in(k_start, bt.start), eps, lo, hi)
+        k = jax.random.fold_in(k_start, bt.start)
+        x0, m0 = _start(fn, x[idx], y[idx], k, eps_of(idx), lo, hi)
         xb_parts.append(x0[: bt.valid])
         m_parts.append(m0[: bt.valid])
     x_best, margin = jnp.concatenate(xb_parts), jnp.concatenate(m_parts)
@@ -141,7 +148,7 @@ def square_run(
                     x_best[idx],
                     margin[idx],
                     jax.random.fold_in(key, bt.start),
-                    eps,
+                    eps_of(idx),
                     i0,
                     queries,
                     p_init,
