@@ -51,6 +51,58 @@ SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32
 
 
 # ----------------------------------------------------------------------------
+# the memory allocator
+
+ALLOCATOR_ENV = "GBJAX_ALLOCATOR"  # "tcmalloc" (default, where installed) or "system"
+TCMALLOC = "libtcmalloc_minimal.so.4"
+
+
+def allocator_env(environ, find_library) -> dict | None:
+    """The environment to re-run this process with tcmalloc preloaded, or None.
+
+    XLA:CPU allocates every buffer of a step with ``malloc``; glibc's returns large
+    blocks to the kernel on ``free``, so each training step faults its activations
+    in again (12% of the quick main job's CPU time in the kernel). With tcmalloc
+    preloaded the airbench ``fast`` step ran 1.10x faster in the same run
+    (``benchmarks/allocator.py``, docs/methods.md 6.5). None when
+    ``GBJAX_ALLOCATOR=system``, off Linux, when tcmalloc is already preloaded, or
+    when it is not installed (Debian/Ubuntu: ``libtcmalloc-minimal4``).
+    """
+    if environ.get(ALLOCATOR_ENV, "tcmalloc") != "tcmalloc" or not sys.platform.startswith("linux"):
+        return None
+    preload = environ.get("LD_PRELOAD", "")
+    if "tcmalloc" in preload:
+        return None
+    lib = find_library("tcmalloc_minimal")
+    if not lib:
+        return None
+    return dict(environ, LD_PRELOAD=f"{lib} {preload}".strip(), **{ALLOCATOR_ENV: "tcmalloc"})
+
+
+def use_fast_allocator() -> None:
+    """Re-executes the experiment's process with tcmalloc preloaded when
+    :func:`allocator_env` says so (call first thing under ``__main__``)."""
+    import ctypes.util
+
+    env = allocator_env(os.environ, ctypes.util.find_library)
+    if env is None:
+        return
+    print(
+        f"[gbjax] re-running with tcmalloc preloaded ({env['LD_PRELOAD']}); "
+        f"{ALLOCATOR_ENV}=system keeps the system allocator",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def allocator() -> str:
+    """The allocator this process runs with, for results.json."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    return "tcmalloc" if "tcmalloc" in preload else (preload or "system")
+
+
+# ----------------------------------------------------------------------------
 # flags
 
 
@@ -337,6 +389,7 @@ def environment() -> dict:
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "cpu_count": os.cpu_count(),
+        "allocator": allocator(),
     }
     for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "orbax.checkpoint", "matplotlib"):
         try:

@@ -575,4 +575,5 @@ def run(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    C.use_fast_allocator()
     run()

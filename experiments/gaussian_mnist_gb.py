@@ -224,4 +224,5 @@ def assemble(r, args, stds, runs):
 
 
 if __name__ == "__main__":
+    C.use_fast_allocator()
     run()

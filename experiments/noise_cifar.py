@@ -460,4 +460,5 @@ def assemble(r, runs):
 
 
 if __name__ == "__main__":
+    C.use_fast_allocator()
     run()

@@ -406,4 +406,5 @@ def assemble(r, args, runs):
 
 
 if __name__ == "__main__":
+    C.use_fast_allocator()
     run()

@@ -550,3 +550,19 @@ def test_main_job_scores_the_test_set_once_on_all_images():
     assert full.eval_tta == "flip_translate"  # the default mode still reports the TTA score
     args = fgsm.parse_args(["--eval-every-epochs", "1", "--synthetic"])
     assert args.eval_every_epochs == 1
+
+
+def test_fast_allocator_only_where_installed_and_wanted(monkeypatch):
+    """The experiments re-run themselves with tcmalloc preloaded only on Linux, where it
+    is installed, not already preloaded and not turned off (GBJAX_ALLOCATOR=system)."""
+    common = _load("_common")
+    found = lambda name: "libtcmalloc_minimal.so.4" if name == "tcmalloc_minimal" else None  # noqa: E731
+    missing = lambda name: None  # noqa: E731
+    monkeypatch.setattr(common.sys, "platform", "linux")
+    env = common.allocator_env({"PATH": "/bin", "LD_PRELOAD": "libfoo.so"}, found)
+    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libfoo.so" and env["PATH"] == "/bin"
+    assert common.allocator_env(env, found) is None  # already preloaded: no second exec
+    assert common.allocator_env({}, missing) is None
+    assert common.allocator_env({"GBJAX_ALLOCATOR": "system"}, found) is None
+    monkeypatch.setattr(common.sys, "platform", "darwin")
+    assert common.allocator_env({}, found) is None
