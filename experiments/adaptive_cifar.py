@@ -486,12 +486,14 @@ def report(r, args, runs) -> dict:
             "| accuracy % | " + " | ".join(_pct(a) for a in conv["accuracy"]) + " |",
             "",
         ]
-    md += ["## Training", "", "| model | test acc (TTA) | PGD-10 acc at its eps | s |"]
+    md += ["## Training", "", "| model | test acc (TTA if any) | PGD-10 acc at its eps | s |"]
     md.append("| --- | --- | --- | --- |")
     for name in names:
         m = run[name]["train_metrics"]
+        tta = m.get("tta", "none")
         md.append(
-            f"| {name} | {_pct(m.get('test_accuracy', float('nan')))} | "
+            f"| {name} | {_pct(m.get('test_accuracy', float('nan')))}"
+            f"{'' if tta == 'none' else f' ({tta})'} | "
             f"{_pct(m['pgd_accuracy']) if 'pgd_accuracy' in m else '-'} | "
             f"{m.get('train_seconds', m.get('wall_time_s', float('nan'))):.0f}"
             f"{' (reused)' if m.get('reused') else ''} |"
