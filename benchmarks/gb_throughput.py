@@ -173,7 +173,9 @@ def _numba_reference():
         return _NUMBA_REF
     from numba import njit
 
-    @njit(cache=True, nogil=True)
+    # no on-disk cache: a closure of a module loaded by path (the tests, a second suite
+    # run) was cached under the module name '<dynamic>', which numba cannot re-import
+    @njit(cache=False, nogil=True)
     def cluster(x, threshold, purity, capacity, kmeans_iters):  # pragma: no cover - compiled
         N = x.shape[0]
         K = capacity

@@ -94,7 +94,8 @@ MODES = {
     # and its cascade reused): one adversarial training, at the small budget where GB
     # helps, SPSA 10 steps x 32 samples and Square 1,000 queries (in adaptive_quick3
     # SPSA-20x64 removed no image after the gradient stages and Square-5000 six).
-    # Measured (quick_seed0_20261206): 1,358 s, of which the N-FGSM training 637 s.
+    # Measured: 1,358 s (quick_seed0_20261206), of which the N-FGSM training 637 s; after
+    # the unrolled N-FGSM step, the batched attacks and tcmalloc 900 s (..._20261206b).
     "quick": dict(
         F.MODES["quick"],
         taus=(100.0,),
@@ -105,8 +106,9 @@ MODES = {
         conv_steps=(10, 20, 50),
     ),
     # Default: an estimated 2.6 h with --models the default main job's folder (not run;
-    # from its stage times: airbench94 scores about 640 images/s inside Square), likely
-    # more, since an N-FGSM step measured 2.7 plain steps in the quick mode, not 2. The
+    # from its stage times: airbench94 scores about 640 images/s inside Square, and an
+    # N-FGSM step taken as 2 plain steps: 1.53 measured on `fast` since the step is
+    # unrolled, docs/methods.md 9.5; PGD-3's four gradients likewise unrolled). The
     # main job's cascade on the two AT models (500 images); SPSA (20 x 32) and
     # Square-5000 on the first 50 of the 500 (on all 500: an estimated 6 h for Square).
     "full": dict(

@@ -2,7 +2,7 @@
 the way a reviewer would accept (Carlini et al. 2019; Croce & Hein 2020).
 
     python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, 2 h 19 min
-    python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 22 min
+    python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 19 min
     python experiments/fgsm_cifar.py --smoke --synthetic --out /tmp/s    # about a minute
     python experiments/fgsm_cifar.py --model resnet18 --data-dir ...     # ResNet-18, for a GPU
 
@@ -15,8 +15,9 @@ to 500 steps; one seed (``--seeds 0,1,2`` for three). ``--quick``: the ``fast``
 variant for 4 epochs (no TTA score), clean accuracy on all 10,000 test images, FGSM on a fixed
 random 1,000 of them, the worst case on 100 with
 PGD-10 and APGD-20 (Square: 300 queries on 50). The subset sizes were chosen
-to fit 3 h and 20 min on 2 cores; the quick mode overruns (21.9 min measured, 16
-of them two trainings with their scoring). Every size can be overridden. The worst case is
+to fit 3 h and 20 min on 2 cores; the quick mode took 18.8 min with tcmalloc (14.5 of
+them two trainings with their scoring; 22.0 min with glibc's allocator and 4.25 epochs,
+docs/results/fgsm_cifar/quick_seed0_20261206*). Every size can be overridden. The worst case is
 ``gbjax.attacks.cascade``, its state saved after every stage in ``OUT/state/``:
 a stopped run started again with the same ``--out`` reuses its trained models
 and continues the worst case at its next stage.
