@@ -165,8 +165,10 @@ def accuracy_under_attack(
 
     An image counts as correct only if the scored model (``eval_logits_fn``,
     default ``logits_fn``) classifies it correctly when clean and at every
-    iterate of the attack, for every restart. Batches have a fixed shape (the
-    last one padded), so a sweep compiles once per attack.
+    iterate of the attack, for every restart. The images of all budgets are
+    attacked together, one row per image and budget with that row's eps (an FGSM
+    sweep takes one gradient per image for all budgets); batches have a fixed
+    shape (the last one padded), so a sweep compiles once per attack.
 
     Args:
       logits_fn: the function the attacker differentiates.
