@@ -107,7 +107,7 @@ MODES = {
         variant="fast",
         epochs=4,  # 84.93% clean; 4.25 gave 84.84% (quick_seed0_20261206), not more
         eval_every_epochs=0,  # the 10,000 test images once, at the end (18-27 s less a model)
-        eval_tta="none",  # the tables score the plain model; TTA cost about 34 s a model
+        eval_tta="none",  # the tables score the plain model; TTA was most of the 41 s final score
         batch_size=None,
         attack_batch=100,
     ),

@@ -128,6 +128,19 @@ def test_misclassified_clean_images_never_count_as_robust(trained):
     np.testing.assert_array_equal(res.robust[0], clean_ok)
 
 
+def _all_budgets_and_each_alone(fn, x, y, eps, prior, kw):
+    """Per-image flags ``(E, N)`` of one call over every budget of ``eps``, and of one
+    call per budget (with the matching row of the ``prior`` flags, if any)."""
+    together = A.accuracy_under_attack(fn, x, y, eps_list=eps, robust_so_far=prior, **kw)
+    alone = [
+        A.accuracy_under_attack(
+            fn, x, y, eps_list=[e], robust_so_far=None if prior is None else prior[i], **kw
+        ).robust[0]
+        for i, e in enumerate(eps)
+    ]
+    return together.robust, np.stack(alone)
+
+
 @pytest.mark.parametrize("loss", ["ce", "margin"])
 @pytest.mark.parametrize("chunk", [None, 1])
 def test_fgsm_sweep_from_one_gradient_equals_one_budget_at_a_time(trained, loss, chunk):
@@ -143,14 +156,8 @@ def test_fgsm_sweep_from_one_gradient_equals_one_budget_at_a_time(trained, loss,
     plain = A.accuracy_under_attack(fn, x, y, eps_list=eps, **kw).robust
     assert 0.1 < plain[-1].mean() < plain[-2].mean() < plain[0].mean()  # not trivial
     for prior in (None, so_far):
-        sweep = A.accuracy_under_attack(fn, x, y, eps_list=eps, robust_so_far=prior, **kw)
-        alone = np.stack([
-            A.accuracy_under_attack(
-                fn, x, y, eps_list=[e], robust_so_far=None if prior is None else prior[i], **kw
-            ).robust[0]
-            for i, e in enumerate(eps)
-        ])  # fmt: skip
-        np.testing.assert_array_equal(sweep.robust, alone)
+        sweep, alone = _all_budgets_and_each_alone(fn, x, y, eps, prior, kw)
+        np.testing.assert_array_equal(sweep, alone)
 
 
 @pytest.mark.parametrize("chunk", [None, 1])
@@ -164,15 +171,9 @@ def test_budgets_attacked_together_equal_one_budget_at_a_time(trained, chunk):
     kw = dict(attack=A.PGD(steps=4, random_start=False), per_image=True, progress=False,
               chunk=chunk, batch_size=64)  # fmt: skip
     for so_far in (None, prior):
-        together = A.accuracy_under_attack(fn, x, y, eps_list=eps, robust_so_far=so_far, **kw)
-        alone = np.stack([
-            A.accuracy_under_attack(
-                fn, x, y, eps_list=[e], robust_so_far=None if so_far is None else so_far[i], **kw
-            ).robust[0]
-            for i, e in enumerate(eps)
-        ])  # fmt: skip
-        np.testing.assert_array_equal(together.robust, alone)
-    assert 0.05 < together.robust[-1].mean() < together.robust[1].mean()
+        together, alone = _all_budgets_and_each_alone(fn, x, y, eps, so_far, kw)
+        np.testing.assert_array_equal(together, alone)
+    assert 0.05 < together[-1].mean() < together[1].mean()
 
 
 def test_attack_kernels_keep_each_row_in_its_own_budget(trained):

@@ -377,28 +377,21 @@ def _attack_rows(spec: Attack, run: _Run, x, y, img, eps_r, key):
     budget ``eps_r[r]`` (an image may appear in several rows, one per budget)."""
     robust = np.ones(len(img), bool)
     lo, hi, chunk, bs_max = run.lo, run.hi, run.chunk, run.batch_size
-    if isinstance(spec, Square):
-        margin, _ = square_run(
-            run.eval_fn,
-            _to_float(_rows(x, img)),
-            y[img],
-            key,
-            jnp.asarray(eps_r),
-            queries=int(spec.queries),
-            p_init=float(spec.p_init),
-            lo=lo,
-            hi=hi,
-            batch_size=bs_max,
-            chunk=chunk or 25,
-        )
-        return np.asarray(margin) > 0
-    if isinstance(spec, SPSA):
+    if isinstance(spec, (Square, SPSA)):  # score-based: the whole set, batched inside
+        rows = (run.eval_fn, _to_float(_rows(x, img)), y[img], key, jnp.asarray(eps_r))
+        if isinstance(spec, Square):
+            margin, _ = square_run(
+                *rows,
+                queries=int(spec.queries),
+                p_init=float(spec.p_init),
+                lo=lo,
+                hi=hi,
+                batch_size=bs_max,
+                chunk=chunk or 25,
+            )
+            return np.asarray(margin) > 0
         ok, _ = spsa_run(
-            run.eval_fn,
-            _to_float(_rows(x, img)),
-            y[img],
-            key,
-            jnp.asarray(eps_r),
+            *rows,
             steps=spec.steps,
             samples=int(spec.samples),
             lr=spec.lr,
