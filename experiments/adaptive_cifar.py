@@ -2,7 +2,7 @@
 training beside it (issue 25; docs/methods.md, section 9).
 
     python experiments/adaptive_cifar.py --quick --data-dir ../shared/data \\
-        --models results/fgsm_cifar/<quick run>          # quick: 22.6 min measured
+        --models results/fgsm_cifar/<quick run>          # quick: 15.0 min measured
     python experiments/adaptive_cifar.py --data-dir ../shared/data \\
         --models results/fgsm_cifar/<run>                # default: reuse the main job's models
     python experiments/adaptive_cifar.py --smoke --synthetic --out /tmp/s      # about a minute
