@@ -105,12 +105,13 @@ MODES = {
         at="2",
         conv_steps=(10, 20, 50),
     ),
-    # Default: an estimated 2.6 h with --models the default main job's folder (not run;
-    # from its stage times: airbench94 scores about 640 images/s inside Square, and an
-    # N-FGSM step taken as 2 plain steps: 1.53 measured on `fast` since the step is
-    # unrolled, docs/methods.md 9.5; PGD-3's four gradients likewise unrolled). The
-    # main job's cascade on the two AT models (500 images); SPSA (20 x 32) and
-    # Square-5000 on the first 50 of the 500 (on all 500: an estimated 6 h for Square).
+    # Default: with --models the default main job's folder. Measured 2026-12-06 on a slow
+    # day (docs/results/adaptive_cifar/full*_seed0_20261206): the plain models' stages
+    # 36 min, the AT trainings 34 + 30 min, at_2's stages 41 min; at_8_pgd3's not
+    # finished when archived (about 3 h in all). It trains the AT models before it
+    # attacks anything: --skip-at gives the plain models' rows first. The main job's
+    # cascade on the two AT models (500 images); SPSA (20 x 32) and Square-5000 on the
+    # first 50 of the 500 (on all 500: an estimated 6 h for Square).
     "full": dict(
         F.MODES["full"],
         taus=(25.0, 100.0, 400.0),
