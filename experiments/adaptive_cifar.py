@@ -108,7 +108,8 @@ MODES = {
     # Default: with --models the default main job's folder. Measured 2026-12-06 on a slow
     # day (docs/results/adaptive_cifar/full*_seed0_20261206): the plain models' stages
     # 36 min, the AT trainings 34 + 30 min, at_2's stages 41 min; at_8_pgd3's not
-    # finished when archived (about 3 h in all). It trains the AT models before it
+    # finished when archived (2 h 46 min in all by then; an
+    # estimated 3 h with them). It trains the AT models before it
     # attacks anything: --skip-at gives the plain models' rows first. The main job's
     # cascade on the two AT models (500 images); SPSA (20 x 32) and Square-5000 on the
     # first 50 of the 500 (on all 500: an estimated 6 h for Square).
