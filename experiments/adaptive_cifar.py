@@ -55,6 +55,8 @@ What it does, per seed:
 4. **Convergence** of the strongest GB stage against APGD steps, on
    ``conv_n`` images at 2/255.
 
+The two plain models are attacked (steps 2-4) before the adversarial trainings
+start, so their rows are in the log and ``OUT/state/`` an hour earlier.
 State is saved after every stage (``OUT/state/<model>_seed<k>.json``): a run
 that is stopped continues at the next stage when started again with the same
 ``--out``. Robust = right clean and at every iterate of every stage; 95%
@@ -106,13 +108,12 @@ MODES = {
         conv_steps=(10, 20, 50),
     ),
     # Default: with --models the default main job's folder. Measured 2026-12-06 on a slow
-    # day (docs/results/adaptive_cifar/full*_seed0_20261206): the plain models' stages
-    # 36 min, the AT trainings 34 + 30 min, at_2's stages 41 min; at_8_pgd3's not
-    # finished when archived (2 h 46 min in all by then; an
-    # estimated 3 h with them). It trains the AT models before it
-    # attacks anything: --skip-at gives the plain models' rows first. The main job's
-    # cascade on the two AT models (500 images); SPSA (20 x 32) and Square-5000 on the
-    # first 50 of the 500 (on all 500: an estimated 6 h for Square).
+    # day (docs/results/adaptive_cifar/full*_seed0_20261206, two runs): the plain models'
+    # stages 36 min, the AT trainings 34 + 30 min, at_2's stages 41 min, at_8_pgd3's
+    # 38 min: 3 h 0 min as one run. The plain models' rows come first, then the AT
+    # trainings and their rows (--skip-at: the plain rows only). The main job's cascade
+    # on the two AT models (500 images); SPSA (20 x 32) and Square-5000 on the first 50
+    # of the 500 (on all 500: an estimated 6 h for Square).
     "full": dict(
         F.MODES["full"],
         taus=(25.0, 100.0, 400.0),
@@ -245,12 +246,15 @@ def training_config(mode: dict, args, adv: dict, seed: int, progress: bool):
     return cfg
 
 
-def get_models(r, args, xtr_gb, xte_gb, seed):
-    """Restores each model from ``--models`` or this run's folder, or trains it."""
+def get_models(r, args, xtr_gb, xte_gb, seed, names=None):
+    """Restores each model (of ``names``; default all) from ``--models`` or this run's
+    folder, or trains it."""
     from gbjax import models, train
 
     out, metrics = {}, {}
     for name, (adv, pre) in model_specs(r.mode, args).items():
+        if names is not None and name not in names:
+            continue
         t0 = time.perf_counter()
         homes = [r.out / "checkpoints" / f"{name}_seed{seed}"]
         if args.models:
@@ -359,7 +363,11 @@ def reuse_main_job(models_dir, name, seed, state, group, x, y):
     return None
 
 
-def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, timer, models_dir=None):
+def evaluate_models(
+    trained, gb_defence, x01, y, mode, seed, out, progress, timer, models_dir=None, only=None
+):
+    """The cascade of every model in ``trained`` (of ``only``, when given; ``trained``
+    must hold ``unprocessed`` and ``gb``, the transfer source and the GB model)."""
     import jax
 
     from gbjax import attacks, defences, evaluate
@@ -380,6 +388,8 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
             fns[name] = (defences.Defended(trained[name]), {"none": trained[name]})
     res = {}
     for name, (scored, attacked) in fns.items():
+        if only is not None and name not in only:
+            continue
         t0 = time.perf_counter()
         clean = evaluate.accuracy(scored, x01, y, batch_size=mode["attack_batch"])
         # the main job's cascade (fgsm_cifar), recorded as one stage, then the new stages
@@ -416,8 +426,13 @@ def evaluate_models(trained, gb_defence, x01, y, mode, seed, out, progress, time
             rec["convergence"] = convergence(
                 trained["gb"], scored, gb_defence, xe[:nc], ye[:nc], mode, key, progress
             )
-        timer.mark(f"attacks_{name}", t0)
+        seconds = timer.mark(f"attacks_{name}", t0)
         res[name] = rec
+        print(
+            f"[{EXPERIMENT}] {name}: worst case "
+            + " / ".join(_pct(v) for v in rec["worst_case"])
+            + f"% at {' / '.join(EPS_LABELS)} ({seconds:.0f} s)"
+        )
     return res
 
 
@@ -557,22 +572,33 @@ def run(argv=None) -> dict:
     r.timer.mark("gb_preprocess", t0)
     x01 = r.xte.astype(np.float32) / 255.0
     runs = {}
+    plain = ("unprocessed", "gb")
+    at_names = tuple(n for n in model_specs(r.mode, args) if n not in plain)
     for seed in r.seeds:
-        trained, metrics = get_models(r, args, xtr_gb, xte_gb, seed)
+        # the plain models' rows first (their models are usually the main job's), then
+        # the adversarial trainings and their rows; a stopped run resumes either way
+        trained, metrics, ev = {}, {}, {}
+        for group in (plain, at_names):
+            if not group:
+                continue
+            more, more_metrics = get_models(r, args, xtr_gb, xte_gb, seed, names=group)
+            trained, metrics = trained | more, metrics | more_metrics
+            if not args.train_only:
+                ev |= evaluate_models(
+                    trained,
+                    defences.GB(**gbkw),
+                    x01,
+                    r.yte,
+                    r.mode,
+                    seed,
+                    r.out,
+                    r.progress,
+                    r.timer,
+                    args.models,
+                    only=group,
+                )
         if args.train_only:
             continue
-        ev = evaluate_models(
-            trained,
-            defences.GB(**gbkw),
-            x01,
-            r.yte,
-            r.mode,
-            seed,
-            r.out,
-            r.progress,
-            r.timer,
-            args.models,
-        )
         runs[seed] = {m: dict(ev[m], train_metrics=metrics[m]) for m in ev}
     if args.train_only:
         print(f"[{EXPERIMENT}] models trained or restored in {r.out}/checkpoints")

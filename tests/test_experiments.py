@@ -478,6 +478,35 @@ def test_adaptive_cifar_reuses_the_main_jobs_cascade(tmp_path, capsys):
     assert res.accuracy.tolist() == [1.0, 1.0, 0.75, 0.75]
 
 
+def test_adaptive_cifar_attacks_the_plain_models_before_training_at(tmp_path, monkeypatch):
+    """The plain models' rows come first: they are attacked before any adversarial
+    training starts (a default run's AT trainings take an hour on 2 CPU cores)."""
+    mod = _load("adaptive_cifar")
+    calls = []
+
+    def get_models(r, args, xtr_gb, xte_gb, seed, names=None):
+        calls.append(("get", tuple(names)))
+        return {n: n for n in names}, {n: {} for n in names}
+
+    def evaluate_models(trained, *a, only=None, **k):
+        assert {"unprocessed", "gb"} <= set(trained) and set(only) <= set(trained)
+        calls.append(("attack", tuple(only)))
+        return {n: {} for n in only}
+
+    monkeypatch.setattr(mod, "get_models", get_models)
+    monkeypatch.setattr(mod, "evaluate_models", evaluate_models)
+    monkeypatch.setattr(mod, "report", lambda r, args, runs: runs)
+    flags = ["--smoke", "--out", str(tmp_path / "a"), "--no-progress"] + _data_flags()
+    runs = mod.run(flags + ["--n-train", "64", "--n-test", "32"])
+    plain, at = ("unprocessed", "gb"), ("at_2", "at_8")
+    assert calls == [("get", plain), ("attack", plain), ("get", at), ("attack", at)]
+    assert list(runs[0]) == list(plain + at)
+    calls.clear()
+    mod.run(["--smoke", "--skip-at", "--out", str(tmp_path / "b"), "--no-progress"]
+            + _data_flags() + ["--n-train", "64", "--n-test", "32"])  # fmt: skip
+    assert calls == [("get", plain), ("attack", plain)]
+
+
 def test_adaptive_cifar_smoke(tmp_path):
     """The main job's cascade, then the new stages, for none and GB; every stage only
     removes images, and the state file holds them."""
