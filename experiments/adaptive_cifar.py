@@ -110,8 +110,9 @@ MODES = {
     # Default: with --models the default main job's folder. Measured 2026-12-06 on a slow
     # day (docs/results/adaptive_cifar/full*_seed0_20261206, two runs): the plain models'
     # stages 36 min, the AT trainings 34 + 30 min, at_2's stages 41 min, at_8_pgd3's
-    # 38 min: 3 h 0 min as one run. The plain models' rows come first, then the AT
-    # trainings and their rows (--skip-at: the plain rows only). The main job's cascade
+    # 38 min: about 3 h 0 min as one run (estimated from the two). The plain models'
+    # rows come first, then the AT trainings and their rows (--skip-at: the plain rows
+    # only). The main job's cascade
     # on the two AT models (500 images); SPSA (20 x 32) and Square-5000 on the first 50
     # of the 500 (on all 500: an estimated 6 h for Square).
     "full": dict(
@@ -574,6 +575,7 @@ def run(argv=None) -> dict:
     runs = {}
     plain = ("unprocessed", "gb")
     at_names = tuple(n for n in model_specs(r.mode, args) if n not in plain)
+    gb_defence = defences.GB(**gbkw)
     for seed in r.seeds:
         # the plain models' rows first (their models are usually the main job's), then
         # the adversarial trainings and their rows; a stopped run resumes either way
@@ -586,7 +588,7 @@ def run(argv=None) -> dict:
             if not args.train_only:
                 ev |= evaluate_models(
                     trained,
-                    defences.GB(**gbkw),
+                    gb_defence,
                     x01,
                     r.yte,
                     r.mode,
