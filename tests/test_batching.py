@@ -1,12 +1,16 @@
 """Tests for gbjax.data.batching: fixed-shape batches and map_batches."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gbjax import attacks
+from gbjax._batching import row_bucket_size
 from gbjax.data import fixed_batches, map_batches
+from gbjax.data.batching import bucket_size
 
 
 @settings(max_examples=50, deadline=None)
@@ -46,3 +50,46 @@ def test_map_batches_rejects_bad_input():
         map_batches(lambda b: b, np.zeros((0, 2)), batch_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         list(fixed_batches(3, 0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 3000), b=st.integers(1, 300), q=st.sampled_from([1, 8, 16, 32]))
+def test_bucket_size_with_quantum_pads_little_in_the_fewest_batches(n, b, q):
+    size = bucket_size(n, b, minimum=q, quantum=q)
+    k = -(-n // size)
+    assert q <= size <= b or size == b  # never above batch_size
+    assert k == -(-n // b)  # as few batches as batch_size allows
+    if size < b:
+        assert size % q == 0
+        assert k * size - n < k * q  # under one quantum of padding per batch
+    # the pow-2 default is unchanged
+    assert bucket_size(n, b) == min(b, max(32, 1 << (n - 1).bit_length()))
+
+
+def test_row_bucket_size_is_near_equal_on_cpu_and_pow2_elsewhere(monkeypatch):
+    assert row_bucket_size(813, 250) == 208  # CPU (the test machine)
+    assert row_bucket_size(130, 250) == 144
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert row_bucket_size(813, 250) == 250
+    assert row_bucket_size(130, 250) == 250
+    assert row_bucket_size(100, 250) == 128
+
+
+def test_attack_loops_batch_still_robust_rows_near_equally():
+    """130 rows at batch <= 250: one batch of 144 rows (pow-2 buckets: 250)."""
+    shapes = set()
+
+    def logits(x):
+        shapes.add(x.shape[0])  # at trace time: one entry per compiled batch shape
+        v = x.mean((1, 2, 3))[:, None]
+        return jnp.concatenate([v, 1 - v], axis=1)
+
+    x = np.full((130, 2, 2, 1), 0.2, np.float32)
+    y = np.ones(130, np.int32)  # class 1 (logit 0.8) at every pixel value near 0.2
+    res = attacks.accuracy_under_attack(
+        logits, x, y, eps_list=[0.01], attack="pgd", steps=2, batch_size=250,
+        key=jax.random.key(0), progress=False,
+    )  # fmt: skip
+    # (130: the input checks call the function once on the set as given)
+    assert shapes - {130} == {144}
+    np.testing.assert_allclose(res, [1.0])

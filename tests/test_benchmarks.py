@@ -124,3 +124,15 @@ def test_train_profile_groups_cover_the_step():
     assert groups["BatchNorm and GELU"] > 0 and groups["convolutions"] > 0
     assert set(conv) == {"forward", "input_gradient", "weight_gradient"}
     assert all(v > 0 for v in conv.values())
+
+
+def test_attack_batching_times_both_policies(tmp_path):
+    """40 rows at batch <= 250: pow-2 pads to 64, near-equal to 48; both timed."""
+    ab = _load("attack_batching")
+    out = tmp_path / "ab.json"
+    ab.main(["--model", "airbench_fast", "--rows", "40", "--steps", "1", "--repeats", "1",
+             "--json", str(out)])  # fmt: skip
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["pow2_batch"], row["pow2_padded_rows"]) == (64, 24)
+    assert (row["near-equal/16_batch"], row["near-equal/16_padded_rows"]) == (48, 8)
+    assert row["pow2_s"] > 0 and row["near-equal/16_s"] > 0

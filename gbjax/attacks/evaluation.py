@@ -34,7 +34,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from gbjax import _xla
-from gbjax._batching import bucket_size, fixed_batches, take
+from gbjax._batching import fixed_batches, row_bucket_size, take
 from gbjax._callables import LogitsFn
 from gbjax._checks import check_int, check_scalar, fail
 from gbjax.attacks import scored
@@ -282,7 +282,7 @@ def accuracy_under_attack(
     # clean correctness, once
     k_clean = None if key is None else jax.random.fold_in(key, 0x5EED)
     clean = np.zeros(n, bool)
-    for b in fixed_batches(n, bucket_size(n, batch_size), shrink=False):
+    for b in fixed_batches(n, row_bucket_size(n, batch_size), shrink=False):
         xb, yb = take((x, y), b)
         kb = None if k_clean is None else jax.random.fold_in(k_clean, b.start)
         ok = scored.correct(eval_fn, _to_float(xb), jnp.asarray(yb), kb, eot_samples=eot_samples)
@@ -335,7 +335,7 @@ def _fgsm_sweep(spec: FGSM, run: _Run, x, y, robust, eps_list):
     if len(idx) == 0:
         return robust
     eps_E = jnp.asarray([eps_list[i] for i in pos], jnp.float32)
-    for b in fixed_batches(len(idx), bucket_size(len(idx), run.batch_size), shrink=False):
+    for b in fixed_batches(len(idx), row_bucket_size(len(idx), run.batch_size), shrink=False):
         rows = idx[b.index]
         ok_EB = scored.fgsm_sweep_robust(
             run.attack_fn,
@@ -411,7 +411,7 @@ def _attack_rows(spec: Attack, run: _Run, x, y, img, eps_r, key):
         if len(idx) == 0:
             break
         k_run = None if key is None else jax.random.fold_in(restart_key(key, r), i_run)
-        bs = bucket_size(len(idx), bs_max)  # few distinct shapes as the set shrinks
+        bs = row_bucket_size(len(idx), bs_max)  # few distinct shapes as the set shrinks
         for b in fixed_batches(len(idx), bs, shrink=False):
             rows = idx[b.index]
             xb, yb = _to_float(_rows(x, img[rows])), jnp.asarray(y[img[rows]])

@@ -29,7 +29,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from gbjax import _xla
-from gbjax._batching import bucket_size, fixed_batches
+from gbjax._batching import fixed_batches, row_bucket_size
 from gbjax._callables import LogitsFn
 from gbjax._checks import check_count, check_int, check_scalar
 from gbjax.attacks._core import as_logits_fn, check_attack_labels, check_xy, margins, per_image
@@ -108,7 +108,7 @@ def spsa_run(
     (default: about 512 images per call)."""
     x, y = jnp.asarray(x), jnp.asarray(y).astype(jnp.int32)
     n = x.shape[0]
-    bs = bucket_size(n, batch_size)
+    bs = row_bucket_size(n, batch_size)
     group = group or max(1, 256 // bs)
     eps, lr, delta = jnp.asarray(eps, jnp.float32), jnp.float32(lr), jnp.float32(delta)
     robust, adv = np.ones(n, bool), []

@@ -31,7 +31,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from gbjax import _xla
-from gbjax._batching import bucket_size, fixed_batches
+from gbjax._batching import fixed_batches, row_bucket_size
 from gbjax._callables import LogitsFn
 from gbjax._checks import check_int, check_scalar
 from gbjax.attacks._core import (
@@ -121,7 +121,7 @@ def square_run(
         return eps[idx] if eps.ndim else eps
 
     xb_parts, m_parts = [], []
-    for bt in fixed_batches(n, bucket_size(n, batch_size), shrink=False):
+    for bt in fixed_batches(n, row_bucket_size(n, batch_size), shrink=False):
         idx = jnp.asarray(bt.index)
         k = jax.random.fold_in(k_start, bt.start)
         x0, m0 = _start(fn, x[idx], y[idx], k, eps_of(idx), lo, hi)
@@ -138,7 +138,7 @@ def square_run(
             alive = np.flatnonzero(np.asarray(margin) > 0)
             if len(alive) == 0:
                 break
-            bs = bucket_size(len(alive), batch_size)  # few distinct shapes as images fall
+            bs = row_bucket_size(len(alive), batch_size)  # few distinct shapes as images fall
             for bt in fixed_batches(len(alive), bs, shrink=False):
                 idx = jnp.asarray(alive[bt.index])
                 xb, mb = _queries(
