@@ -72,18 +72,30 @@ def bucket_size(n: int, batch_size: int, *, minimum: int = 32, quantum: int | No
 
 
 # XLA:CPU's time for a batch grows in proportion to its rows, so padding costs its
-# share (a pow-2 bucket pads 25-40% of an attack cascade's rows on average), while
-# a new batch size costs a compilation of a few seconds. Accelerators run a padded
-# batch nearly as fast as a full one and compile more slowly: they keep pow-2 buckets.
+# share (pow-2 buckets padded 12-38% of the rows of the default main job's cascade
+# stages), while a new batch size costs a compilation of a few seconds (a Square chunk
+# of airbench94: about 12 s). Accelerators run a padded batch nearly as fast as a full
+# one and compile more slowly: they keep pow-2 buckets.
 CPU_QUANTUM = 16
 
 
-def row_bucket_size(n: int, batch_size: int) -> int:
+def row_bucket_size(n: int, batch_size: int, *, current: int | None = None) -> int:
     """:func:`bucket_size` for the attack loops over still-robust rows: near-equal
-    batches in multiples of :data:`CPU_QUANTUM` on CPU, pow-2 buckets elsewhere."""
+    batches in multiples of :data:`CPU_QUANTUM` on CPU, pow-2 buckets elsewhere.
+
+    ``current``: the size a loop over a shrinking set used last; it is kept while it
+    gives as many batches as the new size and pads at most a quarter of its rows, so
+    that a set losing a few rows at a time does not compile a new size each time.
+    """
     if jax.default_backend() == "cpu":
-        return bucket_size(n, batch_size, minimum=CPU_QUANTUM, quantum=CPU_QUANTUM)
-    return bucket_size(n, batch_size)
+        new = bucket_size(n, batch_size, minimum=CPU_QUANTUM, quantum=CPU_QUANTUM)
+    else:
+        new = bucket_size(n, batch_size)
+    if current is not None and new <= current <= batch_size:
+        k = -(-n // current)
+        if k == -(-n // new) and 4 * (k * current - n) <= k * current:
+            return current
+    return new
 
 
 def fixed_batches(n: int, batch_size: int, *, shrink: bool = True) -> Iterator[Batch]:

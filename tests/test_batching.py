@@ -93,3 +93,27 @@ def test_attack_loops_batch_still_robust_rows_near_equally():
     # (130: the input checks call the function once on the set as given)
     assert shapes - {130} == {144}
     np.testing.assert_allclose(res, [1.0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 1000), b=st.integers(16, 300), cur=st.integers(16, 300))
+def test_row_bucket_size_keeps_the_current_size_while_it_pads_little(n, b, cur):
+    size = row_bucket_size(n, b, current=cur)
+    fresh = row_bucket_size(n, b)
+    k = -(-n // size)
+    assert size <= b and k == -(-n // b)  # never above batch_size, never more batches
+    if size != fresh:  # kept: the size used last, padding at most a quarter
+        assert size == cur and 4 * (k * size - n) <= k * size
+
+
+def test_row_bucket_size_shrinking_set_compiles_few_sizes():
+    """A set falling from 250 to 1 row one at a time: pow-2 buckets use 4 sizes; the
+    near-equal sizes without memory would use 16; with it 10, none padding more than a
+    quarter of its rows unless the fresh size does."""
+    sizes, bs = [], None
+    for n in range(250, 0, -1):
+        bs = row_bucket_size(n, 250, current=bs)
+        assert 4 * (bs - n) <= bs or bs == row_bucket_size(n, 250)  # else a fresh size
+        sizes.append(bs)
+    assert len(set(sizes)) == 10
+    assert len({row_bucket_size(n, 250) for n in range(1, 251)}) == 16

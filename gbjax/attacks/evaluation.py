@@ -406,12 +406,13 @@ def _attack_rows(spec: Attack, run: _Run, x, y, img, eps_r, key):
     if isinstance(spec, APGD) and spec.loss == "dlr-targeted":
         runs = [(r, t) for t in range(1, spec.n_targets + 1) for r in range(restarts)]
     fns = dict(eot_samples=run.eot_samples, shared=run.shared)
+    bs = None
     for i_run, (r, target_rank) in enumerate(runs):
         idx = np.flatnonzero(robust)
         if len(idx) == 0:
             break
         k_run = None if key is None else jax.random.fold_in(restart_key(key, r), i_run)
-        bs = row_bucket_size(len(idx), bs_max)  # few distinct shapes as the set shrinks
+        bs = row_bucket_size(len(idx), bs_max, current=bs)  # few shapes as the set shrinks
         for b in fixed_batches(len(idx), bs, shrink=False):
             rows = idx[b.index]
             xb, yb = _to_float(_rows(x, img[rows])), jnp.asarray(y[img[rows]])

@@ -133,12 +133,13 @@ def square_run(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=queries - 1, desc="square", unit="query", leave=False)
+    bs = None
     try:
         for i0 in range(1, queries, chunk):
             alive = np.flatnonzero(np.asarray(margin) > 0)
             if len(alive) == 0:
                 break
-            bs = row_bucket_size(len(alive), batch_size)  # few distinct shapes as images fall
+            bs = row_bucket_size(len(alive), batch_size, current=bs)  # few shapes as images fall
             for bt in fixed_batches(len(alive), bs, shrink=False):
                 idx = jnp.asarray(alive[bt.index])
                 xb, mb = _queries(
