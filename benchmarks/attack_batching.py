@@ -78,8 +78,8 @@ def main(argv=None):
     eps = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
     original = _batching.row_bucket_size
     policies = {
-        "pow2": lambda n, bs: _batching.bucket_size(n, bs),
-        "near-equal/16": lambda n, bs: _batching.bucket_size(
+        "pow2": lambda n, bs, current=None: _batching.bucket_size(n, bs),
+        "near-equal/16": lambda n, bs, current=None: _batching.bucket_size(
             n, bs, minimum=_batching.CPU_QUANTUM, quantum=_batching.CPU_QUANTUM
         ),
     }
