@@ -67,7 +67,8 @@ def bucket_size(n: int, batch_size: int, *, minimum: int = 32, quantum: int | No
     if quantum is None:
         return min(batch_size, max(minimum, 1 << (n - 1).bit_length()))
     quantum = check_int("quantum", quantum)
-    per = -(-n // -(-n // batch_size))  # ceil(n / number of batches)
+    batches = -(-n // batch_size)
+    per = -(-n // batches)  # rows per batch, the last one padded
     return min(batch_size, max(minimum, -(-per // quantum) * quantum))
 
 
