@@ -532,7 +532,7 @@ def resnet_config(mode: dict, seed: int, progress: bool, **overrides):
 def airbench_config(mode: dict, seed: int, progress: bool, **overrides):
     """The airbench recipe (``gbjax/configs/airbench_cifar10.py``): ``mode["variant"]``
     ("" = airbench94, "fast", "smoke"), with ``mode["epochs"]`` and
-    ``mode["batch_size"]`` when given."""
+    ``mode["batch_size"]`` (through ``airbench_cifar10.set_batch_size``) when given."""
     from gbjax.configs import airbench_cifar10
 
     cfg = airbench_cifar10.get_config(mode.get("variant") or None)
@@ -540,8 +540,8 @@ def airbench_config(mode: dict, seed: int, progress: bool, **overrides):
     cfg.num_steps = None
     if mode.get("epochs") is not None:
         cfg.num_epochs = mode["epochs"]
-    if mode.get("batch_size") is not None:
-        cfg.batch_size = mode["batch_size"]
+    if mode.get("batch_size") is not None:  # the recipe's weight decay follows the batch
+        airbench_cifar10.set_batch_size(cfg, mode["batch_size"])
     if mode.get("eval_every_epochs") is not None:  # 0: score the test set only at the end
         cfg.eval_every_epochs = mode["eval_every_epochs"]
     if mode.get("eval_tta") is not None:  # "none": the final score without TTA

@@ -572,6 +572,17 @@ def test_main_job_scores_the_test_set_once_on_all_images():
     cfg = common.airbench_config(dict(quick, n_train_eff=50000, n_test_eff=10000), 0, False)
     assert cfg.eval_every_epochs == 0
     assert cfg.eval_tta == "none"  # the quick tables score the plain model only
+    # batch 512 with the recipe's weight decay per example kept (half of batch 1024's)
+    ref = common.airbench_config(
+        dict(quick, batch_size=None, n_train_eff=50000, n_test_eff=10000), 0, False
+    )
+    assert (cfg.batch_size, ref.batch_size) == (512, 1024)
+    assert cfg.learning_rate == ref.learning_rate
+    assert cfg.weight_decay == pytest.approx(ref.weight_decay / 2, rel=1e-12)
+    for name, group in ref.param_groups.items():
+        assert cfg.param_groups[name]["weight_decay"] == pytest.approx(
+            group["weight_decay"] / 2, rel=1e-12
+        )
     full = common.airbench_config(
         dict(fgsm.MODES["full"], n_train_eff=50000, n_test_eff=10000), 0, False
     )

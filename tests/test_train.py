@@ -352,6 +352,39 @@ def test_subsets_are_random_not_first_n():
     np.testing.assert_array_equal(ytr2, ytr)  # fixed, seed-independent
 
 
+@pytest.mark.parametrize("batch", [1, 128, 512, 1000, 1024, 4096])
+def test_airbench_batch_size_keeps_per_example_rates(batch):
+    """The recipe's rates are per 1024 examples: on its summed loss the step size stays
+    and the per-step weight decay follows the batch, so decay per epoch is unchanged."""
+    from gbjax.configs import airbench_cifar10 as ab
+
+    ref = ab.get_config("fast")
+    cfg = ab.set_batch_size(ab.get_config("fast"), batch)
+    assert cfg.batch_size == batch and cfg.learning_rate == ref.learning_rate
+    per_epoch = lambda c, wd: c.learning_rate * wd / c.batch_size  # noqa: E731
+    assert per_epoch(cfg, cfg.weight_decay) == pytest.approx(per_epoch(ref, ref.weight_decay))
+    assert cfg.param_groups.keys() == ref.param_groups.keys()
+    for name, g in ref.param_groups.items():
+        got = cfg.param_groups[name]
+        assert got["weight_decay"] / batch == pytest.approx(g["weight_decay"] / 1024)
+        assert {k: v for k, v in got.items() if k != "weight_decay"} == {
+            k: v for k, v in g.items() if k != "weight_decay"
+        }
+    assert ab.get_config("fast").weight_decay == ref.weight_decay  # no shared state
+
+
+def test_airbench_batch_size_refuses_bad_input():
+    from gbjax.configs import airbench_cifar10 as ab
+
+    for bad in (0, -512, 512.0, True, "512"):
+        with pytest.raises(ValueError, match="positive int"):
+            ab.set_batch_size(ab.get_config("fast"), bad)
+    cfg = ab.get_config("fast")
+    cfg.loss_reduction = "mean"
+    with pytest.raises(ValueError, match="summed loss"):
+        ab.set_batch_size(cfg, 512)
+
+
 @pytest.mark.slow
 def test_airbench_recipe_tiny_run_learns(tmp_path):
     from gbjax.configs import airbench_cifar10

@@ -94,3 +94,35 @@ def get_config(arg: str | None = None) -> Config:
     elif arg:
         raise ValueError(f"unknown config arg {arg!r}")
     return config
+
+
+def set_batch_size(config: Config, batch_size: int) -> Config:
+    """Train the recipe at another batch size, its per-example rates kept.
+
+    The recipe states its rates "per 1024 examples": on the *summed* loss the step
+    size already acts per example, so it stays; the coupled weight decay is applied
+    once a step, so it scales with the batch (airbench's own rule), in
+    ``weight_decay`` and in every parameter group that sets its own. Lookahead stays
+    every 5 steps and the schedule stays a fraction of the steps, as in airbench.
+    Changes ``config`` in place and returns it.
+
+    Example:
+      >>> from gbjax.configs import airbench_cifar10 as ab
+      >>> c = ab.set_batch_size(ab.get_config("fast"), 512)
+      >>> c.batch_size, round(c.weight_decay / ab.WEIGHT_DECAY, 6)
+      (512, 0.5)
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if config.loss_reduction != "sum":
+        raise ValueError(
+            "set_batch_size keeps the step size, which is right only for the recipe's "
+            f"summed loss; this config has loss_reduction={config.loss_reduction!r}"
+        )
+    scale = batch_size / config.batch_size
+    config.batch_size = batch_size
+    config.weight_decay *= scale
+    for group in config.param_groups.values():
+        if "weight_decay" in group:
+            group["weight_decay"] *= scale
+    return config
