@@ -373,6 +373,103 @@ def train_model(config, workdir: pathlib.Path, train: tuple, test: tuple):
         ) from None
 
 
+def training_cpu_sets(setting: str, n_models: int) -> list[list[int]] | None:
+    """The CPU sets on which to train ``n_models`` models at once, one process pinned to
+    each set, or None to train them one after the other in this process.
+
+    On a CPU, XLA spreads each step's operations over the cores, but part of a step
+    (small fusions, layout copies, the host's dispatch) does not scale with them:
+    on the 2-core development machine two trainings at once, one core each, gave
+    1.23x (airbench ``fast``, batch 512) and 1.11x (airbench94) the throughput of one
+    process on both cores (``benchmarks/process_parallel.py``, docs/methods.md 6.6).
+    ``setting``: "auto" (at once on a CPU backend with a core for every model, on
+    Linux), "on" (the same, an error where it cannot), "off"."""
+    if setting == "off" or n_models < 2:
+        return None
+    import jax
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if jax.default_backend() != "cpu" or len(cpus) < n_models:
+        if setting == "on":
+            raise SystemExit(
+                f"error: --parallel-training on needs a CPU backend with at least {n_models} "
+                f"cores this process may use (backend {jax.default_backend()}, "
+                f"{len(cpus) or 'unknown'} cores); use auto or off"
+            )
+        return None
+    return [cpus[i::n_models] for i in range(n_models)]
+
+
+def _train_pinned(cpus: list[int], config, workdir, train, test) -> dict:
+    """One model's training in a fresh process pinned to ``cpus`` (set before JAX
+    creates its CPU client and sizes its thread pool to them)."""
+    os.sched_setaffinity(0, cpus)
+    config.progress = False  # two bars from two processes would interleave
+    t0 = time.perf_counter()
+    _, metrics = train_model(config, workdir, train, test)
+    return dict(seconds=time.perf_counter() - t0, test_accuracy=metrics.get("test_accuracy"))
+
+
+def train_at_once(jobs: dict, cpu_sets: list[list[int]], progress: bool = True) -> dict:
+    """Trains every job of ``jobs`` ({name: train_model's arguments}) at the same time,
+    each in its own process pinned to its CPU set; returns {name: seconds it took}.
+
+    The trainings write their workdirs as :func:`train_model` does, so the caller then
+    gets each model with :func:`train_model` on the same arguments (a finished workdir
+    is reused). An error in one training stops the run with that training's error."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    if len(cpu_sets) != len(jobs):
+        raise ValueError(f"{len(jobs)} jobs but {len(cpu_sets)} CPU sets")
+    names = list(jobs)
+    print(
+        f"training {', '.join(names)} at once, one process each on CPUs "
+        + " / ".join(",".join(map(str, c)) for c in cpu_sets),
+        flush=True,
+    )
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs JAX
+    with ProcessPoolExecutor(len(jobs), mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = {n: pool.submit(_train_pinned, c, *jobs[n]) for n, c in zip(names, cpu_sets)}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc="training at once (logged steps)", unit="step")
+        pending = set(futures.values())
+        while pending:
+            done, pending = wait(pending, timeout=10, return_when=FIRST_EXCEPTION)
+            if any(f.exception() is not None for f in done):
+                for f in pending:
+                    f.cancel()
+                break
+            if bar is not None:
+                bar.n = sum(_logged_steps(jobs[n][1]) for n in names)
+                bar.refresh()
+        if bar is not None:
+            bar.close()
+        results = {n: f.result() for n, f in futures.items()}  # re-raises a training's error
+    for n in names:
+        acc = results[n]["test_accuracy"]
+        print(f"  {n}: {results[n]['seconds']:.0f} s" + (f", test {acc:.4f}" if acc else ""))
+    return {n: results[n]["seconds"] for n in names}
+
+
+def _logged_steps(workdir) -> int:
+    """The last step a training logged in ``workdir``'s metrics.jsonl (0 if none yet)."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    try:
+        lines = path.read_text().strip().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError):
+            continue
+    return 0
+
+
 # ----------------------------------------------------------------------------
 # outputs
 

@@ -169,6 +169,12 @@ def load_datasets(config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         xte, yte = data.load(config.dataset, "test", data_dir=data_dir, progress=config.progress)
     xtr, xte = _as_nhwc_uint8(xtr), _as_nhwc_uint8(xte)
     ytr, yte = np.asarray(ytr, np.int32), np.asarray(yte, np.int32)
+    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        if y.shape != (len(x),):  # a gather past the labels' end would clamp, not fail
+            raise ValueError(
+                f"{split} labels have shape {y.shape} for {len(x)} images; "
+                f"pass one integer label per image, shape ({len(x)},)"
+            )
     # fixed random subsets (seed 0, whatever the run's seed)
     xtr, ytr = data.random_subset(xtr, ytr, config.num_train)
     xte, yte = data.random_subset(xte, yte, config.num_test)

@@ -82,6 +82,12 @@ def check_fgsm_cifar_smoke(out, eps_labels):
         cv = rec["convergence"]
         assert len(cv["pgd"]) == len(cv["steps"]) and len(cv["pgd_restarts"]) == len(cv["restarts"])
         assert np.all(np.diff(cv["pgd_restarts"]) <= 1e-12)  # more restarts never help the model
+    # the two models trained at once, one process per core, wherever two cores exist
+    at_once = len(os.sched_getaffinity(0)) >= 2 if hasattr(os, "sched_getaffinity") else False
+    for m in ("unprocessed", "gb"):
+        assert run[m]["train_metrics"]["trained_at_once"] is at_once
+        assert run[m]["train_metrics"]["train_seconds"] > 0
+    assert ("train_at_once" in r["timings"]) is at_once
     stages = [s["stage"] for s in run["gb"]["stages"]]
     assert any(s.startswith("transfer PGD") for s in stages) and stages[-1].startswith("Square")
     assert len(run["gb"]["saturation"]["fgsm_bpda"]) == 7
@@ -606,3 +612,60 @@ def test_fast_allocator_only_where_installed_and_wanted(monkeypatch):
     assert common.allocator_env({"GBJAX_ALLOCATOR": "system"}, found) is None
     monkeypatch.setattr(common.sys, "platform", "darwin")
     assert common.allocator_env({}, found) is None
+
+
+def test_training_cpu_sets(monkeypatch):
+    """Two models train at once, one process per set of cores, only on a CPU backend
+    with a core for each (auto), refused with a message where asked for and impossible."""
+    common = _load("_common")
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert common.training_cpu_sets("auto", 2) == [[0, 2], [1, 3]]
+    assert common.training_cpu_sets("on", 3) == [[0, 3], [1], [2]]
+    assert common.training_cpu_sets("off", 2) is None
+    assert common.training_cpu_sets("auto", 1) is None  # one model: nothing to share
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    assert common.training_cpu_sets("auto", 2) is None
+    with pytest.raises(SystemExit, match="at least 2 cores"):
+        common.training_cpu_sets("on", 2)
+    import jax
+
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert common.training_cpu_sets("auto", 2) is None  # one device per process there
+    with pytest.raises(SystemExit, match="CPU backend"):
+        common.training_cpu_sets("on", 2)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two cores",
+)
+def test_train_at_once_leaves_finished_runs_and_reports_errors(tmp_path):
+    """Each training runs in its own pinned process and leaves a finished workdir that
+    train_model then restores, with the figures the process reported; a training that
+    fails stops the run with its own error."""
+    common = _load("fgsm_cifar").C  # importable by name in the child processes
+    from gbjax.configs import airbench_cifar10
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
+    y = (np.arange(96) % 10).astype(np.int32)
+
+    def cfg():
+        c = airbench_cifar10.get_config("smoke")
+        c.num_train = c.num_test = None
+        c.num_steps, c.batch_size, c.eval_batch_size, c.whiten_num_images = 2, 32, 32, 64
+        c.eval_tta, c.progress = "none", False
+        return c
+
+    jobs = {n: (cfg(), tmp_path / n, (x, y), (x[:64], y[:64])) for n in ("a", "b")}
+    seconds = common.train_at_once(jobs, [[0], [1]], progress=False)
+    assert set(seconds) == {"a", "b"} and all(s > 0 for s in seconds.values())
+    for n, job in jobs.items():
+        steps = [json.loads(r).get("step") for r in (tmp_path / n / "metrics.jsonl").open()]
+        assert max(s for s in steps if s is not None) == 2
+        _, m = common.train_model(*job)  # restored, not trained again
+        assert m["step"] == 2 and 0 <= m["test_accuracy"] <= 1
+    bad = dict(jobs, c=(cfg(), tmp_path / "c", (x, y[:10]), (x[:64], y[:64])))
+    with pytest.raises(ValueError, match="train labels have shape"):
+        common.train_at_once(bad, [[0], [1], [0]], progress=False)

@@ -339,6 +339,18 @@ def test_data_parallel_matches_single_device(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("bad", ["short", "long", "2d"])
+def test_labels_must_match_images(split, bad):
+    """Labels of another length were taken silently before: the trainer's gather past
+    their end clamps to the last label instead of failing."""
+    x, y = DATA[split]
+    y = {"short": y[:10], "long": np.concatenate([y, y[:3]]), "2d": y[:, None]}[bad]
+    data = dict(DATA, **{split: (x, y)})
+    with pytest.raises(ValueError, match="one (integer )?label per image"):
+        train.load_datasets(tiny(data=data))
+
+
 def test_subsets_are_random_not_first_n():
     x, y = DATA["train"]
     order = np.argsort(y, kind="stable")  # class-sorted source

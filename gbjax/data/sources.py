@@ -575,6 +575,11 @@ def random_subset(
       >>> xs.tolist(), ys.tolist()  # the same four every run
       ([20, 40, 60, 70], [0, 0, 0, 1])
     """
+    if len(images) != len(labels):
+        raise ValueError(
+            f"images and labels differ in length: {len(images)} images, {len(labels)} "
+            "labels; pass one label per image"
+        )
     if n is None or n >= len(images):
         return images, labels
     check_int("n", n)

@@ -1,0 +1,165 @@
+"""Two trainings at once, one core each, against one after the other on all cores.
+
+    python benchmarks/process_parallel.py                  # airbench fast, 6 steps x 3 rounds
+    python benchmarks/process_parallel.py --variant "" --steps 3 --json out.json
+
+The main job trains two independent models (unprocessed and GB). On a CPU, XLA runs
+one step's operations across the cores, and part of a step (small fusions, layout
+copies, BatchNorm's sums, the host's dispatch) does not scale with the cores. Two
+processes each pinned to its own core (``os.sched_setaffinity`` before JAX starts)
+run the two trainings without sharing any operation. Each round times, in child
+processes started from the same interpreter:
+
+* ``all cores``: one training process on every core, ``--steps`` steps;
+* ``one core``: one process pinned to core 0, alone on the machine;
+* ``two x one core``: two processes pinned to cores 0 and 1, released together once
+  both have compiled and warmed up, ``--steps`` steps each.
+
+Printed: images per second of each arrangement and the ratio of the two processes'
+total throughput to the single all-core process's (above 1: training the two models
+at once is faster than one after the other). Rounds alternate the arrangements and
+the median round is reported. The children run with tcmalloc when it is installed,
+as the experiments do. The figures hold for this machine's cores and memory bandwidth
+only; on an accelerator the question does not arise (one device per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+CHILD = r"""
+import json, os, sys, time
+cpus = [int(c) for c in sys.argv[3].split(",")] if sys.argv[3] else None
+if cpus is not None:
+    os.sched_setaffinity(0, cpus)  # before JAX sizes its thread pools
+import jax, numpy as np
+from gbjax import train
+from gbjax.configs import airbench_cifar10
+variant, steps = sys.argv[1], int(sys.argv[2])
+cfg = airbench_cifar10.get_config(variant or None)
+cfg.num_train = cfg.num_test = None
+if len(sys.argv) > 4:
+    cfg.batch_size = int(sys.argv[4])
+n = 4 * cfg.batch_size
+rng = np.random.default_rng(0)
+x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+y = rng.integers(0, 10, n).astype(np.int32)
+model = train.init_model(cfg, x, 10)
+tr = train.Trainer(cfg, model, num_classes=10, num_train=n, total_steps=10**6)
+data, state, perm = tr.put_data(x, y), tr.init_state, tr.epoch_permutation(0)
+for _ in range(2):  # compile and warm up
+    state = tr.train_step(state, data, perm)
+jax.block_until_ready(state)
+print("ready", flush=True)
+sys.stdin.readline()  # released by the parent
+t0 = time.perf_counter()
+for _ in range(steps):
+    state = tr.train_step(state, data, perm)
+jax.block_until_ready(state)
+t1 = time.perf_counter()
+print(json.dumps(dict(seconds=t1 - t0, images=steps * cfg.batch_size,
+                      cpus=len(os.sched_getaffinity(0)))), flush=True)
+"""
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    lib = ctypes.util.find_library("tcmalloc_minimal")
+    if lib and sys.platform.startswith("linux") and "tcmalloc" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = f"{lib} {env.get('LD_PRELOAD', '')}".strip()
+    return env
+
+
+def run_together(variant: str, steps: int, cpu_sets: list[str], batch: int | None) -> dict:
+    """Starts one child per CPU set, releases them together once all are ready, and
+    returns the wall time from the release to the last finish and each child's figures."""
+    extra = [str(batch)] if batch else []
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, variant, str(steps), cpus, *extra],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+        )
+        for cpus in cpu_sets
+    ]
+    for p in procs:
+        line = p.stdout.readline().strip()
+        if line != "ready":
+            raise RuntimeError(f"child failed before its timed steps: {line!r}")
+    t0 = time.perf_counter()
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = []
+    for p in procs:
+        outs.append(json.loads(p.stdout.readline()))
+        p.wait()
+        if p.returncode:
+            raise RuntimeError(f"child exited with {p.returncode}")
+    wall = time.perf_counter() - t0
+    images = sum(o["images"] for o in outs)
+    return dict(wall_s=wall, images_per_sec=images / wall, children=outs)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", default="fast", help='airbench variant: "" (airbench94), fast')
+    p.add_argument("--steps", type=int, default=6, help="timed steps per process and round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the recipe's)")
+    p.add_argument("--json", default=None, help="write the figures here")
+    args = p.parse_args(argv)
+    ncpu = len(os.sched_getaffinity(0))
+    if ncpu < 2:
+        raise SystemExit("needs at least two cores")
+    arrangements = {
+        "all cores": [""],
+        "one core": ["0"],
+        "two x one core": ["0", "1"],
+    }
+    rounds = {k: [] for k in arrangements}
+    for r in range(args.rounds):
+        for name, cpu_sets in arrangements.items():
+            res = run_together(args.variant, args.steps, cpu_sets, args.batch)
+            rounds[name].append(res)
+            print(f"round {r} {name}: {res['images_per_sec']:.1f} img/s", flush=True)
+    med = {k: sorted(v, key=lambda d: d["images_per_sec"])[len(v) // 2] for k, v in rounds.items()}
+    base = med["all cores"]["images_per_sec"]
+    print(f"\n{'arrangement':<16} {'img/s':>8} {'vs all cores':>13}")
+    for name, d in med.items():
+        print(f"{name:<16} {d['images_per_sec']:8.1f} {d['images_per_sec'] / base:13.3f}")
+    ratio = med["two x one core"]["images_per_sec"] / base
+    print(
+        f"\ntwo trainings at once, one core each: {ratio:.2f}x "
+        "the throughput of one after the other on all cores"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                dict(
+                    variant=args.variant or "airbench94",
+                    steps=args.steps,
+                    batch=args.batch,
+                    rounds=rounds,
+                    median=med,
+                    ratio_two_processes=ratio,
+                    machine=platform.processor() or platform.machine(),
+                    cpus=ncpu,
+                    date=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                ),
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
