@@ -2,7 +2,7 @@
 the way a reviewer would accept (Carlini et al. 2019; Croce & Hein 2020).
 
     python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, 2 h 19-31 min
-    python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 19 min
+    python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 19.3 min
     python experiments/fgsm_cifar.py --smoke --synthetic --out /tmp/s    # about a minute
     python experiments/fgsm_cifar.py --model resnet18 --data-dir ...     # ResNet-18, for a GPU
 
@@ -15,9 +15,11 @@ to 500 steps; one seed (``--seeds 0,1,2`` for three). ``--quick``: the ``fast``
 variant for 4 epochs (no TTA score), clean accuracy on all 10,000 test images, FGSM on a fixed
 random 1,000 of them, the worst case on 100 with
 PGD-10 and APGD-20 (Square: 300 queries on 50). The subset sizes were chosen
-to fit 3 h and 20 min on 2 cores; the quick mode took 18.8 min with tcmalloc (14.5 of
-them two trainings with their scoring; 22.0 min with glibc's allocator and 4.25 epochs,
-docs/results/fgsm_cifar/quick_seed0_20261206*). Every size can be overridden. The worst case is
+to fit 3 h and 20 min on 2 cores; the quick mode took 19.3 min and scored 85.32% clean
+(batch 512; its two trainings at once, one process per core, 14.5 min of it; 20.8 min
+one after the other; docs/results/fgsm_cifar/quick_seed0_20261206*). On a CPU with two
+or more cores both modes train their two models at once (``--parallel-training``,
+docs/methods.md 6.6). Every size can be overridden. The worst case is
 ``gbjax.attacks.cascade``, its state saved after every stage in ``OUT/state/``:
 a stopped run started again with the same ``--out`` reuses its trained models
 and continues the worst case at its next stage.
@@ -105,7 +107,7 @@ MODES = {
         conv_restarts=(1, 2),
         model="airbench",
         variant="fast",
-        epochs=4,  # 84.93% clean; 4.25 gave 84.84% (quick_seed0_20261206), not more
+        epochs=4,  # 85.32% clean at batch 512 (quick_seed0_20261206d); 84.93% at 1024
         eval_every_epochs=0,  # the 10,000 test images once, at the end (18-27 s less a model)
         eval_tta="none",  # the tables score the plain model; TTA was most of the 41 s final score
         # batch 512, decay rescaled: +0.95 points on a held-out 5,000 of the training
