@@ -2,6 +2,7 @@
 
     python benchmarks/process_parallel.py                  # airbench fast, 6 steps x 3 rounds
     python benchmarks/process_parallel.py --variant "" --steps 3 --json out.json
+    python benchmarks/process_parallel.py --data-dir ../shared/data   # CIFAR-10 images
 
 The main job trains two independent models (unprocessed and GB). On a CPU, XLA runs
 one step's operations across the cores, and part of a step (small fusions, layout
@@ -45,12 +46,17 @@ from gbjax.configs import airbench_cifar10
 variant, steps = sys.argv[1], int(sys.argv[2])
 cfg = airbench_cifar10.get_config(variant or None)
 cfg.num_train = cfg.num_test = None
-if len(sys.argv) > 4:
+if sys.argv[4]:
     cfg.batch_size = int(sys.argv[4])
 n = 4 * cfg.batch_size
-rng = np.random.default_rng(0)
-x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-y = rng.integers(0, 10, n).astype(np.int32)
+if sys.argv[5]:  # a fixed random subset of the CIFAR-10 training images
+    from gbjax import data
+    x, y = data.load("cifar10", "train", data_dir=sys.argv[5], progress=False)
+    x, y = data.random_subset(x, np.asarray(y, np.int32), n)
+else:  # uniform noise
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, n).astype(np.int32)
 model = train.init_model(cfg, x, 10)
 tr = train.Trainer(cfg, model, num_classes=10, num_train=n, total_steps=10**6)
 data, state, perm = tr.put_data(x, y), tr.init_state, tr.epoch_permutation(0)
@@ -77,10 +83,12 @@ def child_env() -> dict:
     return env
 
 
-def run_together(variant: str, steps: int, cpu_sets: list[str], batch: int | None) -> dict:
+def run_together(
+    variant: str, steps: int, cpu_sets: list[str], batch: int | None, data_dir: str | None
+) -> dict:
     """Starts one child per CPU set, releases them together once all are ready, and
     returns the wall time from the release to the last finish and each child's figures."""
-    extra = [str(batch)] if batch else []
+    extra = [str(batch or ""), data_dir or ""]
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, variant, str(steps), cpus, *extra],
@@ -116,6 +124,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6, help="timed steps per process and round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the recipe's)")
+    p.add_argument(
+        "--data-dir", default=None, help="CIFAR-10 training images from here (default: noise)"
+    )
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
     ncpu = len(os.sched_getaffinity(0))
@@ -129,7 +140,7 @@ def main(argv=None):
     rounds = {k: [] for k in arrangements}
     for r in range(args.rounds):
         for name, cpu_sets in arrangements.items():
-            res = run_together(args.variant, args.steps, cpu_sets, args.batch)
+            res = run_together(args.variant, args.steps, cpu_sets, args.batch, args.data_dir)
             rounds[name].append(res)
             print(f"round {r} {name}: {res['images_per_sec']:.1f} img/s", flush=True)
     med = {k: sorted(v, key=lambda d: d["images_per_sec"])[len(v) // 2] for k, v in rounds.items()}
@@ -149,6 +160,7 @@ def main(argv=None):
                     variant=args.variant or "airbench94",
                     steps=args.steps,
                     batch=args.batch,
+                    data="real: " + args.data_dir if args.data_dir else "uniform noise",
                     rounds=rounds,
                     median=med,
                     ratio_two_processes=ratio,

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import pathlib
 import textwrap
 
@@ -136,3 +137,26 @@ def test_attack_batching_times_both_policies(tmp_path):
     assert (row["pow2_batch"], row["pow2_padded_rows"]) == (64, 24)
     assert (row["near-equal/16_batch"], row["near-equal/16_padded_rows"]) == (48, 8)
     assert row["pow2_s"] > 0 and row["near-equal/16_s"] > 0
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two cores",
+)
+def test_process_parallel_times_three_arrangements(tmp_path):
+    """One round of the smoke network: each arrangement's children ran on the cores
+    it says, and the ratio is the pinned pair's throughput over the all-core process's."""
+    pp = _load("process_parallel")
+    out = tmp_path / "pp.json"
+    pp.main(["--variant", "smoke", "--steps", "1", "--rounds", "1", "--batch", "32",
+             "--json", str(out)])  # fmt: skip
+    d = json.loads(out.read_text())
+    cpus = {k: [c["cpus"] for c in v[0]["children"]] for k, v in d["rounds"].items()}
+    assert cpus == {"all cores": [len(os.sched_getaffinity(0))], "one core": [1],
+                    "two x one core": [1, 1]}  # fmt: skip
+    med = d["median"]
+    assert all(m["images_per_sec"] > 0 for m in med.values())
+    assert d["ratio_two_processes"] == pytest.approx(
+        med["two x one core"]["images_per_sec"] / med["all cores"]["images_per_sec"]
+    )
+    assert med["two x one core"]["children"][0]["images"] == 32
