@@ -228,8 +228,9 @@ def use_synthetic(args) -> bool:
 
 def run_identity(experiment: str, args) -> dict:
     """What makes two runs the same run: the experiment and its arguments (where
-    the data and outputs live, and progress bars, aside)."""
-    skip = {"out", "overwrite", "no_progress", "data_dir"}
+    the data and outputs live, progress bars and how trainings share the cores aside:
+    a run started before ``--parallel-training`` existed can be continued)."""
+    skip = {"out", "overwrite", "no_progress", "data_dir", "parallel_training"}
     kept = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in skip}
     kept["synthetic"] = use_synthetic(args)
     return json.loads(json.dumps({"experiment": experiment, "args": kept}, default=str))

@@ -661,11 +661,30 @@ def test_train_at_once_leaves_finished_runs_and_reports_errors(tmp_path):
     jobs = {n: (cfg(), tmp_path / n, (x, y), (x[:64], y[:64])) for n in ("a", "b")}
     seconds = common.train_at_once(jobs, [[0], [1]], progress=False)
     assert set(seconds) == {"a", "b"} and all(s > 0 for s in seconds.values())
+    losses = {}
     for n, job in jobs.items():
-        steps = [json.loads(r).get("step") for r in (tmp_path / n / "metrics.jsonl").open()]
-        assert max(s for s in steps if s is not None) == 2
+        recs = [json.loads(r) for r in (tmp_path / n / "metrics.jsonl").open()]
+        assert max(r.get("step", 0) for r in recs) == 2
+        losses[n] = [r["train_loss"] for r in recs if "train_loss" in r]
         _, m = common.train_model(*job)  # restored, not trained again
         assert m["step"] == 2 and 0 <= m["test_accuracy"] <= 1
+    assert losses["a"] and losses["a"] == losses["b"]  # one job, two cores: same numbers
     bad = dict(jobs, c=(cfg(), tmp_path / "c", (x, y[:10]), (x[:64], y[:64])))
     with pytest.raises(ValueError, match="train labels have shape"):
         common.train_at_once(bad, [[0], [1], [0]], progress=False)
+
+
+def test_how_trainings_share_the_cores_is_not_part_of_a_run(tmp_path, capsys):
+    """An unfinished main job started before --parallel-training existed (its run.json
+    lacks the flag), or with another setting of it, is continued, not refused."""
+    fgsm = _load("fgsm_cifar")
+    C = fgsm.C
+    out = tmp_path / "out"
+    argv = ["--smoke", "--synthetic", "--out", str(out)]
+    ident = C.run_identity(fgsm.EXPERIMENT, fgsm.parse_args(argv))
+    assert "parallel_training" not in ident["args"]
+    out.mkdir()
+    (out / C.RUN_FILE).write_text(json.dumps(ident))
+    for setting in ("auto", "off", "on"):
+        args = fgsm.parse_args([*argv, "--parallel-training", setting])
+        assert C.check_out(fgsm.EXPERIMENT, args) == (out, "continue")
