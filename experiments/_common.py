@@ -381,8 +381,9 @@ def training_cpu_sets(setting: str, n_models: int) -> list[list[int]] | None:
     On a CPU, XLA spreads each step's operations over the cores, but part of a step
     (small fusions, layout copies, the host's dispatch) does not scale with them:
     on the 2-core development machine two trainings at once, one core each, gave
-    1.23x (airbench ``fast``, batch 512) and 1.11x (airbench94) the throughput of one
-    process on both cores (``benchmarks/process_parallel.py``, docs/methods.md 6.6).
+    1.18x (airbench ``fast``, batch 512) and 1.16x (airbench94) the throughput of one
+    process on both cores on CIFAR-10 images (``benchmarks/process_parallel.py``,
+    docs/methods.md 6.6).
     ``setting``: "auto" (at once on a CPU backend with a core for every model, on
     Linux), "on" (the same, an error where it cannot), "off"."""
     if setting == "off" or n_models < 2:
@@ -417,7 +418,8 @@ def train_at_once(jobs: dict, cpu_sets: list[list[int]], progress: bool = True) 
 
     The trainings write their workdirs as :func:`train_model` does, so the caller then
     gets each model with :func:`train_model` on the same arguments (a finished workdir
-    is reused). An error in one training stops the run with that training's error."""
+    is reused). An error in one training is raised here once the others have finished
+    (they run to their end and stay checkpointed, so a rerun reuses them)."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
