@@ -12,8 +12,8 @@ run the two trainings without sharing any operation. Each round times, in child
 processes started from the same interpreter:
 
 * ``all cores``: one training process on every core, ``--steps`` steps;
-* ``one core``: one process pinned to core 0, alone on the machine;
-* ``two x one core``: two processes pinned to cores 0 and 1, released together once
+* ``one core``: one process pinned to the first core it may use, alone on the machine;
+* ``two x one core``: two processes pinned to the first two, released together once
   both have compiled and warmed up, ``--steps`` steps each.
 
 Printed: images per second of each arrangement and the ratio of the two processes'
@@ -132,10 +132,11 @@ def main(argv=None):
     ncpu = len(os.sched_getaffinity(0))
     if ncpu < 2:
         raise SystemExit("needs at least two cores")
+    first, second = (str(c) for c in sorted(os.sched_getaffinity(0))[:2])
     arrangements = {
         "all cores": [""],
-        "one core": ["0"],
-        "two x one core": ["0", "1"],
+        "one core": [first],
+        "two x one core": [first, second],
     }
     rounds = {k: [] for k in arrangements}
     for r in range(args.rounds):
