@@ -40,7 +40,7 @@ import json, os, sys, time
 cpus = [int(c) for c in sys.argv[3].split(",")] if sys.argv[3] else None
 if cpus is not None:
     os.sched_setaffinity(0, cpus)  # before JAX sizes its thread pools
-import jax, numpy as np
+import jax
 from gbjax import train
 from gbjax.configs import airbench_cifar10
 variant, steps = sys.argv[1], int(sys.argv[2])
@@ -49,14 +49,9 @@ cfg.num_train = cfg.num_test = None
 if sys.argv[4]:
     cfg.batch_size = int(sys.argv[4])
 n = 4 * cfg.batch_size
-if sys.argv[5]:  # a fixed random subset of the CIFAR-10 training images
-    from gbjax import data
-    x, y = data.load("cifar10", "train", data_dir=sys.argv[5], progress=False)
-    x, y = data.random_subset(x, np.asarray(y, np.int32), n)
-else:  # uniform noise
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    y = rng.integers(0, 10, n).astype(np.int32)
+sys.path.insert(0, sys.argv[6])
+from train_throughput import images  # CIFAR-10 from a data folder, else uniform noise
+x, y = images((32, 32, 3), n, sys.argv[5] or None)
 model = train.init_model(cfg, x, 10)
 tr = train.Trainer(cfg, model, num_classes=10, num_train=n, total_steps=10**6)
 data, state, perm = tr.put_data(x, y), tr.init_state, tr.epoch_permutation(0)
@@ -88,7 +83,7 @@ def run_together(
 ) -> dict:
     """Starts one child per CPU set, releases them together once all are ready, and
     returns the wall time from the release to the last finish and each child's figures."""
-    extra = [str(batch or ""), data_dir or ""]
+    extra = [str(batch or ""), data_dir or "", os.path.dirname(os.path.abspath(__file__))]
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, variant, str(steps), cpus, *extra],
