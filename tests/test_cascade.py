@@ -334,3 +334,119 @@ def test_reuse_group_refuses_what_does_not_match(fake, tmp_path):
     (tmp_path / "bad").write_text("{}")
     with pytest.raises(ValueError, match="not a cascade state"):
         attacks.reuse_group(tmp_path / "bad", tmp_path / "new", group, x, y, eps_list=EPS)
+
+
+# ---------------------------------------------------------------- join_cascades
+
+# eight one-pixel images, two of them wrong clean (positions 5 and 7)
+XJ = jnp.array([0.1, 0.45, 0.9, 0.65, 0.25, 0.58, 0.8, 0.3]).reshape(-1, 1, 1, 1)
+YJ = jnp.array([0, 0, 1, 1, 0, 0, 1, 1])
+JOIN_STAGES = (
+    attacks.Stage("FGSM", "fgsm", _logits),
+    attacks.Group(
+        "base",
+        (
+            attacks.Stage("PGD-2", "pgd", _logits, steps=2, random_start=False, loss="margin"),
+            attacks.Stage("PGD-3", "pgd", _logits, steps=3, random_start=False),
+        ),
+    ),
+)
+EPS_J = (0.05, 0.1, 0.2)
+
+
+def _parts(positions, stages=JOIN_STAGES):
+    return [
+        attacks.cascade(stages, XJ[p], YJ[p], eps_list=EPS_J, progress=False, batch_size=3)
+        for p in positions
+    ]
+
+
+@pytest.mark.parametrize(
+    "positions",
+    [
+        [[0, 2, 4, 6], [1, 3, 5, 7]],  # every other image, as fgsm_cifar splits
+        [[7, 0, 3], [5], [6, 1, 2, 4]],  # three parts, any order within a part
+        [list(range(8))],  # one part: the cascade itself
+    ],
+)
+def test_join_cascades_equals_one_cascade_over_the_whole_set(positions):
+    """With attacks that draw nothing at random, the joined parts are the cascade over
+    the whole set: flags, accuracies and removed images of every stage and sub-stage."""
+    whole = attacks.cascade(JOIN_STAGES, XJ, YJ, eps_list=EPS_J, progress=False, batch_size=3)
+    parts = _parts([np.asarray(p) for p in positions])
+    joined = attacks.join_cascades(parts, positions)
+    assert joined.eps == whole.eps
+    np.testing.assert_array_equal(joined.robust, whole.robust)
+    np.testing.assert_allclose(joined.accuracy, whole.accuracy)
+    assert 0 < whole.accuracy.min() and whole.accuracy.max() < 1  # a case that can fail
+    for a, b in zip(joined.stages, whole.stages):
+        assert a.name == b.name
+        np.testing.assert_array_equal(a.robust, b.robust)
+        assert [r.tolist() for r in a.removed] == [r.tolist() for r in b.removed]
+        assert [s.as_json()["removed"] for s in a.sub_stages] == [
+            s.as_json()["removed"] for s in b.sub_stages
+        ]
+        # a stage's seconds: the longest part's (they ran at the same time)
+        assert a.seconds == max(p.stages[[s.name for s in p.stages].index(a.name)].seconds
+                                for p in parts)  # fmt: skip
+
+
+def test_join_cascades_writes_the_state_of_the_whole_set(tmp_path, monkeypatch):
+    """The joined state is one that cascade over the whole set reads as finished
+    (nothing runs again) and that reuse_group accepts; an existing one is not replaced."""
+    positions = [np.arange(0, 8, 2), np.arange(1, 8, 2)]
+    state = tmp_path / "s" / "m.json"
+    parts = _parts(positions)
+    flat_parts = _parts(positions, (JOIN_STAGES[0], *JOIN_STAGES[1].stages))
+    joined = attacks.join_cascades(parts, positions, state=state, stages=JOIN_STAGES, x=XJ, y=YJ)
+
+    def no_attack(*a, **k):
+        raise AssertionError("a stage ran again")
+
+    monkeypatch.setattr(_cascade, "accuracy_under_attack", no_attack)
+    again = attacks.cascade(JOIN_STAGES, XJ, YJ, eps_list=EPS_J, state=state, progress=False)
+    np.testing.assert_array_equal(again.robust, joined.robust)
+    assert again.records() == joined.records()
+    # a joined state of plain stages is reused as a group, as adaptive_cifar reuses the
+    # main job's (at a subset of its budgets)
+    flat = (JOIN_STAGES[0], *JOIN_STAGES[1].stages)
+    attacks.join_cascades(flat_parts, positions, state=tmp_path / "f.json", stages=flat, x=XJ, y=YJ)
+    group = attacks.Group("main", flat)
+    assert attacks.reuse_group(tmp_path / "f.json", tmp_path / "r.json", group, XJ, YJ,
+                               eps_list=EPS_J[1:])  # fmt: skip
+    reused = attacks.cascade([group], XJ, YJ, eps_list=EPS_J[1:], state=tmp_path / "r.json",
+                             progress=False)  # fmt: skip
+    np.testing.assert_array_equal(reused.robust, joined.robust[1:])
+    before = state.read_text()
+    with pytest.raises(ValueError, match="exists"):
+        attacks.join_cascades(parts, positions, state=state, stages=JOIN_STAGES, x=XJ, y=YJ)
+    assert state.read_text() == before
+
+
+def test_join_cascades_refuses_parts_that_do_not_fit(tmp_path):
+    positions = [np.arange(0, 8, 2), np.arange(1, 8, 2)]
+    parts = _parts(positions)
+    cases = [
+        (dict(parts=[]), "at least one part"),
+        (dict(positions=positions[:1]), "2 parts but 1"),
+        (dict(positions=[positions[0], positions[0]]), "exactly once"),
+        (dict(positions=[positions[0], positions[1] + 1]), "exactly once"),
+        (dict(positions=[positions[0][:3], np.r_[positions[1], 6]]), "flags of shape"),
+        (dict(parts=[parts[0], parts[1]._replace(eps=(0.1,) * 3)]), "ran at eps"),
+        (dict(parts=[parts[0], _parts(positions[1:], JOIN_STAGES[:1])[0]]), "ran the stages"),
+        (dict(state=tmp_path / "s.json"), "needs the whole set's stages"),
+        (dict(state=tmp_path / "s.json", stages=JOIN_STAGES[:1], x=XJ, y=YJ), "not the parts'"),
+        (dict(state=tmp_path / "s.json", stages=JOIN_STAGES, x=XJ[:4], y=YJ[:4]), "8 images"),
+    ]
+    for kw, match in cases:
+        args = dict(parts=parts, positions=positions) | kw
+        with pytest.raises(ValueError, match=match):
+            attacks.join_cascades(args.pop("parts"), args.pop("positions"), **args)
+    assert not (tmp_path / "s.json").exists()
+    old = parts[
+        1
+    ]._replace(  # a record read from an old state file that kept no flags
+        stages=(parts[1].stages[0]._replace(robust=None),) + parts[1].stages[1:]
+    )
+    with pytest.raises(ValueError, match="no flags to join"):
+        attacks.join_cascades([parts[0], old], positions)

@@ -68,6 +68,7 @@ from gbjax.attacks._cascade import (
     Stage,
     StageRecord,
     cascade,
+    join_cascades,
     reuse_group,
 )
 from gbjax.attacks._core import BPDA, attack_loss, bpda, loss_gradient
@@ -105,6 +106,7 @@ __all__ = [
     "AttackResult",
     "worst_case",
     "cascade",
+    "join_cascades",
     "reuse_group",
     "Stage",
     "Group",

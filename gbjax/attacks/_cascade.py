@@ -33,7 +33,15 @@ from gbjax.attacks._specs import FGSM, PGD, SPECS, Attack, resolve
 from gbjax.attacks._specs import OPTIONS as ATTACK_OPTIONS
 from gbjax.attacks.evaluation import accuracy_under_attack
 
-__all__ = ["Stage", "Group", "StageRecord", "CascadeResult", "cascade", "reuse_group"]
+__all__ = [
+    "Stage",
+    "Group",
+    "StageRecord",
+    "CascadeResult",
+    "cascade",
+    "join_cascades",
+    "reuse_group",
+]
 
 # what the cascade itself passes to accuracy_under_attack; a Stage may set the rest
 _SET_BY_CASCADE = (
@@ -396,6 +404,135 @@ def cascade(
         if path is not None:
             _save(path, records, robust, eps, images, plan)
     return CascadeResult(eps=eps, stages=tuple(records), robust=robust)
+
+
+# ----------------------------------------------------------------------------
+# joining the cascades of parts of an image set
+
+
+def join_cascades(
+    parts: Sequence[CascadeResult],
+    positions: Sequence[ArrayLike],
+    *,
+    state: str | os.PathLike | None = None,
+    stages: Sequence[Stage | Group] | None = None,
+    x: ArrayLike | None = None,
+    y: ArrayLike | None = None,
+) -> CascadeResult:
+    """The cascade of a whole image set from cascades run on disjoint parts of it.
+
+    A cascade decides each image on its own (its flags after a stage depend on
+    that image's attacks only), so a set can be split, each part's cascade run
+    elsewhere (in processes pinned to different cores, say), and the parts'
+    results joined: part ``i`` ran on the images ``positions[i]`` of the set,
+    and the positions together name every image ``0..N-1`` exactly once. The
+    attacks' random draws depend on the batches they ran in, so a split run
+    draws differently from one over the whole set; every draw is still seeded.
+
+    Args:
+      parts: the parts' results, the same stages (by name) at the same budgets.
+      positions: per part, the positions of its images in the whole set.
+      state: optional: a cascade state file to write for the whole set, as
+        :func:`cascade` writes it, so a later ``cascade(stages, x, y,
+        state=state)`` (or :func:`reuse_group`) reads every stage as done. It
+        must not exist yet; needs ``stages``, ``x`` and ``y``.
+      stages: the whole set's stages (their names and settings go into
+        ``state``; a stage's ``first`` is counted over the whole set).
+      x: the whole set's images.
+      y: its labels.
+
+    Returns:
+      The whole set's :class:`CascadeResult`: flags and records as one cascade
+      over the set would give them (images removed recomputed from the joined
+      flags, positions in the whole set); a stage's ``seconds`` is the largest
+      of the parts' (they ran at the same time), ``None`` if any part lacks it.
+
+    Raises:
+      ValueError: no parts, positions that do not cover the set exactly once or
+        do not match the parts' sizes, parts with other stages or budgets, a
+        record without flags (read from an old state file), a ``state`` that
+        exists, or ``state`` without ``stages``, ``x`` and ``y``.
+
+    Example:
+      The images at even and odd positions, attacked apart, joined:
+
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from gbjax import attacks
+      >>> def logits(x):
+      ...     v = x.reshape(-1, 1) - 0.5
+      ...     return jnp.concatenate([-v, v], axis=1)
+      >>> x = jnp.array([0.1, 0.45, 0.9, 0.65]).reshape(4, 1, 1, 1)
+      >>> y = jnp.array([0, 0, 1, 1])
+      >>> stages = [attacks.Stage("FGSM", attacks.FGSM(), logits)]
+      >>> pos = [np.array([0, 2]), np.array([1, 3])]
+      >>> parts = [attacks.cascade(stages, x[p], y[p], eps_list=[0.1, 0.2], progress=False)
+      ...          for p in pos]
+      >>> whole = attacks.join_cascades(parts, pos)
+      >>> whole.accuracy.tolist(), [r.tolist() for r in whole.stages[0].removed]
+      ([0.75, 0.5], [[1], [1, 3]])
+    """
+    parts = tuple(parts)
+    if not parts:
+        raise ValueError("join_cascades needs at least one part")
+    if len(positions) != len(parts):
+        raise ValueError(f"{len(parts)} parts but {len(positions)} position lists")
+    pos = [np.asarray(p, dtype=np.int64).reshape(-1) for p in positions]
+    n = sum(len(p) for p in pos)
+    everything = np.concatenate(pos) if n else np.zeros(0, np.int64)
+    if not np.array_equal(np.sort(everything), np.arange(n)):
+        raise ValueError(f"positions must name each of the {n} images exactly once")
+    eps = parts[0].eps
+    names = [s.name for s in parts[0].stages]
+    for i, (part, p) in enumerate(zip(parts, pos)):
+        if tuple(part.eps) != tuple(eps):
+            raise ValueError(f"part {i} ran at eps {list(part.eps)}, part 0 at {list(eps)}")
+        if [s.name for s in part.stages] != names:
+            raise ValueError(
+                f"part {i} ran the stages {[s.name for s in part.stages]}, not {names}"
+            )
+        if part.robust.shape != (len(eps), len(p)):
+            raise ValueError(
+                f"part {i} has flags of shape {part.robust.shape}, but {len(p)} positions"
+            )
+    if state is not None and (stages is None or x is None or y is None):
+        raise ValueError("writing a state needs the whole set's stages, x and y")
+    if state is not None and pathlib.Path(state).exists():
+        raise ValueError(f"state {state} exists; join_cascades writes only a new one")
+
+    def joined(records, before, where):
+        out = []
+        for k, name in enumerate([r.name for r in records[0]]):
+            recs = [r[k] for r in records]
+            if any(r.robust is None for r in recs):
+                raise ValueError(f"{where}stage {name!r} of a part has no flags to join")
+            after = np.empty((len(eps), n), bool)
+            for r, p in zip(recs, pos):
+                after[:, p] = r.robust
+            subs = ()
+            if recs[0].sub_stages:
+                subs = tuple(joined([r.sub_stages for r in recs], before, f"{name}: "))
+            secs = [r.seconds for r in recs]
+            seconds = None if any(s is None for s in secs) else max(secs)
+            out.append(_record(name, before, after, seconds, subs))
+            before = after
+        return out
+
+    records = joined([p.stages for p in parts], np.ones((len(eps), n), bool), "")
+    robust = np.empty((len(eps), n), bool)
+    for part, p in zip(parts, pos):
+        robust[:, p] = part.robust
+    if records and not np.array_equal(records[-1].robust, robust):
+        raise ValueError("a part's flags differ from those after its last stage")
+    if state is not None:
+        stages = tuple(stages)
+        if [s.name for s in stages] != names:
+            raise ValueError(f"stages {[s.name for s in stages]} are not the parts' {names}")
+        if int(np.shape(x)[0]) != n or np.shape(y) != (n,):
+            raise ValueError(f"x and y must hold the {n} images of the parts")
+        plan = [f"{s.name}: {s.describe()}" for s in stages]
+        _save(pathlib.Path(state), records, robust, eps, _digest(x, y), plan)
+    return CascadeResult(eps=tuple(eps), stages=tuple(records), robust=robust)
 
 
 # ----------------------------------------------------------------------------
