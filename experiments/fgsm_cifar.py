@@ -1,7 +1,7 @@
 """CIFAR-10 under attack: granular-ball preprocessing vs none (GB paper, Table 2), evaluated
 the way a reviewer would accept (Carlini et al. 2019; Croce & Hein 2020).
 
-    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, 2 h 19-31 min
+    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, 2 h 14-31 min
     python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 19.3 min
     python experiments/fgsm_cifar.py --smoke --synthetic --out /tmp/s    # about a minute
     python experiments/fgsm_cifar.py --model resnet18 --data-dir ...     # ResNet-18, for a GPU
@@ -131,6 +131,9 @@ MODES = {
         variant="",
         epochs=None,
         eval_every_epochs=0,  # at the end only (full_seed0: 10 x 11 s a model); flag to add
+        # the tables score the plain model; the final scores with TTA (six views) and
+        # without took about 190 s of each one-core training process (full_seed0_20261206f)
+        eval_tta="none",
         batch_size=None,
         attack_batch=250,
     ),

@@ -59,6 +59,7 @@ MAY_DIFFER = frozenset(
         "checkpoint_every_steps",
         "max_checkpoints_to_keep",
         "eval_every_epochs",
+        "eval_tta",  # test-time augmentation: how the model is scored, not trained
         "eval_tta_every_epoch",
         "eval_batch_size",
         "num_devices",

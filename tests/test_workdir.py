@@ -99,6 +99,17 @@ def test_fields_that_may_differ_resume(wd, done_run):
     assert saved["log_every_steps"] == 4  # the record of the run that made it
 
 
+def test_evaluation_settings_are_not_part_of_a_run():
+    """How a run is scored (TTA, eval cadence and batch) does not change what it trains,
+    so a finished workdir is reused under other evaluation settings; a training field
+    is still compared."""
+    rec = _workdir.make_record(tiny(**SHORT), (DATA["train"] + DATA["test"]),
+                               num_classes=2, total_steps=8)  # fmt: skip
+    other = dict(rec, eval_tta="flip_translate", eval_every_epochs=3, eval_batch_size=7)
+    assert _workdir.differences(rec, other) == []
+    assert [d[0] for d in _workdir.differences(rec, dict(rec, augment="flip"))] == ["augment"]
+
+
 def test_folders_the_trainer_did_not_make_are_never_cleared(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
