@@ -217,7 +217,7 @@ class Group:
 
     def describe(self) -> str:
         """The group's stages as text (see :meth:`Stage.describe`)."""
-        return "group[" + "; ".join(f"{s.name}: {s.describe()}" for s in self.stages) + "]"
+        return "group[" + "; ".join(_plan(self.stages)) + "]"
 
 
 class StageRecord(NamedTuple):
@@ -376,7 +376,7 @@ def cascade(
         if keyed:
             raise ValueError(f"stages {keyed} need a PRNG key: pass key=...")
     images = _digest(x, y)
-    plan = [f"{s.name}: {s.describe()}" for s in stages]
+    plan = _plan(stages)
 
     path = None if state is None else pathlib.Path(state)
     records: list[StageRecord] = []
@@ -479,8 +479,7 @@ def join_cascades(
         raise ValueError(f"{len(parts)} parts but {len(positions)} position lists")
     pos = [np.asarray(p, dtype=np.int64).reshape(-1) for p in positions]
     n = sum(len(p) for p in pos)
-    everything = np.concatenate(pos) if n else np.zeros(0, np.int64)
-    if not np.array_equal(np.sort(everything), np.arange(n)):
+    if not np.array_equal(np.sort(np.concatenate(pos)), np.arange(n)):
         raise ValueError(f"positions must name each of the {n} images exactly once")
     eps = parts[0].eps
     names = [s.name for s in parts[0].stages]
@@ -495,10 +494,22 @@ def join_cascades(
             raise ValueError(
                 f"part {i} has flags of shape {part.robust.shape}, but {len(p)} positions"
             )
-    if state is not None and (stages is None or x is None or y is None):
-        raise ValueError("writing a state needs the whole set's stages, x and y")
-    if state is not None and pathlib.Path(state).exists():
-        raise ValueError(f"state {state} exists; join_cascades writes only a new one")
+    if state is not None:
+        if stages is None or x is None or y is None:
+            raise ValueError("writing a state needs the whole set's stages, x and y")
+        if pathlib.Path(state).exists():
+            raise ValueError(f"state {state} exists; join_cascades writes only a new one")
+        stages = tuple(stages)
+        if [s.name for s in stages] != names:
+            raise ValueError(f"stages {[s.name for s in stages]} are not the parts' {names}")
+        if int(np.shape(x)[0]) != n or np.shape(y) != (n,):
+            raise ValueError(f"x and y must hold the {n} images of the parts")
+
+    def placed(flags):  # the parts' (E, n_i) flags at their positions in the set
+        out = np.empty((len(eps), n), bool)
+        for f, p in zip(flags, pos):
+            out[:, p] = f
+        return out
 
     def joined(records, before, where):
         out = []
@@ -506,9 +517,7 @@ def join_cascades(
             recs = [r[k] for r in records]
             if any(r.robust is None for r in recs):
                 raise ValueError(f"{where}stage {name!r} of a part has no flags to join")
-            after = np.empty((len(eps), n), bool)
-            for r, p in zip(recs, pos):
-                after[:, p] = r.robust
+            after = placed([r.robust for r in recs])
             subs = ()
             if recs[0].sub_stages:
                 subs = tuple(joined([r.sub_stages for r in recs], before, f"{name}: "))
@@ -519,19 +528,11 @@ def join_cascades(
         return out
 
     records = joined([p.stages for p in parts], np.ones((len(eps), n), bool), "")
-    robust = np.empty((len(eps), n), bool)
-    for part, p in zip(parts, pos):
-        robust[:, p] = part.robust
+    robust = placed([p.robust for p in parts])
     if records and not np.array_equal(records[-1].robust, robust):
         raise ValueError("a part's flags differ from those after its last stage")
     if state is not None:
-        stages = tuple(stages)
-        if [s.name for s in stages] != names:
-            raise ValueError(f"stages {[s.name for s in stages]} are not the parts' {names}")
-        if int(np.shape(x)[0]) != n or np.shape(y) != (n,):
-            raise ValueError(f"x and y must hold the {n} images of the parts")
-        plan = [f"{s.name}: {s.describe()}" for s in stages]
-        _save(pathlib.Path(state), records, robust, eps, _digest(x, y), plan)
+        _save(pathlib.Path(state), records, robust, eps, _digest(x, y), _plan(stages))
     return CascadeResult(eps=tuple(eps), stages=tuple(records), robust=robust)
 
 
@@ -568,6 +569,11 @@ def _run_stage(stage, x, y, robust, eps, key, batch_size, progress, desc):
 def _record(name, before, after, seconds, sub_stages=()) -> StageRecord:
     removed = tuple(np.flatnonzero(b & ~a) for b, a in zip(before, after))
     return StageRecord(name, after.mean(axis=1), after, removed, seconds, sub_stages)
+
+
+def _plan(stages) -> list[str]:
+    """Each stage's name and settings, as a state file's ``plan`` records them."""
+    return [f"{s.name}: {s.describe()}" for s in stages]
 
 
 def _leaves(stages):
@@ -793,7 +799,7 @@ def reuse_group(
         raise ValueError(f"{source} was made with other images or labels; it cannot be reused")
     names, plan = (
         [s.name for s in group.stages],
-        [f"{s.name}: {s.describe()}" for s in group.stages],
+        _plan(group.stages),
     )
     if [s.get("stage") for s in done] != names or src_plan != plan:
         raise ValueError(
@@ -815,5 +821,5 @@ def reuse_group(
     if not np.array_equal(robust, final[rows]):
         raise ValueError(f"{source} is inconsistent: its stages do not give its robust flags")
     record = _record(group.name, start, robust, seconds, tuple(subs))
-    _save(state, [record], robust, eps, _digest(x, y), [f"{group.name}: {group.describe()}"])
+    _save(state, [record], robust, eps, _digest(x, y), _plan([group]))
     return True
