@@ -1,6 +1,6 @@
 """The granular-ball CPU kernel: one compiled loop per image (numba), private.
 
-:mod:`gbjax.gb` calls it from inside ``jax.jit`` through ``jax.pure_callback``
+:mod:`gbjax.gb` calls it from inside ``jax.jit`` as an XLA custom call on CPU
 when ``engine="numba"`` (the default on a single CPU device when numba is
 installed, see :func:`gbjax.gb_cluster`). It computes exactly what the XLA
 program of :mod:`gbjax._gb_engine` computes, ball ids and every float32
@@ -640,8 +640,7 @@ if AVAILABLE:
             )  # fmt: skip
 
 
-# Several host threads may run callbacks at once (e.g. jax.vmap'd or concurrent
-# calls): the kernel already uses every core, so they take turns.
+# Several host threads may call it at once (e.g. concurrent calls): the kernel already uses every core, so they take turns.
 _LOCK = threading.Lock()
 
 
@@ -683,24 +682,129 @@ def cluster_numpy(x, thresholds, purity, *, K, max_rounds, kmeans_iters, min_bal
 
 
 # --------------------------------------------------------------------------
-# The JAX side: callback, painting and gradient
+# The JAX side: custom call, painting and gradient
 # --------------------------------------------------------------------------
 
 
-def _host(x, thresholds, purity, *, K, max_rounds, kmeans_iters, min_ball_size):
-    """pure_callback body: x (*L, B, N, F), thresholds (*L, T), purity (*L,), where
-    L are the axes ``vmap`` adds (``vmap_method="broadcast_all"``)."""
-    x, thresholds, purity = np.asarray(x), np.asarray(thresholds), np.asarray(purity)
-    lead = x.shape[:-2]  # (*L, B)
-    N, F = x.shape[-2:]
-    T = thresholds.shape[-1]
-    th = np.broadcast_to(thresholds[..., None, :], lead + (T,)).reshape(-1, T)
-    pu = np.broadcast_to(purity[..., None], lead).reshape(-1)
-    out = cluster_numpy(
-        x.reshape(-1, N, F), th, pu, K=K, max_rounds=max_rounds,
-        kmeans_iters=kmeans_iters, min_ball_size=min_ball_size,
+# The kernel is an XLA custom call on CPU: a numba ``cfunc`` registered as a
+# foreign-function target (XLA's "custom call" API with status and opaque
+# string, version 3), so XLA runs the compiled loop directly on its own thread,
+# on its own buffers. A Python callback (``jax.pure_callback``) would hold the
+# GIL and copy the operands into new CPU arrays before calling: with one XLA
+# worker thread (a process confined to one core), that copy waits for the very
+# thread that waits for the callback, and the program hangs.
+
+_META = 9  # I, N, F, T, K, max_rounds, kmeans_iters, min_ball_size, parallel
+
+
+@functools.cache
+def _target() -> str:
+    """Compile the kernel's entry point (once per process) and register it with XLA."""
+    import ctypes
+
+    from numba import carray, types
+
+    # Start numba's threading layer from Python: launching it first from an XLA
+    # thread would be launching it without the interpreter. The "workqueue"
+    # layer (used where neither OpenMP nor TBB is available) must not be
+    # entered by two threads at once, which XLA may do, so there the kernel
+    # runs each batch's images one after another.
+    numba.njit(parallel=True)(lambda a: a.sum())(np.ones(2))
+    _target.parallel = numba.threading_layer() != "workqueue"
+    ptrs = types.CPointer(types.voidptr)
+
+    @numba.cfunc(types.void(ptrs, ptrs, types.voidptr, types.uintp, types.voidptr), cache=True)
+    def entry(out, ins, opaque, opaque_len, status):  # pragma: no cover - runs inside XLA
+        m = carray(ins[3], _META, dtype=np.int32)
+        Ii, N, F, T, K = m[0], m[1], m[2], m[3], m[4]
+        x = carray(ins[0], (Ii, N, F), dtype=np.float32)
+        th = carray(ins[1], (Ii, T), dtype=np.float32)
+        pu = carray(ins[2], (Ii,), dtype=np.float32)
+        labels = carray(out[0], (Ii, T, N), dtype=np.int32)
+        counts = carray(out[1], (Ii, T, K), dtype=np.int32)
+        centres = carray(out[2], (Ii, T, K, F), dtype=np.float32)
+        radii = carray(out[3], (Ii, T, K), dtype=np.float32)
+        within = carray(out[4], (Ii, T, K), dtype=np.float32)
+        n_balls = carray(out[5], (Ii, T), dtype=np.int32)
+        noise = carray(out[6], (Ii, T, N), dtype=np.bool_)
+        paint = carray(out[7], (Ii, T, N), dtype=np.int32)
+        saturated = carray(out[8], (Ii, T), dtype=np.bool_)
+        rounds = carray(out[9], (Ii, T), dtype=np.int32)
+        # XLA does not zero its output buffers; the kernel starts from zeros
+        labels.fill(0)
+        counts.fill(0)
+        centres.fill(0)
+        radii.fill(0)
+        within.fill(0)
+        n_balls.fill(0)
+        noise.fill(False)
+        paint.fill(0)
+        saturated.fill(False)
+        rounds.fill(0)
+        if m[8] != 0:
+            _batch_parallel(
+                x, th, pu, K, m[5], m[6], m[7], labels, counts, centres, radii, within,
+                n_balls, noise, paint, saturated, rounds,
+            )  # fmt: skip
+        else:
+            _batch_serial(
+                x, th, pu, K, m[5], m[6], m[7], labels, counts, centres, radii, within,
+                n_balls, noise, paint, saturated, rounds,
+            )  # fmt: skip
+
+    new_capsule = ctypes.pythonapi.PyCapsule_New
+    new_capsule.restype = ctypes.py_object
+    new_capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    name = "gbjax_gb_cluster_cpu"
+    jax.ffi.register_ffi_target(
+        name, new_capsule(entry.address, b"xla._CUSTOM_CALL_TARGET", None), platform="cpu",
+        api_version=0,
     )  # fmt: skip
-    return tuple(a.reshape(lead + a.shape[1:]) for a in out)
+    _target.entry = entry  # keep the compiled function alive with the registration
+    return name
+
+
+@functools.cache
+def _kernel(K, max_rounds, kmeans_iters, min_ball_size):
+    """``(x (I, N, F), thresholds (I, T), purity (I,)) -> the kernel's ten outputs``,
+    as a JAX function: one custom call, mapped by ``vmap`` into the same call
+    on all images at once (every mapped axis folds into the image axis)."""
+
+    @jax.custom_batching.custom_vmap
+    def call(x_INF, thr_IT, pur_I):
+        Ii, N, F = x_INF.shape
+        T = thr_IT.shape[1]
+        i32, f32 = jnp.int32, jnp.float32
+        name = _target()
+        # numba's thread count is set per thread: the kernel runs on an XLA
+        # thread, with numba's default count; one thread set here runs it serially
+        parallel = _target.parallel and Ii > 1 and numba.get_num_threads() > 1
+        meta = np.array(
+            [Ii, N, F, T, K, max_rounds, kmeans_iters, min_ball_size, parallel], np.int32
+        )
+        sd = jax.ShapeDtypeStruct
+        shapes = (
+            sd((Ii, T, N), i32), sd((Ii, T, K), i32), sd((Ii, T, K, F), f32), sd((Ii, T, K), f32),
+            sd((Ii, T, K), f32), sd((Ii, T), i32), sd((Ii, T, N), jnp.bool_), sd((Ii, T, N), i32),
+            sd((Ii, T), jnp.bool_), sd((Ii, T), i32),
+        )  # fmt: skip
+        return tuple(
+            jax.ffi.ffi_call(name, shapes, custom_call_api_version=3)(
+                x_INF.astype(f32), thr_IT.astype(f32), pur_I.astype(f32), jnp.asarray(meta)
+            )
+        )
+
+    @call.def_vmap
+    def _(axis_size, in_batched, x_INF, thr_IT, pur_I):
+        args = [
+            a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+            for a, b in zip((x_INF, thr_IT, pur_I), in_batched)
+        ]
+        Ii = args[0].shape[1]
+        out = call(*(a.reshape((axis_size * Ii,) + a.shape[2:]) for a in args))
+        return tuple(o.reshape((axis_size, Ii) + o.shape[1:]) for o in out), (True,) * len(out)
+
+    return call
 
 
 def _centres_radii(x_BNF, labels_BTN, K):
@@ -749,30 +853,16 @@ def cluster_and_paint(
 
     B, N, F = x_BNF.shape
     T = thresholds_T.shape[0]
-    i32, f32 = jnp.int32, jnp.float32
-    sd = jax.ShapeDtypeStruct
-    shapes = (
-        sd((B, T, N), i32), sd((B, T, K), i32), sd((B, T, K, F), f32), sd((B, T, K), f32),
-        sd((B, T, K), f32), sd((B, T), i32), sd((B, T, N), jnp.bool_), sd((B, T, N), i32),
-        sd((B, T), jnp.bool_), sd((B, T), i32),
-    )  # fmt: skip
-    host = functools.partial(
-        _host, K=K, max_rounds=max_rounds, kmeans_iters=kmeans_iters,
-        min_ball_size=min_ball_size,
-    )  # fmt: skip
-    labels, counts, centres, radii, within, n_balls, noise, paint, saturated, rounds = (
-        jax.pure_callback(
-            host,
-            shapes,
-            jax.lax.stop_gradient(x_BNF),
-            jnp.asarray(thresholds_T, f32),
-            jnp.asarray(purity, f32),
-            vmap_method="broadcast_all",
-        )
+    f32 = jnp.float32
+    kernel = _kernel(K, max_rounds, kmeans_iters, min_ball_size)
+    labels, counts, centres, radii, within, n_balls, noise, paint, saturated, rounds = kernel(
+        jax.lax.stop_gradient(x_BNF),
+        jnp.broadcast_to(jnp.asarray(thresholds_T, f32), (B, T)),
+        jnp.broadcast_to(jnp.asarray(purity, f32), (B,)),
     )
     centres, radii = _differentiable(K, x_BNF, labels, centres, radii)
     flat = centres.reshape(B * T * K, F)
-    idx = (paint + (jnp.arange(B * T, dtype=i32) * K).reshape(B, T, 1)).reshape(-1)
+    idx = (paint + (jnp.arange(B * T, dtype=jnp.int32) * K).reshape(B, T, 1)).reshape(-1)
     colour = flat[idx][:, :C] / jnp.float32(features.color)
     img = painted_image(colour, out_dtype, scale)
     return GBResult(

@@ -68,7 +68,7 @@ with K / 8 ball slots per image (see ``_cluster_labels``).
 
 Engines (``engine=``): on a single CPU device with numba installed, the
 partition is computed by a compiled per-image loop (:mod:`gbjax._gb_cpu`,
-called through ``jax.pure_callback``), which has none of the batch-wide loops
+called as an XLA custom call on CPU), which has none of the batch-wide loops
 and is several times faster there; the XLA program above serves GPUs, TPUs and
 CPU without numba. Both give the same results (docs/methods.md, section 1.6).
 """
@@ -438,7 +438,7 @@ def gb_cluster(
       engine: which implementation computes the partition: ``"xla"``, one
         compiled XLA program for the whole batch (any backend); ``"numba"``, a
         compiled per-image CPU loop (needs numba) called from that program
-        through ``jax.pure_callback``, with the features and the painting (and
+        as an XLA custom call, with the features and the painting (and
         its gradient) still in JAX; or ``"auto"`` (default): ``"numba"`` when
         numba is installed and JAX runs on a single CPU device, else ``"xla"``.
         Both give identical results, ball ids and statistics included; on CPU

@@ -10,6 +10,9 @@ XLA program compiles a handful of times for the whole file.
 """
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +127,51 @@ def test_engines_identical_float_images_under_jit_vmap_and_grad():
         np.testing.assert_array_equal(getattr(rb, name), getattr(eager, name), err_msg=name)
     assert np.abs(np.asarray(ga)).sum() > 0
     np.testing.assert_allclose(np.asarray(gb_), np.asarray(ga), rtol=1e-5, atol=1e-4)
+
+
+def test_engines_identical_under_nested_vmap():
+    # every mapped axis folds into the kernel's image axis
+    x = images(9, (6, 6, 6, 3)).reshape(2, 3, 6, 6, 3)
+
+    def run(engine):
+        one = lambda im: gbjax.gb_cluster(im, threshold=12.0, capacity=32, engine=engine)  # noqa: E731
+        return jax.jit(jax.vmap(jax.vmap(one)))(x)
+
+    assert_same(run("xla"), run("numba"))
+
+
+# A process confined to one core before JAX starts: XLA:CPU then has a single
+# worker thread. The kernel ran as a Python callback (jax.pure_callback), which
+# copies its operands into new arrays on that thread before calling, while the
+# thread waits for the callback: the second attack hung for ever.
+ONE_CORE = textwrap.dedent("""
+    import os, sys
+    os.sched_setaffinity(0, [sorted(os.sched_getaffinity(0))[0]])
+    import jax, jax.numpy as jnp, numpy as np
+    from gbjax import attacks, defences
+    x = np.random.default_rng(0).random((64, 32, 32, 3), dtype=np.float32)
+    y = np.zeros(64, np.int32)
+    clf = lambda z: jnp.mean(z, axis=(1, 2)) @ jnp.ones((3, 10))
+    att, scored = attacks.make_attack_logits(clf, defences.GB(threshold=20.0), "bpda")
+    for i in range(3):
+        attacks.accuracy_under_attack(
+            att, x, y, eps_list=[1 / 255, 2 / 255], attack="pgd", steps=3,
+            eval_logits_fn=scored, batch_size=32, key=jax.random.key(i), progress=False,
+        )
+    print("done")
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_gb_attacks_finish_on_one_core():
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", ONE_CORE], capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("GB attacks in a process confined to one core hung (over 300 s)")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("done")
 
 
 def test_engine_knob():
