@@ -640,7 +640,8 @@ if AVAILABLE:
             )  # fmt: skip
 
 
-# Several host threads may call it at once (e.g. concurrent calls): the kernel already uses every core, so they take turns.
+# Several host threads may call it at once (e.g. concurrent calls): the kernel
+# already uses every core, so they take turns.
 _LOCK = threading.Lock()
 
 
