@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -228,9 +228,10 @@ def use_synthetic(args) -> bool:
 
 def run_identity(experiment: str, args) -> dict:
     """What makes two runs the same run: the experiment and its arguments (where
-    the data and outputs live, progress bars and how trainings share the cores aside:
-    a run started before ``--parallel-training`` existed can be continued)."""
-    skip = {"out", "overwrite", "no_progress", "data_dir", "parallel_training"}
+    the data and outputs live, progress bars and how the work shares the cores aside:
+    a run started before ``--parallel-training`` or ``--parallel-attacks`` existed
+    can be continued)."""
+    skip = {"out", "overwrite", "no_progress", "data_dir", "parallel_training", "parallel_attacks"}
     kept = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in skip}
     kept["synthetic"] = use_synthetic(args)
     return json.loads(json.dumps({"experiment": experiment, "args": kept}, default=str))
@@ -374,9 +375,12 @@ def train_model(config, workdir: pathlib.Path, train: tuple, test: tuple):
         ) from None
 
 
-def training_cpu_sets(setting: str, n_models: int) -> list[list[int]] | None:
-    """The CPU sets on which to train ``n_models`` models at once, one process pinned to
-    each set, or None to train them one after the other in this process.
+def parallel_cpu_sets(
+    setting: str, n_sets: int, flag: str = "--parallel-training"
+) -> list[list[int]] | None:
+    """The CPU sets on which to run ``n_sets`` pieces of work at once (trainings, or
+    parts of an evaluation), one process pinned to each set, or None to run them one
+    after the other in this process.
 
     On a CPU, XLA spreads each step's operations over the cores, but part of a step
     (small fusions, layout copies, the host's dispatch) does not scale with them:
@@ -384,28 +388,26 @@ def training_cpu_sets(setting: str, n_models: int) -> list[list[int]] | None:
     1.18x (airbench ``fast``, batch 512) and 1.16x (airbench94) the throughput of one
     process on both cores on CIFAR-10 images (``benchmarks/process_parallel.py``,
     docs/methods.md 6.6).
-    ``setting``: "auto" (at once on a CPU backend with a core for every model, on
-    Linux), "on" (the same, an error where it cannot), "off"."""
-    if setting == "off" or n_models < 2:
+    ``setting``: "auto" (at once on a CPU backend with a core for every set, on
+    Linux), "on" (the same, an error naming ``flag`` where it cannot), "off"."""
+    if setting == "off" or n_sets < 2:
         return None
     import jax
 
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if jax.default_backend() != "cpu" or len(cpus) < n_models:
+    if jax.default_backend() != "cpu" or len(cpus) < n_sets:
         if setting == "on":
             raise SystemExit(
-                f"error: --parallel-training on needs a CPU backend with at least {n_models} "
+                f"error: {flag} on needs a CPU backend with at least {n_sets} "
                 f"cores this process may use (backend {jax.default_backend()}, "
                 f"{len(cpus) or 'unknown'} cores); use auto or off"
             )
         return None
-    return [cpus[i::n_models] for i in range(n_models)]
+    return [cpus[i::n_sets] for i in range(n_sets)]
 
 
-def _train_pinned(cpus: list[int], config, workdir, train, test) -> dict:
-    """One model's training in a fresh process pinned to ``cpus`` (set before JAX
-    creates its CPU client and sizes its thread pool to them)."""
-    os.sched_setaffinity(0, cpus)
+def _train_pinned(config, workdir, train, test) -> dict:
+    """One model's training, in a process of its own (:func:`run_at_once`)."""
     config.progress = False  # two bars from two processes would interleave
     t0 = time.perf_counter()
     _, metrics = train_model(config, workdir, train, test)
@@ -420,9 +422,6 @@ def train_at_once(jobs: dict, cpu_sets: list[list[int]], progress: bool = True) 
     gets each model with :func:`train_model` on the same arguments (a finished workdir
     is reused). An error in one training is raised here once the others have finished
     (they run to their end and stay checkpointed, so a rerun reuses them)."""
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
     if len(cpu_sets) != len(jobs):
         raise ValueError(f"{len(jobs)} jobs but {len(cpu_sets)} CPU sets")
     names = list(jobs)
@@ -431,27 +430,15 @@ def train_at_once(jobs: dict, cpu_sets: list[list[int]], progress: bool = True) 
         + " / ".join(",".join(map(str, c)) for c in cpu_sets),
         flush=True,
     )
-    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs JAX
-    with ProcessPoolExecutor(len(jobs), mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = {n: pool.submit(_train_pinned, c, *jobs[n]) for n, c in zip(names, cpu_sets)}
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc="training at once (logged steps)", unit="step")
-        pending = set(futures.values())
-        while pending:
-            done, pending = wait(pending, timeout=10, return_when=FIRST_EXCEPTION)
-            if any(f.exception() is not None for f in done):
-                for f in pending:
-                    f.cancel()
-                break
-            if bar is not None:
-                bar.n = sum(_logged_steps(jobs[n][1]) for n in names)
-                bar.refresh()
-        if bar is not None:
-            bar.close()
-        results = {n: f.result() for n, f in futures.items()}  # re-raises a training's error
+    out = run_at_once(
+        __file__,
+        "_train_pinned",
+        [jobs[n] for n in names],
+        cpu_sets,
+        progress=(lambda: sum(_logged_steps(jobs[n][1]) for n in names)) if progress else None,
+        desc="training at once (logged steps)",
+    )
+    results = dict(zip(names, out))
     for n in names:
         acc = results[n]["test_accuracy"]
         print(f"  {n}: {results[n]['seconds']:.0f} s" + (f", test {acc:.4f}" if acc else ""))
@@ -471,6 +458,75 @@ def _logged_steps(workdir) -> int:
         except (ValueError, AttributeError):
             continue
     return 0
+
+
+def load_script(path: str | os.PathLike):
+    """The experiment script at ``path`` as a module (its ``if __name__ ==
+    "__main__"`` part not run), registered in ``sys.modules`` under a private name."""
+    import importlib.util
+
+    path = pathlib.Path(path).resolve()
+    name = f"_gbjax_script_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses and pickle look modules up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _call_pinned(cpus: list[int], script: str, func: str, args: tuple):
+    """``func(*args)`` of the script ``script``, in a fresh process pinned to ``cpus``
+    (set before JAX creates its CPU client and sizes its thread pool to them; numba,
+    which runs the GB engine on CPU, would otherwise start a thread per machine core)."""
+    os.sched_setaffinity(0, cpus)
+    os.environ["NUMBA_NUM_THREADS"] = str(len(cpus))
+    return getattr(load_script(script), func)(*args)
+
+
+def run_at_once(
+    script: str | os.PathLike,
+    func: str,
+    calls: Sequence[tuple],
+    cpu_sets: list[list[int]],
+    *,
+    progress: Callable[[], int] | None = None,
+    desc: str = "",
+    unit: str = "step",
+) -> list:
+    """``func(*args)`` of the experiment script ``script`` for every ``args`` in
+    ``calls``, all at once, each in a fresh (spawned) process pinned to its CPU set;
+    returns their results in order. The script is loaded by its path in each process,
+    so this works from a notebook and from a test as well as from the command line.
+
+    ``progress``: a function polled every 10 s for a count of work done (a bar).
+    An error in one call is raised here once the others have finished."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    if len(cpu_sets) != len(calls):
+        raise ValueError(f"{len(calls)} calls but {len(cpu_sets)} CPU sets")
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs JAX
+    script = str(pathlib.Path(script).resolve())
+    with ProcessPoolExecutor(len(calls), mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = [pool.submit(_call_pinned, c, script, func, a) for c, a in zip(cpu_sets, calls)]
+        bar = None
+        if progress is not None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc=desc, unit=unit)
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=10, return_when=FIRST_EXCEPTION)
+            if any(f.exception() is not None for f in done):
+                break  # the others run to their end (a pool cannot stop a running call)
+            if bar is not None:
+                bar.n = progress()
+                bar.refresh()
+        if bar is not None:
+            bar.close()
+        return [f.result() for f in futures]  # re-raises a call's error
 
 
 # ----------------------------------------------------------------------------

@@ -182,6 +182,14 @@ def assemble(
         f"({C.environment()['cpu_count']} cores).",
         "",
     ]
+    parts = max(rec.get("n_parts", 1) for run in runs.values() for rec in run.values())
+    if parts > 1:
+        md += [
+            f"Evaluated in {parts} parts at once (the images of each set dealt out in turn, "
+            "one process per core), joined image by image; the attacks' random draws differ "
+            "from those of a run in one process (docs/methods.md 6.6).",
+            "",
+        ]
 
     x = [0.0] + list(eps)
     curves = {

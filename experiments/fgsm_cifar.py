@@ -1,7 +1,7 @@
 """CIFAR-10 under attack: granular-ball preprocessing vs none (GB paper, Table 2), evaluated
 the way a reviewer would accept (Carlini et al. 2019; Croce & Hein 2020).
 
-    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, 2 h 14-31 min
+    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, 2 h 19-31 min
     python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 19.3 min
     python experiments/fgsm_cifar.py --smoke --synthetic --out /tmp/s    # about a minute
     python experiments/fgsm_cifar.py --model resnet18 --data-dir ...     # ResNet-18, for a GPU
@@ -19,7 +19,8 @@ to fit 3 h and 20 min on 2 cores; the quick mode took 19.3 min and scored 85.32%
 (batch 512; its two trainings at once, one process per core, 14.5 min of it; 20.8 min
 one after the other; docs/results/fgsm_cifar/quick_seed0_20261206*). On a CPU with two
 or more cores both modes train their two models at once (``--parallel-training``,
-docs/methods.md 6.6). Every size can be overridden. The worst case is
+docs/methods.md 6.6) and evaluate them in two parts at once, every other image each
+(``--parallel-attacks``, 6.7). Every size can be overridden. The worst case is
 ``gbjax.attacks.cascade``, its state saved after every stage in ``OUT/state/``:
 a stopped run started again with the same ``--out`` reuses its trained models
 and continues the worst case at its next stage.
@@ -165,6 +166,13 @@ def parse_args(argv=None):
         help="train the two models at once, one process per core (auto: on a CPU with "
         "two or more cores; 1.1-1.2x the throughput on 2 cores, docs/methods.md 6.6)",
     )
+    p.add_argument(
+        "--parallel-attacks",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="evaluate in two parts at once (every other image each), one process per "
+        "core (auto: on a CPU with two or more cores, docs/methods.md 6.6)",
+    )
     return p.parse_args(argv)
 
 
@@ -219,9 +227,11 @@ def chunk_for(name):
     return 1 if behind_gb(name) else None
 
 
-def cascade_stages(name, scored, attacked, mode, unprocessed, n):
+def cascade_stages(name, scored, attacked, mode, unprocessed, n, part=(0, 1)):
     """The worst-case cascade's stages for ``n`` images, in cost order
-    (``gbjax.attacks.cascade`` runs each on the images still robust)."""
+    (``gbjax.attacks.cascade`` runs each on the images still robust). ``part=(p, P)``:
+    the stages of the part of every ``P``-th image from the ``p``-th (Square's prefix
+    of the first ``n_square`` images counted in the whole set, its label unchanged)."""
     from gbjax.attacks import Stage
 
     chunk, pgd, apgd = chunk_for(name), mode["pgd_steps"], mode["apgd_steps"]
@@ -246,7 +256,7 @@ def cascade_stages(name, scored, attacked, mode, unprocessed, n):
         f"Square-{q} (first {n_sq})",
         "square",
         scored,
-        first=n_sq,
+        first=len(range(part[0], n_sq, part[1])),
         fold="square",
         queries=q,
         chunk=chunk,
@@ -365,26 +375,46 @@ def _convergence(name, scored, attacked, x, y, mode, key, progress):
     return out
 
 
-def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer, out_dir):
+def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer, out_dir, part=(0, 1)):
+    """Every evaluation of the models (clean, FGSM, the worst-case cascade, controls,
+    convergence): {model: record}. ``part=(p, P)``: only on every ``P``-th image of
+    each image set from the ``p``-th, with the part's own random draws and cascade
+    state; its records then carry the sizes and cascade that :func:`join_parts` needs."""
     import zlib
 
     import jax
 
     from gbjax import attacks, evaluate
 
-    def key(label):
-        return jax.random.fold_in(jax.random.key(1000 + seed), zlib.crc32(label.encode()))
+    p, n_parts = part
 
-    idx = C.eval_indices(len(x01), mode["n_eval"])  # random: the test set is class-sorted
+    def key(label):
+        k = jax.random.fold_in(jax.random.key(1000 + seed), zlib.crc32(label.encode()))
+        return k if n_parts == 1 else jax.random.fold_in(k, p)
+
+    def share(a):  # this part's share of a list of positions (every P-th, from p)
+        return a[p::n_parts]
+
+    idx_all = C.eval_indices(len(x01), mode["n_eval"])  # random: the test set is class-sorted
+    idx = share(idx_all)
     n_eval = len(idx)
     n_fgsm = min(mode.get("n_fgsm") or len(x01), len(x01))
-    fidx = C.eval_indices(len(x01), n_fgsm) if n_fgsm < len(x01) else slice(None)  # idx's superset
+    if n_fgsm < len(x01):
+        fidx = share(C.eval_indices(len(x01), n_fgsm))  # idx's superset
+    else:
+        fidx = slice(None) if n_parts == 1 else share(np.arange(len(x01)))
+    cidx = slice(None) if n_parts == 1 else share(np.arange(len(x01)))  # clean: all images
     xe, ye = x01[idx], y[idx]
+    nc = len(range(p, min(mode["conv_n"], len(idx_all)), n_parts))  # a prefix of idx
+    base = jax.random.key(1000 + seed)
+    state = out_dir / "state"
     out = {}
     for name, (scored, attacked) in model_functions(models, gb_defence).items():
         t0 = time.perf_counter()
-        rec = dict(clean=evaluate.accuracy(scored, x01, y, batch_size=mode["attack_batch"]))
-        rec["n_fgsm"] = n_fgsm
+        rec = dict(
+            clean=evaluate.accuracy(scored, x01[cidx], y[cidx], batch_size=mode["attack_batch"])
+        )
+        rec["n_fgsm"] = len(y[fidx])
         rec["fgsm"] = {
             prot: attacks.accuracy_under_attack(
                 fn,
@@ -402,14 +432,19 @@ def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer, out_d
         }
         timer.mark(f"fgsm_{name}", t0)
         t0 = time.perf_counter()
+        stages = cascade_stages(
+            name, scored, attacked, mode, models["unprocessed"], len(idx_all), part
+        )
         worst = attacks.cascade(
-            cascade_stages(name, scored, attacked, mode, models["unprocessed"], n_eval),
+            stages,
             xe,
             ye,
             eps_list=EPS,
-            key=jax.random.key(1000 + seed),  # stage s gets key(s's name), as below
+            # stage s gets key(s's name), as below
+            key=base if n_parts == 1 else jax.random.fold_in(base, p),
             batch_size=mode["attack_batch"],
-            state=out_dir / "state" / f"{name}_seed{seed}.json",  # a stopped run resumes here
+            state=state
+            / (f"{name}_seed{seed}.json" if n_parts == 1 else part_state(name, seed, part)),
             progress=progress,
             desc=name,
         )
@@ -427,12 +462,149 @@ def evaluate_pair(models, gb_defence, x01, y, mode, seed, progress, timer, out_d
         rec["controls"] = _controls(name, scored, attacked, xe, ye, mode, key, progress)
         if name == "gb":
             rec["saturation"] = _saturation(gb_defence, attacked["bpda"], xe, ye, mode, key)
-        nc = min(mode["conv_n"], n_eval)
         rec["convergence"] = _convergence(
             name, scored, attacked, xe[:nc], ye[:nc], mode, key, progress
         )
         rec["convergence"]["n"] = nc
         timer.mark(f"controls_{name}", t0)
+        if n_parts > 1:
+            rec["_part"] = dict(
+                clean=len(y[cidx]), fgsm=rec["n_fgsm"], eval=n_eval, conv=nc, cascade=worst
+            )
+        out[name] = rec
+    return out
+
+
+def part_state(name, seed, part):
+    """The file name of a part's cascade state (the whole set's is ``{name}_seed{seed}.json``)."""
+    return f"{name}_seed{seed}_part{part[0] + 1}of{part[1]}.json"
+
+
+def _evaluate_part(part, workdirs, gbkw, xte, y, mode, seed, out_dir):
+    """:func:`evaluate_pair` on one part, in a process of its own: the models restored
+    from their training workdirs. Returns (records, this process's stage times)."""
+    from gbjax import defences, train
+    from gbjax import models as gmodels
+
+    trained = {n: gmodels.in_float32(train.restore_model(wd)) for n, wd in workdirs.items()}
+    timer = C.Timer()
+    x01 = xte.astype(np.float32) / 255.0
+    gb = defences.GB(**gbkw)
+    out = evaluate_pair(trained, gb, x01, y, mode, seed, False, timer, out_dir, part)
+    return out, timer.marks
+
+
+def evaluate_at_once(
+    models, workdirs, gbkw, xte, y, mode, seed, cpu_sets, timer, out_dir, progress
+):
+    """:func:`evaluate_pair` split in ``len(cpu_sets)`` parts (every P-th image of each
+    image set), each run at the same time in a process pinned to its CPU set, and
+    joined (:func:`join_parts`). The stage times of part ``i`` go into the timings as
+    ``{stage}_part{i+1}`` (they overlap)."""
+    from gbjax import defences
+
+    n_parts = len(cpu_sets)
+    print(
+        f"evaluating in {n_parts} parts at once, one process each on CPUs "
+        + " / ".join(",".join(map(str, c)) for c in cpu_sets),
+        flush=True,
+    )
+    calls = [((p, n_parts), workdirs, gbkw, xte, y, mode, seed, out_dir) for p in range(n_parts)]
+    names = list(models)
+    files = [
+        out_dir / "state" / part_state(n, seed, (p, n_parts)) for n in names for p in range(n_parts)
+    ]
+
+    def stages_done():
+        done = 0
+        for f in files:
+            try:
+                done += len(json.loads(f.read_text())["stages"])
+            except (OSError, ValueError, KeyError):
+                pass
+        return done
+
+    results = C.run_at_once(
+        __file__,
+        "_evaluate_part",
+        calls,
+        cpu_sets,
+        progress=stages_done if progress else None,
+        desc="evaluating in parts: cascade stages done",
+        unit="stage",
+    )
+    for i, (_, marks) in enumerate(results):
+        for k, v in marks.items():
+            timer.marks[f"{k}_part{i + 1}"] = v
+    x01 = xte.astype(np.float32) / 255.0
+    return join_parts(
+        [r for r, _ in results], models, defences.GB(**gbkw), x01, y, mode, seed, out_dir
+    )
+
+
+def _pooled(values, ns):
+    """The fraction over the union of parts of fractions ``values`` of ``ns`` images each
+    (lists and dicts of them element by element)."""
+    v0 = values[0]
+    if isinstance(v0, dict):
+        return {k: _pooled([v[k] for v in values], ns) for k in v0}
+    if isinstance(v0, (list, tuple)):
+        return [_pooled([v[i] for v in values], ns) for i in range(len(v0))]
+    counts = [float(v) * n for v, n in zip(values, ns)]
+    if any(abs(c - round(c)) > 1e-6 * max(n, 1) for c, n in zip(counts, ns)):
+        raise ValueError(f"{values} are not fractions of {ns} images")
+    return sum(round(c) for c in counts) / sum(ns)
+
+
+def join_parts(parts, models, gb_defence, x01, y, mode, seed, out_dir) -> dict:
+    """The records of :func:`evaluate_pair` over every image, from those of its parts:
+    fractions pooled into counts over the union, the parts' cascades joined
+    (``gbjax.attacks.join_cascades``) and saved as the whole set's cascade state, the
+    state a run over the whole set would have written (adaptive_cifar reuses it)."""
+    from gbjax import attacks
+
+    n_parts = len(parts)
+    idx_all = C.eval_indices(len(x01), mode["n_eval"])
+    n_eval = len(idx_all)
+    positions = [np.arange(p, n_eval, n_parts) for p in range(n_parts)]
+    fns = model_functions(models, gb_defence)
+    out = {}
+    for name, (scored, attacked) in fns.items():
+        recs = [part[name] for part in parts]
+        sizes = [r["_part"] for r in recs]
+
+        def pool(field, size, recs=recs, sizes=sizes):
+            return _pooled([r[field] for r in recs], [s[size] for s in sizes])
+
+        worst = attacks.join_cascades(
+            [s["cascade"] for s in sizes],
+            positions,
+            state=out_dir / "state" / f"{name}_seed{seed}.json",
+            stages=cascade_stages(name, scored, attacked, mode, models["unprocessed"], n_eval),
+            x=x01[idx_all],
+            y=y[idx_all],
+        )
+        k = worst.robust.sum(1)
+        conv = dict(recs[0]["convergence"], n=sum(s["conv"] for s in sizes))
+        for f in ("pgd", "apgd-ce", "pgd_restarts"):
+            conv[f] = _pooled([r["convergence"][f] for r in recs], [s["conv"] for s in sizes])
+        rec = dict(
+            clean=pool("clean", "clean"),
+            n_fgsm=sum(s["fgsm"] for s in sizes),
+            fgsm=pool("fgsm", "fgsm"),
+            n_eval=n_eval,
+            eval_indices=idx_all.tolist(),
+            stages=worst.records(),  # a stage's seconds: the longest part's
+            part_stage_seconds=[[st.seconds for st in s["cascade"].stages] for s in sizes],
+            worst_case=(k / n_eval).tolist(),
+            worst_case_ci=[attacks.wilson_interval(int(v), n_eval) for v in k],
+            clean_eval=pool("clean_eval", "eval"),
+            controls=pool("controls", "eval"),
+            convergence=conv,
+            n_parts=n_parts,
+        )
+        if "saturation" in recs[0]:
+            rec["saturation"] = pool("saturation", "eval")
         out[name] = rec
     return out
 
@@ -490,7 +662,8 @@ def run(argv=None) -> dict:
     x01 = r.xte.astype(np.float32) / 255.0  # attacks see raw test images
     runs = {}
     inputs = {"unprocessed": (r.xtr, r.xte), "gb": (xtr_gb, xte_gb)}
-    cpu_sets = C.training_cpu_sets(args.parallel_training, len(inputs))
+    cpu_sets = C.parallel_cpu_sets(args.parallel_training, len(inputs))
+    attack_sets = C.parallel_cpu_sets(args.parallel_attacks, 2, "--parallel-attacks")
     for seed in r.seeds:
         trained, metrics = {}, {}
         jobs = {
@@ -519,9 +692,23 @@ def run(argv=None) -> dict:
             else:
                 metrics[name]["train_seconds"] = r.timer.mark(f"train_{name}", t0)
             metrics[name]["trained_at_once"] = bool(cpu_sets)
-        ev = evaluate_pair(
-            trained, defences.GB(**gbkw), x01, r.yte, mode, seed, r.progress, r.timer, r.out
-        )
+        # a cascade state over the whole image set (a run evaluated in one process, or
+        # the parts' joined one): continued here, in one process, never replaced
+        whole = [f for n in trained if (f := r.out / "state" / f"{n}_seed{seed}.json").is_file()]
+        if attack_sets and whole:
+            print(f"{', '.join(map(str, whole))} exists: the evaluation continues in one process")
+        if attack_sets and not whole:
+            t0 = time.perf_counter()
+            workdirs = {name: job[1] for name, job in jobs.items()}
+            ev = evaluate_at_once(
+                trained, workdirs, gbkw, r.xte, r.yte, mode, seed, attack_sets, r.timer,
+                r.out, r.progress,
+            )  # fmt: skip
+            r.timer.mark("evaluate_at_once", t0)
+        else:
+            ev = evaluate_pair(
+                trained, defences.GB(**gbkw), x01, r.yte, mode, seed, r.progress, r.timer, r.out
+            )
         runs[seed] = {m: dict(ev[m], train_metrics=metrics[m]) for m in ev}
     return report(r, args, runs, gb_time)
 

@@ -160,3 +160,9 @@ def test_process_parallel_times_three_arrangements(tmp_path):
         med["two x one core"]["images_per_sec"] / med["all cores"]["images_per_sec"]
     )
     assert med["two x one core"]["children"][0]["images"] == 32
+    # the attack work: PGD-10 on two batches per process and step
+    pp.main(["--variant", "smoke", "--steps", "1", "--rounds", "1", "--batch", "16",
+             "--work", "pgd", "--json", str(out)])  # fmt: skip
+    d = json.loads(out.read_text())
+    assert d["work"] == "pgd"
+    assert [c["images"] for c in d["median"]["two x one core"]["children"]] == [32, 32]

@@ -88,6 +88,11 @@ def check_fgsm_cifar_smoke(out, eps_labels):
         assert run[m]["train_metrics"]["trained_at_once"] is at_once
         assert run[m]["train_metrics"]["train_seconds"] > 0
     assert ("train_at_once" in r["timings"]) is at_once
+    # and evaluated in two parts at once (every other image each), joined
+    assert ("evaluate_at_once" in r["timings"]) is at_once
+    assert all(run[m].get("n_parts", 1) == (2 if at_once else 1) for m in ("unprocessed", "gb"))
+    assert (out / "state" / "gb_seed0.json").is_file()  # the whole set's, joined if in parts
+    assert (out / "state" / "gb_seed0_part2of2.json").is_file() is at_once
     stages = [s["stage"] for s in run["gb"]["stages"]]
     assert any(s.startswith("transfer PGD") for s in stages) and stages[-1].startswith("Square")
     assert len(run["gb"]["saturation"]["fgsm_bpda"]) == 7
@@ -614,26 +619,28 @@ def test_fast_allocator_only_where_installed_and_wanted(monkeypatch):
     assert common.allocator_env({}, found) is None
 
 
-def test_training_cpu_sets(monkeypatch):
+def test_parallel_cpu_sets(monkeypatch):
     """Two models train at once, one process per set of cores, only on a CPU backend
     with a core for each (auto), refused with a message where asked for and impossible."""
     common = _load("_common")
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert common.training_cpu_sets("auto", 2) == [[0, 2], [1, 3]]
-    assert common.training_cpu_sets("on", 3) == [[0, 3], [1], [2]]
-    assert common.training_cpu_sets("off", 2) is None
-    assert common.training_cpu_sets("auto", 1) is None  # one model: nothing to share
+    assert common.parallel_cpu_sets("auto", 2) == [[0, 2], [1, 3]]
+    assert common.parallel_cpu_sets("on", 3) == [[0, 3], [1], [2]]
+    assert common.parallel_cpu_sets("off", 2) is None
+    assert common.parallel_cpu_sets("auto", 1) is None  # one model: nothing to share
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {5}, raising=False)
-    assert common.training_cpu_sets("auto", 2) is None
+    assert common.parallel_cpu_sets("auto", 2) is None
     with pytest.raises(SystemExit, match="at least 2 cores"):
-        common.training_cpu_sets("on", 2)
+        common.parallel_cpu_sets("on", 2)
+    with pytest.raises(SystemExit, match="--parallel-attacks on needs"):
+        common.parallel_cpu_sets("on", 2, "--parallel-attacks")
     import jax
 
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert common.training_cpu_sets("auto", 2) is None  # one device per process there
+    assert common.parallel_cpu_sets("auto", 2) is None  # one device per process there
     with pytest.raises(SystemExit, match="CPU backend"):
-        common.training_cpu_sets("on", 2)
+        common.parallel_cpu_sets("on", 2)
 
 
 @pytest.mark.skipif(
@@ -683,9 +690,71 @@ def test_how_trainings_share_the_cores_is_not_part_of_a_run(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--smoke", "--synthetic", "--out", str(out)]
     ident = C.run_identity(fgsm.EXPERIMENT, fgsm.parse_args(argv))
-    assert "parallel_training" not in ident["args"]
+    assert "parallel_training" not in ident["args"] and "parallel_attacks" not in ident["args"]
     out.mkdir()
     (out / C.RUN_FILE).write_text(json.dumps(ident))
     for setting in ("auto", "off", "on"):
-        args = fgsm.parse_args([*argv, "--parallel-training", setting])
-        assert C.check_out(fgsm.EXPERIMENT, args) == (out, "continue")
+        for flag in ("--parallel-training", "--parallel-attacks"):
+            args = fgsm.parse_args([*argv, flag, setting])
+            assert C.check_out(fgsm.EXPERIMENT, args) == (out, "continue")
+
+
+def test_pooled_fractions_are_the_union_s_fraction():
+    """Fractions of parts pool into the fraction over their union, element by element in
+    lists and dicts; a value that is no fraction of its part's size is refused."""
+    fgsm = _load("fgsm_cifar")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ns = rng.integers(1, 60, size=rng.integers(1, 4)).tolist()
+        flags = [rng.random((3, n)) < 0.6 for n in ns]
+        parts = [dict(a=f.mean(1).tolist(), b={"x": float(f[0].mean())}) for f in flags]
+        union = np.concatenate(flags, axis=1)
+        got = fgsm._pooled(parts, ns)
+        assert got["a"] == pytest.approx(union.mean(1).tolist(), abs=1e-15)
+        assert got["b"]["x"] == pytest.approx(union[0].mean(), abs=1e-15)
+    with pytest.raises(ValueError, match="not fractions"):
+        fgsm._pooled([0.5, 0.3], [4, 4])  # 1.2 of 4 images
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two cores",
+)
+def test_fgsm_cifar_in_parts_agrees_with_one_process(tmp_path):
+    """The main job's evaluation split in two pinned processes (every other image each)
+    and joined gives what one process gives where no random draw is involved (clean
+    accuracy, FGSM): the same trained models, each figure within one image (batches
+    of another size may round a logit differently), the same images and stages."""
+    import shutil
+
+    fgsm = _load("fgsm_cifar")
+    one, parts = tmp_path / "one", tmp_path / "parts"
+    argv = ["--smoke", "--no-progress", "--parallel-training", "off", *_data_flags()]
+    r1 = fgsm.run([*argv, "--out", str(one), "--parallel-attacks", "off"])
+    parts.mkdir()
+    shutil.copytree(one / "checkpoints", parts / "checkpoints")  # trained once
+    shutil.copy(one / "run.json", parts / "run.json")
+    r2 = fgsm.run([*argv, "--out", str(parts), "--parallel-attacks", "on"])
+    assert "evaluate_at_once" in r2["timings"] and "evaluate_at_once" not in r1["timings"]
+    assert "fgsm_gb_part1" in r2["timings"] and "worst_case_gb_part2" in r2["timings"]
+    for m in ("unprocessed", "gb"):
+        a, b = r1["runs"]["0"][m], r2["runs"]["0"][m]
+        assert b["n_parts"] == 2 and "n_parts" not in a
+        assert a["train_metrics"]["step"] == b["train_metrics"]["step"]  # not retrained
+        assert (a["n_fgsm"], a["n_eval"], a["eval_indices"]) == (
+            b["n_fgsm"], b["n_eval"], b["eval_indices"]
+        )  # fmt: skip
+        assert a["clean"] == pytest.approx(b["clean"], abs=1 / 48 + 1e-12)
+        assert a["clean_eval"] == pytest.approx(b["clean_eval"], abs=1 / a["n_eval"] + 1e-12)
+        assert sorted(a["fgsm"]) == sorted(b["fgsm"])
+        for prot in a["fgsm"]:
+            assert a["fgsm"][prot] == pytest.approx(b["fgsm"][prot], abs=1 / 32 + 1e-12)
+        assert [s["stage"] for s in a["stages"]] == [s["stage"] for s in b["stages"]]
+        assert a["convergence"]["n"] == b["convergence"]["n"]
+        assert len(b["part_stage_seconds"]) == 2
+        # the joined state: the whole set's, as one process writes it
+        st = json.loads((parts / "state" / f"{m}_seed0.json").read_text())
+        assert np.asarray(st["robust"]).shape == (7, a["n_eval"])
+        assert st["plan"] == json.loads((one / "state" / f"{m}_seed0.json").read_text())["plan"]
+        np.testing.assert_allclose(np.asarray(st["robust"]).mean(1), b["worst_case"])
