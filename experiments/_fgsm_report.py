@@ -187,7 +187,7 @@ def assemble(
         md += [
             f"Evaluated in {parts} parts at once (the images of each set dealt out in turn, "
             "one process per core), joined image by image; the attacks' random draws differ "
-            "from those of a run in one process (docs/methods.md 6.6).",
+            "from those of a run in one process (docs/methods.md 6.7).",
             "",
         ]
 
