@@ -437,7 +437,7 @@ def gb_cluster(
       max_capacity: the largest capacity ``capacity="auto"`` may use.
       engine: which implementation computes the partition: ``"xla"``, one
         compiled XLA program for the whole batch (any backend); ``"numba"``, a
-        compiled per-image CPU loop (needs numba) called from that program
+        compiled per-image CPU loop (needs numba and JAX on CPU) called from that program
         as an XLA custom call, with the features and the painting (and
         its gradient) still in JAX; or ``"auto"`` (default): ``"numba"`` when
         numba is installed and JAX runs on a single CPU device, else ``"xla"``.
@@ -512,6 +512,11 @@ def _resolve_engine(engine) -> str:
         return "numba" if cpu and _gb_cpu.available() else "xla"
     if engine == "numba" and not _gb_cpu.available():
         raise ValueError("engine='numba' needs numba (pip install numba); use 'xla' or 'auto'")
+    if engine == "numba" and jax.default_backend() != "cpu":
+        raise ValueError(
+            f"engine='numba' runs on CPU only (an XLA custom call for the CPU), and JAX runs "
+            f"on {jax.default_backend()} here; use 'xla' or 'auto'"
+        )
     return engine
 
 

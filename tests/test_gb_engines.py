@@ -189,6 +189,11 @@ def test_engine_knob():
             gbjax.gb_cluster(x, engine="numba")
     finally:
         _gb_cpu.AVAILABLE = old
+    with pytest.MonkeyPatch.context() as mp:  # the kernel is a custom call for the CPU only
+        mp.setattr(jax, "default_backend", lambda: "gpu")
+        assert gbmod._resolve_engine("auto") == "xla"
+        with pytest.raises(ValueError, match="CPU only"):
+            gbmod._resolve_engine("numba")
 
 
 @pytest.mark.parametrize("engine", ["xla", "numba"])
