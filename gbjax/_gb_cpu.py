@@ -705,11 +705,11 @@ def _target() -> str:
 
     from numba import carray, types
 
-    # Start numba's threading layer from Python: launching it first from an XLA
-    # thread would be launching it without the interpreter. The "workqueue"
-    # layer (used where neither OpenMP nor TBB is available) must not be
-    # entered by two threads at once, which XLA may do, so there the kernel
-    # runs each batch's images one after another.
+    # Launch numba's threading layer here, to learn which one it is: the
+    # "workqueue" layer (used where neither OpenMP nor TBB is available) must not
+    # be entered by two threads at once, which XLA may do (two independent calls
+    # in one program), so there the kernel runs each batch's images one after
+    # another.
     numba.njit(parallel=True)(lambda a: a.sum())(np.ones(2))
     _target.parallel = numba.threading_layer() != "workqueue"
     ptrs = types.CPointer(types.voidptr)
