@@ -23,8 +23,9 @@ arrays at a run-time offset would not be); a split hands its sides' integer
 sums to their next tests; the final statistics reuse each ball's last test at
 that threshold; and with integer features the partitions move one int64 per
 member (its features and pixel index packed) instead of four arrays.
-Images of a batch run in parallel over numba's threads (``prange``;
-``NUMBA_NUM_THREADS=1`` or ``numba.set_num_threads(1)`` makes it serial). numba
+Inside a JAX program the images of a call run one after another (numba's
+parallel loop, entered from an XLA thread, kept the process from exiting); on
+host arrays (:func:`cluster_numpy`) they run over numba's threads (``prange``). numba
 compiles the kernel on first use and caches it on disk (``cache=True``).
 """
 
@@ -695,7 +696,7 @@ def cluster_numpy(x, thresholds, purity, *, K, max_rounds, kmeans_iters, min_bal
 # worker thread (a process confined to one core), that copy waits for the very
 # thread that waits for the callback, and the program hangs.
 
-_META = 9  # I, N, F, T, K, max_rounds, kmeans_iters, min_ball_size, parallel
+_META = 8  # I, N, F, T, K, max_rounds, kmeans_iters, min_ball_size
 
 
 @functools.cache
@@ -705,13 +706,6 @@ def _target() -> str:
 
     from numba import carray, types
 
-    # Launch numba's threading layer here, to learn which one it is: the
-    # "workqueue" layer (used where neither OpenMP nor TBB is available) must not
-    # be entered by two threads at once, which XLA may do (two independent calls
-    # in one program), so there the kernel runs each batch's images one after
-    # another.
-    numba.njit(parallel=True)(lambda a: a.sum())(np.ones(2))
-    _target.parallel = numba.threading_layer() != "workqueue"
     ptrs = types.CPointer(types.voidptr)
 
     @numba.cfunc(types.void(ptrs, ptrs, types.voidptr, types.uintp, types.voidptr), cache=True)
@@ -742,16 +736,13 @@ def _target() -> str:
         paint.fill(0)
         saturated.fill(False)
         rounds.fill(0)
-        if m[8] != 0:
-            _batch_parallel(
-                x, th, pu, K, m[5], m[6], m[7], labels, counts, centres, radii, within,
-                n_balls, noise, paint, saturated, rounds,
-            )  # fmt: skip
-        else:
-            _batch_serial(
-                x, th, pu, K, m[5], m[6], m[7], labels, counts, centres, radii, within,
-                n_balls, noise, paint, saturated, rounds,
-            )  # fmt: skip
+        # one image after another: numba's parallel loop (OpenMP), entered from an XLA
+        # worker thread, kept the process from exiting (the CPU client's thread pool
+        # never joined); XLA may run several calls at once instead
+        _batch_serial(
+            x, th, pu, K, m[5], m[6], m[7], labels, counts, centres, radii, within,
+            n_balls, noise, paint, saturated, rounds,
+        )  # fmt: skip
 
     new_capsule = ctypes.pythonapi.PyCapsule_New
     new_capsule.restype = ctypes.py_object
@@ -777,12 +768,7 @@ def _kernel(K, max_rounds, kmeans_iters, min_ball_size):
         T = thr_IT.shape[1]
         i32, f32 = jnp.int32, jnp.float32
         name = _target()
-        # numba's thread count is set per thread: the kernel runs on an XLA
-        # thread, with numba's default count; one thread set here runs it serially
-        parallel = _target.parallel and Ii > 1 and numba.get_num_threads() > 1
-        meta = np.array(
-            [Ii, N, F, T, K, max_rounds, kmeans_iters, min_ball_size, parallel], np.int32
-        )
+        meta = np.array([Ii, N, F, T, K, max_rounds, kmeans_iters, min_ball_size], np.int32)
         sd = jax.ShapeDtypeStruct
         shapes = (
             sd((Ii, T, N), i32), sd((Ii, T, K), i32), sd((Ii, T, K, F), f32), sd((Ii, T, K), f32),

@@ -174,6 +174,18 @@ def test_gb_attacks_finish_on_one_core():
     assert out.stdout.strip().endswith("done")
 
 
+# numba's parallel loop (OpenMP) entered from an XLA worker thread kept the
+# process from exiting: the CPU client's thread pool never joined at exit.
+def test_a_process_that_ran_the_kernel_exits():
+    code = "import jax.numpy as jnp; from gbjax import defences; "
+    code += "defences.GB(threshold=20.0).cluster(jnp.zeros((2, 32, 32, 3)))"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a process that ran the GB kernel did not exit (over 300 s)")
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_engine_knob():
     x = images(1, (1, 4, 4, 3))[0]
     with pytest.raises(ValueError, match="engine"):
