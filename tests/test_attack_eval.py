@@ -306,6 +306,52 @@ def test_bad_arguments():
         A.accuracy_under_attack(fn, x, y, eps_list=[], attack="fgsm")
 
 
+def test_one_module_wrapped_twice_shares_the_forward_pass():
+    """An nnx module is wrapped in a new Partial each time; pairs made for one module,
+    and the module bare beside Defended(module), still count as one forward pass."""
+    from flax import nnx
+
+    from gbjax.attacks.evaluation import _same_forward
+    from gbjax.defences import Defended
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(D, K, rngs=rngs)
+
+        def __call__(self, v):
+            return self.lin(v.reshape(v.shape[0], -1))
+
+    net, other = Net(nnx.Rngs(0)), Net(nnx.Rngs(1))
+
+    def quantise(v):
+        return jnp.round(v * 8) / 8
+
+    wrap = A.as_logits_fn
+    pairs = {p: A.make_attack_logits(net, quantise, p) for p in A.PROTOCOLS}
+    scored = pairs["end_to_end"][1]
+    assert _same_forward(pairs["bpda"][0], scored)  # the experiments' pairing
+    assert _same_forward(pairs["end_to_end"][0], pairs["bpda"][1])
+    assert not _same_forward(pairs["oblivious"][0], scored)
+    assert _same_forward(wrap(net), Defended(net)) and _same_forward(Defended(net), wrap(net))
+    assert _same_forward(wrap(net), wrap(net))
+    # never the same: another module of the same structure, another preprocessor
+    assert not _same_forward(wrap(net), Defended(other))
+    assert not _same_forward(A.make_attack_logits(other, quantise, "bpda")[0], scored)
+    assert not _same_forward(
+        A.make_attack_logits(net, lambda v: jnp.round(v * 8) / 8, "bpda")[0], scored
+    )
+    assert not _same_forward(wrap(net), Defended(net, quantise))
+    # and sharing leaves the scores as they were
+    x = np.asarray(jax.random.uniform(jax.random.key(3), (24, H, W, 1)))
+    y = np.asarray(jnp.argmax(net(quantise(x)), -1))
+    kw = dict(eps_list=[0.05, 0.2], attack="pgd", steps=3, key=jax.random.key(0), progress=False)
+    got = A.accuracy_under_attack(net, x, y, eval_logits_fn=Defended(net), per_image=True, **kw)
+    ref = A.accuracy_under_attack(
+        net, x, y, eval_logits_fn=Defended(net, lambda v: v), per_image=True, **kw
+    )
+    np.testing.assert_array_equal(got.robust, ref.robust)
+
+
 def test_bpda_pair_reuses_the_forward_pass_and_scores_the_same():
     from gbjax.attacks.evaluation import _same_forward
 

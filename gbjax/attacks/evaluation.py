@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 from jax.typing import ArrayLike
 
 from gbjax import _xla
@@ -496,16 +497,53 @@ def _attack_rows(spec: Attack, run: _Run, x, y, img, eps_r, key):
 
 def _same_forward(attack_fn, eval_fn) -> bool:
     """The attacked function computes the scored logits on its forward pass (the same
-    function, or the BPDA pair of :func:`make_attack_logits`), so one pass serves both."""
-    if attack_fn is eval_fn:
+    function, or the BPDA pair of :func:`make_attack_logits`), so one pass serves both.
+
+    "The same" is judged by :func:`_same_function`: ``as_logits_fn`` wraps an
+    ``nnx.Module`` in a new ``Partial`` each time, so the classifier of one
+    :func:`make_attack_logits` pair is not the object of another's, and a model
+    given bare and as ``Defended(model)`` are two objects computing one thing."""
+    a, e = _plain(attack_fn), _plain(eval_fn)
+    if _same_function(a, e):
         return True
     return (
-        isinstance(attack_fn, Defended)
-        and isinstance(eval_fn, Defended)
-        and attack_fn.classifier is eval_fn.classifier
-        and attack_fn.randomized == eval_fn.randomized
-        and isinstance(attack_fn.preprocess, BPDA)
-        and attack_fn.preprocess.forward is eval_fn.preprocess
+        isinstance(a, Defended)
+        and isinstance(e, Defended)
+        and a.randomized == e.randomized
+        and _same_function(a.classifier, e.classifier)
+        and isinstance(a.preprocess, BPDA)
+        and _same_function(a.preprocess.forward, e.preprocess)
+    )
+
+
+def _plain(fn):
+    """``Defended(f)`` with no preprocessor and no key is ``f`` itself."""
+    if isinstance(fn, Defended) and fn.preprocess is None and not fn.randomized:
+        return _plain(fn.classifier)
+    return fn
+
+
+def _same_function(a, b) -> bool:
+    """``a`` and ``b`` are one function: the same object, ``Partial`` objects of
+    equal functions over the very same arrays (``as_logits_fn`` applied twice to
+    one module), or two ``Defended`` of such parts. Arrays are compared by
+    identity, never by value."""
+    if a is b:
+        return True
+    if isinstance(a, Defended) and isinstance(b, Defended):
+        return (
+            a.randomized == b.randomized
+            and _same_function(a.classifier, b.classifier)
+            and _same_function(a.preprocess, b.preprocess)
+        )
+    if not (isinstance(a, Partial) and isinstance(b, Partial)):
+        return False
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    return (
+        tree_a == tree_b
+        and len(leaves_a) == len(leaves_b)
+        and all(u is v for u, v in zip(leaves_a, leaves_b, strict=True))
     )
 
 
