@@ -374,3 +374,48 @@ def test_bpda_pair_reuses_the_forward_pass_and_scores_the_same():
         a, x, y, eval_logits_fn=A.make_attack_logits(clf, quantise, "bpda")[1], **kw
     )
     np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "apgd-dlr", "apgd-t"])
+def test_dropping_fallen_rows_keeps_every_flag(trained, attack):
+    """``compact=True`` (used by the evaluation drivers) goes on with the still-robust
+    rows in smaller batches; the flags are those of the full batch, and the batches
+    do get smaller."""
+    from gbjax.attacks import scored
+    from gbjax.attacks.apgd import apgd_run
+
+    fn, x, y = trained
+    shapes = set()
+
+    def seen(params, v):  # traced once per batch shape
+        shapes.add(v.shape[0])
+        return _mlp(params, v)
+
+    counted = Partial(seen, fn.args[0])
+    n = 96
+    # rows with a wrong label fall at the first iterate, others as eps grows
+    y_wrong = np.where(np.arange(n) % 3 == 0, (y[:n] + 1) % K, y[:n])
+    xb, yb = jnp.asarray(x[:n]), jnp.asarray(y_wrong)
+    eps = jnp.asarray(np.linspace(0.02, 0.4, n), jnp.float32)
+    key = jax.random.key(4)
+    got = {}
+    for compact in (False, True):
+        shapes.clear()
+        if attack == "pgd":
+            ok, _ = scored.pgd_robust(
+                counted, counted, xb, yb, key, eps, eps / 4, 12, 0.0, 1.0,
+                shared=True, chunk=1, compact=compact,
+            )  # fmt: skip
+        else:
+            loss = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}[attack]
+            ok, _ = apgd_run(
+                counted, counted, xb, yb, key, eps, steps=12, loss=loss, shared=True,
+                chunk=1, compact=compact,
+            )  # fmt: skip
+        got[compact] = np.asarray(ok)
+        if compact:
+            assert min(shapes) < n, shapes
+        else:
+            assert shapes == {n}
+    assert 0 < got[False].sum() < n  # the test means something: some fell, some stood
+    np.testing.assert_array_equal(got[True], got[False])

@@ -117,3 +117,45 @@ def test_row_bucket_size_shrinking_set_compiles_few_sizes():
         sizes.append(bs)
     assert len(set(sizes)) == 10
     assert len({row_bucket_size(n, 250) for n in range(1, 251)}) == 16
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.data(), st.booleans())
+def test_shrinking_keeps_exactly_the_alive_rows_in_fewer_slots(batch, data, on_cpu):
+    from gbjax._batching import CPU_QUANTUM, Shrinking
+
+    rows = Shrinking(batch, on_cpu=on_cpu)
+    alive = np.asarray(data.draw(st.lists(st.booleans(), min_size=batch, max_size=batch)))
+    if not alive.any():
+        with pytest.raises(ValueError, match="alive"):
+            rows.keep(alive)
+        return
+    sel = rows.keep(alive)
+    r = int(alive.sum())
+    if sel is None:  # kept: the smaller size would not save enough
+        assert rows.pos.tolist() == list(range(batch))
+        size = rows.size_for(r)
+        assert size == batch
+        return
+    assert set(sel.tolist()) == set(np.flatnonzero(alive).tolist())  # every alive row, no other
+    assert sel[:r].tolist() == np.flatnonzero(alive).tolist()  # in order, then padding
+    assert rows.pos.tolist() == sel.tolist()  # the first batch's positions
+    n = len(sel)
+    if on_cpu:
+        assert 4 * n <= 3 * batch
+        assert n == (1 << (r - 1).bit_length() if r < CPU_QUANTUM else -(-r // 16) * 16)
+    else:
+        assert 2 * n <= batch and n == 1 << (r - 1).bit_length()
+    # a second shrink maps through the first
+    alive2 = np.zeros(n, bool)
+    alive2[0] = True
+    sel2 = rows.keep(alive2)
+    if sel2 is not None:
+        assert rows.pos.tolist() == [int(np.flatnonzero(alive)[0])] * len(sel2)
+
+
+def test_shrinking_refuses_a_wrong_shape():
+    from gbjax._batching import Shrinking
+
+    with pytest.raises(ValueError, match="shape"):
+        Shrinking(8).keep(np.ones(4, bool))

@@ -33,6 +33,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from gbjax import _xla
+from gbjax._batching import Shrinking, take_rows
 from gbjax._callables import LogitsFn
 from gbjax._checks import check_int, check_scalar
 from gbjax.attacks._core import (
@@ -236,12 +237,17 @@ def apgd_run(
     shared=False,
     chunk=None,
     stop_early=True,
+    compact=False,
 ):
     """``(robust_B, x_result)``: APGD on ``fn`` scored by ``eval_fn`` at every iterate
     (``robust``: right at all of them), and per example the last successful
     iterate (misclassified; classified as the target for ``"dlr-targeted"``), else
     the one with the highest loss. ``stop_early``: stop once every
-    image has been misclassified (the result can no longer change ``robust``)."""
+    image has been misclassified (the result can no longer change ``robust``).
+    ``compact`` (with ``stop_early``, deterministic attacks only): between compiled
+    chunks, go on with the still-robust rows only, in a smaller batch
+    (:class:`gbjax._batching.Shrinking`); the flags are those of the full batch, and
+    a fallen row's result is its last successful iterate before it was dropped."""
     target = None
     k_targets, key = jax.random.split(key)
     if loss == "dlr-targeted":
@@ -257,6 +263,9 @@ def apgd_run(
     # padded to a power of two: the chunk compiles for few step counts, not each one
     size = 1 << (steps - 1).bit_length()
     is_ckpt, window = (jnp.asarray(np.pad(a, (0, size - steps))) for a in checkpoints(steps))
+    B = x.shape[0]
+    rows = Shrinking(B) if compact and stop_early and eot_samples is None else None
+    out = None  # (robust, x_result) of the first batch's rows, where rows were dropped
     for i0 in range(0, steps, n):
         st = _chunk_jit(
             fn,
@@ -278,10 +287,32 @@ def apgd_run(
             unroll=unroll,
             **static,
         )
-        if stop_early and not bool(jnp.any(st.robust)):
+        alive = np.asarray(st.robust)
+        if stop_early and not alive.any():
             break
-    x_result = jnp.where(_b(st.found), st.x_found, st.x_best)
-    return st.robust, x_result
+        if rows is not None and i0 + n < steps:
+            before = rows.pos
+            sel = rows.keep(alive)
+            if sel is not None:
+                out = _scatter(out, before, st)
+                st = _State(*take_rows(sel, *st))
+                x, y, target, eps = take_rows(sel, x, y, target, eps)
+    if rows is None:
+        return st.robust, _result(st)
+    robust, x_result = _scatter(out, rows.pos, st)
+    return robust, x_result
+
+
+def _result(st):
+    return jnp.where(_b(st.found), st.x_found, st.x_best)
+
+
+def _scatter(out, pos, st):
+    """``out`` (the first batch's flags and results) with the rows ``pos`` set from ``st``."""
+    if out is None:
+        return st.robust, _result(st)  # the first batch: pos is every row, in order
+    robust, x_result = out
+    return robust.at[pos].set(st.robust), x_result.at[pos].set(_result(st))
 
 
 def apgd(

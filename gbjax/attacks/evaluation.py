@@ -472,6 +472,7 @@ def _attack_rows(spec: Attack, run: _Run, x, y, img, eps_r, key):
                     random_start=spec.random_start,
                     loss=spec.loss,
                     chunk=chunk,
+                    compact=True,  # only the flags count here: drop fallen rows
                     **fns,
                 )
             else:
@@ -488,6 +489,7 @@ def _attack_rows(spec: Attack, run: _Run, x, y, img, eps_r, key):
                     lo=lo,
                     hi=hi,
                     chunk=chunk,
+                    compact=True,
                     **fns,
                 )
             valid = rows[: b.valid]

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gbjax import _xla
+from gbjax._batching import Shrinking, take_rows
 from gbjax.attacks._core import (
     call,
     chunk_plan,
@@ -151,14 +153,23 @@ def pgd_robust(
     targeted=False,
     shared=False,
     chunk=None,
+    compact=False,
 ):
     """``(robust_B, x_final)``: PGD on ``fn``, ``eval_fn`` right at the start, every
-    iterate and the end."""
+    iterate and the end.
+
+    ``compact``: between compiled chunks, go on with the still-robust rows only, in a
+    smaller batch (:class:`gbjax._batching.Shrinking`; deterministic attacks only:
+    with EOT the draws depend on the batch). The flags are those of the full batch;
+    a fallen row's ``x_final`` is its iterate when it was dropped."""
     ka, ek = _keys(key, eot_samples)
     x_adv, ka = _pgd_begin(x, ka, eps, lo, hi, random_start=bool(random_start))
-    robust = jnp.ones(x.shape[0], bool)
+    B = x.shape[0]
+    robust = jnp.ones(B, bool)
     n, unroll = chunk_plan(steps, chunk)
     static = dict(eot_samples=eot_samples, loss=loss, targeted=targeted, shared=shared)
+    rows = Shrinking(B) if compact and eot_samples is None else None
+    x_out = x_adv
     for i0 in range(0, steps, n):
         x_adv, robust = _pgd_chunk_jit(
             fn,
@@ -179,8 +190,34 @@ def pgd_robust(
             unroll=unroll,
             **static,
         )
-        if not bool(jnp.any(robust)):  # every image already fooled the scored model
-            return robust, x_adv
+        alive = np.asarray(robust)
+        if not alive.any():  # every image already fooled the scored model
+            return _full(rows, B, alive), _full_x(rows, x_out, x_adv)
+        if rows is not None and i0 + n < steps:
+            before = rows.pos
+            sel = rows.keep(alive)
+            if sel is not None:
+                x_out = x_out.at[before].set(x_adv)
+                x_adv, robust, x, y, eps, step_size = take_rows(
+                    sel, x_adv, robust, x, y, eps, step_size
+                )
     # the last iterate, scored by the clean-scoring program (one compilation fewer)
     fk = None if ek is None else jax.random.fold_in(ek, 0x7FFFFFFF)
-    return robust & correct(eval_fn, x_adv, y, fk, eot_samples=eot_samples), x_adv
+    ok = robust & correct(eval_fn, x_adv, y, fk, eot_samples=eot_samples)
+    return _full(rows, B, np.asarray(ok)), _full_x(rows, x_out, x_adv)
+
+
+def _full(rows, B, flags):
+    """The flags of the current batch's rows placed back in a batch of ``B`` rows
+    (rows dropped earlier had fallen: False)."""
+    if rows is None:
+        return jnp.asarray(flags)
+    out = np.zeros(B, bool)
+    out[rows.pos] = flags
+    return jnp.asarray(out)
+
+
+def _full_x(rows, x_out, x_cur):
+    if rows is None:
+        return x_cur
+    return x_out.at[rows.pos].set(x_cur)
