@@ -419,3 +419,39 @@ def test_dropping_fallen_rows_keeps_every_flag(trained, attack):
             assert shapes == {n}
     assert 0 < got[False].sum() < n  # the test means something: some fell, some stood
     np.testing.assert_array_equal(got[True], got[False])
+
+
+def test_clean_flags_given_or_computed_only_where_needed_give_the_same_flags(trained, monkeypatch):
+    """The clean pass runs only on images still robust at some budget, and ``clean=``
+    (the caller's own clean flags) skips it; the flags are the same every way."""
+    from gbjax.attacks import scored
+
+    fn, x, y = trained
+    n = 64
+    x, y = x[:n], np.where(np.arange(n) % 5 == 0, (y[:n] + 1) % K, y[:n])  # some wrong
+    right = np.asarray(jnp.argmax(fn(jnp.asarray(x)), -1)) == y
+    assert 0 < right.sum() < n
+    prior = np.random.default_rng(0).random((2, n)) < 0.5
+    prior[:, :8] = False  # eight images fallen everywhere already
+    kw = dict(eps_list=[0.05, 0.1], attack="fgsm", per_image=True, progress=False)
+    seen = []
+    real = scored.correct
+
+    def counting(eval_fn, xb, *a, **k):
+        seen.append(xb.shape[0])
+        return real(eval_fn, xb, *a, **k)
+
+    monkeypatch.setattr(scored, "correct", counting)
+    computed = A.accuracy_under_attack(fn, x, y, robust_so_far=prior, batch_size=16, **kw)
+    assert sum(seen) < n  # the eight fallen images (and more) were not scored clean
+    seen.clear()
+    given = A.accuracy_under_attack(fn, x, y, robust_so_far=prior, clean=right, **kw)
+    assert seen == []
+    alone = A.accuracy_under_attack(fn, x, y, **kw)  # no prior: every image scored clean
+    np.testing.assert_array_equal(computed.robust, given.robust)
+    np.testing.assert_array_equal(computed.robust, alone.robust & prior)
+    assert not computed.robust[:, ~right].any()
+    with pytest.raises(ValueError, match="clean must be"):
+        A.accuracy_under_attack(fn, x, y, clean=right[:-1], **kw)
+    with pytest.raises(ValueError, match="clean must be"):
+        A.accuracy_under_attack(fn, x, y, clean=right.astype(int), **kw)

@@ -716,6 +716,20 @@ def test_pooled_fractions_are_the_union_s_fraction():
         fgsm._pooled([0.5, 0.3], [4, 4])  # 1.2 of 4 images
 
 
+def test_clean_flags_are_reused_only_where_all_were_scored():
+    """The main job hands its clean flags to the FGSM sweeps only when it scored every
+    one of their images (all of them, or a part's share; not the quick mode's subset
+    when a part's shares differ)."""
+    fgsm = _load("fgsm_cifar")
+    n = 10
+    right = np.arange(n) % 3 == 0
+    np.testing.assert_array_equal(fgsm._known(n, slice(None), right, slice(None)), right)
+    where = np.arange(n)[1::2]
+    got = fgsm._known(n, where, right[where], np.array([3, 9, 1]))
+    np.testing.assert_array_equal(got, right[[3, 9, 1]])
+    assert fgsm._known(n, where, right[where], np.array([3, 4])) is None  # 4 not scored
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,

@@ -35,7 +35,7 @@ from jax.tree_util import Partial
 from jax.typing import ArrayLike
 
 from gbjax import _xla
-from gbjax._batching import fixed_batches, row_bucket_size, take
+from gbjax._batching import fixed_batches, row_bucket_size
 from gbjax._callables import LogitsFn
 from gbjax._checks import check_int, check_scalar, fail
 from gbjax.attacks import scored
@@ -157,6 +157,7 @@ def accuracy_under_attack(
     samples: int | None = None,
     n_targets: int | None = None,
     robust_so_far: ArrayLike | None = None,
+    clean: ArrayLike | None = None,
     per_image: bool = False,
     progress: bool = True,
     desc: str | None = None,
@@ -200,6 +201,10 @@ def accuracy_under_attack(
         program holding several copies of the GB engine compiles for minutes on CPU.
       robust_so_far: optional ``(E, N)`` or ``(N,)`` bool; only images still True
         are attacked (the others stay non-robust): a cascade of attacks.
+      clean: optional ``(N,)`` bool, the scored model's clean correctness on ``x``
+        when the caller has it already (computed with the same ``eval_logits_fn``);
+        it is then not computed again. By default it is computed here, for the
+        images still robust at some budget only.
       per_image: return an :class:`AttackResult` instead of accuracies.
       progress: a tqdm bar over budgets and batches.
       desc: the bar's label.
@@ -280,14 +285,14 @@ def accuracy_under_attack(
     else:
         robust = np.broadcast_to(np.asarray(robust_so_far, bool), (E, n)).copy()
 
-    # clean correctness, once
-    k_clean = None if key is None else jax.random.fold_in(key, 0x5EED)
-    clean = np.zeros(n, bool)
-    for b in fixed_batches(n, row_bucket_size(n, batch_size), shrink=False):
-        xb, yb = take((x, y), b)
-        kb = None if k_clean is None else jax.random.fold_in(k_clean, b.start)
-        ok = scored.correct(eval_fn, _to_float(xb), jnp.asarray(yb), kb, eot_samples=eot_samples)
-        clean[b.index[: b.valid]] = np.asarray(ok)[: b.valid]
+    if clean is None:  # clean correctness, once, where it can still matter
+        clean = _clean_correct(eval_fn, x, y, robust.any(axis=0), key, eot_samples, batch_size)
+    else:
+        clean = np.asarray(clean)
+        if clean.shape != (n,) or clean.dtype != bool:
+            raise ValueError(
+                f"clean must be a bool array of shape ({n},), got {clean.dtype} {clean.shape}"
+            )
     robust &= clean[None]
 
     run = _Run(attack_fn, eval_fn, eot_samples, lo, hi, chunk, shared, batch_size)
@@ -312,6 +317,28 @@ def accuracy_under_attack(
     if per_image:
         return AttackResult(eps=tuple(eps_list), robust=robust)
     return robust.mean(axis=1)
+
+
+# Only the flags count here, so PGD and APGD drop their fallen rows between chunks
+# (docs/methods.md 7.6); benchmarks/evaluation_work.py turns it off to compare.
+COMPACT = True
+
+
+def _clean_correct(eval_fn, x, y, need, key, eot_samples, batch_size):
+    """``(N,)``: the scored model is right on the clean image, computed for the images
+    ``need`` only (False elsewhere: those are non-robust whatever it says)."""
+    k_clean = None if key is None else jax.random.fold_in(key, 0x5EED)
+    idx = np.flatnonzero(need)
+    clean = np.zeros(len(need), bool)
+    if len(idx) == 0:
+        return clean
+    for b in fixed_batches(len(idx), row_bucket_size(len(idx), batch_size), shrink=False):
+        rows = idx[b.index]
+        xb, yb = _rows(x, rows), y[rows]
+        kb = None if k_clean is None else jax.random.fold_in(k_clean, b.start)
+        ok = scored.correct(eval_fn, _to_float(xb), jnp.asarray(yb), kb, eot_samples=eot_samples)
+        clean[rows[: b.valid]] = np.asarray(ok)[: b.valid]
+    return clean
 
 
 class _Run(NamedTuple):
@@ -472,7 +499,7 @@ def _attack_rows(spec: Attack, run: _Run, x, y, img, eps_r, key):
                     random_start=spec.random_start,
                     loss=spec.loss,
                     chunk=chunk,
-                    compact=True,  # only the flags count here: drop fallen rows
+                    compact=COMPACT,
                     **fns,
                 )
             else:
@@ -489,7 +516,7 @@ def _attack_rows(spec: Attack, run: _Run, x, y, img, eps_r, key):
                     lo=lo,
                     hi=hi,
                     chunk=chunk,
-                    compact=True,
+                    compact=COMPACT,
                     **fns,
                 )
             valid = rows[: b.valid]

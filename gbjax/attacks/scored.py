@@ -204,6 +204,8 @@ def pgd_robust(
     # the last iterate, scored by the clean-scoring program (one compilation fewer)
     fk = None if ek is None else jax.random.fold_in(ek, 0x7FFFFFFF)
     ok = robust & correct(eval_fn, x_adv, y, fk, eot_samples=eot_samples)
+    if rows is None:
+        return ok, x_adv
     return _full(rows, B, np.asarray(ok)), _full_x(rows, x_out, x_adv)
 
 
