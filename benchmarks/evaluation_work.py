@@ -9,8 +9,8 @@ Usage::
 ``--run``: the output folder of a main job (``experiments/fgsm_cifar.py --out``) whose
 trainings have finished; its two trained models are restored from
 ``OUT_DIR/checkpoints``. Without it, randomly initialised airbench94 networks are used
-with their own predictions as labels: the times per step then hold, but few rows fall,
-so the compaction has little to drop.
+(``--variant``: another airbench variant) with their own predictions as labels: the
+times per step then hold, but the rows fall unlike a trained model's.
 
 Three settings, each timed in the same process, round-robin, after one untimed call
 that compiles (docs/methods.md 7.1 and 7.6):
@@ -74,7 +74,7 @@ SETTINGS = {
 }
 
 
-def _models(run, x):
+def _models(run, x, variant):
     from gbjax import models as gmodels
 
     if run:
@@ -85,7 +85,7 @@ def _models(run, x):
         }
     from gbjax.configs import airbench_cifar10
 
-    cfg = airbench_cifar10.get_config()
+    cfg = airbench_cifar10.get_config(variant)
     out = {}
     for name in ("unprocessed", "gb"):
         m = train.init_model(cfg, x, 10)
@@ -116,13 +116,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, nargs="+", default=[20, 100])
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--variant", default=None, help="airbench variant without --run (smoke: tests)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
     import fgsm_cifar
 
     x_u8, y = _data(a.n, a.data_dir)
-    models = _models(a.run, x_u8)
+    models = _models(a.run, x_u8, a.variant)
     x = x_u8.astype(np.float32) / 255.0
     fns = fgsm_cifar.model_functions(models, defences.GB())
     pairs = {

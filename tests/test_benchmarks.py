@@ -166,3 +166,19 @@ def test_process_parallel_times_three_arrangements(tmp_path):
     d = json.loads(out.read_text())
     assert d["work"] == "pgd"
     assert [c["images"] for c in d["median"]["two x one core"]["children"]] == [32, 32]
+
+
+def test_evaluation_work_times_three_settings_with_equal_flags(tmp_path):
+    """Randomly initialised smoke networks: every setting timed, the flags agreed (the
+    script stops otherwise), and the ratios are of the times it reports."""
+    ew = _load("evaluation_work")
+    out = tmp_path / "ew.json"
+    ew.main(["--variant", "smoke", "--n", "6", "--steps", "3", "--batch-size", "16",
+             "--json", str(out)])  # fmt: skip
+    d = json.loads(out.read_text())
+    assert {(r["model"], r["attack"]) for r in d["rows"]} == {
+        (m, a) for m in ("unprocessed", "gb (bpda)") for a in ("pgd", "apgd-ce")
+    }
+    for r in d["rows"]:
+        assert min(r["before_s"], r["shared_s"], r["shared+compact_s"]) > 0
+        assert r["speedup"] == pytest.approx(r["before_s"] / r["shared+compact_s"])
