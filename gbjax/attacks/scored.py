@@ -192,6 +192,8 @@ def pgd_robust(
         )
         alive = np.asarray(robust)
         if not alive.any():  # every image already fooled the scored model
+            if rows is None:
+                return robust, x_adv
             return _full(rows, B, alive), _full_x(rows, x_out, x_adv)
         if rows is not None and i0 + n < steps:
             before = rows.pos
@@ -212,14 +214,10 @@ def pgd_robust(
 def _full(rows, B, flags):
     """The flags of the current batch's rows placed back in a batch of ``B`` rows
     (rows dropped earlier had fallen: False)."""
-    if rows is None:
-        return jnp.asarray(flags)
     out = np.zeros(B, bool)
     out[rows.pos] = flags
     return jnp.asarray(out)
 
 
 def _full_x(rows, x_out, x_cur):
-    if rows is None:
-        return x_cur
     return x_out.at[rows.pos].set(x_cur)
