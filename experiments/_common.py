@@ -376,7 +376,7 @@ def train_model(config, workdir: pathlib.Path, train: tuple, test: tuple):
 
 
 def parallel_cpu_sets(
-    setting: str, n_sets: int, flag: str = "--parallel-training"
+    setting: str, n_sets: int, flag: str = "--parallel-training", *, small: bool = False
 ) -> list[list[int]] | None:
     """The CPU sets on which to run ``n_sets`` pieces of work at once (trainings, or
     parts of an evaluation), one process pinned to each set, or None to run them one
@@ -389,8 +389,11 @@ def parallel_cpu_sets(
     process on both cores on CIFAR-10 images (``benchmarks/process_parallel.py``,
     docs/methods.md 6.6).
     ``setting``: "auto" (at once on a CPU backend with a core for every set, on
-    Linux), "on" (the same, an error naming ``flag`` where it cannot), "off"."""
-    if setting == "off" or n_sets < 2:
+    Linux, unless ``small``), "on" (the same, an error naming ``flag`` where it
+    cannot), "off". ``small``: the work is too little to pay for the processes (smoke
+    mode: each spawned process imports JAX and compiles every program again, which
+    costs more than the seconds of work the second core would share)."""
+    if setting == "off" or n_sets < 2 or (setting == "auto" and small):
         return None
     import jax
 

@@ -20,8 +20,9 @@ to fit 3 h and 20 min on 2 cores; the quick mode took 19.3 min and scored 85.32%
 one after the other; docs/results/fgsm_cifar/quick_seed0_20261206*). On a CPU with two
 or more cores both modes train their two models at once (``--parallel-training``,
 docs/methods.md 6.6) and evaluate them in two parts at once, every other image each
-(``--parallel-attacks``, 6.7). Every size can be overridden. The worst case is
-``gbjax.attacks.cascade``, its state saved after every stage in ``OUT/state/``:
+(``--parallel-attacks``, 6.7); ``--smoke`` does neither unless asked. Every size can
+be overridden. The worst case is ``gbjax.attacks.cascade``, its state saved after every
+stage in ``OUT/state/``:
 a stopped run started again with the same ``--out`` reuses its trained models
 and continues the worst case at its next stage.
 
@@ -164,14 +165,16 @@ def parse_args(argv=None):
         choices=("auto", "on", "off"),
         default="auto",
         help="train the two models at once, one process per core (auto: on a CPU with "
-        "two or more cores; 1.1-1.2x the throughput on 2 cores, docs/methods.md 6.6)",
+        "two or more cores, except in --smoke; 1.1-1.2x the throughput on 2 cores, "
+        "docs/methods.md 6.6)",
     )
     p.add_argument(
         "--parallel-attacks",
         choices=("auto", "on", "off"),
         default="auto",
         help="evaluate in two parts at once (every other image each), one process per "
-        "core (auto: on a CPU with two or more cores, docs/methods.md 6.7)",
+        "core (auto: on a CPU with two or more cores, except in --smoke; docs/methods.md "
+        "6.7)",
     )
     return p.parse_args(argv)
 
@@ -671,8 +674,10 @@ def run(argv=None) -> dict:
     x01 = r.xte.astype(np.float32) / 255.0  # attacks see raw test images
     runs = {}
     inputs = {"unprocessed": (r.xtr, r.xte), "gb": (xtr_gb, xte_gb)}
-    cpu_sets = C.parallel_cpu_sets(args.parallel_training, len(inputs))
-    attack_sets = C.parallel_cpu_sets(args.parallel_attacks, 2, "--parallel-attacks")
+    cpu_sets = C.parallel_cpu_sets(args.parallel_training, len(inputs), small=args.smoke)
+    attack_sets = C.parallel_cpu_sets(
+        args.parallel_attacks, 2, "--parallel-attacks", small=args.smoke
+    )
     for seed in r.seeds:
         trained, metrics = {}, {}
         jobs = {

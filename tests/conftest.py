@@ -15,13 +15,22 @@ settings.load_profile("gbjax")
 # (keyed by the program, the jax version and the flags; shared by the xdist workers)
 # lets a test reuse another's executable. Results are unaffected: a hit returns the
 # executable the same program would compile to. $GBJAX_TEST_JAX_CACHE overrides the
-# folder; an empty value turns the cache off.
+# folder; an empty value turns the cache off. The settings also go into the
+# environment, where JAX reads its flags' defaults at import: the processes that
+# tests spawn (two trainings or evaluation parts at once, the process_parallel
+# benchmark's children) then share the cache too.
 _JAX_CACHE = os.environ.get(
     "GBJAX_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "jax-tests")
 )
 if _JAX_CACHE:
+    _settings = {
+        "jax_compilation_cache_dir": os.path.abspath(_JAX_CACHE),
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    for _name, _value in _settings.items():
+        os.environ[_name.upper()] = str(_value)
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(_JAX_CACHE))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for _name, _value in _settings.items():
+        jax.config.update(_name, _value)

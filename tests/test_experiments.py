@@ -82,17 +82,15 @@ def check_fgsm_cifar_smoke(out, eps_labels):
         cv = rec["convergence"]
         assert len(cv["pgd"]) == len(cv["steps"]) and len(cv["pgd_restarts"]) == len(cv["restarts"])
         assert np.all(np.diff(cv["pgd_restarts"]) <= 1e-12)  # more restarts never help the model
-    # the two models trained at once, one process per core, wherever two cores exist
-    at_once = len(os.sched_getaffinity(0)) >= 2 if hasattr(os, "sched_getaffinity") else False
+    # smoke mode trains and evaluates in this process under auto (the parallel paths:
+    # test_fgsm_cifar_in_parts_agrees_with_one_process)
     for m in ("unprocessed", "gb"):
-        assert run[m]["train_metrics"]["trained_at_once"] is at_once
+        assert run[m]["train_metrics"]["trained_at_once"] is False
         assert run[m]["train_metrics"]["train_seconds"] > 0
-    assert ("train_at_once" in r["timings"]) is at_once
-    # and evaluated in two parts at once (every other image each), joined
-    assert ("evaluate_at_once" in r["timings"]) is at_once
-    assert all(run[m].get("n_parts", 1) == (2 if at_once else 1) for m in ("unprocessed", "gb"))
-    assert (out / "state" / "gb_seed0.json").is_file()  # the whole set's, joined if in parts
-    assert (out / "state" / "gb_seed0_part2of2.json").is_file() is at_once
+        assert "n_parts" not in run[m]
+    assert "train_at_once" not in r["timings"] and "evaluate_at_once" not in r["timings"]
+    assert (out / "state" / "gb_seed0.json").is_file()
+    assert not (out / "state" / "gb_seed0_part2of2.json").exists()
     stages = [s["stage"] for s in run["gb"]["stages"]]
     assert any(s.startswith("transfer PGD") for s in stages) and stages[-1].startswith("Square")
     assert len(run["gb"]["saturation"]["fgsm_bpda"]) == 7
@@ -628,6 +626,8 @@ def test_parallel_cpu_sets(monkeypatch):
     assert common.parallel_cpu_sets("on", 3) == [[0, 3], [1], [2]]
     assert common.parallel_cpu_sets("off", 2) is None
     assert common.parallel_cpu_sets("auto", 1) is None  # one model: nothing to share
+    assert common.parallel_cpu_sets("auto", 2, small=True) is None  # smoke: not worth it
+    assert common.parallel_cpu_sets("on", 2, small=True) == [[0, 2], [1, 3]]  # as asked
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {5}, raising=False)
     assert common.parallel_cpu_sets("auto", 2) is None
     with pytest.raises(SystemExit, match="at least 2 cores"):
@@ -739,17 +739,24 @@ def test_fgsm_cifar_in_parts_agrees_with_one_process(tmp_path):
     """The main job's evaluation split in two pinned processes (every other image each)
     and joined gives what one process gives where no random draw is involved (clean
     accuracy, FGSM): the same trained models, each figure within one image (batches
-    of another size may round a logit differently), the same images and stages."""
+    of another size may round a logit differently), the same images and stages. The
+    first run trains its two models at once (smoke mode does neither at once unless
+    asked), so both process-parallel paths run end to end here."""
     import shutil
 
     fgsm = _load("fgsm_cifar")
     one, parts = tmp_path / "one", tmp_path / "parts"
-    argv = ["--smoke", "--no-progress", "--parallel-training", "off", *_data_flags()]
-    r1 = fgsm.run([*argv, "--out", str(one), "--parallel-attacks", "off"])
+    argv = ["--smoke", "--no-progress", *_data_flags()]
+    r1 = fgsm.run([*argv, "--out", str(one), "--parallel-training", "on"])
+    assert "train_at_once" in r1["timings"]
+    for m in ("unprocessed", "gb"):
+        assert r1["runs"]["0"][m]["train_metrics"]["trained_at_once"] is True
+        assert r1["runs"]["0"][m]["train_metrics"]["train_seconds"] > 0
     parts.mkdir()
     shutil.copytree(one / "checkpoints", parts / "checkpoints")  # trained once
     shutil.copy(one / "run.json", parts / "run.json")
     r2 = fgsm.run([*argv, "--out", str(parts), "--parallel-attacks", "on"])
+    assert "train_at_once" not in r2["timings"]  # restored, not trained again
     assert "evaluate_at_once" in r2["timings"] and "evaluate_at_once" not in r1["timings"]
     assert "fgsm_gb_part1" in r2["timings"] and "worst_case_gb_part2" in r2["timings"]
     for m in ("unprocessed", "gb"):
