@@ -1,7 +1,7 @@
 """CIFAR-10 under attack: granular-ball preprocessing vs none (GB paper, Table 2), evaluated
 the way a reviewer would accept (Carlini et al. 2019; Croce & Hein 2020).
 
-    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, 1 h 58 min
+    python experiments/fgsm_cifar.py --data-dir ../shared/data           # default, 2 h (1:58-2:16)
     python experiments/fgsm_cifar.py --quick --data-dir ../shared/data   # 19.3 min
     python experiments/fgsm_cifar.py --smoke --synthetic --out /tmp/s    # about a minute
     python experiments/fgsm_cifar.py --model resnet18 --data-dir ...     # ResNet-18, for a GPU
