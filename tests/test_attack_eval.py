@@ -247,6 +247,28 @@ def test_square_succeeds_where_gradients_vanish():
     assert float(jnp.mean(jnp.argmax(fn(adv), -1) == y)) == pytest.approx(sq[0])
 
 
+def test_square_chunk_changes_nothing_but_the_program(monkeypatch):
+    """Queries per compiled call only group the same iterations: any chunk gives the
+    same images, and one larger than the attack is cut to it (no no-op iterations)."""
+    import sys
+
+    sq = sys.modules["gbjax.attacks.square"]  # the module (the package exports the function)
+
+    w = jax.random.normal(jax.random.key(7), (D, K))
+    fn = Partial(lambda w, v: v.reshape(v.shape[0], -1) @ w, w)
+    x = np.asarray(jax.random.uniform(jax.random.key(8), (6, H, W, 1)))
+    y = np.asarray(jnp.argmax(fn(x), -1))
+    kw = dict(eps=0.05, queries=4, key=jax.random.key(3))
+    one = A.square(fn, x, y, chunk=1, **kw)
+    calls, queries = [], sq._queries
+    monkeypatch.setattr(sq, "_queries", lambda *a, n: calls.append(n) or queries(*a, n=n))
+    big = A.square(fn, x, y, chunk=25, **kw)
+    assert calls == [3]  # one call of the 3 queries after the start, not 25 unrolled
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(big))
+    # chunk 2: the second call's last iteration is past the attack and changes nothing
+    np.testing.assert_array_equal(np.asarray(big), np.asarray(A.square(fn, x, y, chunk=2, **kw)))
+
+
 def test_noise_control_is_weaker_than_an_attack(trained):
     fn, x, y = trained
     kw = dict(eps_list=[0.2, 0.3], key=jax.random.key(2), progress=False)

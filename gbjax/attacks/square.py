@@ -133,6 +133,9 @@ def square_run(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=queries - 1, desc="square", unit="query", leave=False)
+    # never more unrolled queries than there are: a short attack (a smoke run's 6
+    # queries) would otherwise compile and run a whole chunk of no-op iterations
+    chunk = max(1, min(int(chunk), queries - 1))
     bs = None
     try:
         for i0 in range(1, queries, chunk):
