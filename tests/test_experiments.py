@@ -735,16 +735,29 @@ def test_clean_flags_are_reused_only_where_all_were_scored():
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
     reason="needs two cores",
 )
-def test_fgsm_cifar_in_parts_agrees_with_one_process(tmp_path):
-    """The main job's evaluation split in two pinned processes (every other image each)
-    and joined gives what one process gives where no random draw is involved (clean
+def test_fgsm_cifar_in_parts_agrees_with_one_process(tmp_path, monkeypatch):
+    """The main job's evaluation split in two parts (every other image each) and
+    joined gives what one process gives where no random draw is involved (clean
     accuracy, FGSM): the same trained models, each figure within one image (batches
-    of another size may round a logit differently), the same images and stages. The
-    first run trains its two models at once (smoke mode does neither at once unless
-    asked), so both process-parallel paths run end to end here."""
+    of another size may round a logit differently), the same images and stages.
+
+    The first run trains its two models at once in two spawned, pinned processes
+    (smoke mode does neither at once unless asked), so ``run_at_once`` runs end to end
+    here. The parts then run one after the other in this process, their arguments and
+    results through pickle as across the process boundary: two spawned processes
+    would each compile every evaluation program again (about 50 s each on the 2-core
+    machine, a tenth of the suite's time)."""
+    import pickle
     import shutil
 
     fgsm = _load("fgsm_cifar")
+    at_once = []
+
+    def in_turn(script, func, calls, cpu_sets, **_):
+        at_once.append((func, cpu_sets))
+        f = getattr(fgsm.C.load_script(script), func)
+        return [pickle.loads(pickle.dumps(f(*pickle.loads(pickle.dumps(a))))) for a in calls]
+
     one, parts = tmp_path / "one", tmp_path / "parts"
     argv = ["--smoke", "--no-progress", *_data_flags()]
     r1 = fgsm.run([*argv, "--out", str(one), "--parallel-training", "on"])
@@ -755,7 +768,9 @@ def test_fgsm_cifar_in_parts_agrees_with_one_process(tmp_path):
     parts.mkdir()
     shutil.copytree(one / "checkpoints", parts / "checkpoints")  # trained once
     shutil.copy(one / "run.json", parts / "run.json")
+    monkeypatch.setattr(fgsm.C, "run_at_once", in_turn)
     r2 = fgsm.run([*argv, "--out", str(parts), "--parallel-attacks", "on"])
+    assert [(f, len(c)) for f, c in at_once] == [("_evaluate_part", 2)]
     assert "train_at_once" not in r2["timings"]  # restored, not trained again
     assert "evaluate_at_once" in r2["timings"] and "evaluate_at_once" not in r1["timings"]
     assert "fgsm_gb_part1" in r2["timings"] and "worst_case_gb_part2" in r2["timings"]
