@@ -34,3 +34,36 @@ if _JAX_CACHE:
 
     for _name, _value in _settings.items():
         jax.config.update(_name, _value)
+
+# Where the suite's time goes: with $GBJAX_TEST_COMPILE_PROFILE set to a folder, each
+# pytest process (every xdist worker) writes there, per test, the seconds JAX reports
+# for tracing, lowering and XLA compilation (jax.monitoring duration events; spawned
+# processes are not counted). benchmarks/suite_profile.py sums them beside the tests'
+# durations. Off by default: it only observes, and changes no result.
+_PROFILE = os.environ.get("GBJAX_TEST_COMPILE_PROFILE")
+if _PROFILE:
+    import collections
+    import json
+
+    import jax
+    import pytest
+
+    _current = ["<outside tests>"]
+    _seconds = collections.defaultdict(lambda: collections.defaultdict(float))
+
+    def _listen(event, duration, **_):
+        _seconds[_current[0]][event] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(_listen)
+
+    @pytest.fixture(autouse=True)
+    def _compile_profile(request):
+        _current[0] = request.node.nodeid
+        yield
+        _current[0] = "<outside tests>"
+
+    def pytest_sessionfinish(session):
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        os.makedirs(_PROFILE, exist_ok=True)
+        with open(os.path.join(_PROFILE, f"compile_{worker}.json"), "w") as f:
+            json.dump({k: dict(v) for k, v in _seconds.items()}, f, indent=0)

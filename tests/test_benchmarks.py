@@ -182,3 +182,30 @@ def test_evaluation_work_times_three_settings_with_equal_flags(tmp_path):
     for r in d["rows"]:
         assert min(r["before_s"], r["shared_s"], r["shared+compact_s"]) > 0
         assert r["speedup"] == pytest.approx(r["before_s"] / r["shared+compact_s"])
+
+
+def test_suite_profile_sums_durations_and_compile_seconds(tmp_path, capsys):
+    """Setup, call and teardown lines add up per test; compile seconds come from the
+    workers' files; a log without --durations lines is refused."""
+    sp = _load("suite_profile")
+    log = tmp_path / "suite.txt"
+    log.write_text(
+        "....\n== slowest durations ==\n"
+        "3.00s call     tests/test_a.py::test_x\n"
+        "0.50s setup    tests/test_a.py::test_x\n"
+        "1.50s call     tests/test_b.py::test_y[1]\n"
+        "8 passed in 3.1s\n"
+    )
+    prof = tmp_path / "prof"
+    prof.mkdir()
+    key, lower = sp.COMPILE, sp.LOWER[0]
+    (prof / "compile_gw0.json").write_text(json.dumps({"tests/test_a.py::test_x": {key: 2.0}}))
+    (prof / "compile_gw1.json").write_text(
+        json.dumps({"tests/test_b.py::test_y[1]": {key: 0.5, lower: 0.25, "/other": 9.0}})
+    )
+    got = sp.main([str(prof), str(log)])
+    assert got == dict(tests=2, seconds=5.0, compile_seconds=2.5, lower_seconds=0.25)
+    assert "XLA compilation 2.5 s (50%)" in capsys.readouterr().out
+    log.write_text("8 passed in 3.1s\n")
+    with pytest.raises(SystemExit, match="durations"):
+        sp.main([str(prof), str(log)])

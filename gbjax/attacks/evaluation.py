@@ -197,8 +197,9 @@ def accuracy_under_attack(
       queries, p_init, samples, n_targets: as ``steps``.
       eot_samples, clip: as in :func:`pgd`.
       chunk: iterations (Square: queries) per compiled call; default 10 on CPU
-        (Square 25) and all of them elsewhere. Use 1 for a model with GB inside: a
-        program holding several copies of the GB engine compiles for minutes on CPU.
+        and all of them elsewhere (Square: 25 on every backend, at most its
+        queries). Use 1 for a model with GB inside: a program holding several
+        copies of the GB engine compiles for minutes on CPU.
       robust_so_far: optional ``(E, N)`` or ``(N,)`` bool; only images still True
         are attacked (the others stay non-robust): a cascade of attacks.
       clean: optional ``(N,)`` bool, the scored model's clean correctness on ``x``

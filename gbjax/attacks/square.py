@@ -189,7 +189,7 @@ def square(
 
     ``queries``: model evaluations per image (the start counts as one);
     ``p_init``: the starting window fraction (0.8, as AutoAttack uses for L-inf);
-    ``chunk``: queries per compiled call (default 25).
+    ``chunk``: queries per compiled call (default 25; never more than the attack has).
 
     Example:
       A two-class model on 2x2 images (class 1 when the mean exceeds 0.5): moving
