@@ -19,8 +19,9 @@ to fit 3 h and 20 min on 2 cores; the quick mode took 19.3 min and scored 85.32%
 (batch 512; its two trainings at once, one process per core, 14.5 min of it; 20.8 min
 one after the other; docs/results/fgsm_cifar/quick_seed0_20261206*). On a CPU with two
 or more cores both modes train their two models at once (``--parallel-training``,
-docs/methods.md 6.6) and evaluate them in two parts at once, every other image each
-(``--parallel-attacks``, 6.7); ``--smoke`` does neither unless asked. Every size can
+docs/methods.md 6.6); the default mode also evaluates them in two parts at once,
+every other image each (``--parallel-attacks``, 6.7; in ``--quick`` one process was
+1.2x faster); ``--smoke`` does neither unless asked. Every size can
 be overridden. The worst case is ``gbjax.attacks.cascade``, its state saved after every
 stage in ``OUT/state/``:
 a stopped run started again with the same ``--out`` reuses its trained models
@@ -70,6 +71,12 @@ EXPERIMENT = "fgsm_cifar"
 EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.1, 0.2)
 EPS_LABELS = ("1/255", "2/255", "4/255", "8/255", "16/255", "0.1", "0.2")
 LARGE_EPS = 0.5
+# --parallel-attacks auto evaluates in two parts only from this many worst-case images:
+# each part compiles every attack program again. Measured on the 2-core machine
+# (docs/methods.md 6.7): the quick mode's 100 took 283.5 s in parts against 235.4 s in
+# one process (quick_seed0_20261207, same models); the default mode's 500 took 3,710 s
+# against 3,788 in one process (two runs on days of the same speed: 1.02x).
+PARTS_MIN_EVAL = 500
 CONV_EPS, CONV_LABEL = 8 / 255, "8/255"
 PROTOCOLS = ("oblivious", "end_to_end", "bpda")
 # Paper Table 2 (CIFAR-10, FGSM): eps -> (GB-clustered, unprocessed), percent.
@@ -173,8 +180,8 @@ def parse_args(argv=None):
         choices=("auto", "on", "off"),
         default="auto",
         help="evaluate in two parts at once (every other image each), one process per "
-        "core (auto: on a CPU with two or more cores, except in --smoke; docs/methods.md "
-        "6.7)",
+        "core (auto: on a CPU with two or more cores, for a worst case of at least "
+        f"{PARTS_MIN_EVAL} images, i.e. not in --quick or --smoke; docs/methods.md 6.7)",
     )
     return p.parse_args(argv)
 
@@ -676,7 +683,7 @@ def run(argv=None) -> dict:
     inputs = {"unprocessed": (r.xtr, r.xte), "gb": (xtr_gb, xte_gb)}
     cpu_sets = C.parallel_cpu_sets(args.parallel_training, len(inputs), small=args.smoke)
     attack_sets = C.parallel_cpu_sets(
-        args.parallel_attacks, 2, "--parallel-attacks", small=args.smoke
+        args.parallel_attacks, 2, "--parallel-attacks", small=mode["n_eval"] < PARTS_MIN_EVAL
     )
     for seed in r.seeds:
         trained, metrics = {}, {}
@@ -709,13 +716,20 @@ def run(argv=None) -> dict:
         # a cascade state over the whole image set (a run evaluated in one process, or
         # the parts' joined one): continued here, in one process, never replaced
         whole = [f for n in trained if (f := r.out / "state" / f"{n}_seed{seed}.json").is_file()]
-        if attack_sets and whole:
+        sets = attack_sets
+        if sets and whole:
             print(f"{', '.join(map(str, whole))} exists: the evaluation continues in one process")
-        if attack_sets and not whole:
+        parts = sorted((r.out / "state").glob(f"*_seed{seed}_part*of2.json"))
+        if not sets and not whole and parts and args.parallel_attacks == "auto":
+            # started in parts (an earlier default for this size): its parts go on
+            sets = C.parallel_cpu_sets("auto", 2, "--parallel-attacks")
+            if sets:
+                print(f"{parts[0].parent} holds parts' states: the evaluation continues in parts")
+        if sets and not whole:
             t0 = time.perf_counter()
             workdirs = {name: job[1] for name, job in jobs.items()}
             ev = evaluate_at_once(
-                trained, workdirs, gbkw, r.xte, r.yte, mode, seed, attack_sets, r.timer,
+                trained, workdirs, gbkw, r.xte, r.yte, mode, seed, sets, r.timer,
                 r.out, r.progress,
             )  # fmt: skip
             r.timer.mark("evaluate_at_once", t0)
