@@ -15,9 +15,11 @@ to 500 steps; one seed (``--seeds 0,1,2`` for three). ``--quick``: the ``fast``
 variant for 4 epochs (no TTA score), clean accuracy on all 10,000 test images, FGSM on a fixed
 random 1,000 of them, the worst case on 100 with
 PGD-10 and APGD-20 (Square: 300 queries on 50). The subset sizes were chosen
-to fit 3 h and 20 min on 2 cores; the quick mode took 19.3 min and scored 85.32% clean
-(batch 512; its two trainings at once, one process per core, 14.5 min of it; 20.8 min
-one after the other; docs/results/fgsm_cifar/quick_seed0_20261206*). On a CPU with two
+to fit 3 h and 20 min on 2 cores; the quick mode took 16.5 min and scored 85.02% clean
+(batch 512; its two trainings at once, one process per core, 12.2 min of it;
+docs/results/fgsm_cifar/quick_seed0_20261207b; 19.3 min and 85.32% on a machine 1.22x
+slower at training, 20.8 min with the trainings one after the other:
+quick_seed0_20261206*). On a CPU with two
 or more cores both modes train their two models at once (``--parallel-training``,
 docs/methods.md 6.6); the default mode also evaluates them in two parts at once,
 every other image each (``--parallel-attacks``, 6.7; in ``--quick`` one process was
