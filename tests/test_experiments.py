@@ -617,6 +617,15 @@ def test_fast_allocator_only_where_installed_and_wanted(monkeypatch):
     assert common.allocator_env({}, found) is None
 
 
+def test_only_the_default_mode_evaluates_in_parts_by_default():
+    """--parallel-attacks auto splits the evaluation from PARTS_MIN_EVAL worst-case
+    images: the default mode's 500 (parts measured 1.02x there), not the quick mode's
+    100 (one process measured 1.20x faster) nor smoke's."""
+    fgsm = _load("fgsm_cifar")
+    sizes = {m: fgsm.MODES[m]["n_eval"] for m in ("smoke", "quick", "full")}
+    assert sizes["full"] >= fgsm.PARTS_MIN_EVAL > max(sizes["quick"], sizes["smoke"])
+
+
 def test_parallel_cpu_sets(monkeypatch):
     """Two models train at once, one process per set of cores, only on a CPU backend
     with a core for each (auto), refused with a message where asked for and impossible."""
