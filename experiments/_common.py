@@ -391,8 +391,9 @@ def parallel_cpu_sets(
     ``setting``: "auto" (at once on a CPU backend with a core for every set, on
     Linux, unless ``small``), "on" (the same, an error naming ``flag`` where it
     cannot), "off". ``small``: the work is too little to pay for the processes (smoke
-    mode: each spawned process imports JAX and compiles every program again, which
-    costs more than the seconds of work the second core would share)."""
+    mode, or fgsm_cifar's evaluation below ``PARTS_MIN_EVAL`` images: each spawned
+    process imports JAX and compiles every program again, which costs more than the
+    work the second core would share)."""
     if setting == "off" or n_sets < 2 or (setting == "auto" and small):
         return None
     import jax

@@ -721,12 +721,17 @@ def run(argv=None) -> dict:
         sets = attack_sets
         if sets and whole:
             print(f"{', '.join(map(str, whole))} exists: the evaluation continues in one process")
-        parts = sorted((r.out / "state").glob(f"*_seed{seed}_part*of2.json"))
+        parts = [
+            f
+            for n in trained
+            for p in range(2)
+            if (f := r.out / "state" / part_state(n, seed, (p, 2))).is_file()
+        ]
         if not sets and not whole and parts and args.parallel_attacks == "auto":
             # started in parts (an earlier default for this size): its parts go on
             sets = C.parallel_cpu_sets("auto", 2, "--parallel-attacks")
             if sets:
-                print(f"{parts[0].parent} holds parts' states: the evaluation continues in parts")
+                print(f"{parts[0]} exists: the evaluation continues in parts")
         if sets and not whole:
             t0 = time.perf_counter()
             workdirs = {name: job[1] for name, job in jobs.items()}
