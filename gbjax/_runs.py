@@ -151,14 +151,18 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> nnx.Mo
     graphdef, params, stats, consts = models.split_state(model)
     target = {"params": params, "batch_stats": stats, "consts": consts}
     mngr = checkpoint_manager(workdir, read_only=True)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restored = mngr.restore(
         step,
         args=ocp.args.PyTreeRestore(
             target,
-            restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target),
+            restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
             partial_restore=True,
         ),
     )
     mngr.close()
+    # Uncommitted arrays on the default device, as training returns its model: a
+    # committed array's placement is part of every program that takes it (the lowered
+    # module names its sharding), so restored and trained models would otherwise
+    # compile, and cache, each attack and evaluation program separately.
+    restored = jax.tree.map(jnp.asarray, restored)
     return nnx.merge(graphdef, restored["params"], restored["batch_stats"], restored["consts"])

@@ -223,6 +223,22 @@ def test_checkpoints_carry_a_checksum(wd):
     assert "sha256" in _workdir.verify(wd, 8)
 
 
+def test_restored_model_compiles_to_the_trained_models_programs(done_run):
+    """Restored arrays are placed as training leaves them (uncommitted, on the default
+    device): a committed array's sharding is written into every program that takes
+    it, so the evaluation of a restored model (the main job's parts) would compile
+    each attack again instead of reusing the trained model's programs."""
+    wd, trained, _ = done_run
+    restored = train.restore_model(wd)
+    leaves = jax.tree.leaves(nnx.state(restored))
+    assert leaves and not any(a._committed for a in leaves)
+    assert {a.dtype for a in leaves} == {a.dtype for a in jax.tree.leaves(nnx.state(trained))}
+    x = np.asarray(DATA["test"][0][:4])
+    f = jax.jit(lambda m, x: m(x))
+    assert f.lower(restored, x).as_text() == f.lower(trained, x).as_text()
+    np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(trained(x)))
+
+
 def test_restore_model_skips_a_corrupt_checkpoint(wd, capsys):
     at4 = train.restore_model(wd, step=4)
     corrupt(wd / "checkpoints" / "8")
