@@ -756,7 +756,8 @@ def test_fgsm_cifar_in_parts_agrees_with_one_process(tmp_path, monkeypatch):
     results through pickle as across the process boundary. Two spawned processes each
     compiled every evaluation program again: measured alone on the 2-core machine,
     53 s on both cores against 41 s in turn here, where the second part reuses the
-    first's programs."""
+    first's programs. A third run, of the parts' folder stopped before the join, checks
+    that a run whose evaluation started in parts goes on in parts."""
     import pickle
     import shutil
 
@@ -804,3 +805,27 @@ def test_fgsm_cifar_in_parts_agrees_with_one_process(tmp_path, monkeypatch):
         assert np.asarray(st["robust"]).shape == (7, a["n_eval"])
         assert st["plan"] == json.loads((one / "state" / f"{m}_seed0.json").read_text())["plan"]
         np.testing.assert_allclose(np.asarray(st["robust"]).mean(1), b["worst_case"])
+    # Stopped after its parts, before joining them (no joined state, no results): a
+    # rerun with the default --parallel-attacks auto, which would not split this
+    # smoke size, goes on in parts (where a second core allows), and the parts'
+    # finished cascades are reused, not attacked again.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(parts, resumed)
+    (resumed / "results.json").unlink()
+    for m in ("unprocessed", "gb"):
+        (resumed / "state" / f"{m}_seed0.json").unlink()
+        assert (resumed / "state" / fgsm.part_state(m, 0, (0, 2))).is_file()
+    at_once.clear()
+    r3 = fgsm.run([*argv, "--out", str(resumed)])
+    in_parts = fgsm.C.parallel_cpu_sets("auto", 2, "--parallel-attacks") is not None
+    assert [(f, len(c)) for f, c in at_once] == ([("_evaluate_part", 2)] if in_parts else [])
+    for m in ("unprocessed", "gb"):
+        b, c = r2["runs"]["0"][m], r3["runs"]["0"][m]
+        assert c.get("n_parts") == (2 if in_parts else None)
+        if in_parts:
+            assert (c["worst_case"], c["fgsm"], c["clean"]) == (
+                b["worst_case"],
+                b["fgsm"],
+                b["clean"],
+            )
+            assert [s["removed"] for s in c["stages"]] == [s["removed"] for s in b["stages"]]
