@@ -84,7 +84,7 @@ def make_config(name: str, steps: int) -> tuple[Config, tuple]:
 
         cfg = airbench_cifar10.get_config(spec or None)
     else:
-        cfg = Config(optimizer="adam", learning_rate=1e-4, **spec)
+        cfg = Config(**{"optimizer": "adam", "learning_rate": 1e-4, **spec})  # spec wins
     cfg = dataclasses.replace(cfg, num_steps=steps, num_train=None, num_test=None, progress=False)
     if jax.default_backend() != "cpu" and cfg.model != "paper_convnet":
         cfg.compute_dtype = "bfloat16"

@@ -114,6 +114,17 @@ def test_train_throughput_baselines_step_the_airbench_recipe(baseline):
     assert run(1) > 0 and run(2) > 0
 
 
+def test_train_throughput_configures_every_model():
+    """Every model of the default ``--models`` gets its config (a spec that names its
+    own optimiser, as the ResNets' do, overrides the default rather than clashing)."""
+    tt = _load("train_throughput")
+    for name in tt.MODELS:
+        cfg, shape = tt.make_config(name, 2)
+        assert cfg.num_steps == 2 and len(shape) == 3
+    assert tt.make_config("resnet18", 2)[0].optimizer == "sgd"
+    assert tt.make_config("raw", 2)[0].optimizer == "adam"
+
+
 def test_train_profile_groups_cover_the_step():
     """The groups of the gbjax step add up to its time; the head's matrix product
     and the BatchNorm/GELU loops are found in the trace."""
