@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from gbjax import _random
 from gbjax._checks import check_int
 
 __all__ = [
@@ -96,7 +97,7 @@ def random_translate(
     if mode == "reflect" and pad >= min(h, w):
         raise ValueError(f"reflect padding needs pad < image size, got pad={pad} for {h}x{w}")
     padded = jnp.pad(x_BHWC, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
-    off_B2 = jax.random.randint(key, (b, 2), 0, 2 * pad + 1)
+    off_B2 = _random.randint(key, (b, 2), 0, 2 * pad + 1)
 
     def crop(img, off):
         return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from gbjax import _random
 from gbjax._checks import fail, is_traced
 
 __all__ = [
@@ -175,7 +176,7 @@ def gaussian(
 
 @functools.partial(jax.jit, static_argnames=("mode",))
 def _gaussian(x: jax.Array, key: jax.Array, mean: Any, std: Any, mode: str) -> jax.Array:
-    z = jax.random.normal(key, x.shape, jnp.float32)
+    z = _random.normal(key, x.shape, jnp.float32)
     # barrier: same float arithmetic whether mean/std are traced or folded constants
     mean, std = jax.lax.optimization_barrier(
         (jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
@@ -241,8 +242,8 @@ def _salt_and_pepper(
 ) -> jax.Array:
     key_hit, key_salt = jax.random.split(key)
     shape = _mask_shape(x, per_channel)
-    hit = jax.random.bernoulli(key_hit, amount, shape)
-    salt = jax.random.bernoulli(key_salt, salt_vs_pepper, shape)
+    hit = _random.bernoulli(key_hit, amount, shape)
+    salt = _random.bernoulli(key_salt, salt_vs_pepper, shape)
     value = jnp.where(salt, jnp.uint8(255), jnp.uint8(0))
     return jnp.where(hit, value, x)
 
@@ -286,7 +287,7 @@ def additive_impulse(
 
 @functools.partial(jax.jit, static_argnames=("per_channel",))
 def _additive_impulse(x: jax.Array, key: jax.Array, p: Any, v: Any, per_channel: bool) -> jax.Array:
-    hit = jax.random.bernoulli(key, p, _mask_shape(x, per_channel))
+    hit = _random.bernoulli(key, p, _mask_shape(x, per_channel))
     v_mod256 = jnp.mod(jnp.asarray(v, jnp.int32), 256)
     return jnp.where(hit, ((x.astype(jnp.int32) + v_mod256) % 256).astype(jnp.uint8), x)
 
@@ -354,9 +355,9 @@ def _corrupt(x: jax.Array, key: jax.Array, c: Any, kind: str) -> jax.Array:
     # so the Poisson draws, making jit and eager results differ.
     c = jax.lax.optimization_barrier(jnp.asarray(c, jnp.float32))
     if kind == "gaussian_noise":
-        y01 = x01 + c * jax.random.normal(key, x.shape, jnp.float32)
+        y01 = x01 + c * _random.normal(key, x.shape, jnp.float32)
     elif kind == "speckle_noise":
-        y01 = x01 + x01 * (c * jax.random.normal(key, x.shape, jnp.float32))
+        y01 = x01 + x01 * (c * _random.normal(key, x.shape, jnp.float32))
     else:  # shot_noise
         y01 = jax.random.poisson(_threefry_key(key), x01 * c, x.shape).astype(jnp.float32) / c
     return jnp.floor(jnp.clip(y01, 0.0, 1.0) * 255.0).astype(jnp.uint8)

@@ -76,6 +76,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from gbjax import (
+    _random,
     _train_loop,
     _workdir,
     _xla,
@@ -505,7 +506,7 @@ def adversarial_images(
     else:
         n_steps = int(steps)
         radius, step_size, project = eps, 2.5 * eps / n_steps, True
-    delta = jax.random.uniform(key, x.shape, jnp.float32, -radius, radius)
+    delta = _random.uniform(key, x.shape, jnp.float32, -radius, radius)
 
     def loss(x_in):
         stats = jax.tree.map(lambda a: a, state["batch_stats"])

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from gbjax import _xla
+from gbjax import _random, _xla
 from gbjax._callables import LogitsFn, PytreeCallable, as_logits_fn, is_nnx_module
 from gbjax._checks import check_int, concrete, fail, is_traced
 from gbjax.attacks.losses import loss_by_index, per_example_loss
@@ -475,7 +475,7 @@ def pgd_start(x, key, eps, lo, hi, random_start):
     key, start_key = jax.random.split(key)
     eps = per_image(eps, x)
     return projection(x, eps, lo, hi)(
-        x + jax.random.uniform(start_key, x.shape, x.dtype, -eps, eps)
+        x + _random.uniform(start_key, x.shape, x.dtype, -eps, eps)
     ), key
 
 

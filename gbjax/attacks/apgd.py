@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from gbjax import _xla
+from gbjax import _random, _xla
 from gbjax._batching import Shrinking, take_rows
 from gbjax._callables import LogitsFn
 from gbjax._checks import check_int, check_scalar
@@ -111,7 +111,7 @@ def _hit(fn, x, y, target, logits, key, misclassified, loss_id):
 
 def _init(fn, eval_fn, x, y, target, key, eps, lo, hi, loss, *, eot_samples, shared):
     k_start, k_grad, k_eval = jax.random.split(key, 3)
-    t = jax.random.uniform(k_start, x.shape, x.dtype, -1.0, 1.0)
+    t = _random.uniform(k_start, x.shape, x.dtype, -1.0, 1.0)
     t = (
         t
         / jnp.maximum(jnp.max(jnp.abs(t).reshape(x.shape[0], -1), axis=1), 1e-12)[

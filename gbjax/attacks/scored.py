@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gbjax import _xla
+from gbjax import _random, _xla
 from gbjax._batching import Shrinking, take_rows
 from gbjax.attacks._core import (
     call,
@@ -83,7 +83,7 @@ def fgsm_sweep_robust(fn, eval_fn, x, y, eps_E, lo, hi, *, loss, targeted=False)
 def sign_noise(x, key, eps, lo, hi):
     """The random-sign control's images: ``clip(x + eps * s)``, ``s`` uniform in {-1, +1}
     (scored with :func:`correct`, so no model program is compiled for it)."""
-    s = jnp.where(jax.random.bernoulli(key, 0.5, x.shape), 1.0, -1.0)
+    s = jnp.where(_random.bernoulli(key, 0.5, x.shape), 1.0, -1.0)
     return jnp.clip(x + per_image(eps, x) * s, lo, hi).astype(x.dtype)
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from gbjax import _xla
+from gbjax import _random, _xla
 from gbjax._batching import fixed_batches, row_bucket_size
 from gbjax._callables import LogitsFn
 from gbjax._checks import check_count, check_int, check_scalar
@@ -42,7 +42,7 @@ _B1, _B2, _ADAM_EPS = 0.9, 0.999, 1e-8
 @_xla.conv_jit(static_argnames=("group",))
 def _estimate(fn, x, y, key, delta, *, group):
     """Sum over ``group`` antithetic pairs of ``(L(x + d v) - L(x - d v)) / (2 d) * v``."""
-    v = jnp.where(jax.random.bernoulli(key, 0.5, (group,) + x.shape), 1.0, -1.0)
+    v = jnp.where(_random.bernoulli(key, 0.5, (group,) + x.shape), 1.0, -1.0)
     xs = jnp.concatenate([x[None] + delta * v, x[None] - delta * v]).astype(x.dtype)
     m = margins(fn, xs.reshape((-1,) + x.shape[1:]), jnp.tile(y, 2 * group))
     m = m.reshape(2, group, x.shape[0])
