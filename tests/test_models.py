@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from gbjax import models
+from gbjax.models import airbench
 
 
 def rngs(seed=0):
@@ -239,6 +240,25 @@ def test_dirac_init_passes_the_first_channels_through():
             rest = np.asarray(k[..., cin:])
             bound = 1 / np.sqrt(9 * cin)
             assert np.abs(rest).max() <= bound and np.abs(rest).max() > 0.5 * bound
+
+
+@jax.jit
+def _inits(key):
+    """Every (ours, flax's) initial weight pair, in one program."""
+    flax_default = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    shapes = [(3, 3, 3, 24), (3, 3, 24, 32), (2, 2, 3, 24), (32, 10), (1, 1, 7, 5)]
+    return [
+        (airbench.torch_default_init(key, s, d), flax_default(key, s, d))
+        for s in shapes
+        for d in (jnp.float32, jnp.bfloat16)
+    ]
+
+
+def test_torch_default_init_is_flaxs_variance_scaling():
+    """The same values as flax's initialiser, drawn along one axis to compile faster."""
+    for ours, theirs in _inits(jax.random.key(3)):
+        assert ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_max_pool_matches_reduce_window():

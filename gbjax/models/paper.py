@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
+from gbjax import _random
 from gbjax.models._common import MNIST_MEAN, MNIST_STD, Stat, max_pool, to_pixels
 
 
@@ -98,7 +99,7 @@ class PixelEmbedding(nnx.Module):
         self.mean = Stat(jnp.asarray(mean, jnp.float32))
         self.std = Stat(jnp.asarray(std, jnp.float32))
         self.embedding = nnx.Param(
-            jax.random.uniform(rngs.params(), (num_embeddings, features), jnp.float32, -1.0, 1.0)
+            _random.uniform(rngs.params(), (num_embeddings, features), jnp.float32, -1.0, 1.0)
         )
 
     def indices(self, x: ArrayLike) -> jax.Array:
