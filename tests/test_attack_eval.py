@@ -85,7 +85,7 @@ def test_targeted_apgd_lands_on_its_target():
     for rank in (1, 2):
         target = losses.ranked_targets(fn(x), y, rank)
         adv = A.apgd(fn, x, y, eps=0.5, steps=20, loss="dlr-targeted", target_rank=rank,
-                     key=jax.random.key(rank))  # fmt: skip
+                     key=jax.random.key(rank), chunk=2)  # fmt: skip
         pred = np.asarray(jnp.argmax(fn(adv), -1))
         assert (pred == np.asarray(target)).mean() > 0.5
 
@@ -207,7 +207,9 @@ def test_attack_kernels_keep_each_row_in_its_own_budget(trained):
 def test_cascade_only_attacks_survivors_and_never_raises_accuracy(trained, attack):
     fn, x, y = trained
     eps = [0.15, 0.25]
-    kw = dict(eps_list=eps, key=jax.random.key(0), steps=10, per_image=True, progress=False)
+    # chunk 2: two unrolled steps per program (test_apgd_chunk_changes_nothing_but_the_program)
+    kw = dict(eps_list=eps, key=jax.random.key(0), steps=10, per_image=True, progress=False,
+              chunk=2)  # fmt: skip
     first = A.accuracy_under_attack(fn, x, y, attack="fgsm", **kw)
     second = A.accuracy_under_attack(fn, x, y, attack=attack, robust_so_far=first.robust, **kw)
     assert not (second.robust & ~first.robust).any()
@@ -217,11 +219,27 @@ def test_cascade_only_attacks_survivors_and_never_raises_accuracy(trained, attac
 
 def test_apgd_at_least_as_strong_as_pgd(trained):
     fn, x, y = trained
-    kw = dict(eps_list=[0.15, 0.2, 0.25], steps=20, key=jax.random.key(1), progress=False)
+    kw = dict(eps_list=[0.15, 0.2, 0.25], steps=20, key=jax.random.key(1), progress=False,
+              chunk=2)  # fmt: skip
     pgd = A.accuracy_under_attack(fn, x, y, attack="pgd", **kw)
     apgd = A.accuracy_under_attack(fn, x, y, attack="apgd-ce", **kw)
     assert np.all(apgd <= pgd + 1.0 / len(y)), (apgd, pgd)
     assert np.any((pgd > 0.1) & (pgd < 0.95))  # the comparison is not trivial
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr-targeted"])
+def test_apgd_chunk_changes_nothing_but_the_program(trained, loss):
+    """Steps per compiled call only group the same iterations (each step folds its own
+    index into the key), so the MLP tests may run APGD in small chunks, which compile
+    faster than the default 10 unrolled steps."""
+    fn, x, y = trained
+    kw = dict(eps=0.2, steps=7, loss=loss, key=jax.random.key(2))
+    one = np.asarray(A.apgd(fn, x[:48], y[:48], chunk=1, **kw))
+    assert np.abs(one - x[:48]).max() > 0.05  # the attack moved the images
+    for chunk in (3, 10):  # 10: one call holds all 7 steps and 3 past the end
+        np.testing.assert_array_equal(
+            one, np.asarray(A.apgd(fn, x[:48], y[:48], chunk=chunk, **kw))
+        )
 
 
 def test_square_succeeds_where_gradients_vanish():
