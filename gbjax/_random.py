@@ -6,9 +6,13 @@ while the same number of values drawn along one axis takes 0.1-0.2 s (measured o
 2-core development machines, jax 0.10.2). Threefry numbers the values of a draw in
 row-major order, with ``jax_threefry_partitionable`` on (the default) or off, so
 drawing ``prod(shape)`` values and reshaping gives the very values of the shaped
-draw; only the program is simpler. Attacks, noise and trainings draw in many
+draw; only the program is simpler. Attacks, noise and augmentation draw in many
 programs, and the test suite compiles hundreds of them, so this saves compilation
-time without changing one result.
+time without changing a drawn value. (The program around the draw is compiled anew,
+so a reduction straight over the drawn values may round differently in its last bit:
+seen for the sum of a draw, never in an experiment's results, which the three CIFAR
+smoke runs reproduced exactly. The trainer's own keys are ``rbg``
+(:func:`gbjax.train.root_key`), for which nothing changes.)
 
 Parameters that broadcast against ``shape`` (a per-image budget ``(B, 1, 1, 1)``,
 a probability per image) are broadcast and flattened alike. For keys of other
