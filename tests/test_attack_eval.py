@@ -227,7 +227,7 @@ def test_apgd_at_least_as_strong_as_pgd(trained):
     assert np.any((pgd > 0.1) & (pgd < 0.95))  # the comparison is not trivial
 
 
-@pytest.mark.parametrize("loss", ["ce", "dlr-targeted"])
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_apgd_chunk_changes_nothing_but_the_program(trained, loss):
     """Steps per compiled call only group the same iterations (each step folds its own
     index into the key), so the MLP tests may run APGD in small chunks, which compile
@@ -240,6 +240,17 @@ def test_apgd_chunk_changes_nothing_but_the_program(trained, loss):
         np.testing.assert_array_equal(
             one, np.asarray(A.apgd(fn, x[:48], y[:48], chunk=chunk, **kw))
         )
+
+
+def test_targeted_apgd_refuses_fewer_than_four_classes(trained):
+    """The targeted DLR loss needs 4 classes; with 3 it used to be 0 everywhere, so
+    APGD-T moved the images only by its random start and reported them as attacked."""
+    fn, x, y = trained  # 3 classes
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        A.apgd(fn, x[:8], y[:8], eps=0.1, steps=2, loss="dlr-targeted", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        A.accuracy_under_attack(fn, x[:8], y[:8], attack="apgd-t", eps_list=[0.1], steps=2,
+                                key=jax.random.key(0), progress=False)  # fmt: skip
 
 
 def test_square_succeeds_where_gradients_vanish():
@@ -430,7 +441,10 @@ def test_dropping_fallen_rows_keeps_every_flag(trained, attack):
 
     def seen(params, v):  # traced once per batch shape
         shapes.add(v.shape[0])
-        return _mlp(params, v)
+        z = _mlp(params, v)
+        if attack == "apgd-t":  # the targeted loss needs 4 classes: a fourth, never first
+            z = jnp.concatenate([z, jnp.min(z, axis=1, keepdims=True) - 1.0], axis=1)
+        return z
 
     counted = Partial(seen, fn.args[0])
     n = 96

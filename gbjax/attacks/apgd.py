@@ -47,6 +47,7 @@ from gbjax.attacks._core import (
     chunk_plan,
     correct_from_logits,
     is_zero,
+    num_classes_of,
     per_image,
     projection,
     value_grad,
@@ -252,6 +253,12 @@ def apgd_run(
     k_targets, key = jax.random.split(key)
     if loss == "dlr-targeted":
         tk = None if eot_samples is None else k_targets
+        k = num_classes_of(fn, x, tk)
+        if k < 4:  # the loss would silently be 0 (loss_by_index has no index 3)
+            raise ValueError(
+                f"the targeted DLR loss (APGD-T) needs at least 4 classes; the model has "
+                f"{k}: use loss='ce' or 'dlr'"
+            )
         logits_fn = fn if tk is None else (lambda v: call(fn, v, tk))
         target = _targets(as_logits_fn(logits_fn), x, y, rank=int(target_rank))
     static = dict(eot_samples=eot_samples, shared=shared)
