@@ -1,6 +1,6 @@
 """Compile time of random draws: ``jax.random`` against ``gbjax._random`` (same values).
 
-    python benchmarks/random_compile.py            # about 30 s on 2 CPU cores
+    python benchmarks/random_compile.py            # about 20 s on 2 CPU cores
 
 For each draw the package makes, it compiles the shaped ``jax.random`` draw and
 ``gbjax._random``'s one-axis draw in turn, ``--repeats`` times each with JAX's caches

@@ -1,12 +1,13 @@
 """Random draws that compile fast on CPU and equal ``jax.random``'s, bit for bit.
 
 With JAX's default threefry keys, a draw of a shape with several axes (an image
-batch ``(B, H, W, C)``, a mask ``(B, 1, 1, C)``) takes XLA:CPU 0.4-0.8 s to compile,
-while the same number of values drawn along one axis takes 0.1-0.2 s (measured on the
-2-core development machines, jax 0.10.2). Threefry numbers the values of a draw in
-row-major order, with ``jax_threefry_partitionable`` on (the default) or off, so
-drawing ``prod(shape)`` values and reshaping gives the very values of the shaped
-draw; only the program is simpler. Attacks, noise and augmentation draw in many
+batch ``(B, H, W, C)``, a mask ``(B, 1, 1, C)``) took XLA:CPU 0.3-0.8 s to compile,
+and the same number of values drawn along one axis 0.1-0.2 s (measured on the 2-core
+Intel Xeon development machine, jax 0.10.2; ``benchmarks/random_compile.py``).
+Threefry numbers the values of a draw in row-major order, with
+``jax_threefry_partitionable`` on (the default) or off, so drawing ``prod(shape)``
+values and reshaping gives the very values of the shaped draw; only the program is
+simpler. Attacks, noise and augmentation draw in many
 programs, and the test suite compiles hundreds of them, so this saves compilation
 time without changing a drawn value. (The program around the draw is compiled anew,
 so a reduction straight over the drawn values may round differently in its last bit:
@@ -42,44 +43,35 @@ def _flat(key, shape) -> bool:
     return impl == "threefry2x32"
 
 
-def _flatten(value, shape):
-    """``value`` broadcast to ``shape`` and flattened; scalars pass unchanged."""
-    if jnp.ndim(value) == 0:
-        return value
-    return jnp.broadcast_to(value, shape).reshape(-1)
+def _draw(draw, key, shape, **params):
+    """``draw(key, shape=shape, **params)``, made along one axis where :func:`_flat`
+    says so; array parameters (``minval``, ``maxval``, ``p``) are broadcast to
+    ``shape`` and flattened alike, scalars and ``dtype`` pass unchanged."""
+    shape = tuple(shape)
+    if not _flat(key, shape):
+        return draw(key, shape=shape, **params)
+    flat = {
+        k: jnp.broadcast_to(v, shape).reshape(-1) if k != "dtype" and jnp.ndim(v) else v
+        for k, v in params.items()
+    }
+    return draw(key, shape=(math.prod(shape),), **flat).reshape(shape)
 
 
 def uniform(key, shape, dtype=jnp.float32, minval=0.0, maxval=1.0):
     """``jax.random.uniform(key, shape, dtype, minval, maxval)``."""
-    shape = tuple(shape)
-    if not _flat(key, shape):
-        return jax.random.uniform(key, shape, dtype, minval, maxval)
-    n = (math.prod(shape),)
-    lo, hi = _flatten(minval, shape), _flatten(maxval, shape)
-    return jax.random.uniform(key, n, dtype, lo, hi).reshape(shape)
+    return _draw(jax.random.uniform, key, shape, dtype=dtype, minval=minval, maxval=maxval)
 
 
 def normal(key, shape, dtype=jnp.float32):
     """``jax.random.normal(key, shape, dtype)``."""
-    shape = tuple(shape)
-    if not _flat(key, shape):
-        return jax.random.normal(key, shape, dtype)
-    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
+    return _draw(jax.random.normal, key, shape, dtype=dtype)
 
 
 def bernoulli(key, p, shape):
     """``jax.random.bernoulli(key, p, shape)`` (``shape`` required here)."""
-    shape = tuple(shape)
-    if not _flat(key, shape):
-        return jax.random.bernoulli(key, p, shape)
-    return jax.random.bernoulli(key, _flatten(p, shape), (math.prod(shape),)).reshape(shape)
+    return _draw(jax.random.bernoulli, key, shape, p=p)
 
 
 def randint(key, shape, minval, maxval, dtype=jnp.int32):
     """``jax.random.randint(key, shape, minval, maxval, dtype)``."""
-    shape = tuple(shape)
-    if not _flat(key, shape):
-        return jax.random.randint(key, shape, minval, maxval, dtype)
-    n = (math.prod(shape),)
-    lo, hi = _flatten(minval, shape), _flatten(maxval, shape)
-    return jax.random.randint(key, n, lo, hi, dtype).reshape(shape)
+    return _draw(jax.random.randint, key, shape, minval=minval, maxval=maxval, dtype=dtype)

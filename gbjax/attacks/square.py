@@ -84,7 +84,7 @@ def _queries(fn, x, y, x_best, margin, key, eps, i0, queries, p_init, lo, hi, *,
 
     The ``n`` queries' random draws are made at once, vectorised over ``i`` (the
     values of ``n`` separate draws, in one random-number kernel instead of ``n``:
-    XLA:CPU compiled each query's draws in about 0.3 s)."""
+    XLA:CPU compiled each query's draws in about 0.25 s)."""
     b, h, w, c = x.shape
     eps = per_image(eps, x)  # () or one per image
     rows = jnp.arange(h)[None, :, None, None]
