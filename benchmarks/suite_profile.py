@@ -8,8 +8,11 @@ Run the suite with the profile on and ``--durations=0``, keeping its output::
 
 It prints the sum of the tests' durations, the seconds JAX spent tracing, lowering and
 compiling inside them (per test, the slowest first, then per file) and the share of
-compilation. Processes the tests spawn (notebook kernels, parallel trainings) are in
-the durations but not in the compile seconds, so the share is a lower bound.
+compilation; the compiled programs by name (seconds, compilations, tests), the costliest
+first; and per xdist worker the seconds its tests ran and when its last test ended, so
+the tail where one core idles shows. Processes the tests spawn (notebook kernels,
+parallel trainings) are in the durations but not in the compile seconds, so the share
+is a lower bound.
 """
 
 from __future__ import annotations
@@ -44,8 +47,18 @@ def main(argv=None) -> dict:
     p.add_argument("--top", type=int, default=20)
     args = p.parse_args(argv)
     events: dict[str, dict[str, float]] = {}
+    programs = collections.defaultdict(lambda: [0.0, 0, set()])
+    workers = {}
     for f in sorted(args.profile_dir.glob("compile_*.json")):
-        events.update(json.loads(f.read_text()))
+        rec = json.loads(f.read_text())
+        events.update(rec["events"])
+        for test, progs in rec["programs"].items():
+            for name, (secs, n) in progs.items():
+                programs[name][0] += secs
+                programs[name][1] += n
+                programs[name][2].add(test)
+        if rec["spans"]:
+            workers[rec["worker"]] = list(rec["spans"].values())
     dur = durations(args.log)
     if not dur:
         raise SystemExit(
@@ -70,6 +83,18 @@ def main(argv=None) -> dict:
     print(f"\n{'seconds':>8} {'compile':>8}  file")
     for f, (s, c) in sorted(per_file.items(), key=lambda kv: -kv[1][0]):
         print(f"{s:8.1f} {c:8.1f}  {f}")
+    print(f"\n{'seconds':>8} {'compiles':>8} {'tests':>6}  program")
+    for name, (secs, n, tests) in sorted(programs.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"{secs:8.1f} {n:8d} {len(tests):6d}  {name}")
+    if workers:
+        t0 = min(s for spans in workers.values() for s, _ in spans)
+        t1 = max(e for spans in workers.values() for _, e in spans)
+        print(f"\nworkers: {t1 - t0:.1f} s from the first test's start to the last's end")
+        print(f"{'worker':>8} {'tests':>6} {'busy s':>8} {'ends at':>8} {'idle tail':>9}")
+        for w, spans in sorted(workers.items()):
+            end = max(e for _, e in spans)
+            busy = sum(e - s for s, e in spans)
+            print(f"{w:>8} {len(spans):6d} {busy:8.1f} {end - t0:8.1f} {t1 - end:9.1f}")
     return dict(tests=len(rows), seconds=total, compile_seconds=comp, lower_seconds=low)
 
 

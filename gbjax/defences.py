@@ -260,7 +260,11 @@ class _Preprocessor:
         if np.shape(x)[-1] not in (1, 3):
             raise ValueError(f"x must have 1 or 3 channels (last axis), got shape {np.shape(x)}")
         x = jnp.asarray(x)
-        return _apply(self, x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
+        return self._jitted(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
+
+    def _jitted(self, x):
+        """The compiled ``_forward``, one program per parameter set and shape."""
+        return _apply(self, x)
 
     def _forward(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -400,23 +404,39 @@ class JPEG(_Preprocessor):
     def __post_init__(self):
         object.__setattr__(self, "quality", check_int("quality", self.quality, 1, 100))
 
+    def _tables(self):
+        return jpeg_quant_table(self.quality), jpeg_quant_table(self.quality, chroma=True)
+
+    def _jitted(self, x):
+        # the tables as arguments: one program per shape for every quality (a sweep over
+        # qualities compiles once); inside a larger program they are constants
+        return _jpeg_round_trip_jit(x, *self._tables())
+
     def _forward(self, x):
-        B, H, W, C = x.shape
-        v = _straight_through(x * 255.0, jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0))
-        m = 16 if C == 3 else 8
-        Hp, Wp = -(-H // m) * m, -(-W // m) * m
-        v = jnp.pad(v, ((0, 0), (0, Hp - H), (0, Wp - W), (0, 0)), mode="edge")
-        ql, qc = jpeg_quant_table(self.quality), jpeg_quant_table(self.quality, chroma=True)
-        if C == 1:
-            return _jpeg.jpeg_codec(v[..., 0], ql)[:, :H, :W, None] / 255.0
-        y, cb, cr = _jpeg.rgb_to_ycc(v)
-        y = _jpeg.jpeg_codec(y, ql)[:, :H, :W]
-        h2, w2 = -(-H // 2), -(-W // 2)  # libjpeg's downsampled_height/width
-        cb, cr = (
-            _jpeg.upsample(_jpeg.jpeg_codec(_jpeg.downsample(c), qc)[:, :h2, :w2])[:, :H, :W]
-            for c in (cb, cr)
-        )
-        return _jpeg.ycc_to_rgb(y, cb, cr) / 255.0
+        return _jpeg_round_trip(x, *self._tables())
+
+
+def _jpeg_round_trip(x, ql, qc):
+    """:class:`JPEG`'s round trip with the luminance and chrominance tables ``ql``,
+    ``qc`` (constants or traced)."""
+    B, H, W, C = x.shape
+    v = _straight_through(x * 255.0, jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0))
+    m = 16 if C == 3 else 8
+    Hp, Wp = -(-H // m) * m, -(-W // m) * m
+    v = jnp.pad(v, ((0, 0), (0, Hp - H), (0, Wp - W), (0, 0)), mode="edge")
+    if C == 1:
+        return _jpeg.jpeg_codec(v[..., 0], ql)[:, :H, :W, None] / 255.0
+    y, cb, cr = _jpeg.rgb_to_ycc(v)
+    y = _jpeg.jpeg_codec(y, ql)[:, :H, :W]
+    h2, w2 = -(-H // 2), -(-W // 2)  # libjpeg's downsampled_height/width
+    cb, cr = (
+        _jpeg.upsample(_jpeg.jpeg_codec(_jpeg.downsample(c), qc)[:, :h2, :w2])[:, :H, :W]
+        for c in (cb, cr)
+    )
+    return _jpeg.ycc_to_rgb(y, cb, cr) / 255.0
+
+
+_jpeg_round_trip_jit = jax.jit(_jpeg_round_trip)
 
 
 @dataclasses.dataclass(frozen=True)

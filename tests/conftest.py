@@ -38,32 +38,52 @@ if _JAX_CACHE:
 # Where the suite's time goes: with $GBJAX_TEST_COMPILE_PROFILE set to a folder, each
 # pytest process (every xdist worker) writes there, per test, the seconds JAX reports
 # for tracing, lowering and XLA compilation (jax.monitoring duration events; spawned
-# processes are not counted). benchmarks/suite_profile.py sums them beside the tests'
-# durations. Off by default: it only observes, and changes no result.
+# processes are not counted), the seconds and count of each compiled program by name,
+# and the test's start and end (wall clock). benchmarks/suite_profile.py sums them beside
+# the tests' durations. Off by default: it only observes, and changes no result.
 _PROFILE = os.environ.get("GBJAX_TEST_COMPILE_PROFILE")
 if _PROFILE:
     import collections
     import json
+    import time
 
     import jax
     import pytest
 
+    _COMPILE = "/jax/core/compile/backend_compile_duration"
     _current = ["<outside tests>"]
     _seconds = collections.defaultdict(lambda: collections.defaultdict(float))
+    _programs = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
+    _spans = {}
 
-    def _listen(event, duration, **_):
+    def _listen(event, duration, **kw):
         _seconds[_current[0]][event] += duration
+        if event == _COMPILE:
+            program = _programs[_current[0]][str(kw.get("fun_name", "?"))]
+            program[0] += duration
+            program[1] += 1
 
     jax.monitoring.register_event_duration_secs_listener(_listen)
 
     @pytest.fixture(autouse=True)
     def _compile_profile(request):
         _current[0] = request.node.nodeid
+        start = time.time()
         yield
+        _spans[request.node.nodeid] = (start, time.time())
         _current[0] = "<outside tests>"
 
     def pytest_sessionfinish(session):
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
         os.makedirs(_PROFILE, exist_ok=True)
         with open(os.path.join(_PROFILE, f"compile_{worker}.json"), "w") as f:
-            json.dump({k: dict(v) for k, v in _seconds.items()}, f, indent=0)
+            json.dump(
+                dict(
+                    worker=worker,
+                    events={k: dict(v) for k, v in _seconds.items()},
+                    programs={k: dict(v) for k, v in _programs.items()},
+                    spans=_spans,
+                ),
+                f,
+                indent=0,
+            )

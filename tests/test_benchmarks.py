@@ -210,13 +210,37 @@ def test_suite_profile_sums_durations_and_compile_seconds(tmp_path, capsys):
     prof = tmp_path / "prof"
     prof.mkdir()
     key, lower = sp.COMPILE, sp.LOWER[0]
-    (prof / "compile_gw0.json").write_text(json.dumps({"tests/test_a.py::test_x": {key: 2.0}}))
+    (prof / "compile_gw0.json").write_text(
+        json.dumps(
+            dict(
+                worker="gw0",
+                events={"tests/test_a.py::test_x": {key: 2.0}},
+                programs={"tests/test_a.py::test_x": {"jit(step)": [1.5, 2], "jit(f)": [0.5, 1]}},
+                spans={"tests/test_a.py::test_x": [100.0, 103.5]},
+            )
+        )
+    )
     (prof / "compile_gw1.json").write_text(
-        json.dumps({"tests/test_b.py::test_y[1]": {key: 0.5, lower: 0.25, "/other": 9.0}})
+        json.dumps(
+            dict(
+                worker="gw1",
+                events={"tests/test_b.py::test_y[1]": {key: 0.5, lower: 0.25, "/other": 9.0}},
+                programs={"tests/test_b.py::test_y[1]": {"jit(step)": [0.5, 1]}},
+                spans={"tests/test_b.py::test_y[1]": [100.5, 102.0]},
+            )
+        )
     )
     got = sp.main([str(prof), str(log)])
     assert got == dict(tests=2, seconds=5.0, compile_seconds=2.5, lower_seconds=0.25)
-    assert "XLA compilation 2.5 s (50%)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "XLA compilation 2.5 s (50%)" in out
+    # programs summed over tests: jit(step) 2.0 s in 3 compilations by 2 tests, first
+    programs = out[out.index("program\n") :].splitlines()[1:3]
+    assert programs[0].split() == ["2.0", "3", "2", "jit(step)"]
+    assert programs[1].split() == ["0.5", "1", "1", "jit(f)"]
+    # gw1 ended 1.5 s before gw0: its idle tail
+    assert "3.5 s from the first test's start" in out
+    assert out.splitlines()[-1].split() == ["gw1", "1", "1.5", "2.0", "1.5"]
     log.write_text("8 passed in 3.1s\n")
     with pytest.raises(SystemExit, match="durations"):
         sp.main([str(prof), str(log)])

@@ -172,6 +172,20 @@ def test_jpeg_bit_exact_with_libjpeg_turbo():
             assert jpeg_levels_mad(u8, q) == (0.0, 0), (u8.shape, q)
 
 
+def test_jpeg_qualities_share_one_program_per_shape():
+    """The quantisation tables are arguments of JPEG's compiled round trip: a sweep over
+    qualities compiles once per shape, and gives what the tables as constants give."""
+    from gbjax import defences
+
+    JPEG(10)(X01)
+    n = defences._jpeg_round_trip_jit._cache_size()
+    got = {q: np.asarray(JPEG(q)(X01)) for q in (50, 90)}
+    assert defences._jpeg_round_trip_jit._cache_size() == n
+    assert not np.array_equal(got[50], got[90])
+    for q, v in got.items():
+        np.testing.assert_array_equal(v, np.asarray(jax.jit(JPEG(q)._forward)(X01)))
+
+
 @pytest.mark.parametrize("quality", [1, 10, 49, 50, 51, 75, 90, 99, 100])
 def test_jpeg_quant_tables_match_pillow(quality):
     buf = io.BytesIO()
