@@ -161,7 +161,8 @@ def square_run(
                 break
             bs = row_bucket_size(len(alive), batch_size, current=bs)  # few shapes as images fall
             for bt in fixed_batches(len(alive), bs, shrink=False):
-                idx = jnp.asarray(alive[bt.index])
+                rows = alive[bt.index]
+                idx = jnp.asarray(rows)
                 xb, mb = _queries(
                     fn,
                     x[idx],
@@ -177,9 +178,13 @@ def square_run(
                     hi,
                     n=chunk,
                 )
-                keep = idx[: bt.valid]
-                x_best = x_best.at[keep].set(xb[: bt.valid])
-                margin = margin.at[keep].set(mb[: bt.valid])
+                # the padded rows go to an index past the end and are dropped: the
+                # update's shape is the batch's, not the count of its real rows (which
+                # changes as images fall, and each new count compiled a slice and two
+                # scatters)
+                keep = jnp.asarray(np.where(bt.mask, rows, n))
+                x_best = x_best.at[keep].set(xb, mode="drop")
+                margin = margin.at[keep].set(mb, mode="drop")
             if bar is not None:
                 bar.update(min(chunk, queries - i0))
     finally:
