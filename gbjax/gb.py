@@ -494,7 +494,7 @@ def gb_cluster(
         engine=_resolve_engine(engine),
     )
     if unbatched:
-        res = jax.tree_util.tree_map(lambda a: a[0], res)
+        res = _first_image(res)
     return res
 
 
@@ -769,6 +769,20 @@ def _multiscale(
         progress=progress,
         engine=_resolve_engine(engine),
     )
+    return _scales_first(res, jnp.asarray(pos, jnp.int32), unbatched=unbatched)
+
+
+# The results' reshuffles as one compiled program per shape: run eagerly, each field's
+# take, moveaxis and indexing compiled on its own (24 small programs for a new shape).
+@jax.jit
+def _first_image(res: GBResult) -> GBResult:
+    return jax.tree_util.tree_map(lambda a: a[0], res)
+
+
+@functools.partial(jax.jit, static_argnames=("unbatched",))
+def _scales_first(res: GBResult, pos, *, unbatched: bool) -> GBResult:
+    """``(B, T, ...)`` fields to ``(T, B, ...)``, the scales in the caller's order
+    (``pos``), without the batch axis where ``unbatched``."""
     res = jax.tree_util.tree_map(lambda a: jnp.moveaxis(jnp.take(a, pos, axis=1), 1, 0), res)
     if unbatched:
         res = jax.tree_util.tree_map(lambda a: a[:, 0], res)
