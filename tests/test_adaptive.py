@@ -1,6 +1,8 @@
 """Attacks built against GB (issue 25): SPSA, the soft-assignment and partition
 surrogates of GB's painting, and adversarial training."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,7 +86,7 @@ def test_surrogate_forward_is_gb_exactly(soft_purity):
     g = A.bpda(gb, A.SoftGB(gb, tau=100.0, soft_purity=soft_purity))
     np.testing.assert_array_equal(np.asarray(g(x)), np.asarray(gb(x)))
     w = jax.random.normal(jax.random.key(0), x.shape)
-    grad = jax.grad(lambda v: jnp.sum(w * g(v)))(x)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(w * g(v))))(x)  # eagerly, each op compiles
     assert np.all(np.isfinite(np.asarray(grad)))
     assert float(jnp.abs(grad).max()) > 0
     # the surrogate's gradient is not BPDA's identity
@@ -221,14 +223,19 @@ def test_adversarial_images_through_a_defence():
     trainer = _smoke_trainer(x, y, dict(eps=8 / 255))
     state, key = trainer.init_state, jax.random.key(3)
     kw = dict(graphdef=trainer.train_graphdef, num_classes=4, eps=8 / 255)
-    plain = train.adversarial_images(state, x, y, key, **kw)
-    same = train.adversarial_images(state, x, y, key, defence=lambda v: v, **kw)
+
+    def adversarial(defence=None):  # compiled, as in the train step (eagerly, each op compiles)
+        f = functools.partial(train.adversarial_images, defence=defence, **kw)
+        return jax.jit(f)(state, x, y, key)
+
+    plain = adversarial()
+    same = adversarial(lambda v: v)
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(same))
 
     def quarter(v):
         return jnp.round(v * 4) / 4
 
-    q = np.asarray(train.adversarial_images(state, x, y, key, defence=quarter, **kw))
+    q = np.asarray(adversarial(quarter))
     np.testing.assert_array_equal(q, np.round(q * 4) / 4)
     assert not np.array_equal(np.asarray(plain), np.round(np.asarray(plain) * 4) / 4)
     assert not np.array_equal(q, np.asarray(quarter(plain)))  # the gradient saw the quantiser

@@ -142,10 +142,11 @@ def test_matches_oracle_random_grey(engine, seed, threshold, purity, multilevel)
 @given(
     seed=st.integers(0, 2**31 - 1),
     threshold=st.floats(3.0, 120.0),
-    capacity=st.sampled_from([64, 72]),
-    max_rounds=st.sampled_from([None, 3]),
+    # each capacity and each round cap once (each pair is a program compiled for ~5 s)
+    plan=st.sampled_from([(64, None), (72, 3)]),
 )
-def test_matches_oracle_through_capacity_stages(engine, seed, threshold, capacity, max_rounds):
+def test_matches_oracle_through_capacity_stages(engine, seed, threshold, plan):
+    capacity, max_rounds = plan
     # K >= 64 runs the first rounds with K / 8 slots per image and then K
     # (_gb_engine._early_capacities); 256 random pixels at small thresholds saturate K.
     # One flat image in the batch stops early while the two others go on.
