@@ -9,10 +9,11 @@ Run the suite with the profile on and ``--durations=0``, keeping its output::
 It prints the sum of the tests' durations, the seconds JAX spent tracing, lowering and
 compiling inside them (per test, the slowest first, then per file) and the share of
 compilation; the compiled programs by name (seconds, compilations, tests), the costliest
-first; and per xdist worker the seconds its tests ran and when its last test ended, so
-the tail where one core idles shows. Processes the tests spawn (notebook kernels,
-parallel trainings) are in the durations but not in the compile seconds, so the share
-is a lower bound.
+first (JAX times a program loaded from the persistent compilation cache as a compilation
+too, with its load time, so a count includes such loads); and per xdist worker the
+seconds its tests ran and when its last test ended, so the tail where one core idles
+shows. Processes the tests spawn (notebook kernels, parallel trainings) are in the
+durations but not in the compile seconds, so the share is a lower bound.
 """
 
 from __future__ import annotations

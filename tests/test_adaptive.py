@@ -86,7 +86,8 @@ def test_surrogate_forward_is_gb_exactly(soft_purity):
     g = A.bpda(gb, A.SoftGB(gb, tau=100.0, soft_purity=soft_purity))
     np.testing.assert_array_equal(np.asarray(g(x)), np.asarray(gb(x)))
     w = jax.random.normal(jax.random.key(0), x.shape)
-    grad = jax.jit(jax.grad(lambda v: jnp.sum(w * g(v))))(x)  # eagerly, each op compiles
+    # compiled: run eagerly, each operation of the gradient compiles on its own
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(w * g(v))))(x)
     assert np.all(np.isfinite(np.asarray(grad)))
     assert float(jnp.abs(grad).max()) > 0
     # the surrogate's gradient is not BPDA's identity
@@ -224,7 +225,7 @@ def test_adversarial_images_through_a_defence():
     state, key = trainer.init_state, jax.random.key(3)
     kw = dict(graphdef=trainer.train_graphdef, num_classes=4, eps=8 / 255)
 
-    def adversarial(defence=None):  # compiled, as in the train step (eagerly, each op compiles)
+    def adversarial(defence=None):  # compiled, as in the train step (not op by op)
         f = functools.partial(train.adversarial_images, defence=defence, **kw)
         return jax.jit(f)(state, x, y, key)
 
