@@ -275,10 +275,10 @@ def test_airbench_forward_uint8_equals_float_and_ynn_option_keeps_values():
     m.eval()
     gd, st = nnx.split(m)
     f = lambda s, v: nnx.merge(gd, s)(v)
-    # compiled (run eagerly, each of the network's operations compiles on its own)
-    z = np.asarray(jax.jit(f)(st, x))
+    fwd = jax.jit(f)  # compiled: run eagerly, each of the network's operations compiles alone
+    z = np.asarray(fwd(st, x))
     assert z.shape == (8, 10) and np.all(np.isfinite(z))
-    np.testing.assert_allclose(jax.jit(f)(st, x.astype(np.float32) / 255), z, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fwd(st, x.astype(np.float32) / 255), z, rtol=1e-4, atol=1e-5)
     tuned = jax.jit(f, compiler_options=_xla.conv_options())(st, x)
     np.testing.assert_allclose(tuned, z, rtol=1e-4, atol=1e-5)
 
