@@ -162,7 +162,7 @@ def test_matches_oracle_through_capacity_stages(engine, seed, threshold, plan):
 
 @pytest.mark.parametrize(
     "iters,multilevel,engine",
-    # each iteration count and each XLA plan once (each pair is a program compiled for ~2 s)
+    # each iteration count and each XLA plan once (each pair compiles a program, 1.5-3 s)
     [(1, True, "xla"), (3, False, "xla")] + [(i, None, "numba") for i in (1, 3)],
 )
 def test_matches_oracle_truncated_kmeans(iters, multilevel, engine):
@@ -191,7 +191,8 @@ def test_multilevel_plan_equals_flat(threshold):
     # The working-set levels and the early-capacity stage only move work
     # around: every output is bit-identical to the flat plan's. The shape and static
     # settings are those of test_multiscale_matches_independent_calls_structured, so
-    # both tests run the same two compiled programs.
+    # both tests run the same two compiled gb_cluster programs. (Noise painting, off
+    # here, comes after the partition: the plan cannot change it.)
     x = blobs(5, n=8, h=20, w=20)
     rng = np.random.default_rng(5)
     x[:, 5:9, 5:9] = rng.integers(0, 256, (8, 4, 4, 3))  # busy patches: many small balls
